@@ -1,0 +1,86 @@
+"""Run the model over a batch of token ids and collect what the measures need."""
+
+from __future__ import annotations
+
+import torch
+
+from etl.measures import AblationMeans, BatchActivations
+
+
+def hook_names(n_layers: int) -> list[str]:
+    """Hook points cached for the measures, in the bridge's canonical names."""
+    names = ["ln_final.hook_scale"]
+    for layer in range(n_layers):
+        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
+                  f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+    return names
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos, ...]`` → ``[batch·pos, ...]``."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+@torch.inference_mode()
+def run_batch(bridge, tokens: torch.Tensor) -> BatchActivations:
+    """Forward ``tokens`` ``[batch, pos]`` and gather activations flattened to tokens.
+
+    Returns:
+        ``BatchActivations`` with ``T = batch·pos`` tokens in row-major order (sequence,
+        then position), in the model's dtype and on its device.
+    """
+    n_layers = bridge.cfg.n_layers
+    logits, cache = bridge.run_with_cache(tokens, names_filter=hook_names(n_layers))
+    z = torch.stack([cache[f"blocks.{i}.attn.hook_z"] for i in range(n_layers)], dim=2)
+    if z.dim() != 5:
+        raise RuntimeError(f"expected hook_z as [batch, pos, heads, d_head], got {z.shape[2:]}")
+    positions = torch.arange(tokens.shape[1], device=logits.device).repeat(tokens.shape[0])
+    return BatchActivations(
+        resid_pre=_flat(torch.stack(
+            [cache[f"blocks.{i}.hook_resid_pre"] for i in range(n_layers)], dim=2)),
+        resid_mid=_flat(torch.stack(
+            [cache[f"blocks.{i}.hook_resid_mid"] for i in range(n_layers)], dim=2)),
+        z=_flat(z),
+        mlp_out=_flat(torch.stack(
+            [cache[f"blocks.{i}.hook_mlp_out"] for i in range(n_layers)], dim=2)),
+        final_scale=_flat(cache["ln_final.hook_scale"]),
+        logits=_flat(logits),
+        positions=positions,
+    )
+
+
+class MeanAccumulator:
+    """Per-position running sums of component outputs, for mean ablation (float64)."""
+
+    def __init__(self) -> None:
+        self.z_sum: torch.Tensor | None = None
+        self.mlp_sum: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def add(self, bridge, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add a batch ``tokens [batch, pos]``; ``mask [batch, pos]`` selects real tokens."""
+        n_layers = bridge.cfg.n_layers
+        names = [f"blocks.{i}.attn.hook_z" for i in range(n_layers)]
+        names += [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
+        _, cache = bridge.run_with_cache(tokens, names_filter=names)
+        weight = mask.to(device=tokens.device, dtype=torch.float64)
+        z = torch.stack([cache[n] for n in names[:n_layers]], dim=2).double()
+        mlp = torch.stack([cache[n] for n in names[n_layers:]], dim=2).double()
+        z_sum = torch.einsum("bp,bplhk->plhk", weight, z)
+        mlp_sum = torch.einsum("bp,bpld->pld", weight, mlp)
+        count = weight.sum(0)
+        if self.z_sum is None:
+            self.z_sum, self.mlp_sum, self.count = z_sum, mlp_sum, count
+        else:
+            self.z_sum += z_sum
+            self.mlp_sum += mlp_sum
+            self.count += count
+
+    def means(self, dtype: torch.dtype) -> AblationMeans:
+        """Per-position means ``[P, ...]`` (zero where a position has no real token)."""
+        if self.z_sum is None:
+            raise ValueError("no batch was added")
+        denom = self.count.clamp(min=1.0)
+        return AblationMeans(z=(self.z_sum / denom[:, None, None, None]).to(dtype),
+                             mlp_out=(self.mlp_sum / denom[:, None, None]).to(dtype))

@@ -1,0 +1,331 @@
+"""``python -m etl.extract``: per-token logit-lens entropy effects into the Parquet warehouse.
+
+For every sequence, position and layer it computes the entropy diff and marginal of each
+attention head and the MLP, and the lens entropy at every residual point, and writes them
+to ``component_entropy``, ``resid_entropy`` and ``tokens`` under ``--warehouse``, with a
+manifest in ``runs``. See the README for the definitions and the table schemas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from etl.activations import MeanAccumulator, run_batch
+from etl.config import DATASETS, DTYPES, IOI_VARIANTS, ExtractConfig
+from etl.corpus import TokenSet, ioi_token_set, load_local_texts, load_openwebtext, pack_documents
+from etl.errors import UserError
+from etl.measures import ABLATION_MODES, LENS_MODES, MeasureOptions, measure_batch
+from etl.model import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
+from etl.warehouse import (
+    TOKENS_SCHEMA,
+    RunWriter,
+    component_table,
+    resid_table,
+    validate_run_id,
+)
+
+DEFAULT_WAREHOUSE = "data/warehouse"
+PACKAGES = ("entropy-warehouse", "torch", "transformer-lens", "transformers", "datasets",
+            "pyarrow", "numpy")
+
+
+@dataclass
+class RunResult:
+    """What a finished run wrote."""
+
+    run_id: str
+    manifest_path: Path
+    rows: dict
+    n_tokens: int
+    tokens_per_s: float
+
+
+def build_tokens(config: ExtractConfig, model: LoadedModel) -> TokenSet:
+    """The run's token sequences for ``config.dataset``."""
+    tokenizer = model.tokenizer
+    if config.dataset == "ioi":
+        return ioi_token_set(tokenizer, config.n_prompts, config.seed, config.ioi_variant)
+    n_seqs = config.n_batches * config.batch_size
+    if config.dataset == "openwebtext":
+        from etl.corpus import OPENWEBTEXT_ID
+        texts = load_openwebtext()
+        source = {"dataset": OPENWEBTEXT_ID, "revision": "refs/convert/parquet"}
+    else:
+        texts = load_local_texts(config.data_files)
+        source = {"data_files": config.data_files}
+    return pack_documents(texts, tokenizer, n_seqs, config.seq_len, config.seed, source)
+
+
+def tokens_table(token_set: TokenSet, tokenizer, start: int, stop: int) -> pa.Table:
+    """Rows of the ``tokens`` table for sequences ``start:stop``."""
+    ids = token_set.token_ids[start:stop]
+    n, length = ids.shape
+    unique = np.unique(ids)
+    text = dict(zip(unique.tolist(), tokenizer.batch_decode([[int(i)] for i in unique]),
+                    strict=True))
+    seqs = np.repeat(np.arange(start, stop, dtype=np.int32), length)
+    positions = np.tile(np.arange(length, dtype=np.int32), n)
+    roles = [token_set.roles.get((int(s), int(p))) for s, p in zip(seqs, positions, strict=True)]
+
+    def per_seq(values, kind):
+        if values is None:
+            return pa.nulls(n * length, kind)
+        return pa.array(np.repeat(np.asarray(values[start:stop]), length).tolist(), type=kind)
+
+    return pa.table({
+        "seq": seqs, "position": positions,
+        "token_id": ids.reshape(-1).astype(np.int32),
+        "token": [text[int(i)] for i in ids.reshape(-1)],
+        "is_bos": positions == 0,
+        "is_pad": token_set.is_pad[start:stop].reshape(-1),
+        "role": pa.array(roles, type=pa.string()),
+        "variant": per_seq(token_set.variant, pa.string()),
+        "example": per_seq(token_set.example, pa.int32()),
+    }, schema=TOKENS_SCHEMA)
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out + ("-dirty" if dirty else "")
+
+
+def _versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _batches(n_seqs: int, batch_size: int):
+    for start in range(0, n_seqs, batch_size):
+        yield start, min(start + batch_size, n_seqs)
+
+
+def _mean_pass(model, token_set, config, device, progress):
+    accumulator = MeanAccumulator()
+    bar = tqdm(total=token_set.n_seqs * token_set.seq_len, unit="tok", unit_scale=True,
+               desc="mean pass", disable=not progress)
+    for start, stop in _batches(token_set.n_seqs, config.batch_size):
+        tokens = torch.from_numpy(token_set.token_ids[start:stop]).to(device)
+        mask = torch.from_numpy(~token_set.is_pad[start:stop]).to(device)
+        accumulator.add(model.bridge, tokens, mask)
+        bar.update(tokens.numel())
+    bar.close()
+    return accumulator.means(getattr(torch, config.dtype))
+
+
+def _check_context(config: ExtractConfig, n_ctx: int, seq_len: int | None = None) -> None:
+    length = seq_len if seq_len is not None else config.seq_len
+    if length > n_ctx:
+        raise UserError(f"--seq-len {length} is above the model's context of {n_ctx} tokens")
+
+
+def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = None,
+                overwrite: bool = False, device: str = "auto",
+                progress: bool = True) -> RunResult:
+    """Run the extraction and publish it to ``warehouse``.
+
+    Raises:
+        UserError: bad input (see the README's error list); nothing is published then.
+    """
+    device = resolve_device(device)
+    run_id = validate_run_id(run_id or config.default_run_id())
+    manifest_path = Path(warehouse) / "runs" / f"run_id={run_id}" / "manifest.json"
+    if manifest_path.exists() and not overwrite:
+        raise UserError(f"run {run_id!r} already exists in {str(warehouse)!r}; pass "
+                        "--overwrite to replace it or choose another --run-id")
+    if config.seq_len < 1:
+        raise UserError("--seq-len must be at least 1")
+    dtype = getattr(torch, config.dtype)
+    model = load_model(config.model, device=device, dtype=dtype)
+    if config.dataset != "ioi":
+        _check_context(config, model.cfg.n_ctx)
+    token_set = build_tokens(config, model)
+    _check_context(config, model.cfg.n_ctx, token_set.seq_len)
+    created = datetime.now(UTC)
+    timing = {"forward_s": 0.0, "entropy_s": 0.0, "write_wait_s": 0.0, "mean_pass_s": 0.0}
+    n_tokens = token_set.n_seqs * token_set.seq_len
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    total_rows = (n_layers * (n_heads + 1) + 2 * n_layers + 2) * n_tokens
+    write_bar = tqdm(total=total_rows, unit="row", unit_scale=True, desc="rows written",
+                     position=1, disable=not progress, leave=False)
+    writer = RunWriter(Path(warehouse), run_id, overwrite=overwrite,
+                       on_written=write_bar.update)
+    try:
+        started = time.perf_counter()
+        means = None
+        if config.ablation == "mean":
+            means = _mean_pass(model, token_set, config, device, progress)
+            timing["mean_pass_s"] = time.perf_counter() - started
+        weights = model.unembed_weights()
+        options = MeasureOptions(lens=config.lens, ablation=config.ablation,
+                                 chunk_tokens=config.resolved_chunk_tokens(device))
+        bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"extract {run_id}",
+                   disable=not progress, position=0)
+        for start, stop in _batches(token_set.n_seqs, config.batch_size):
+            t0 = time.perf_counter()
+            tokens = torch.from_numpy(token_set.token_ids[start:stop]).to(device)
+            acts = run_batch(model.bridge, tokens)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                measures = measure_batch(acts, weights, options, means)
+                diff = measures.diff.cpu().numpy()
+                marginal = measures.marginal.cpu().numpy()
+                resid = measures.resid.cpu().numpy()
+            del acts
+            t2 = time.perf_counter()
+            seqs = np.repeat(np.arange(start, stop), token_set.seq_len)
+            positions = np.tile(np.arange(token_set.seq_len), stop - start)
+            writer.write("component_entropy", component_table(diff, marginal, seqs, positions))
+            writer.write("resid_entropy", resid_table(resid, seqs, positions))
+            writer.write("tokens", tokens_table(token_set, model.tokenizer, start, stop))
+            t3 = time.perf_counter()
+            timing["forward_s"] += t1 - t0
+            timing["entropy_s"] += t2 - t1
+            timing["write_wait_s"] += t3 - t2
+            bar.update(tokens.numel())
+        t_flush = time.perf_counter()
+        writer.flush()
+        timing["write_wait_s"] += time.perf_counter() - t_flush
+        elapsed = time.perf_counter() - started
+        bar.close()
+        write_bar.close()
+        tokens_per_s = n_tokens / elapsed if elapsed > 0 else float("inf")
+        manifest = {
+            "run_id": run_id,
+            "created_at": created.isoformat(),
+            "completed_at": datetime.now(UTC).isoformat(),
+            "schema_version": 1,
+            "model": config.model,
+            "dataset": config.dataset,
+            "lens": config.lens,
+            "ablation": config.ablation,
+            "n_layers": n_layers,
+            "n_heads": n_heads,
+            "d_vocab": int(model.cfg.d_vocab),
+            "n_seqs": token_set.n_seqs,
+            "seq_len": token_set.seq_len,
+            "n_tokens": n_tokens,
+            "n_component_rows": writer.rows["component_entropy"],
+            "n_resid_rows": writer.rows["resid_entropy"],
+            "n_token_rows": writer.rows["tokens"],
+            "device": device,
+            "dtype": config.dtype,
+            "seconds": round(elapsed, 3),
+            "tokens_per_s": round(tokens_per_s, 2),
+            "timing": {k: round(v, 3) for k, v in timing.items()},
+            "config": asdict(config),
+            "model_identity": model.identity,
+            "dataset_fingerprint": token_set.fingerprint(),
+            "dataset_source": token_set.source,
+            "packages": _versions(),
+            "git_commit": _git_commit(),
+            "host": platform.node(),
+        }
+        path = writer.publish(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    return RunResult(run_id=run_id, manifest_path=path, rows=dict(writer.rows),
+                     n_tokens=n_tokens, tokens_per_s=tokens_per_s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m etl.extract`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m etl.extract",
+        description="Compute per-token logit-lens entropy diffs and marginals of every "
+                    "attention head and MLP, and residual-stream lens entropies, and write "
+                    "them to a Parquet warehouse.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id or local checkpoint directory (default {DEFAULT_MODEL})")
+    p.add_argument("--dataset", default="openwebtext", choices=DATASETS,
+                   help="openwebtext (stas/openwebtext-10k), ioi (generated prompts) or text "
+                        "(local files; needs --data-files); default openwebtext")
+    p.add_argument("--data-files", metavar="GLOB",
+                   help="local .txt/.md/.jsonl/.json/.parquet files for --dataset text")
+    p.add_argument("--n-batches", type=int, default=4, help="batches of text (default 4)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per forward pass (default 8)")
+    p.add_argument("--seq-len", type=int, default=500,
+                   help="tokens per text sequence, BOS included (default 500)")
+    p.add_argument("--n-prompts", type=int, default=100, help="IOI prompts (default 100)")
+    p.add_argument("--ioi-variant", default="clean", choices=IOI_VARIANTS,
+                   help="IOI prompts: clean, the corrupted abc set, or both (default clean)")
+    p.add_argument("--seed", type=int, default=420,
+                   help="seed for document shuffling and IOI prompts (default 420)")
+    p.add_argument("--lens", default="seed", choices=LENS_MODES,
+                   help="seed: final LayerNorm scale, no b_U (the study's); recomputed: "
+                        "LayerNorm recomputed per residual, b_U included (default seed)")
+    p.add_argument("--ablation", default="zero", choices=ABLATION_MODES,
+                   help="how the marginal removes a component: zero or mean (per-position "
+                        "mean over the run); default zero")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto = cuda when available (default auto)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="model and compute dtype (default float32)")
+    p.add_argument("--chunk-tokens", type=int, default=0,
+                   help="tokens per entropy chunk; bounds memory (default 0 = auto: 16 on "
+                        "CPU, 1024 on CUDA)")
+    p.add_argument("--warehouse", default=DEFAULT_WAREHOUSE,
+                   help=f"warehouse root (default {DEFAULT_WAREHOUSE})")
+    p.add_argument("--run-id", help="run id (default: derived from the configuration)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing complete run with the same id")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 for bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = ExtractConfig(
+            model=args.model, dataset=args.dataset, data_files=args.data_files,
+            n_batches=args.n_batches, batch_size=args.batch_size, seq_len=args.seq_len,
+            n_prompts=args.n_prompts, ioi_variant=args.ioi_variant, seed=args.seed,
+            lens=args.lens, ablation=args.ablation, dtype=args.dtype,
+            chunk_tokens=args.chunk_tokens)
+        result = run_extract(config, Path(args.warehouse), run_id=args.run_id,
+                             overwrite=args.overwrite, device=args.device,
+                             progress=not args.no_progress)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    rows = result.rows
+    print(f"run {result.run_id}: {rows['component_entropy']:,} component rows, "
+          f"{rows['resid_entropy']:,} residual rows, {result.n_tokens:,} tokens at "
+          f"{result.tokens_per_s:,.1f} tokens/s -> {result.manifest_path.parent.parent.parent}"
+          f" (manifest {result.manifest_path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

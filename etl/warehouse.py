@@ -1,0 +1,202 @@
+"""The Parquet warehouse: table schemas, staged shard writing, atomic publishing.
+
+Layout under the warehouse root (``--warehouse``, default ``data/warehouse``)::
+
+    component_entropy/run_id=<id>/part-00000.parquet   one row per (layer, head|MLP, seq, pos)
+    resid_entropy/run_id=<id>/part-00000.parquet       one row per (residual point, seq, pos)
+    tokens/run_id=<id>/part-00000.parquet              one row per (seq, pos)
+    runs/run_id=<id>/manifest.json                     written last: the run is complete
+    _staging/<id>/...                                  shards of a run being written
+
+``run_id`` is a hive partition key, so it is not stored inside the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from etl.errors import UserError
+
+TABLES = ("component_entropy", "resid_entropy", "tokens")
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MANIFEST = "manifest.json"
+
+COMPONENT_SCHEMA = pa.schema([
+    ("seq", pa.int32()), ("position", pa.int32()), ("layer", pa.int16()),
+    ("head", pa.int16()), ("kind", pa.string()),
+    ("entropy_diff", pa.float32()), ("entropy_marginal", pa.float32()),
+])
+RESID_SCHEMA = pa.schema([
+    ("seq", pa.int32()), ("position", pa.int32()), ("layer", pa.int16()),
+    ("point", pa.string()), ("entropy", pa.float32()),
+])
+TOKENS_SCHEMA = pa.schema([
+    ("seq", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
+    ("token", pa.string()), ("is_bos", pa.bool_()), ("is_pad", pa.bool_()),
+    ("role", pa.string()), ("variant", pa.string()), ("example", pa.int32()),
+])
+SCHEMAS = {"component_entropy": COMPONENT_SCHEMA, "resid_entropy": RESID_SCHEMA,
+           "tokens": TOKENS_SCHEMA}
+
+
+def validate_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it is a safe partition value, else raise ``UserError``."""
+    if not RUN_ID_PATTERN.match(run_id):
+        raise UserError(f"bad --run-id {run_id!r}: use 1–100 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit")
+    return run_id
+
+
+def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
+                    positions: np.ndarray) -> pa.Table:
+    """Rows of ``component_entropy`` for one batch, ordered by (layer, head, seq, position).
+
+    Args:
+        diff: ``[T, L, H+1]`` float32 entropy diffs in nats (index H = MLP).
+        marginal: ``[T, L, H+1]`` float32 marginals in nats.
+        seqs: ``[T]`` sequence index of each token within the run.
+        positions: ``[T]`` position of each token.
+    """
+    n_tokens, n_layers, n_comp = diff.shape
+    n_heads = n_comp - 1
+    layer = np.repeat(np.arange(n_layers, dtype=np.int16), n_comp * n_tokens)
+    comp = np.tile(np.repeat(np.arange(n_comp, dtype=np.int16), n_tokens), n_layers)
+    is_mlp = comp == n_heads
+    kind = pa.DictionaryArray.from_arrays(
+        pa.array(is_mlp.astype(np.int8)), pa.array(["head", "mlp"])).cast(pa.string())
+    return pa.table({
+        "seq": np.tile(seqs.astype(np.int32), n_layers * n_comp),
+        "position": np.tile(positions.astype(np.int32), n_layers * n_comp),
+        "layer": layer,
+        "head": pa.array(comp, mask=is_mlp),
+        "kind": kind,
+        "entropy_diff": np.ascontiguousarray(diff.transpose(1, 2, 0)).reshape(-1),
+        "entropy_marginal": np.ascontiguousarray(marginal.transpose(1, 2, 0)).reshape(-1),
+    }, schema=COMPONENT_SCHEMA)
+
+
+def resid_table(resid: np.ndarray, seqs: np.ndarray, positions: np.ndarray) -> pa.Table:
+    """Rows of ``resid_entropy`` for one batch, ordered by (point, seq, position).
+
+    Args:
+        resid: ``[T, 2L+1]`` float32 lens entropies in nats: resid_pre 0, resid_mid 0, …,
+            final.
+        seqs, positions: ``[T]`` indices of each token.
+    """
+    n_tokens, n_points = resid.shape
+    n_layers = (n_points - 1) // 2
+    point_layer = np.repeat(np.arange(n_points) // 2, n_tokens)
+    point_kind = np.repeat(np.arange(n_points) % 2, n_tokens)
+    is_final = np.repeat(np.arange(n_points) == n_points - 1, n_tokens)
+    names = np.where(is_final, "final", np.where(point_kind == 0, "resid_pre", "resid_mid"))
+    return pa.table({
+        "seq": np.tile(seqs.astype(np.int32), n_points),
+        "position": np.tile(positions.astype(np.int32), n_points),
+        "layer": pa.array(np.minimum(point_layer, n_layers).astype(np.int16), mask=is_final),
+        "point": pa.array(names),
+        "entropy": np.ascontiguousarray(resid.T).reshape(-1),
+    }, schema=RESID_SCHEMA)
+
+
+class RunWriter:
+    """Writes one run's shards to a staging folder on a background thread, then publishes.
+
+    Encoding and compression run on a worker thread (pyarrow releases the GIL), so the
+    model keeps computing while shards are written. ``publish`` moves the staged tables
+    into place with ``os.replace`` and writes the manifest last.
+    """
+
+    def __init__(self, root: Path, run_id: str, overwrite: bool = False, on_written=None):
+        self.root = Path(root)
+        self.run_id = validate_run_id(run_id)
+        self.staging = self.root / "_staging" / run_id
+        self.on_written = on_written
+        self.rows = dict.fromkeys(TABLES, 0)
+        self._shards = dict.fromkeys(TABLES, 0)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
+        self._pending: list[Future] = []
+        self._lock = threading.Lock()
+        self._prepare(overwrite)
+
+    def manifest_path(self) -> Path:
+        """Where this run's manifest lives once published."""
+        return self.root / "runs" / f"run_id={self.run_id}" / MANIFEST
+
+    def _prepare(self, overwrite: bool) -> None:
+        if self.manifest_path().exists() and not overwrite:
+            raise UserError(f"run {self.run_id!r} already exists in {str(self.root)!r}; pass "
+                            "--overwrite to replace it or choose another --run-id")
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        for table in TABLES:
+            (self.staging / table).mkdir(parents=True, exist_ok=True)
+
+    def write(self, table: str, data: pa.Table) -> None:
+        """Queue ``data`` as the next shard of ``table`` (non-blocking, up to 2 queued)."""
+        with self._lock:
+            index = self._shards[table]
+            self._shards[table] += 1
+            self.rows[table] += data.num_rows
+        path = self.staging / table / f"part-{index:05d}.parquet"
+        while len([f for f in self._pending if not f.done()]) >= 2:
+            self._pending[0].result()
+            self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._pool.submit(self._write_file, path, data))
+
+    def _write_file(self, path: Path, data: pa.Table) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(data, tmp, compression="zstd", use_dictionary=True,
+                       row_group_size=max(data.num_rows, 1),
+                       write_statistics=True)
+        os.replace(tmp, path)
+        if self.on_written is not None:
+            self.on_written(data.num_rows)
+
+    def flush(self) -> None:
+        """Wait for every queued shard to be on disk (re-raises a writer error)."""
+        for future in self._pending:
+            future.result()
+        self._pending = []
+
+    def publish(self, manifest: dict) -> Path:
+        """Move staged tables into place and write the manifest last.
+
+        Returns:
+            The manifest's path.
+        """
+        self.flush()
+        self._pool.shutdown()
+        manifest_path = self.manifest_path()
+        if manifest_path.exists():
+            manifest_path.unlink()  # the run is incomplete until the new manifest lands
+        for table in TABLES:
+            target = self.root / table / f"run_id={self.run_id}"
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.staging / table, target)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        staging_root = self.root / "_staging"
+        if staging_root.exists() and not any(staging_root.iterdir()):
+            staging_root.rmdir()
+        manifest_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = manifest_path.with_name(MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, manifest_path)
+        return manifest_path
+
+    def abort(self) -> None:
+        """Drop the staged shards (after an error or an interrupt)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.staging, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""DuckDB views, saved SQL queries and a command line over the entropy warehouse."""

@@ -1,0 +1,58 @@
+"""Write a query result as a table, CSV, JSON or Parquet."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from etl.errors import UserError
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def render(frame: pl.DataFrame, fmt: str, max_rows: int = 100) -> str:
+    """``frame`` as text: an aligned ``table`` (at most ``max_rows`` rows shown), ``csv``
+    (header line, then rows) or ``json`` (a list of row objects)."""
+    if fmt == "csv":
+        return frame.write_csv()
+    if fmt == "json":
+        return json.dumps(frame.to_dicts(), indent=2, default=str) + "\n"
+    if fmt == "table":
+        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60,
+                       tbl_width_chars=-1, tbl_hide_dataframe_shape=True,
+                       float_precision=None):
+            text = str(frame.head(max_rows))
+        more = frame.height - max_rows
+        note = f"\n({frame.height:,} rows; {more:,} not shown)" if more > 0 else \
+            f"\n({frame.height:,} rows)"
+        return text + note + "\n"
+    raise UserError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
+
+
+def write_result(frame: pl.DataFrame, fmt: str, output: Path | None = None,
+                 max_rows: int = 100) -> None:
+    """Write ``frame`` to ``output`` (a file) or stdout. Parquet needs ``--output``."""
+    if fmt == "parquet":
+        if output is None:
+            raise UserError("--format parquet needs --output FILE")
+        frame.write_parquet(output, compression="zstd")
+        return
+    if output is not None and fmt == "table":
+        max_rows = frame.height
+    text = render(frame, fmt, max_rows=max_rows)
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        Path(output).write_text(text, encoding="utf-8")
+
+
+def buffer_csv(frame: pl.DataFrame) -> str:
+    """CSV text of ``frame`` (used by tests and small tools)."""
+    buf = io.StringIO()
+    frame.write_csv(buf)
+    return buf.getvalue()
