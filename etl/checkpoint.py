@@ -15,7 +15,6 @@ their numbers mean nothing about GPT-2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from etl.cli import ArgumentParser
 from etl.errors import UserError
 
 
@@ -135,7 +135,7 @@ def write_checkpoint(arch_name: str, out: Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m etl.checkpoint",
         description="Write a random-init GPT-2-family checkpoint with GPT-2's tokenizer, "
                     "for offline runs, tests and benchmarks.")
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="architecture (default: gpt2-small)")
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         out = write_checkpoint(args.arch, args.out, seed=args.seed)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

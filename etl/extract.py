@@ -24,8 +24,16 @@ import torch
 from tqdm.auto import tqdm
 
 from etl.activations import MeanAccumulator, run_batch
+from etl.cli import ArgumentParser
 from etl.config import DATASETS, DTYPES, IOI_VARIANTS, ExtractConfig
-from etl.corpus import TokenSet, ioi_token_set, load_local_texts, load_openwebtext, pack_documents
+from etl.corpus import (
+    TokenSet,
+    expand_data_files,
+    ioi_token_set,
+    load_local_texts,
+    load_openwebtext,
+    pack_documents,
+)
 from etl.errors import UserError
 from etl.measures import ABLATION_MODES, LENS_MODES, MeasureOptions, measure_batch
 from etl.model import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
@@ -144,6 +152,15 @@ def _check_context(config: ExtractConfig, n_ctx: int, seq_len: int | None = None
         raise UserError(f"--seq-len {length} is above the model's context of {n_ctx} tokens")
 
 
+def _quiet_libraries() -> None:
+    """Hide the progress bars that transformers and datasets draw on their own."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = None,
                 overwrite: bool = False, device: str = "auto",
                 progress: bool = True) -> RunResult:
@@ -152,6 +169,8 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
     Raises:
         UserError: bad input (see the README's error list); nothing is published then.
     """
+    if not progress:
+        _quiet_libraries()
     device = resolve_device(device)
     run_id = validate_run_id(run_id or config.default_run_id())
     manifest_path = Path(warehouse) / "runs" / f"run_id={run_id}" / "manifest.json"
@@ -160,6 +179,8 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
                         "--overwrite to replace it or choose another --run-id")
     if config.seq_len < 1:
         raise UserError("--seq-len must be at least 1")
+    if config.dataset == "text":
+        expand_data_files(config.data_files)  # fail before the (slow) model load
     dtype = getattr(torch, config.dtype)
     model = load_model(config.model, device=device, dtype=dtype)
     if config.dataset != "ioi":
@@ -256,7 +277,7 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m etl.extract`` argument parser."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m etl.extract",
         description="Compute per-token logit-lens entropy diffs and marginals of every "
                     "attention head and MLP, and residual-stream lens entropies, and write "
@@ -302,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for bad input)."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         config = ExtractConfig(
             model=args.model, dataset=args.dataset, data_files=args.data_files,
             n_batches=args.n_batches, batch_size=args.batch_size, seq_len=args.seq_len,

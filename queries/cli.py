@@ -13,6 +13,7 @@ from pathlib import Path
 
 import duckdb
 
+from etl.cli import ArgumentParser
 from etl.errors import UserError
 from queries.db import connect
 from queries.output import FORMATS, write_result
@@ -30,7 +31,7 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m queries`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m queries",
         description="Query the entropy warehouse: DuckDB views over its Parquet files.")
     parser.add_argument("--warehouse", default=DEFAULT_WAREHOUSE,
@@ -70,8 +71,8 @@ COMMANDS = {"sql": _cmd_sql}
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for bad input)."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
