@@ -8,12 +8,12 @@ entropy.
 The computation never holds ``[tokens, components, vocab]``: it walks layers, then
 token chunks, then components, and keeps at most a handful of ``[chunk, V]`` tensors.
 Per-head logits go through the factored unembedding ``W_O[L, h] @ W_U``
-(``[dh, V]`` per head), computed once per layer and batch.
+(``[dh, V]`` per head), computed once per layer and kept across batches when they fit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,15 @@ class UnembedWeights:
     """``[L, H, dh, d]`` per-head output projections."""
     eps: float
     """LayerNorm epsilon, used when the lens recomputes LayerNorm statistics."""
+    cache_limit_bytes: int = 3 * 2**30
+    """Keep every layer's ``W_O @ W_U`` between batches when they fit in this many bytes
+    (GPT-2 small: 1.9 GB in float32); otherwise recompute them for each batch."""
+    _head_unembed: dict = field(default_factory=dict, repr=False)
+
+    def head_unembed_bytes(self) -> int:
+        """Bytes that every layer's ``W_O @ W_U`` takes together."""
+        n_layers, n_heads, d_head, _ = self.W_O.shape
+        return n_layers * n_heads * d_head * self.W_U.shape[1] * self.W_U.element_size()
 
 
 @dataclass
@@ -166,11 +175,17 @@ def head_unembed(weights: UnembedWeights, layer: int) -> tuple[torch.Tensor, tor
 
     Returns:
         ``W_O[layer] @ W_U`` as ``[H, dh, V]`` and the (row-centred) ``W_O[layer]`` as
-        ``[H, dh, d]``. Centring the rows makes head outputs mean-free, as LayerNorm sees
-        them; in compatibility mode they already are, so this changes nothing there.
+        ``[H, dh, d]``, kept in ``weights`` for later batches when they fit its cache
+        limit. Centring the rows makes head outputs mean-free, as LayerNorm sees them; in
+        compatibility mode they already are, so this changes nothing there.
     """
+    if layer in weights._head_unembed:
+        return weights._head_unembed[layer]
     w_o = _center(weights.W_O[layer])
-    return torch.einsum("hkd,dv->hkv", w_o, weights.W_U), w_o
+    pair = torch.einsum("hkd,dv->hkv", w_o, weights.W_U), w_o
+    if weights.head_unembed_bytes() <= weights.cache_limit_bytes:
+        weights._head_unembed[layer] = pair
+    return pair
 
 
 def _final_context(acts: BatchActivations, ent_final, sl: slice, options, weights):

@@ -61,3 +61,29 @@ def test_packing_uses_what_there_is_and_refuses_too_little(tokenizer):
     assert packed.n_seqs == 2 and packed.source["sequences_requested"] == 10
     with pytest.raises(UserError, match="fewer than --seq-len"):
         pack_documents(docs, tokenizer, n_seqs=1, seq_len=100, seed=0, source={})
+
+
+def test_openwebtext_reads_the_parquet_conversion(monkeypatch, tokenizer):
+    import datasets
+
+    from etl import corpus
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_dict({"text": [f"Web page {i} text." for i in range(50)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    texts = corpus.load_openwebtext()
+    assert calls == [("stas/openwebtext-10k",
+                      {"revision": "refs/convert/parquet", "split": "train"})]
+    packed = pack_documents(texts, tokenizer, n_seqs=3, seq_len=10, seed=420, source={})
+    assert packed.token_ids.shape == (3, 10)
+
+
+def test_openwebtext_offline_is_one_clear_error():
+    from etl.corpus import load_openwebtext
+
+    with pytest.raises(UserError, match="not available offline.*--data-files"):
+        load_openwebtext()
