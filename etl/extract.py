@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="model and compute dtype (default float32)")
     p.add_argument("--chunk-tokens", type=int, default=0,
-                   help="tokens per entropy chunk; bounds memory (default 0 = auto: 16 on "
+                   help="tokens per entropy chunk; bounds memory (default 0 = auto: 256 on "
                         "CPU, 1024 on CUDA)")
     p.add_argument("--warehouse", default=DEFAULT_WAREHOUSE,
                    help=f"warehouse root (default {DEFAULT_WAREHOUSE})")

@@ -14,11 +14,20 @@ from etl.errors import UserError
 FORMATS = ("table", "csv", "json", "parquet")
 
 
+def flatten_nested(frame: pl.DataFrame) -> pl.DataFrame:
+    """Struct, list and array columns as JSON text (CSV has no nested values)."""
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    return frame.with_columns(
+        pl.Series(name, [None if v is None else json.dumps(v, default=str)
+                         for v in frame[name].to_list()], dtype=pl.String)
+        for name in nested)
+
+
 def render(frame: pl.DataFrame, fmt: str, max_rows: int = 100) -> str:
     """``frame`` as text: an aligned ``table`` (at most ``max_rows`` rows shown), ``csv``
     (header line, then rows) or ``json`` (a list of row objects)."""
     if fmt == "csv":
-        return frame.write_csv()
+        return flatten_nested(frame).write_csv()
     if fmt == "json":
         return json.dumps(frame.to_dicts(), indent=2, default=str) + "\n"
     if fmt == "table":
