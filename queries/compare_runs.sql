@@ -1,0 +1,97 @@
+-- compare_runs: two runs side by side per component (each head and the MLP): mean diff and
+-- mean marginal (nats) in run A and run B, and B − A. Use it for webtext vs IOI, or the
+-- seed lens vs the recomputed lens on the same tokens.
+-- @param run_a NULL run A, or NULL for the earliest run
+-- @param run_b NULL run B, or NULL for the latest run other than A
+-- @param positions 'all' 'all' (BOS and padding included) or 'real' (excluded)
+with
+
+settings as (
+    select
+        case when $positions::varchar in ('all', 'real') then $positions::varchar
+             else error('positions must be ''all'' or ''real''') end as positions,
+        coalesce($run_a::varchar,
+                 (select run_id from runs order by created_at, run_id limit 1)) as run_a,
+        $run_b::varchar as run_b_given
+),
+
+resolved as (
+    select
+        s.positions,
+        s.run_a,
+        coalesce(
+            s.run_b_given,
+            (select r.run_id from runs as r where r.run_id <> s.run_a
+             order by r.created_at desc, r.run_id desc limit 1)
+        ) as run_b
+    from settings as s
+),
+
+checked as (
+    select
+        positions,
+        case when run_a in (select run_id from runs) then run_a
+             else error('run_a ' || coalesce(run_a, 'NULL') || ' is not in the warehouse')
+        end as run_a,
+        case when run_b in (select run_id from runs) then run_b
+             else error('run_b ' || coalesce(run_b, 'NULL')
+                        || ' is not in the warehouse (compare_runs needs two runs)')
+        end as run_b
+    from resolved
+),
+
+excluded as (
+    select t.run_id, t.seq, t.position
+    from tokens as t, checked as s
+    where s.positions = 'real' and (t.is_bos or t.is_pad)
+),
+
+chosen as (
+    select c.*
+    from component_entropy as c, checked as s
+    where c.run_id in (s.run_a, s.run_b)
+),
+
+kept as (
+    select * from chosen
+    anti join excluded using (run_id, seq, position)
+),
+
+means as (
+    select run_id, layer, head, kind, count(*) as n,
+           avg(entropy_diff) as mean_diff, avg(entropy_marginal) as mean_marginal
+    from kept
+    group by run_id, layer, head, kind
+),
+
+side_a as (
+    select m.* from means as m, checked as s where m.run_id = s.run_a
+),
+
+side_b as (
+    select m.* from means as m, checked as s where m.run_id = s.run_b
+),
+
+final as (
+    select
+        s.run_a,
+        s.run_b,
+        coalesce(a.layer, b.layer) as layer,
+        coalesce(a.head, b.head) as head,
+        coalesce(a.kind, b.kind) as kind,
+        a.n as n_a,
+        b.n as n_b,
+        a.mean_diff as mean_diff_a,
+        b.mean_diff as mean_diff_b,
+        b.mean_diff - a.mean_diff as delta_diff,
+        a.mean_marginal as mean_marginal_a,
+        b.mean_marginal as mean_marginal_b,
+        b.mean_marginal - a.mean_marginal as delta_marginal
+    from side_a as a
+    full join side_b as b
+        on a.layer = b.layer and a.kind = b.kind and a.head is not distinct from b.head
+    cross join checked as s
+)
+
+select * from final
+order by layer, kind, head

@@ -1,0 +1,72 @@
+-- head_summary: per run, layer and component (each head and the MLP), the mean entropy diff
+-- and marginal in nats, their standard deviations, n, 95 % confidence intervals of the means
+-- (normal approximation: mean ± 1.96·sd/√n) and the fraction of positions where the
+-- component increases entropy (> 0).
+-- @param positions 'all' which positions count: 'all' (the study's convention: BOS and padding included) or 'real' (BOS and padding excluded)
+-- @param run_id NULL one run id, or NULL for every run
+with
+
+settings as (
+    select
+        case when $positions::varchar in ('all', 'real') then $positions::varchar
+             else error('positions must be ''all'' or ''real''') end as positions,
+        $run_id::varchar as run_id
+),
+
+excluded as (
+    -- positions left out: none for 'all'; BOS and padding for 'real'
+    select t.run_id, t.seq, t.position
+    from tokens as t, settings as s
+    where s.positions = 'real' and (t.is_bos or t.is_pad)
+),
+
+counted as (
+    select c.*
+    from component_entropy as c, settings as s
+    where s.run_id is null or c.run_id = s.run_id
+),
+
+kept as (
+    select * from counted
+    anti join excluded using (run_id, seq, position)
+),
+
+stats as (
+    select
+        run_id,
+        layer,
+        head,
+        kind,
+        count(*) as n,
+        avg(entropy_diff) as mean_diff,
+        stddev_samp(entropy_diff) as sd_diff,
+        avg(entropy_marginal) as mean_marginal,
+        stddev_samp(entropy_marginal) as sd_marginal,
+        avg((entropy_diff > 0)::double) as frac_increase_diff,
+        avg((entropy_marginal > 0)::double) as frac_increase_marginal
+    from kept
+    group by run_id, layer, head, kind
+),
+
+final as (
+    select
+        run_id,
+        layer,
+        head,
+        kind,
+        n,
+        mean_diff,
+        sd_diff,
+        mean_diff - 1.96 * sd_diff / sqrt(n) as ci95_low_diff,
+        mean_diff + 1.96 * sd_diff / sqrt(n) as ci95_high_diff,
+        mean_marginal,
+        sd_marginal,
+        mean_marginal - 1.96 * sd_marginal / sqrt(n) as ci95_low_marginal,
+        mean_marginal + 1.96 * sd_marginal / sqrt(n) as ci95_high_marginal,
+        frac_increase_diff,
+        frac_increase_marginal
+    from stats
+)
+
+select * from final
+order by run_id, layer, kind, head

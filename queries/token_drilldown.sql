@@ -1,0 +1,129 @@
+-- token_drilldown: for one component, the k positions where it raises (or lowers) entropy
+-- most, with the token, the preceding context as text, the diff and marginal (nats) and the
+-- IOI role where there is one.
+-- @param run_id NULL one run id, or NULL for the latest run
+-- @param component NULL 'L.H' for head H of layer L, 'L.mlp' for the MLP of layer L, or NULL for the head with the largest mean diff in the run
+-- @param measure 'diff' rank positions by 'diff' or 'marginal'
+-- @param direction 'raise' 'raise' (largest values first) or 'lower' (smallest first)
+-- @param k 20 how many positions
+-- @param context 8 how many preceding tokens to show
+-- @param positions 'real' 'all' (BOS and padding included) or 'real' (excluded)
+with
+
+settings as (
+    select
+        coalesce($run_id::varchar,
+                 (select run_id from runs order by created_at desc, run_id desc limit 1))
+            as run_id,
+        $component::varchar as component,
+        case when $measure::varchar in ('diff', 'marginal') then $measure::varchar
+             else error('measure must be ''diff'' or ''marginal''') end as measure,
+        case when $direction::varchar in ('raise', 'lower') then $direction::varchar
+             else error('direction must be ''raise'' or ''lower''') end as direction,
+        $k::integer as k,
+        $context::integer as context,
+        case when $positions::varchar in ('all', 'real') then $positions::varchar
+             else error('positions must be ''all'' or ''real''') end as positions
+),
+
+top_head as (
+    select c.layer || '.' || c.head as component
+    from component_entropy as c, settings as s
+    where c.run_id = s.run_id and c.kind = 'head'
+    group by c.layer, c.head
+    order by avg(c.entropy_diff) desc, c.layer, c.head
+    limit 1
+),
+
+target as (
+    select
+        s.*,
+        coalesce(s.component, (select component from top_head)) as chosen
+    from settings as s
+),
+
+parsed as (
+    select
+        t.*,
+        try_cast(split_part(t.chosen, '.', 1) as integer) as layer,
+        case when split_part(t.chosen, '.', 2) = 'mlp' then 'mlp' else 'head' end as kind,
+        try_cast(nullif(split_part(t.chosen, '.', 2), 'mlp') as integer) as head
+    from target as t
+),
+
+checked as (
+    select
+        p.*,
+        case when p.layer is not null
+                  and (p.kind = 'mlp' or p.head is not null) then p.chosen
+             else error('component must look like ''10.7'' (a head) or ''10.mlp'', not '''
+                        || coalesce(p.chosen, 'NULL') || '''')
+        end as component_checked
+    from parsed as p
+),
+
+rows_of_component as (
+    select
+        c.run_id, c.seq, c.position, c.layer, c.head, c.kind, c.entropy_diff,
+        c.entropy_marginal,
+        case when s.measure = 'diff' then c.entropy_diff else c.entropy_marginal end
+            as value,
+        tok.token, tok.role, tok.is_bos, tok.is_pad
+    from component_entropy as c
+    join checked as s
+        on c.run_id = s.run_id and c.layer = s.layer and c.kind = s.kind
+        and c.head is not distinct from s.head
+    join tokens as tok
+        on tok.run_id = c.run_id and tok.seq = c.seq and tok.position = c.position
+    where s.positions = 'all' or not (tok.is_bos or tok.is_pad)
+),
+
+ranked as (
+    select
+        r.*,
+        row_number() over (
+            order by case when s.direction = 'raise' then -r.value else r.value end,
+                     r.seq, r.position
+        ) as rank
+    from rows_of_component as r, checked as s
+),
+
+top_rows as (
+    select r.* from ranked as r, checked as s where r.rank <= s.k
+),
+
+contexts as (
+    select
+        r.seq,
+        r.position,
+        string_agg(tok.token, '' order by tok.position) as context
+    from top_rows as r
+    cross join checked as s
+    join tokens as tok
+        on tok.run_id = r.run_id and tok.seq = r.seq
+        and tok.position >= r.position - s.context and tok.position < r.position
+    group by r.seq, r.position
+),
+
+final as (
+    select
+        r.rank,
+        r.run_id,
+        s.component_checked as component,
+        r.layer,
+        r.head,
+        r.kind,
+        r.seq,
+        r.position,
+        coalesce(c.context, '') as context,
+        r.token,
+        r.entropy_diff,
+        r.entropy_marginal,
+        r.role
+    from top_rows as r
+    cross join checked as s
+    left join contexts as c using (seq, position)
+)
+
+select * from final
+order by rank

@@ -1,0 +1,84 @@
+-- top_heads: attention heads ranked by their mean entropy diff or marginal (nats, largest
+-- first), top k, with n and the 95 % confidence interval of the mean.
+-- @param measure 'diff' rank by 'diff' or 'marginal'
+-- @param k 10 how many heads to return per run
+-- @param positions 'all' 'all' (BOS and padding included) or 'real' (excluded)
+-- @param run_id NULL one run id, or NULL for every run
+-- @param dataset NULL one dataset ('openwebtext', 'ioi', 'text'), or NULL for every dataset
+with
+
+settings as (
+    select
+        case when $measure::varchar in ('diff', 'marginal') then $measure::varchar
+             else error('measure must be ''diff'' or ''marginal''') end as measure,
+        case when $positions::varchar in ('all', 'real') then $positions::varchar
+             else error('positions must be ''all'' or ''real''') end as positions,
+        $k::integer as k,
+        $run_id::varchar as run_id,
+        $dataset::varchar as dataset
+),
+
+chosen_runs as (
+    select r.run_id, r.dataset
+    from runs as r, settings as s
+    where (s.run_id is null or r.run_id = s.run_id)
+      and (s.dataset is null or r.dataset = s.dataset)
+),
+
+excluded as (
+    select t.run_id, t.seq, t.position
+    from tokens as t, settings as s
+    where s.positions = 'real' and (t.is_bos or t.is_pad)
+),
+
+head_rows as (
+    select c.run_id, c.seq, c.position, c.layer, c.head,
+           case when s.measure = 'diff' then c.entropy_diff else c.entropy_marginal end
+               as value
+    from component_entropy as c
+    join chosen_runs using (run_id)
+    cross join settings as s
+    where c.kind = 'head'
+),
+
+kept as (
+    select * from head_rows
+    anti join excluded using (run_id, seq, position)
+),
+
+per_head as (
+    select run_id, layer, head, count(*) as n, avg(value) as mean, stddev_samp(value) as sd
+    from kept
+    group by run_id, layer, head
+),
+
+ranked as (
+    select
+        p.*,
+        row_number() over (partition by p.run_id order by p.mean desc, p.layer, p.head)
+            as rank
+    from per_head as p
+),
+
+final as (
+    select
+        r.run_id,
+        c.dataset,
+        r.rank,
+        r.layer,
+        r.head,
+        r.layer || '.' || r.head as component,
+        s.measure,
+        r.n,
+        r.mean,
+        r.sd,
+        r.mean - 1.96 * r.sd / sqrt(r.n) as ci95_low,
+        r.mean + 1.96 * r.sd / sqrt(r.n) as ci95_high
+    from ranked as r
+    join chosen_runs as c using (run_id)
+    cross join settings as s
+    where r.rank <= s.k
+)
+
+select * from final
+order by run_id, rank

@@ -1,0 +1,45 @@
+"""Every command-line subcommand and option has help text and is in the README."""
+
+from pathlib import Path
+
+import pytest
+
+from etl.checkpoint import main as checkpoint_main
+from etl.extract import build_parser as extract_parser
+from queries.cli import build_parser as query_parser
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            return action
+    raise AssertionError("no subcommands")
+
+
+def test_every_query_subcommand_has_help_and_is_in_readme():
+    sub = _subparsers(query_parser())
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert set(sub.choices) == {"list", "show", "run", "sql", "check", "shell"}
+    for name, parser in sub.choices.items():
+        assert helps[name], name
+        assert parser.description, name
+        assert f"`{name}" in README, name
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (name, action.dest)
+
+
+def test_every_extract_option_has_help_and_is_in_readme():
+    for action in extract_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
+            assert f"`{action.option_strings[0]}" in README, action.option_strings[0]
+
+
+def test_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as exc:
+        checkpoint_main(["--help"])
+    assert exc.value.code == 0
+    assert "--arch" in capsys.readouterr().out
