@@ -1,0 +1,1 @@
+"""Altair charts built from saved queries' results, written as HTML, PNG and SVG."""

@@ -1,0 +1,241 @@
+"""One function per chart: each takes a saved query's result and returns an Altair chart.
+
+The frame a function receives is embedded in the chart unchanged; any reshaping happens in
+Vega-Lite transforms, so the data in a chart is exactly the saved query's result and can be
+re-queried. Entropies are in nats; positive values increase entropy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import altair as alt
+import polars as pl
+
+from analysis.theme import DIVERGING_SCHEME, POSITIVE_MEANS, SEQUENTIAL_SCHEME
+
+MEASURE_LABELS = {"mean_diff": "diff", "mean_marginal": "marginal"}
+
+
+def _records(frame: pl.DataFrame) -> alt.Data:
+    """The frame as inline records (JSON-safe: floats stay floats, no NaN)."""
+    rows = frame.to_dicts()
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                row[key] = None
+    return alt.Data(values=rows)
+
+
+def symmetric_limit(values) -> float:
+    """Largest absolute value among ``values`` (ignoring None/NaN), at least 1e-6."""
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    return max(finite + [1e-6])
+
+
+def _component_order(summary: pl.DataFrame, include_mlp: bool) -> list[str]:
+    heads = sorted({int(h) for h in summary["head"].drop_nulls().to_list()})
+    return [str(h) for h in heads] + (["MLP"] if include_mlp else [])
+
+
+def _run_title(frame: pl.DataFrame) -> str:
+    runs = frame["run_id"].unique().to_list() if "run_id" in frame.columns else []
+    return f"run {runs[0]}" if len(runs) == 1 else f"{len(runs)} runs"
+
+
+def _heatmap(summary: pl.DataFrame, include_mlp: bool, increases_only: bool,
+             title: str) -> alt.FacetChart:
+    rows = summary if include_mlp else summary.filter(pl.col("kind") == "head")
+    limit = symmetric_limit(rows["mean_diff"].to_list() + rows["mean_marginal"].to_list())
+    if increases_only:
+        color_scale = alt.Scale(scheme=SEQUENTIAL_SCHEME, domain=[0, limit])
+    else:
+        color_scale = alt.Scale(scheme=DIVERGING_SCHEME, reverse=True, domain=[-limit, limit],
+                                domainMid=0)
+    base = alt.Chart(_records(summary)).transform_calculate(
+        component="datum.kind == 'mlp' ? 'MLP' : toString(datum.head)",
+    ).transform_fold(
+        ["mean_diff", "mean_marginal"], as_=["measure_field", "mean"],
+    ).transform_calculate(
+        measure="datum.measure_field == 'mean_diff' ? 'diff' : 'marginal'",
+        ci95_low="datum.measure_field == 'mean_diff' ? datum.ci95_low_diff "
+                 ": datum.ci95_low_marginal",
+        ci95_high="datum.measure_field == 'mean_diff' ? datum.ci95_high_diff "
+                  ": datum.ci95_high_marginal",
+    )
+    if not include_mlp:
+        base = base.transform_filter("datum.kind == 'head'")
+    if increases_only:
+        base = base.transform_filter("datum.mean > 0")
+    heat = base.mark_rect(stroke="white", strokeWidth=0.5).encode(
+        x=alt.X("component:O", sort=_component_order(summary, include_mlp),
+                title="head" + (" (and MLP)" if include_mlp else ""),
+                axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("layer:O", title="layer", sort="ascending"),
+        color=alt.Color("mean:Q", scale=color_scale, title="mean (nats)",
+                        legend=alt.Legend(format=".3f")),
+        tooltip=[
+            alt.Tooltip("layer:O"), alt.Tooltip("component:N"), alt.Tooltip("measure:N"),
+            alt.Tooltip("mean:Q", format=".5f", title="mean (nats)"),
+            alt.Tooltip("ci95_low:Q", format=".5f", title="95% CI low"),
+            alt.Tooltip("ci95_high:Q", format=".5f", title="95% CI high"),
+            alt.Tooltip("n:Q", format=","),
+        ],
+    ).properties(width=max(180, 26 * len(_component_order(summary, include_mlp))),
+                 height=max(120, 22 * summary["layer"].n_unique()))
+    return heat.facet(
+        column=alt.Column("measure:N", sort=["diff", "marginal"], title=None),
+    ).properties(title=alt.TitleParams(
+        title, subtitle=f"{_run_title(summary)} · mean over positions · {POSITIVE_MEANS}"),
+    ).resolve_scale(color="shared")
+
+
+def component_heatmap(summary: pl.DataFrame) -> alt.FacetChart:
+    """Layer × head heatmaps of mean diff and marginal side by side, MLP column included.
+
+    Args:
+        summary: ``head_summary`` rows of one run (``layer, head, kind, n, mean_diff,
+            mean_marginal, ci95_*``).
+    """
+    return _heatmap(summary, include_mlp=True, increases_only=False,
+                    title="Entropy effect of every head and MLP (nats)")
+
+
+def head_heatmap(summary: pl.DataFrame) -> alt.FacetChart:
+    """The same heatmaps without the MLP column, on the heads' own symmetric scale."""
+    return _heatmap(summary, include_mlp=False, increases_only=False,
+                    title="Entropy effect of attention heads (nats)")
+
+
+def increase_heatmap(summary: pl.DataFrame) -> alt.FacetChart:
+    """Only entropy increases: cells whose mean is ≤ 0 are left blank."""
+    return _heatmap(summary, include_mlp=True, increases_only=True,
+                    title="Where entropy increases (nats; ≤ 0 masked)")
+
+
+def resid_steps(resid: pl.DataFrame) -> alt.LayerChart:
+    """Entropy change per layer from attention and from the MLP (``resid_summary`` rows)."""
+    base = alt.Chart(_records(resid)).transform_fold(
+        ["attn_step", "mlp_step"], as_=["step_field", "step"],
+    ).transform_calculate(
+        source="datum.step_field == 'attn_step' ? 'attention (mid − pre)' "
+               ": 'MLP (next pre − mid)'",
+    )
+    lines = base.mark_line(point=True, strokeWidth=2).encode(
+        x=alt.X("layer:O", title="layer", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("step:Q", title="change in lens entropy (nats)"),
+        color=alt.Color("source:N", title="step",
+                        sort=["attention (mid − pre)", "MLP (next pre − mid)"]),
+        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("source:N"),
+                 alt.Tooltip("step:Q", format=".5f", title="step (nats)"),
+                 alt.Tooltip("mean_resid_pre:Q", format=".4f", title="resid_pre (nats)"),
+                 alt.Tooltip("mean_resid_mid:Q", format=".4f", title="resid_mid (nats)"),
+                 alt.Tooltip("n:Q", format=",")],
+    )
+    zero = alt.Chart(_records(resid)).mark_rule(color="#808b96", strokeDash=[4, 4]).encode(
+        y=alt.datum(0))
+    return alt.layer(zero, lines).properties(
+        width=460, height=280,
+        title=alt.TitleParams("Residual stream: entropy change per layer (nats)",
+                              subtitle=f"{_run_title(resid)} · {POSITIVE_MEANS}"))
+
+
+def run_comparison(compare: pl.DataFrame, label_top: int = 5) -> alt.LayerChart:
+    """Each head's mean diff in run A against run B, the top heads labelled.
+
+    Args:
+        compare: ``compare_runs`` rows (``run_a, run_b, layer, head, kind, mean_diff_a,
+            mean_diff_b, delta_diff, ...``).
+        label_top: how many heads to label (largest mean diff in either run).
+    """
+    run_a, run_b = compare["run_a"][0], compare["run_b"][0]
+    heads = compare.filter(pl.col("kind") == "head")
+    limit = symmetric_limit(heads["mean_diff_a"].to_list() + heads["mean_diff_b"].to_list())
+    base = alt.Chart(_records(compare)).transform_filter(
+        "datum.kind == 'head'",
+    ).transform_calculate(
+        component="toString(datum.layer) + '.' + toString(datum.head)",
+        top="max(datum.mean_diff_a, datum.mean_diff_b)",
+    )
+    scale = alt.Scale(domain=[-limit * 1.1, limit * 1.1])
+    points = base.mark_circle(size=60, opacity=0.75).encode(
+        x=alt.X("mean_diff_a:Q", scale=scale, title=f"mean diff in {run_a} (nats)"),
+        y=alt.Y("mean_diff_b:Q", scale=scale, title=f"mean diff in {run_b} (nats)"),
+        color=alt.Color("layer:O", title="layer", scale=alt.Scale(scheme="viridis")),
+        tooltip=[alt.Tooltip("component:N", title="head"),
+                 alt.Tooltip("mean_diff_a:Q", format=".5f"),
+                 alt.Tooltip("mean_diff_b:Q", format=".5f"),
+                 alt.Tooltip("delta_diff:Q", format=".5f", title="B − A"),
+                 alt.Tooltip("n_a:Q", format=","), alt.Tooltip("n_b:Q", format=",")],
+    )
+    labels = base.transform_window(
+        rank="row_number()", sort=[alt.SortField("top", order="descending")],
+    ).transform_filter(f"datum.rank <= {int(label_top)}").mark_text(
+        align="left", dx=6, dy=-6, fontSize=12, fontWeight="bold",
+    ).encode(x="mean_diff_a:Q", y="mean_diff_b:Q", text="component:N")
+    diagonal = alt.Chart(alt.Data(values=[{"v": -limit * 1.1}, {"v": limit * 1.1}])).mark_line(
+        color="#808b96", strokeDash=[4, 4]).encode(x="v:Q", y="v:Q")
+    return alt.layer(diagonal, points, labels).properties(
+        width=380, height=380,
+        title=alt.TitleParams("Run comparison: mean entropy diff per head (nats)",
+                              subtitle=f"A = {run_a}, B = {run_b} · dashed: A = B · "
+                                       f"{POSITIVE_MEANS}"))
+
+
+def head_distribution(dist: pl.DataFrame) -> alt.LayerChart:
+    """Per-token spread of the top heads: 5–95 % whiskers, 25–75 % box, median tick.
+
+    Args:
+        dist: ``head_distribution`` rows (``rank, component, measure, q05, q25, median,
+            q75, q95, mean, n``).
+    """
+    measure = dist["measure"][0] if dist.height else "diff"
+    order = dist.sort("rank")["component"].to_list()
+    base = alt.Chart(_records(dist)).encode(
+        y=alt.Y("component:N", sort=order, title="head (layer.head), by mean"))
+    tooltip = [alt.Tooltip("component:N", title="head"), alt.Tooltip("n:Q", format=","),
+               alt.Tooltip("mean:Q", format=".5f"), alt.Tooltip("q05:Q", format=".5f"),
+               alt.Tooltip("q25:Q", format=".5f"), alt.Tooltip("median:Q", format=".5f"),
+               alt.Tooltip("q75:Q", format=".5f"), alt.Tooltip("q95:Q", format=".5f")]
+    whisker = base.mark_rule(color="#566573").encode(
+        x=alt.X("q05:Q", title=f"per-token entropy {measure} (nats)"), x2="q95:Q",
+        tooltip=tooltip)
+    box = base.mark_bar(size=16, color="#e6b0aa", stroke="#922b21").encode(
+        x="q25:Q", x2="q75:Q", tooltip=tooltip)
+    median = base.mark_tick(color="#922b21", thickness=3, size=16).encode(
+        x="median:Q", tooltip=tooltip)
+    zero = alt.Chart(_records(dist)).mark_rule(color="#808b96", strokeDash=[4, 4]).encode(
+        x=alt.datum(0))
+    return alt.layer(zero, whisker, box, median).properties(
+        width=460, height=max(120, 34 * dist.height),
+        title=alt.TitleParams(f"Per-token entropy {measure} of the top heads (nats)",
+                              subtitle=f"{_run_title(dist)} · box 25–75 %, whiskers 5–95 %, "
+                                       f"tick median · {POSITIVE_MEANS}"))
+
+
+def token_drilldown(rows: pl.DataFrame) -> alt.Chart:
+    """The positions where one component raises entropy most, with their context.
+
+    Args:
+        rows: ``token_drilldown`` rows (``rank, component, context, token, entropy_diff,
+            entropy_marginal, role, seq, position``).
+    """
+    component = rows["component"][0] if rows.height else "?"
+    chart = alt.Chart(_records(rows)).transform_calculate(
+        label="'#' + datum.rank + '  …' + replace(replace(datum.context, /\\n/g, '⏎'), "
+              "/^\\s+/, '') + ' [' + replace(datum.token, /\\n/g, '⏎') + ']'",
+    ).mark_bar(color="#c0392b").encode(
+        y=alt.Y("label:N", sort=alt.EncodingSortField("rank", order="ascending"),
+                title=None, axis=alt.Axis(labelLimit=420, labelFontSize=11)),
+        x=alt.X("entropy_diff:Q", title="entropy diff (nats)"),
+        tooltip=[alt.Tooltip("rank:Q"), alt.Tooltip("seq:Q"), alt.Tooltip("position:Q"),
+                 alt.Tooltip("context:N"), alt.Tooltip("token:N"),
+                 alt.Tooltip("entropy_diff:Q", format=".5f", title="diff (nats)"),
+                 alt.Tooltip("entropy_marginal:Q", format=".5f", title="marginal (nats)"),
+                 alt.Tooltip("role:N")],
+    )
+    return chart.properties(
+        width=360, height=max(120, 20 * rows.height),
+        title=alt.TitleParams(f"Where component {component} changes entropy most",
+                              subtitle=f"{_run_title(rows)} · [token] after its context · "
+                                       f"{POSITIVE_MEANS}"))

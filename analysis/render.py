@@ -1,0 +1,185 @@
+"""Run saved queries, build the charts and write them as HTML, PNG and SVG, with an index."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import altair as alt
+import polars as pl
+
+from analysis import charts, theme
+from etl.errors import UserError
+
+FORMATS = ("html", "png", "svg")
+
+
+@dataclass(frozen=True)
+class ChartSpec:
+    """How one chart is made: which saved query, with which parameters, by which builder."""
+
+    name: str
+    description: str
+    query: str
+    build: Callable[[pl.DataFrame], alt.TopLevelMixin]
+    params: Callable[[list[str]], dict[str, str]]
+    """Saved-query parameters from the chart's runs (one run, or A and B)."""
+    runs: int = 1
+    """1 for a per-run chart, 2 for a comparison of two runs."""
+
+
+CHARTS: dict[str, ChartSpec] = {spec.name: spec for spec in [
+    ChartSpec("heatmap", "layer × head heatmaps of mean diff and marginal, MLP included",
+              "head_summary", charts.component_heatmap, lambda r: {"run_id": r[0]}),
+    ChartSpec("heatmap_heads", "the same heatmaps without the MLP column, own scale",
+              "head_summary", charts.head_heatmap, lambda r: {"run_id": r[0]}),
+    ChartSpec("heatmap_increases", "only entropy increases (values ≤ 0 masked)",
+              "head_summary", charts.increase_heatmap, lambda r: {"run_id": r[0]}),
+    ChartSpec("resid_steps", "residual stream: entropy change per layer from attention "
+              "and MLP", "resid_summary", charts.resid_steps, lambda r: {"run_id": r[0]}),
+    ChartSpec("head_distribution", "per-token diffs of the top 5 heads (box plot)",
+              "head_distribution", charts.head_distribution,
+              lambda r: {"run_id": r[0], "k": "5"}),
+    ChartSpec("token_drilldown", "positions where the top head raises entropy most, with "
+              "context", "token_drilldown", charts.token_drilldown,
+              lambda r: {"run_id": r[0], "k": "20"}),
+    ChartSpec("run_comparison", "each head's mean diff in run A vs run B, top heads labelled",
+              "compare_runs", charts.run_comparison,
+              lambda r: {"run_a": r[0], "run_b": r[1]}, runs=2),
+]}
+
+
+def chart_frame(con, spec: ChartSpec, runs: list[str]) -> pl.DataFrame:
+    """The saved query's result that ``spec`` is drawn from, for ``runs``."""
+    from queries.cli import run_sql
+    from queries.saved import get_query
+
+    query = get_query(spec.query)
+    return run_sql(con, query.sql, query.bind(spec.params(runs)))
+
+
+def build_chart(con, spec: ChartSpec, runs: list[str]):
+    """The chart ``spec`` for ``runs`` (theme applied), and the frame it shows."""
+    theme.enable()
+    frame = chart_frame(con, spec, runs)
+    return spec.build(frame), frame
+
+
+def save_chart(chart, stem: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Write ``chart`` as ``stem.<format>``: self-contained HTML (Vega inlined), PNG, SVG."""
+    written = []
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for fmt in formats:
+        path = stem.with_suffix(f".{fmt}")
+        if fmt == "html":
+            chart.save(path, format="html", inline=True)
+        elif fmt == "png":
+            chart.save(path, format="png", scale_factor=2)
+        else:
+            chart.save(path, format="svg")
+        written.append(path)
+    return written
+
+
+def complete_runs(con) -> list[str]:
+    """Run ids of complete runs, oldest first."""
+    return [r[0] for r in con.sql("select run_id from runs order by created_at, run_id")
+            .fetchall()]
+
+
+def _jobs(runs: list[str], names: list[str]):
+    for name in names:
+        spec = CHARTS[name]
+        if spec.runs == 1:
+            for run in runs:
+                yield spec, [run], Path(run) / name
+        else:
+            for other in runs[1:]:
+                yield spec, [runs[0], other], Path(f"{runs[0]}__vs__{other}") / name
+
+
+def render(warehouse: Path, out: Path, runs: list[str] | None = None,
+           formats: tuple[str, ...] = FORMATS, only: list[str] | None = None,
+           progress=None) -> list[Path]:
+    """Render charts for ``runs`` (default: every complete run) into ``out``.
+
+    Per-run charts go to ``out/<run_id>/<chart>.<format>``; comparisons of the first run
+    with each other run to ``out/<A>__vs__<B>/``; ``out/index.html`` shows them all.
+
+    Raises:
+        UserError: unknown chart, format or run, or a warehouse without runs.
+    """
+    from queries.db import connect
+
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"unknown --format {','.join(bad) or '(none)'}; use a comma-separated "
+                        f"list of {', '.join(FORMATS)}")
+    names = only or list(CHARTS)
+    unknown = [n for n in names if n not in CHARTS]
+    if unknown:
+        raise UserError(f"unknown chart {unknown[0]!r}; known: {', '.join(CHARTS)}")
+    con = connect(warehouse)
+    available = complete_runs(con)
+    runs = runs or available
+    missing = [r for r in runs if r not in available]
+    if missing:
+        raise UserError(f"run {missing[0]!r} is not a complete run in {str(warehouse)!r} "
+                        f"(runs: {', '.join(available)})")
+    if only and all(CHARTS[n].runs == 2 for n in names) and len(runs) < 2:
+        raise UserError("run_comparison needs two runs; pass --run A --run B")
+    jobs = list(_jobs(runs, names))
+    written: list[Path] = []
+    entries = []
+    for spec, job_runs, rel in jobs:
+        chart, frame = build_chart(con, spec, job_runs)
+        files = save_chart(chart, out / rel, formats)
+        written += files
+        entries.append((spec, job_runs, rel, frame.height))
+        if progress is not None:
+            progress(spec.name, job_runs)
+    written.append(write_index(out, entries, formats, warehouse))
+    return written
+
+
+def write_index(out: Path, entries, formats: tuple[str, ...], warehouse: Path) -> Path:
+    """``out/index.html``: every chart of this render as an image, linked to its HTML."""
+    image = "svg" if "svg" in formats else "png" if "png" in formats else None
+    sections = []
+    for spec, runs, rel, n_rows in entries:
+        heading = html.escape(f"{spec.name} — {' vs '.join(runs)}")
+        links = " · ".join(f'<a href="{html.escape(str(rel))}.{fmt}">{fmt}</a>'
+                           for fmt in formats)
+        if image:
+            body = f'<img src="{html.escape(str(rel))}.{image}" alt="{heading}">'
+        else:
+            body = (f'<iframe src="{html.escape(str(rel))}.html" title="{heading}" '
+                    'loading="lazy"></iframe>')
+        sections.append(
+            f"<section><h2>{heading}</h2><p>{html.escape(spec.description)} "
+            f"(saved query <code>{spec.query}</code>, {n_rows} rows) — {links}</p>"
+            f"{body}</section>")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>entropy-warehouse charts</title>
+<style>
+body {{ font-family: {theme.FONT}; margin: 2rem; color: #1c2833; }}
+section {{ margin: 2rem 0; border-top: 1px solid #d5d8dc; padding-top: 1rem; }}
+img {{ max-width: 100%; }}
+iframe {{ width: 100%; height: 520px; border: 0; }}
+</style></head>
+<body>
+<h1>Entropy effects of attention heads and MLPs</h1>
+<p>Warehouse <code>{html.escape(str(warehouse))}</code>, rendered {stamp}. Entropies in nats;
+positive values increase entropy.</p>
+{chr(10).join(sections)}
+</body></html>
+"""
+    path = out / "index.html"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path

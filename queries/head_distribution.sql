@@ -1,0 +1,82 @@
+-- head_distribution: for the top k heads of a run by mean diff (or marginal), the spread of
+-- the per-token values in nats: 5 %, 25 %, 50 %, 75 % and 95 % quantiles, min, max, mean and
+-- n, for box plots.
+-- @param run_id NULL one run id, or NULL for the latest run
+-- @param measure 'diff' rank and describe 'diff' or 'marginal'
+-- @param k 5 how many heads
+-- @param positions 'real' 'all' (BOS and padding included) or 'real' (excluded)
+with
+
+settings as (
+    select
+        coalesce($run_id::varchar,
+                 (select run_id from runs order by created_at desc, run_id desc limit 1))
+            as run_id,
+        case when $measure::varchar in ('diff', 'marginal') then $measure::varchar
+             else error('measure must be ''diff'' or ''marginal''') end as measure,
+        $k::integer as k,
+        case when $positions::varchar in ('all', 'real') then $positions::varchar
+             else error('positions must be ''all'' or ''real''') end as positions
+),
+
+excluded as (
+    select t.run_id, t.seq, t.position
+    from tokens as t, settings as s
+    where t.run_id = s.run_id and s.positions = 'real' and (t.is_bos or t.is_pad)
+),
+
+head_rows as (
+    select c.run_id, c.seq, c.position, c.layer, c.head,
+           case when s.measure = 'diff' then c.entropy_diff else c.entropy_marginal end
+               as value
+    from component_entropy as c, settings as s
+    where c.run_id = s.run_id and c.kind = 'head'
+),
+
+kept as (
+    select * from head_rows
+    anti join excluded using (run_id, seq, position)
+),
+
+per_head as (
+    select
+        run_id,
+        layer,
+        head,
+        count(*) as n,
+        avg(value) as mean,
+        min(value) as min,
+        quantile_cont(value, [0.05, 0.25, 0.5, 0.75, 0.95]) as q,
+        max(value) as max
+    from kept
+    group by run_id, layer, head
+),
+
+ranked as (
+    select *, row_number() over (order by mean desc, layer, head) as rank
+    from per_head
+),
+
+final as (
+    select
+        r.run_id,
+        r.rank,
+        r.layer,
+        r.head,
+        r.layer || '.' || r.head as component,
+        s.measure,
+        r.n,
+        r.mean,
+        r.min,
+        r.q[1] as q05,
+        r.q[2] as q25,
+        r.q[3] as median,
+        r.q[4] as q75,
+        r.q[5] as q95,
+        r.max
+    from ranked as r, settings as s
+    where r.rank <= s.k
+)
+
+select * from final
+order by rank
