@@ -115,7 +115,7 @@ def increase_heatmap(summary: pl.DataFrame) -> alt.FacetChart:
 
 def resid_steps(resid: pl.DataFrame) -> alt.LayerChart:
     """Entropy change per layer from attention and from the MLP (``resid_summary`` rows)."""
-    base = alt.Chart(_records(resid)).transform_fold(
+    base = alt.Chart().transform_fold(
         ["attn_step", "mlp_step"], as_=["step_field", "step"],
     ).transform_calculate(
         source="datum.step_field == 'attn_step' ? 'attention (mid − pre)' "
@@ -132,9 +132,8 @@ def resid_steps(resid: pl.DataFrame) -> alt.LayerChart:
                  alt.Tooltip("mean_resid_mid:Q", format=".4f", title="resid_mid (nats)"),
                  alt.Tooltip("n:Q", format=",")],
     )
-    zero = alt.Chart(_records(resid)).mark_rule(color="#808b96", strokeDash=[4, 4]).encode(
-        y=alt.datum(0))
-    return alt.layer(zero, lines).properties(
+    zero = alt.Chart().mark_rule(color="#808b96", strokeDash=[4, 4]).encode(y=alt.datum(0))
+    return alt.layer(zero, lines, data=_records(resid)).properties(
         width=460, height=280,
         title=alt.TitleParams("Residual stream: entropy change per layer (nats)",
                               subtitle=f"{_run_title(resid)} · {POSITIVE_MEANS}"))
@@ -151,7 +150,7 @@ def run_comparison(compare: pl.DataFrame, label_top: int = 5) -> alt.LayerChart:
     run_a, run_b = compare["run_a"][0], compare["run_b"][0]
     heads = compare.filter(pl.col("kind") == "head")
     limit = symmetric_limit(heads["mean_diff_a"].to_list() + heads["mean_diff_b"].to_list())
-    base = alt.Chart(_records(compare)).transform_filter(
+    base = alt.Chart().transform_filter(
         "datum.kind == 'head'",
     ).transform_calculate(
         component="toString(datum.layer) + '.' + toString(datum.head)",
@@ -175,7 +174,7 @@ def run_comparison(compare: pl.DataFrame, label_top: int = 5) -> alt.LayerChart:
     ).encode(x="mean_diff_a:Q", y="mean_diff_b:Q", text="component:N")
     diagonal = alt.Chart(alt.Data(values=[{"v": -limit * 1.1}, {"v": limit * 1.1}])).mark_line(
         color="#808b96", strokeDash=[4, 4]).encode(x="v:Q", y="v:Q")
-    return alt.layer(diagonal, points, labels).properties(
+    return alt.layer(diagonal, points, labels, data=_records(compare)).properties(
         width=380, height=380,
         title=alt.TitleParams("Run comparison: mean entropy diff per head (nats)",
                               subtitle=f"A = {run_a}, B = {run_b} · dashed: A = B · "
@@ -191,7 +190,7 @@ def head_distribution(dist: pl.DataFrame) -> alt.LayerChart:
     """
     measure = dist["measure"][0] if dist.height else "diff"
     order = dist.sort("rank")["component"].to_list()
-    base = alt.Chart(_records(dist)).encode(
+    base = alt.Chart().encode(
         y=alt.Y("component:N", sort=order, title="head (layer.head), by mean"))
     tooltip = [alt.Tooltip("component:N", title="head"), alt.Tooltip("n:Q", format=","),
                alt.Tooltip("mean:Q", format=".5f"), alt.Tooltip("q05:Q", format=".5f"),
@@ -204,9 +203,8 @@ def head_distribution(dist: pl.DataFrame) -> alt.LayerChart:
         x="q25:Q", x2="q75:Q", tooltip=tooltip)
     median = base.mark_tick(color="#922b21", thickness=3, size=16).encode(
         x="median:Q", tooltip=tooltip)
-    zero = alt.Chart(_records(dist)).mark_rule(color="#808b96", strokeDash=[4, 4]).encode(
-        x=alt.datum(0))
-    return alt.layer(zero, whisker, box, median).properties(
+    zero = alt.Chart().mark_rule(color="#808b96", strokeDash=[4, 4]).encode(x=alt.datum(0))
+    return alt.layer(zero, whisker, box, median, data=_records(dist)).properties(
         width=460, height=max(120, 34 * dist.height),
         title=alt.TitleParams(f"Per-token entropy {measure} of the top heads (nats)",
                               subtitle=f"{_run_title(dist)} · box 25–75 %, whiskers 5–95 %, "
@@ -236,6 +234,6 @@ def token_drilldown(rows: pl.DataFrame) -> alt.Chart:
     )
     return chart.properties(
         width=360, height=max(120, 20 * rows.height),
-        title=alt.TitleParams(f"Where component {component} changes entropy most",
+        title=alt.TitleParams(f"Where component {component} changes entropy most (nats)",
                               subtitle=f"{_run_title(rows)} · [token] after its context · "
                                        f"{POSITIVE_MEANS}"))

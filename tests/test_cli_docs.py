@@ -43,3 +43,12 @@ def test_help_exits_cleanly(capsys):
         checkpoint_main(["--help"])
     assert exc.value.code == 0
     assert "--arch" in capsys.readouterr().out
+
+
+def test_every_analysis_option_has_help_and_is_in_readme():
+    from analysis.__main__ import build_parser as analysis_parser
+
+    for action in analysis_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
+            assert f"`{action.option_strings[0]}" in README, action.option_strings[0]

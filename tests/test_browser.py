@@ -1,0 +1,64 @@
+"""Open the rendered charts in headless Chromium and check they are drawn (not blank).
+
+Needs Debian's chromium (``apt-get install chromium``); left out of the default run.
+Run it with: ``python -m pytest -m browser``.
+"""
+
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image, ImageStat
+
+from analysis.__main__ import main as analysis_main
+from etl.extract import main as extract_main
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+                  "--allow-file-access-from-files", "--virtual-time-budget=15000"]
+
+
+def _chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is not installed: apt-get install chromium")
+    return exe
+
+
+def screenshot(page, png, tmp_path, size="1400,2400"):
+    subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--window-size={size}", f"--screenshot={png}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    return Image.open(png).convert("RGB")
+
+
+def drawn_fraction(img):
+    """Fraction of pixels that are not (near) white."""
+    grey = img.convert("L")
+    histogram = grey.histogram()
+    return 1 - sum(histogram[245:]) / sum(histogram)
+
+
+def test_index_and_interactive_chart_render_offline(tiny_checkpoint, tmp_path):
+    wh, out = tmp_path / "wh", tmp_path / "charts"
+    text = tmp_path / "t.txt"
+    text.write_text("The lantern swayed in the wind over the harbour wall. " * 30)
+    common = ["--model", str(tiny_checkpoint), "--warehouse", str(wh), "--no-progress"]
+    assert extract_main([*common, "--dataset", "ioi", "--n-prompts", "8", "--run-id", "ioi"]) == 0
+    assert extract_main([*common, "--dataset", "text", "--data-files", str(text),
+                         "--n-batches", "1", "--batch-size", "2", "--seq-len", "32",
+                         "--run-id", "text"]) == 0
+    assert analysis_main(["--warehouse", str(wh), "--out", str(out), "--no-progress"]) == 0
+
+    index = screenshot(out / "index.html", tmp_path / "index.png", tmp_path)
+    assert drawn_fraction(index) > 0.05
+    assert len(ImageStat.Stat(index).extrema) == 3
+
+    # the interactive HTML draws with the inlined Vega libraries, no network
+    chart = screenshot(out / "ioi" / "heatmap.html", tmp_path / "heatmap.png", tmp_path,
+                       size="1200,800")
+    reds = sum(1 for r, g, b in chart.getdata() if r > 150 and g < 120 and b < 120)
+    assert drawn_fraction(chart) > 0.02 and reds > 100  # coloured heatmap cells
