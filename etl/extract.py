@@ -9,6 +9,7 @@ manifest in ``runs``. See the README for the definitions and the table schemas.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -195,7 +196,7 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
     write_bar = tqdm(total=total_rows, unit="row", unit_scale=True, desc="rows written",
                      position=1, disable=not progress, leave=False)
     writer = RunWriter(Path(warehouse), run_id, overwrite=overwrite,
-                       on_written=write_bar.update)
+                       on_written=write_bar.update, workers=min(4, os.cpu_count() or 1))
     try:
         started = time.perf_counter()
         means = None

@@ -5,8 +5,8 @@ layers, ``H`` heads per layer, ``d`` = d_model, ``dh`` = d_head and ``V`` = voca
 Every entropy is in nats; positive diffs and marginals mean the component *increases*
 entropy.
 
-The computation never holds ``[tokens, components, vocab]``: it walks layers, then
-token chunks, then components, and keeps at most a handful of ``[chunk, V]`` tensors.
+The computation never holds ``[tokens, components, vocab]``: it walks token chunks, then
+layers, then components, and keeps at most a handful of ``[chunk, V]`` tensors.
 Per-head logits go through the factored unembedding ``W_O[L, h] @ W_U``
 (``[dh, V]`` per head), computed once per layer and kept across batches when they fit.
 """
@@ -35,6 +35,9 @@ class UnembedWeights:
     """``[L, H, dh, d]`` per-head output projections."""
     eps: float
     """LayerNorm epsilon, used when the lens recomputes LayerNorm statistics."""
+    b_O: torch.Tensor | None = None
+    """``[L, d]`` attention output biases; with them, unembedded residuals are derived
+    from each other instead of recomputed (see ``measure_batch``)."""
     cache_limit_bytes: int = 3 * 2**30
     """Keep every layer's ``W_O @ W_U`` between batches when they fit in this many bytes
     (GPT-2 small: 1.9 GB in float32); otherwise recompute them for each batch."""
@@ -120,38 +123,42 @@ def _inv_sigma(x_centered: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(x_centered.pow(2).mean(dim=-1, keepdim=True) + eps)
 
 
-class _LayerLens:
-    """The lens of one layer over one token chunk: unembeds residuals and components."""
+class _Lens:
+    """The lens of one batch: unembeds residuals and components, scores entropies.
 
-    def __init__(self, weights: UnembedWeights, options: MeasureOptions, w_ou: torch.Tensor,
-                 w_o: torch.Tensor):
+    In ``seed`` mode unembedded vectors carry the final LayerNorm scale (``(x / s) @ W_U``);
+    in ``recomputed`` mode they are centred and unscaled (``centre(x) @ W_U``), and the scale
+    of each sum is recomputed from its d_model-space vector.
+    """
+
+    def __init__(self, weights: UnembedWeights, options: MeasureOptions):
         self.weights = weights
         self.recompute = options.lens == "recomputed"
-        self.w_ou = w_ou  # [H, dh, V]
-        self.w_o = w_o  # [H, dh, d]
 
-    def residual(self, x: torch.Tensor, inv_s: torch.Tensor):
-        """Unembed residuals ``x [t, d]``: returns (U [t, V], x in lens space, entropy)."""
+    def unembed(self, x: torch.Tensor, inv_s: torch.Tensor):
+        """``x [t, d]`` → (U ``[t, V]``, x in lens space ``[t, d]`` or None)."""
         if self.recompute:
             xc = _center(x)
-            u = xc @ self.weights.W_U
-            ent = entropy_of_sum(u, scale=_inv_sigma(xc, self.weights.eps), bias=self.weights.b_U)
-            return u, xc, ent
-        u = (x * inv_s) @ self.weights.W_U
-        return u, None, entropy_from_logits(u)
+            return xc @ self.weights.W_U, xc
+        return (x * inv_s) @ self.weights.W_U, None
 
-    def head(self, z_h: torch.Tensor, h: int, inv_s: torch.Tensor):
-        """Unembed head ``h`` from ``z_h [t, dh]``: returns (U [t, V], output in d-space)."""
-        if self.recompute:
-            return z_h @ self.w_ou[h], z_h @ self.w_o[h]
-        return (z_h * inv_s) @ self.w_ou[h], None
+    def space(self, x: torch.Tensor):
+        """``x`` as LayerNorm sees it (centred) in recomputed mode, else None."""
+        return _center(x) if self.recompute else None
 
-    def mlp(self, out: torch.Tensor, inv_s: torch.Tensor):
-        """Unembed an MLP output ``[t, d]``: returns (U [t, V], output in d-space)."""
+    def entropy(self, u: torch.Tensor, x_space):
+        """``[t]`` entropy of the lens of a residual whose unembedding is ``u``."""
         if self.recompute:
-            oc = _center(out)
-            return oc @ self.weights.W_U, oc
-        return (out * inv_s) @ self.weights.W_U, None
+            return entropy_of_sum(u, scale=_inv_sigma(x_space, self.weights.eps),
+                                  bias=self.weights.b_U)
+        return entropy_from_logits(u)
+
+    def head(self, z_h: torch.Tensor, w_ou_h: torch.Tensor, w_o_h: torch.Tensor,
+             inv_s: torch.Tensor):
+        """Head output from ``z_h [t, dh]``: (U ``[t, V]``, output in lens space or None)."""
+        if self.recompute:
+            return z_h @ w_ou_h, z_h @ w_o_h
+        return (z_h * inv_s) @ w_ou_h, None
 
     def diff(self, u_res, x_res, ent_res, u_c, c_vec):
         """``[t]`` H(lens(resid + c)) − H(lens(resid))."""
@@ -170,32 +177,69 @@ class _LayerLens:
         return ent_final - entropy_of_sum(logits, u_c, sign=-1.0)
 
 
-def head_unembed(weights: UnembedWeights, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def head_unembed(weights: UnembedWeights, layer: int,
+                 centered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head factored unembedding of one layer.
 
+    Args:
+        weights: the model's weights.
+        layer: which layer.
+        centered: centre the rows of ``W_O`` first (head outputs mean-free, as LayerNorm
+            sees them; what the recomputed lens needs). In compatibility mode ``W_O`` is
+            already centred, so this changes nothing there.
+
     Returns:
-        ``W_O[layer] @ W_U`` as ``[H, dh, V]`` and the (row-centred) ``W_O[layer]`` as
-        ``[H, dh, d]``, kept in ``weights`` for later batches when they fit its cache
-        limit. Centring the rows makes head outputs mean-free, as LayerNorm sees them; in
-        compatibility mode they already are, so this changes nothing there.
+        ``W_O[layer] @ W_U`` as ``[H, dh, V]`` and ``W_O[layer]`` as ``[H, dh, d]``, kept in
+        ``weights`` for later batches when they fit its cache limit.
     """
-    if layer in weights._head_unembed:
-        return weights._head_unembed[layer]
-    w_o = _center(weights.W_O[layer])
+    key = (layer, centered)
+    if key in weights._head_unembed:
+        return weights._head_unembed[key]
+    w_o = _center(weights.W_O[layer]) if centered else weights.W_O[layer]
     pair = torch.einsum("hkd,dv->hkv", w_o, weights.W_U), w_o
     if weights.head_unembed_bytes() <= weights.cache_limit_bytes:
-        weights._head_unembed[layer] = pair
+        weights._head_unembed[key] = pair
     return pair
 
 
+def _bias_unembed(weights: UnembedWeights, centered: bool) -> torch.Tensor | None:
+    """``b_O @ W_U`` per layer, ``[L, V]`` (centred ``b_O`` if asked), or None."""
+    if weights.b_O is None:
+        return None
+    key = ("b_O", centered)
+    if key not in weights._head_unembed:
+        b_o = _center(weights.b_O) if centered else weights.b_O
+        weights._head_unembed[key] = b_o @ weights.W_U
+    return weights._head_unembed[key]
+
+
+def residual_identities_hold(acts: BatchActivations, weights: UnembedWeights, sl: slice,
+                             rtol: float = 1e-4) -> bool:
+    """True when ``resid_mid = resid_pre + Σ_h z_h W_O[h] + b_O`` and
+    ``resid_pre[L+1] = resid_mid[L] + mlp_out[L]`` hold for the chunk ``sl`` (to ``rtol`` of
+    the residual's magnitude), so unembedded residuals can be derived from each other.
+    They hold for sequential blocks (GPT-2); not for parallel attention/MLP blocks.
+    """
+    if weights.b_O is None:
+        return False
+    pre, mid = acts.resid_pre[sl], acts.resid_mid[sl]
+    attn = torch.einsum("tlhk,lhkd->tld", acts.z[sl], weights.W_O) + weights.b_O
+    scale = mid.abs().amax().clamp(min=1e-6)
+    err_attn = (pre + attn - mid).abs().amax()
+    err_mlp = (mid[:, :-1] + acts.mlp_out[sl, :-1] - pre[:, 1:]).abs().amax() \
+        if pre.shape[1] > 1 else torch.zeros((), device=pre.device)
+    return bool(max(err_attn, err_mlp) <= rtol * scale)
+
+
 def _final_context(acts: BatchActivations, ent_final, sl: slice, options, weights):
-    """Final logits of a chunk and what the marginal needs of them."""
+    """Final logits of chunk ``sl``, their entropy ``ent_final [t]``, and (recomputed lens)
+    the unscaled unembedding and centred direction of the final residual."""
     logits = acts.logits[sl]
     if options.lens != "recomputed":
-        return logits, ent_final[sl], None, None
+        return logits, ent_final, None, None
     # logits = U_final / σ_final + b_U, so U_final is recovered without another matmul.
     u_final = (logits - weights.b_U) * acts.final_scale[sl]
-    return logits, ent_final[sl], u_final, _final_residual_direction(acts, sl)
+    return logits, ent_final, u_final, _final_residual_direction(acts, sl)
 
 
 def _final_residual_direction(acts: BatchActivations, sl: slice) -> torch.Tensor:
@@ -210,6 +254,12 @@ def measure_batch(
     means: AblationMeans | None = None,
 ) -> BatchMeasures:
     """Compute every diff, marginal and residual entropy of one batch.
+
+    Token chunks outside, layers inside. Where the residual identities hold (see
+    ``residual_identities_hold``), one ``[d, V]`` product per layer suffices: the lens of
+    ``resid_mid`` is that of ``resid_pre`` plus the heads' (already needed for their diffs)
+    and ``b_O``'s, and the MLP's is the next ``resid_pre``'s minus ``resid_mid``'s (the last
+    one comes from the final logits). Otherwise each is unembedded directly.
 
     Args:
         acts: the batch's activations (``T`` tokens).
@@ -227,35 +277,54 @@ def measure_batch(
     diff = torch.empty(n_tokens, n_layers, n_heads + 1, dtype=torch.float32, device=dev)
     marginal = torch.empty_like(diff)
     resid = torch.empty(n_tokens, 2 * n_layers + 1, dtype=torch.float32, device=dev)
-    ent_final = torch.cat([entropy_from_logits(acts.logits[i:i + options.chunk_tokens])
-                           for i in range(0, n_tokens, options.chunk_tokens)])
-    resid[:, -1] = ent_final
-    inv_s_all = 1.0 / acts.final_scale
-    for layer in range(n_layers):
-        w_ou, w_o = head_unembed(weights, layer)
-        lens = _LayerLens(weights, options, w_ou, w_o)
-        for start in range(0, n_tokens, options.chunk_tokens):
-            sl = slice(start, min(start + options.chunk_tokens, n_tokens))
-            inv_s = inv_s_all[sl]
-            final = _final_context(acts, ent_final, sl, options, weights)
-            u_pre, x_pre, ent_pre = lens.residual(acts.resid_pre[sl, layer], inv_s)
+    lens = _Lens(weights, options)
+    centered = options.lens == "recomputed"
+    mean_ablation = options.ablation == "mean" and means is not None
+    b_ou = _bias_unembed(weights, centered)
+    for start in range(0, n_tokens, options.chunk_tokens):
+        sl = slice(start, min(start + options.chunk_tokens, n_tokens))
+        inv_s = 1.0 / acts.final_scale[sl]
+        ent_final = entropy_from_logits(acts.logits[sl])
+        resid[sl, -1] = ent_final
+        final = _final_context(acts, ent_final, sl, options, weights)
+        derive = b_ou is not None and residual_identities_hold(acts, weights, sl)
+        u_pre, x_pre = lens.unembed(acts.resid_pre[sl, 0], inv_s)
+        for layer in range(n_layers):
+            w_ou, w_o = head_unembed(weights, layer, centered)
+            ent_pre = lens.entropy(u_pre, x_pre)
             resid[sl, 2 * layer] = ent_pre
             z = acts.z[sl, layer]
-            z_abl = z if means is None or options.ablation != "mean" else (
-                z - means.z[acts.positions[sl], layer])
+            z_abl = z - means.z[acts.positions[sl], layer] if mean_ablation else z
+            u_mid = u_pre.clone() if derive else None
             for h in range(n_heads):
-                u_h, c_h = lens.head(z[:, h], h, inv_s)
+                u_h, c_h = lens.head(z[:, h], w_ou[h], w_o[h], inv_s)
                 diff[sl, layer, h] = lens.diff(u_pre, x_pre, ent_pre, u_h, c_h)
-                if z_abl is not z:
-                    u_h, c_h = lens.head(z_abl[:, h], h, inv_s)
+                if u_mid is not None:
+                    u_mid += u_h
+                if mean_ablation:
+                    u_h, c_h = lens.head(z_abl[:, h], w_ou[h], w_o[h], inv_s)
                 marginal[sl, layer, h] = lens.marginal(final, u_h, c_h)
-            del u_pre
-            u_mid, x_mid, ent_mid = lens.residual(acts.resid_mid[sl, layer], inv_s)
+            mid = acts.resid_mid[sl, layer]
+            if u_mid is not None:
+                u_mid += b_ou[layer] if centered else inv_s * b_ou[layer]
+                x_mid = lens.space(mid)
+            else:
+                u_mid, x_mid = lens.unembed(mid, inv_s)
+            ent_mid = lens.entropy(u_mid, x_mid)
             resid[sl, 2 * layer + 1] = ent_mid
             out = acts.mlp_out[sl, layer]
-            u_m, c_m = lens.mlp(out, inv_s)
+            if layer + 1 < n_layers:
+                u_next, x_next = lens.unembed(acts.resid_pre[sl, layer + 1], inv_s)
+            else:
+                u_next = final[2] if centered else final[0] - weights.b_U
+                x_next = None
+            if derive:
+                u_m, c_m = u_next - u_mid, lens.space(out)
+            else:
+                u_m, c_m = lens.unembed(out, inv_s)
             diff[sl, layer, n_heads] = lens.diff(u_mid, x_mid, ent_mid, u_m, c_m)
-            if options.ablation == "mean" and means is not None:
-                u_m, c_m = lens.mlp(out - means.mlp_out[acts.positions[sl], layer], inv_s)
+            if mean_ablation:
+                u_m, c_m = lens.unembed(out - means.mlp_out[acts.positions[sl], layer], inv_s)
             marginal[sl, layer, n_heads] = lens.marginal(final, u_m, c_m)
+            u_pre, x_pre = u_next, x_next
     return BatchMeasures(diff=diff, marginal=marginal, resid=resid)

@@ -40,7 +40,8 @@ class LoadedModel:
         """The weights the lens needs, detached, in the model's dtype and device."""
         b = self.bridge
         return UnembedWeights(
-            W_U=b.W_U.detach(), b_U=b.b_U.detach(), W_O=b.W_O.detach(), eps=float(b.cfg.eps)
+            W_U=b.W_U.detach(), b_U=b.b_U.detach(), W_O=b.W_O.detach(), eps=float(b.cfg.eps),
+            b_O=b.b_O.detach()
         )
 
 

@@ -1,0 +1,228 @@
+"""``python -m etl.bench``: the project's entropy path against the study's algorithm.
+
+A benchmark, not a test: both run on the same tokens in one process. It prints tokens/s of
+each, their ratio, the phase breakdown (forward, entropy, Parquet writing), peak memory,
+and the max abs error of each against a float64 reference on a sample of tokens.
+
+    python -m etl.bench --device cpu
+    python -m etl.bench --device cuda --tokens 4000 --json
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from etl.activations import run_batch
+from etl.baseline import study_measures
+from etl.cli import ArgumentParser
+from etl.errors import UserError
+from etl.measures import (
+    BatchActivations,
+    MeasureOptions,
+    UnembedWeights,
+    measure_batch,
+)
+from etl.model import load_model, resolve_device
+from etl.warehouse import RunWriter, component_table, resid_table
+
+DEFAULT_MODEL_DIR = Path("data/models/gpt2-small-random")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+
+
+def _timed(device, fn):
+    _sync(device)
+    _reset_peak(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - start, _peak_gib(device)
+
+
+def _slice_acts(acts: BatchActivations, n: int, dtype: torch.dtype) -> BatchActivations:
+    return BatchActivations(**{k: (v[:n].to(dtype) if v.is_floating_point() else v[:n])
+                               for k, v in vars(acts).items()})
+
+
+def _weights_as(w: UnembedWeights, dtype: torch.dtype) -> UnembedWeights:
+    return UnembedWeights(W_U=w.W_U.to(dtype), b_U=w.b_U.to(dtype), W_O=w.W_O.to(dtype),
+                          eps=w.eps, b_O=None if w.b_O is None else w.b_O.to(dtype))
+
+
+def _max_err(got, ref) -> float:
+    return max(float((getattr(got, k).double() - getattr(ref, k).double()).abs().max())
+               for k in ("diff", "marginal", "resid"))
+
+
+def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[float, int]:
+    """Sustained rate of the warehouse writer on its own: the batch's rows, repeated as
+    shards until at least ``min_rows`` component rows, built and written as zstd Parquet
+    through ``RunWriter``'s thread pool. Returns (seconds, rows written)."""
+    import os
+
+    diff = measures.diff.cpu().numpy()
+    marginal = measures.marginal.cpu().numpy()
+    resid = measures.resid.cpu().numpy()
+    n_tok = diff.shape[0]
+    seqs, positions = np.arange(n_tok) // seq_len, np.arange(n_tok) % seq_len
+    per_shard = diff.shape[0] * diff.shape[1] * diff.shape[2]
+    shards = max(1, -(-min_rows // per_shard))
+    rows = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = RunWriter(Path(tmp), "bench", workers=min(4, os.cpu_count() or 1))
+        start = time.perf_counter()
+        for _ in range(shards):
+            comp = component_table(diff, marginal, seqs, positions)
+            res = resid_table(resid, seqs, positions)
+            writer.write("component_entropy", comp)
+            writer.write("resid_entropy", res)
+            rows += comp.num_rows + res.num_rows
+        writer.flush()
+        seconds = time.perf_counter() - start
+        writer.abort()
+    return seconds, rows
+
+
+def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample: int,
+              lens: str, baseline_chunk: int | None, chunk_tokens: int | None) -> dict:
+    """Run both paths on the same ``n_tokens`` random tokens; returns the figures."""
+    model = load_model(model_path, device=device)
+    n_seqs = max(1, n_tokens // seq_len)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.d_vocab, (n_seqs, seq_len), generator=generator)
+    tokens[:, 0] = model.tokenizer.bos_token_id or 0
+    tokens = tokens.to(device)
+    weights = model.unembed_weights()
+    options = MeasureOptions(lens=lens, chunk_tokens=chunk_tokens or
+                             (1024 if device == "cuda" else 256))
+    n = tokens.numel()
+    acts, forward_s, forward_peak = _timed(device, lambda: run_batch(model.bridge, tokens))
+    # warm-up on a small slice (kernels, caches of W_O·W_U), not timed
+    warm = _slice_acts(acts, min(n, 8), acts.z.dtype)
+    measure_batch(warm, weights, options)
+    fast, fast_s, fast_peak = _timed(device, lambda: measure_batch(acts, weights, options))
+    base, base_s, base_peak = _timed(
+        device, lambda: study_measures(acts, weights, options, chunk_tokens=baseline_chunk))
+    write_s, rows = _write_rate(fast, seq_len)
+    rows_per_token = (fast.diff[0].numel() + fast.resid.shape[1])
+    k = min(sample, n)
+    ref = study_measures(_slice_acts(acts, k, torch.float64),
+                         _weights_as(weights, torch.float64), options)
+    sample_fast = measure_batch(_slice_acts(acts, k, acts.z.dtype), weights, options)
+    fast_err = _max_err(sample_fast, ref)
+    base_err = _max_err(study_measures(_slice_acts(acts, k, acts.z.dtype), weights, options),
+                        ref)
+    fast_tps = n / (forward_s + fast_s)
+    base_tps = n / (forward_s + base_s)
+    return {
+        "device": device if device != "cuda" else torch.cuda.get_device_name(),
+        "model": model_path, "tokens": n, "seq_len": seq_len, "lens": lens,
+        "chunk_tokens": options.chunk_tokens, "baseline_chunk_tokens": baseline_chunk,
+        "forward_s": round(forward_s, 4),
+        "fast_entropy_s": round(fast_s, 4), "baseline_entropy_s": round(base_s, 4),
+        "fast_tokens_per_s": round(fast_tps, 2), "baseline_tokens_per_s": round(base_tps, 2),
+        "ratio": round(fast_tps / base_tps, 2),
+        "entropy_only_ratio": round(base_s / fast_s, 2),
+        "write_s": round(write_s, 4), "write_rows_per_s": round(rows / write_s),
+        "rows_per_token": rows_per_token,
+        "write_tokens_per_s": round(rows / write_s / rows_per_token),
+        "peak_gib": {"forward": round(forward_peak, 2), "fast": round(fast_peak, 2),
+                     "baseline": round(base_peak, 2)},
+        "sample_tokens": k,
+        "max_abs_err": fast_err, "baseline_max_abs_err": base_err,
+        "peak_memory_kind": "cuda max_memory_allocated" if device == "cuda"
+        else "process max RSS",
+    }
+
+
+def _report(r: dict) -> str:
+    lines = [
+        f"device {r['device']} · model {r['model']} · {r['tokens']:,} tokens "
+        f"(seq_len {r['seq_len']}, lens {r['lens']})",
+        f"  forward pass            {r['forward_s']:9.3f} s",
+        f"  entropy, project path   {r['fast_entropy_s']:9.3f} s   "
+        f"→ {r['fast_tokens_per_s']:,.1f} tokens/s end to end (forward + entropy)",
+        f"  entropy, study baseline {r['baseline_entropy_s']:9.3f} s   "
+        f"→ {r['baseline_tokens_per_s']:,.1f} tokens/s",
+        f"  ratio                   {r['ratio']:9.2f} ×   (entropy stage alone: "
+        f"{r['entropy_only_ratio']:.2f} ×)",
+        f"  Parquet writer alone    {r['write_rows_per_s']:,} rows/s = "
+        f"{r['write_tokens_per_s']:,} tokens/s ({r['rows_per_token']} rows per token)",
+        f"  peak memory ({r['peak_memory_kind']}): forward {r['peak_gib']['forward']} GiB, "
+        f"project {r['peak_gib']['fast']} GiB, baseline {r['peak_gib']['baseline']} GiB",
+        f"  max abs error vs float64 on {r['sample_tokens']} tokens: project "
+        f"{r['max_abs_err']:.2e} nats, baseline {r['baseline_max_abs_err']:.2e} nats",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = ArgumentParser(
+        prog="python -m etl.bench",
+        description="Benchmark the project's entropy path against the study's algorithm on "
+                    "the same tokens, in one process.")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto = cuda when available (default auto)")
+    parser.add_argument("--tokens", type=int,
+                        help="tokens to run (default 128 on CPU, 4000 on CUDA)")
+    parser.add_argument("--seq-len", type=int, default=64,
+                        help="tokens per sequence (default 64; the CUDA default uses 500)")
+    parser.add_argument("--model", help="checkpoint directory (default: a random-init GPT-2 "
+                        f"small written to {DEFAULT_MODEL_DIR} if missing)")
+    parser.add_argument("--lens", default="seed", choices=("seed", "recomputed"),
+                        help="lens mode (default seed)")
+    parser.add_argument("--sample", type=int, default=16,
+                        help="tokens checked against float64 (default 16)")
+    parser.add_argument("--baseline-chunk", type=int,
+                        help="tokens per step for the study's algorithm (default: the whole "
+                             "batch at once, as the study did)")
+    parser.add_argument("--chunk-tokens", type=int,
+                        help="tokens per chunk for the project path (default 256 CPU, "
+                             "1024 CUDA)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    try:
+        args = parser.parse_args(argv)
+        device = resolve_device(args.device)
+        model = args.model
+        if model is None:
+            if not (DEFAULT_MODEL_DIR / "config.json").exists():
+                from etl.checkpoint import write_checkpoint
+                write_checkpoint("gpt2-small", DEFAULT_MODEL_DIR)
+            model = str(DEFAULT_MODEL_DIR)
+        n_tokens = args.tokens or (4000 if device == "cuda" else 128)
+        seq_len = 500 if device == "cuda" and args.seq_len == 64 else args.seq_len
+        seq_len = min(seq_len, n_tokens)
+        result = run_bench(model, device, n_tokens, seq_len, args.sample, args.lens,
+                           args.baseline_chunk, args.chunk_tokens)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(result) if args.json else _report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
