@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from etl.entropy import entropy_from_logits, entropy_of_sum
+from etl.fused_entropy import head_entropy_fused, triton_available
 
 LENS_MODES = ("seed", "recomputed")
 ABLATION_MODES = ("zero", "mean")
@@ -103,6 +104,9 @@ class MeasureOptions:
     output minus its per-position mean over the run."""
     chunk_tokens: int = 256
     """Tokens per chunk; bounds memory to a few ``[chunk_tokens, V]`` float32 tensors."""
+    fused: bool | None = None
+    """Score heads with the fused Triton kernel (``etl.fused_entropy``); None = where it
+    runs (CUDA with Triton installed)."""
 
     def __post_init__(self) -> None:
         if self.lens not in LENS_MODES:
@@ -247,6 +251,27 @@ def _final_residual_direction(acts: BatchActivations, sl: slice) -> torch.Tensor
     return _center(acts.resid_mid[sl, -1] + acts.mlp_out[sl, -1])
 
 
+def _fused_heads(lens: _Lens, final, acts, sl, layer, pre, heads, diff, marginal) -> None:
+    """Every head's diff and marginal of one layer and chunk through the fused kernel."""
+    u_pre, x_pre, ent_pre = pre
+    z, z_abl, w_ou, w_o, inv_s = heads
+    logits, ent_final, u_final, x_final = final
+    n_heads = z.shape[1]
+    weights = lens.weights
+    if lens.recompute:
+        c = torch.einsum("thk,hkd->thd", z, w_o)
+        c_abl = c if z_abl is z else torch.einsum("thk,hkd->thd", z_abl, w_o)
+        scale_d = _inv_sigma(x_pre[:, None, :] + c, weights.eps)[..., 0]
+        scale_m = _inv_sigma(x_final[:, None, :] - c_abl, weights.eps)[..., 0]
+        h_with = head_entropy_fused(u_pre, z, w_ou, 1.0, scale_d, weights.b_U)
+        h_without = head_entropy_fused(u_final, z_abl, w_ou, -1.0, scale_m, weights.b_U)
+    else:
+        h_with = head_entropy_fused(u_pre, z * inv_s[:, None, :], w_ou, 1.0)
+        h_without = head_entropy_fused(logits, z_abl * inv_s[:, None, :], w_ou, -1.0)
+    diff[sl, layer, :n_heads] = h_with - ent_pre[:, None]
+    marginal[sl, layer, :n_heads] = ent_final[:, None] - h_without
+
+
 def measure_batch(
     acts: BatchActivations,
     weights: UnembedWeights,
@@ -281,6 +306,8 @@ def measure_batch(
     centered = options.lens == "recomputed"
     mean_ablation = options.ablation == "mean" and means is not None
     b_ou = _bias_unembed(weights, centered)
+    fused = options.fused if options.fused is not None else (
+        dev.type == "cuda" and triton_available(dev))
     for start in range(0, n_tokens, options.chunk_tokens):
         sl = slice(start, min(start + options.chunk_tokens, n_tokens))
         inv_s = 1.0 / acts.final_scale[sl]
@@ -295,8 +322,11 @@ def measure_batch(
             resid[sl, 2 * layer] = ent_pre
             z = acts.z[sl, layer]
             z_abl = z - means.z[acts.positions[sl], layer] if mean_ablation else z
-            u_mid = u_pre.clone() if derive else None
-            for h in range(n_heads):
+            if fused:
+                _fused_heads(lens, final, acts, sl, layer, (u_pre, x_pre, ent_pre),
+                             (z, z_abl, w_ou, w_o, inv_s), diff, marginal)
+            u_mid = u_pre.clone() if derive and not fused else None
+            for h in range(0 if fused else n_heads):
                 u_h, c_h = lens.head(z[:, h], w_ou[h], w_o[h], inv_s)
                 diff[sl, layer, h] = lens.diff(u_pre, x_pre, ent_pre, u_h, c_h)
                 if u_mid is not None:
@@ -305,7 +335,7 @@ def measure_batch(
                     u_h, c_h = lens.head(z_abl[:, h], w_ou[h], w_o[h], inv_s)
                 marginal[sl, layer, h] = lens.marginal(final, u_h, c_h)
             mid = acts.resid_mid[sl, layer]
-            if u_mid is not None:
+            if u_mid is not None and not fused:
                 u_mid += b_ou[layer] if centered else inv_s * b_ou[layer]
                 x_mid = lens.space(mid)
             else:
@@ -318,7 +348,7 @@ def measure_batch(
             else:
                 u_next = final[2] if centered else final[0] - weights.b_U
                 x_next = None
-            if derive:
+            if derive and not fused:
                 u_m, c_m = u_next - u_mid, lens.space(out)
             else:
                 u_m, c_m = lens.unembed(out, inv_s)

@@ -1,0 +1,114 @@
+"""The project's fast path against the study's algorithm, and the fused Triton kernel
+(under TRITON_INTERPRET=1) against plain torch."""
+
+import pytest
+import torch
+import triton  # noqa: F401  (a test dependency: the kernel's logic is tested on the CPU)
+
+from etl.activations import MeanAccumulator, run_batch
+from etl.baseline import study_measures
+from etl.checkpoint import Architecture, gpt2_tokenizer, random_gpt2
+from etl.fused_entropy import head_entropy_fused, head_entropy_torch
+from etl.measures import MeasureOptions, measure_batch, residual_identities_hold
+from etl.model import load_model
+
+MODES = [("seed", "zero"), ("recomputed", "zero"), ("seed", "mean"), ("recomputed", "mean")]
+
+
+def _odd_model(tmp_path_factory, name, arch, vocab, dtype):
+    path = tmp_path_factory.mktemp(name)
+    random_gpt2(arch, seed=3, vocab_size=vocab).save_pretrained(path)
+    gpt2_tokenizer().save_pretrained(path)
+    return load_model(str(path), device="cpu", dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def one_head_f64(tmp_path_factory):
+    """One head, d_head 12, vocab 1001 (no power of two anywhere), float64."""
+    arch = Architecture(n_layer=2, n_head=1, n_embd=12, n_positions=16)
+    return _odd_model(tmp_path_factory, "one-head", arch, 1001, torch.float64)
+
+
+@pytest.fixture(scope="module")
+def tiny_f64(tiny_checkpoint):
+    return load_model(str(tiny_checkpoint), device="cpu", dtype=torch.float64)
+
+
+def _measures(model, tokens, lens, ablation, fn, **kwargs):
+    acts = run_batch(model.bridge, tokens)
+    means = None
+    if ablation == "mean":
+        acc = MeanAccumulator()
+        acc.add(model.bridge, tokens, torch.ones_like(tokens, dtype=torch.bool))
+        means = acc.means(acts.z.dtype)
+    options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=5,
+                             fused=kwargs.pop("fused", False))
+    return fn(acts, model.unembed_weights(), options, means, **kwargs)
+
+
+def _max_err(a, b):
+    return max(float((getattr(a, k).double() - getattr(b, k).double()).abs().max())
+               for k in ("diff", "marginal", "resid"))
+
+
+@pytest.mark.parametrize("lens,ablation", MODES)
+@pytest.mark.parametrize("seq_len", [1, 2, 9])
+def test_fast_path_equals_study_algorithm(one_head_f64, lens, ablation, seq_len):
+    torch.manual_seed(seq_len)
+    tokens = torch.randint(0, 1001, (3, seq_len))
+    tokens[:, 0] = 0
+    fast = _measures(one_head_f64, tokens, lens, ablation, measure_batch)
+    study = _measures(one_head_f64, tokens, lens, ablation, study_measures)
+    assert fast.diff.shape == (3 * seq_len, 2, 2) and fast.resid.shape == (3 * seq_len, 5)
+    assert _max_err(fast, study) < 1e-5
+
+
+@pytest.mark.parametrize("lens,ablation", MODES)
+def test_fast_path_equals_study_algorithm_on_gpt2_vocab(tiny_f64, lens, ablation):
+    tokens = tiny_f64.bridge.to_tokens(["Then, Anna and Collins went to the garden.",
+                                        "A different sentence, shorter."])
+    fast = _measures(tiny_f64, tokens, lens, ablation, measure_batch)
+    study = _measures(tiny_f64, tokens, lens, ablation, study_measures, chunk_tokens=7)
+    assert _max_err(fast, study) < 1e-5
+
+
+def test_float32_paths_agree_with_each_other(tiny_model):
+    tokens = tiny_model.bridge.to_tokens(["Some words to measure, twice over."] * 2)
+    fast = _measures(tiny_model, tokens, "seed", "zero", measure_batch)
+    study = _measures(tiny_model, tokens, "seed", "zero", study_measures)
+    assert _max_err(fast, study) < 5e-5
+
+
+def test_derived_unembeddings_are_used_and_match_direct_ones(tiny_model):
+    tokens = tiny_model.bridge.to_tokens(["Derive the middle of the stream."])
+    acts = run_batch(tiny_model.bridge, tokens)
+    weights = tiny_model.unembed_weights()
+    assert residual_identities_hold(acts, weights, slice(0, tokens.numel()))
+    direct = tiny_model.unembed_weights()
+    direct.b_O = None  # without b_O nothing is derived
+    options = MeasureOptions(chunk_tokens=4)
+    assert _max_err(measure_batch(acts, weights, options),
+                    measure_batch(acts, direct, options)) < 3e-5
+
+
+def test_fused_kernel_equals_torch_on_odd_sizes():
+    g = torch.Generator().manual_seed(0)
+    for n_tokens, n_heads, k, vocab in [(37, 3, 24, 1001), (1, 1, 16, 50), (2, 2, 64, 257)]:
+        base = torch.randn(n_tokens, vocab, generator=g) * 3
+        a = torch.randn(n_tokens, n_heads, k, generator=g)
+        b = torch.randn(n_heads, k, vocab, generator=g) * 0.5
+        scale = torch.rand(n_tokens, n_heads, generator=g) + 0.5
+        bias = torch.randn(vocab, generator=g)
+        for kwargs in ({}, {"sign": -1.0, "scale": scale, "bias": bias}):
+            fused = head_entropy_fused(base, a, b, block_v=128, **kwargs)
+            torch_ref = head_entropy_torch(base, a, b, **kwargs)
+            assert fused.shape == (n_tokens, n_heads)
+            assert (fused - torch_ref).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("lens,ablation", [("seed", "zero"), ("recomputed", "mean")])
+def test_measures_through_the_kernel_equal_the_torch_path(tiny_model, lens, ablation):
+    tokens = tiny_model.bridge.to_tokens(["The kernel streams the vocabulary in tiles."])
+    fused = _measures(tiny_model, tokens, lens, ablation, measure_batch, fused=True)
+    plain = _measures(tiny_model, tokens, lens, ablation, measure_batch, fused=False)
+    assert _max_err(fused, plain) < 3e-5
