@@ -112,3 +112,14 @@ def test_measures_through_the_kernel_equal_the_torch_path(tiny_model, lens, abla
     fused = _measures(tiny_model, tokens, lens, ablation, measure_batch, fused=True)
     plain = _measures(tiny_model, tokens, lens, ablation, measure_batch, fused=False)
     assert _max_err(fused, plain) < 3e-5
+
+
+def test_etl_imports_without_warehouse_and_chart_libraries():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('duckdb', 'polars', 'altair'):\n"
+            "    sys.modules[name] = None\n"
+            "import etl.extract, etl.bench, etl.baseline, etl.fused_entropy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
