@@ -8,8 +8,7 @@ with
 
 settings as (
     select
-        case when $positions::varchar in ('all', 'real') then $positions::varchar
-             else error('positions must be ''all'' or ''real''') end as positions,
+        positions_param($positions::varchar) as positions,
         coalesce($run_a::varchar,
                  (select run_id from runs order by created_at, run_id limit 1)) as run_a,
         $run_b::varchar as run_b_given
@@ -41,9 +40,7 @@ checked as (
 ),
 
 excluded as (
-    select t.run_id, t.seq, t.position
-    from tokens as t, checked as s
-    where s.positions = 'real' and (t.is_bos or t.is_pad)
+    select * from excluded_positions($positions::varchar)
 ),
 
 chosen as (

@@ -12,17 +12,13 @@ settings as (
         coalesce($run_id::varchar,
                  (select run_id from runs order by created_at desc, run_id desc limit 1))
             as run_id,
-        case when $measure::varchar in ('diff', 'marginal') then $measure::varchar
-             else error('measure must be ''diff'' or ''marginal''') end as measure,
+        measure_param($measure::varchar) as measure,
         $k::integer as k,
-        case when $positions::varchar in ('all', 'real') then $positions::varchar
-             else error('positions must be ''all'' or ''real''') end as positions
+        positions_param($positions::varchar) as positions
 ),
 
 excluded as (
-    select t.run_id, t.seq, t.position
-    from tokens as t, settings as s
-    where t.run_id = s.run_id and s.positions = 'real' and (t.is_bos or t.is_pad)
+    select * from excluded_positions($positions::varchar)
 ),
 
 head_rows as (

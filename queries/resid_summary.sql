@@ -8,15 +8,12 @@ with
 
 settings as (
     select
-        case when $positions::varchar in ('all', 'real') then $positions::varchar
-             else error('positions must be ''all'' or ''real''') end as positions,
+        positions_param($positions::varchar) as positions,
         $run_id::varchar as run_id
 ),
 
 excluded as (
-    select t.run_id, t.seq, t.position
-    from tokens as t, settings as s
-    where s.positions = 'real' and (t.is_bos or t.is_pad)
+    select * from excluded_positions($positions::varchar)
 ),
 
 chosen as (

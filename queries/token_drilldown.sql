@@ -16,14 +16,12 @@ settings as (
                  (select run_id from runs order by created_at desc, run_id desc limit 1))
             as run_id,
         $component::varchar as component,
-        case when $measure::varchar in ('diff', 'marginal') then $measure::varchar
-             else error('measure must be ''diff'' or ''marginal''') end as measure,
+        measure_param($measure::varchar) as measure,
         case when $direction::varchar in ('raise', 'lower') then $direction::varchar
              else error('direction must be ''raise'' or ''lower''') end as direction,
         $k::integer as k,
         $context::integer as context,
-        case when $positions::varchar in ('all', 'real') then $positions::varchar
-             else error('positions must be ''all'' or ''real''') end as positions
+        positions_param($positions::varchar) as positions
 ),
 
 top_head as (

@@ -9,10 +9,8 @@ with
 
 settings as (
     select
-        case when $measure::varchar in ('diff', 'marginal') then $measure::varchar
-             else error('measure must be ''diff'' or ''marginal''') end as measure,
-        case when $positions::varchar in ('all', 'real') then $positions::varchar
-             else error('positions must be ''all'' or ''real''') end as positions,
+        measure_param($measure::varchar) as measure,
+        positions_param($positions::varchar) as positions,
         $k::integer as k,
         $run_id::varchar as run_id,
         $dataset::varchar as dataset
@@ -26,9 +24,7 @@ chosen_runs as (
 ),
 
 excluded as (
-    select t.run_id, t.seq, t.position
-    from tokens as t, settings as s
-    where s.positions = 'real' and (t.is_bos or t.is_pad)
+    select * from excluded_positions($positions::varchar)
 ),
 
 head_rows as (

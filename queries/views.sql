@@ -75,3 +75,23 @@ from read_parquet(
     getvariable('warehouse') || '/resid_entropy/*/*.parquet',
     hive_partitioning = true, hive_types_autocast = false, union_by_name = true
 );
+
+-- Macros shared by the saved queries.
+
+-- positions_param(p): p when it is 'all' (every position: the study's convention, BOS and
+-- padding included) or 'real' (BOS and padding excluded); an error otherwise.
+create or replace macro positions_param(p) as
+    case when p in ('all', 'real') then p
+         else error('positions must be ''all'' or ''real''') end;
+
+-- measure_param(m): m when it is 'diff' or 'marginal'; an error otherwise.
+create or replace macro measure_param(m) as
+    case when m in ('diff', 'marginal') then m
+         else error('measure must be ''diff'' or ''marginal''') end;
+
+-- excluded_positions(p): the (run_id, seq, position) keys that the positions convention p
+-- leaves out: none for 'all'; BOS and padding tokens for 'real'.
+create or replace macro excluded_positions(p) as table
+    select run_id, seq, position
+    from tokens
+    where positions_param(p) = 'real' and (is_bos or is_pad);
