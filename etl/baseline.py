@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from etl.entropy import entropy_from_logits
+from etl.entropy import entropy_from_logits as _entropy
 from etl.measures import (
     AblationMeans,
     BatchActivations,
@@ -19,6 +19,11 @@ from etl.measures import (
     MeasureOptions,
     UnembedWeights,
 )
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Plain torch entropy over materialised logits (nats), as the study computed it."""
+    return _entropy(logits, fused=False)
 
 
 def _ln(r: torch.Tensor, eps: float) -> torch.Tensor:
