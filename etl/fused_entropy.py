@@ -211,10 +211,3 @@ def head_entropy_fused(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sig
         PRECISION=precision or _default_precision())
     return out
 
-
-def head_entropy(base, a, b, sign=1.0, scale=None, bias=None, fused: bool | None = None):
-    """``[T, H]`` head entropies: the fused kernel where it can run, else plain torch."""
-    use = triton_available(base.device) if fused is None else fused
-    if use:
-        return head_entropy_fused(base, a, b, sign=sign, scale=scale, bias=bias)
-    return head_entropy_torch(base, a, b, sign=sign, scale=scale, bias=bias)

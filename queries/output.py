@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
@@ -59,9 +58,3 @@ def write_result(frame: pl.DataFrame, fmt: str, output: Path | None = None,
     else:
         Path(output).write_text(text, encoding="utf-8")
 
-
-def buffer_csv(frame: pl.DataFrame) -> str:
-    """CSV text of ``frame`` (used by tests and small tools)."""
-    buf = io.StringIO()
-    frame.write_csv(buf)
-    return buf.getvalue()
