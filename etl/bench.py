@@ -28,6 +28,7 @@ from etl.measures import (
     BatchActivations,
     MeasureOptions,
     UnembedWeights,
+    default_chunk_tokens,
     measure_batch,
 )
 from etl.model import load_model, resolve_device
@@ -80,8 +81,6 @@ def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[floa
     """Sustained rate of the warehouse writer on its own: the batch's rows, repeated as
     shards until at least ``min_rows`` component rows, built and written as zstd Parquet
     through ``RunWriter``'s thread pool. Returns (seconds, rows written)."""
-    import os
-
     diff = measures.diff.cpu().numpy()
     marginal = measures.marginal.cpu().numpy()
     resid = measures.resid.cpu().numpy()
@@ -91,7 +90,7 @@ def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[floa
     shards = max(1, -(-min_rows // per_shard))
     rows = 0
     with tempfile.TemporaryDirectory() as tmp:
-        writer = RunWriter(Path(tmp), "bench", workers=min(4, os.cpu_count() or 1))
+        writer = RunWriter(Path(tmp), "bench")
         start = time.perf_counter()
         for _ in range(shards):
             comp = component_table(diff, marginal, seqs, positions)
@@ -115,8 +114,7 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
     tokens[:, 0] = model.tokenizer.bos_token_id or 0
     tokens = tokens.to(device)
     weights = model.unembed_weights()
-    options = MeasureOptions(lens=lens, chunk_tokens=chunk_tokens or
-                             (1024 if device == "cuda" else 256))
+    options = MeasureOptions(lens=lens, chunk_tokens=chunk_tokens or default_chunk_tokens(device))
     n = tokens.numel()
     acts, forward_s, forward_peak = _timed(device, lambda: run_batch(model.bridge, tokens))
     # warm-up on a small slice (kernels, caches of W_O·W_U), not timed

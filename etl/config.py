@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from etl.errors import UserError
-from etl.measures import ABLATION_MODES, LENS_MODES
+from etl.measures import ABLATION_MODES, LENS_MODES, default_chunk_tokens
 from etl.model import DEFAULT_MODEL
 
 DATASETS = ("openwebtext", "ioi", "text")
@@ -59,6 +59,7 @@ class ExtractConfig:
              f"--ioi-variant must be one of {', '.join(IOI_VARIANTS)}"),
             (self.dtype in DTYPES, "--dtype must be float32 or float64 (half precision "
                                    "cannot resolve entropy differences of 1e-3 nats)"),
+            (self.seq_len >= 1, "--seq-len must be at least 1"),
             (self.n_batches >= 1, "--n-batches must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.n_prompts >= 1, "--n-prompts must be at least 1"),
@@ -72,9 +73,7 @@ class ExtractConfig:
 
     def resolved_chunk_tokens(self, device: str) -> int:
         """``chunk_tokens``, with 0 (auto) resolved for ``device``."""
-        if self.chunk_tokens:
-            return self.chunk_tokens
-        return 1024 if device == "cuda" else 256
+        return self.chunk_tokens or default_chunk_tokens(device)
 
     def fingerprint(self) -> str:
         """8 hex digits over every field that changes the numbers."""

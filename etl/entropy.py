@@ -6,7 +6,7 @@ import torch
 
 CPU_BLOCK_ROWS = 16
 """Rows per block on the CPU: a block of 16 × 50,257 float32 logits stays in cache through
-the five passes of the entropy, which makes it about 4× faster than whole-tensor passes."""
+the five passes of the entropy instead of streaming each pass through memory."""
 
 
 FUSED_ON_CUDA = True

@@ -9,7 +9,6 @@ manifest in ``runs``. See the README for the definitions and the table schemas.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from etl.warehouse import (
     TOKENS_SCHEMA,
     RunWriter,
     component_table,
+    ensure_new_run,
     resid_table,
     validate_run_id,
 )
@@ -147,10 +147,9 @@ def _mean_pass(model, token_set, config, device, progress):
     return accumulator.means(getattr(torch, config.dtype))
 
 
-def _check_context(config: ExtractConfig, n_ctx: int, seq_len: int | None = None) -> None:
-    length = seq_len if seq_len is not None else config.seq_len
-    if length > n_ctx:
-        raise UserError(f"--seq-len {length} is above the model's context of {n_ctx} tokens")
+def _check_context(seq_len: int, n_ctx: int) -> None:
+    if seq_len > n_ctx:
+        raise UserError(f"--seq-len {seq_len} is above the model's context of {n_ctx} tokens")
 
 
 def _quiet_libraries() -> None:
@@ -174,20 +173,15 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
         _quiet_libraries()
     device = resolve_device(device)
     run_id = validate_run_id(run_id or config.default_run_id())
-    manifest_path = Path(warehouse) / "runs" / f"run_id={run_id}" / "manifest.json"
-    if manifest_path.exists() and not overwrite:
-        raise UserError(f"run {run_id!r} already exists in {str(warehouse)!r}; pass "
-                        "--overwrite to replace it or choose another --run-id")
-    if config.seq_len < 1:
-        raise UserError("--seq-len must be at least 1")
+    ensure_new_run(Path(warehouse), run_id, overwrite)  # before the (slow) model load
     if config.dataset == "text":
         expand_data_files(config.data_files)  # fail before the (slow) model load
     dtype = getattr(torch, config.dtype)
     model = load_model(config.model, device=device, dtype=dtype)
-    if config.dataset != "ioi":
-        _check_context(config, model.cfg.n_ctx)
+    if config.dataset != "ioi":  # before reading the text
+        _check_context(config.seq_len, model.cfg.n_ctx)
     token_set = build_tokens(config, model)
-    _check_context(config, model.cfg.n_ctx, token_set.seq_len)
+    _check_context(token_set.seq_len, model.cfg.n_ctx)
     created = datetime.now(UTC)
     timing = {"forward_s": 0.0, "entropy_s": 0.0, "write_wait_s": 0.0, "mean_pass_s": 0.0}
     n_tokens = token_set.n_seqs * token_set.seq_len
@@ -196,7 +190,7 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
     write_bar = tqdm(total=total_rows, unit="row", unit_scale=True, desc="rows written",
                      position=1, disable=not progress, leave=False)
     writer = RunWriter(Path(warehouse), run_id, overwrite=overwrite,
-                       on_written=write_bar.update, workers=min(4, os.cpu_count() or 1))
+                       on_written=write_bar.update)
     try:
         started = time.perf_counter()
         means = None

@@ -9,8 +9,9 @@ where ``a`` is ``z`` (``[T, H, dh]``, already multiplied by ``1/s`` in the seed 
 ``b`` the factored unembedding ``W_O[h] @ W_U`` (``[H, dh, V]``). The kernel streams the
 vocabulary in tiles with an online entropy (running max ``m``, ``s = Σ e^(z−m)``,
 ``w = Σ e^(z−m)(z−m)``, ``H = log s − w / s``), accumulating in float32, so no
-``[T, H, V]`` tensor exists. ``head_entropy_torch`` is the same computation in plain torch:
-the fallback and the reference. Under ``TRITON_INTERPRET=1`` the kernel runs on the CPU.
+``[T, H, V]`` tensor exists. ``head_entropy_torch`` is the same computation in plain torch,
+the kernel's reference (``etl.measures`` has its own torch path where Triton cannot run).
+Under ``TRITON_INTERPRET=1`` the kernel runs on the CPU.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def triton_available(device: torch.device | str) -> bool:
 def head_entropy_torch(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sign: float = 1.0,
                        scale: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference/fallback: ``[T, H]`` entropies (nats), one ``[T, V]`` tensor at a time.
+    """Reference: ``[T, H]`` entropies (nats), one ``[T, V]`` tensor at a time.
 
     Args:
         base: ``[T, V]`` unembedded residual (or final logits for marginals).

@@ -117,6 +117,12 @@ class MeasureOptions:
             raise ValueError("chunk_tokens must be at least 1")
 
 
+def default_chunk_tokens(device: str | torch.device) -> int:
+    """Tokens per chunk when none is given: 1024 on CUDA, 256 on the CPU (where 256-row
+    products keep the matrix units busy and blocked entropies stay in cache)."""
+    return 1024 if torch.device(device).type == "cuda" else 256
+
+
 def _center(x: torch.Tensor) -> torch.Tensor:
     """Subtract the mean over the last (d_model) axis."""
     return x - x.mean(dim=-1, keepdim=True)
@@ -314,7 +320,9 @@ def measure_batch(
         ent_final = entropy_from_logits(acts.logits[sl])
         resid[sl, -1] = ent_final
         final = _final_context(acts, ent_final, sl, options, weights)
-        derive = b_ou is not None and residual_identities_hold(acts, weights, sl)
+        # the fused path never forms the heads' [t, V] logits, so it cannot sum them
+        derive = (not fused and b_ou is not None
+                  and residual_identities_hold(acts, weights, sl))
         u_pre, x_pre = lens.unembed(acts.resid_pre[sl, 0], inv_s)
         for layer in range(n_layers):
             w_ou, w_o = head_unembed(weights, layer, centered)
@@ -325,7 +333,7 @@ def measure_batch(
             if fused:
                 _fused_heads(lens, final, acts, sl, layer, (u_pre, x_pre, ent_pre),
                              (z, z_abl, w_ou, w_o, inv_s), diff, marginal)
-            u_mid = u_pre.clone() if derive and not fused else None
+            u_mid = u_pre.clone() if derive else None
             for h in range(0 if fused else n_heads):
                 u_h, c_h = lens.head(z[:, h], w_ou[h], w_o[h], inv_s)
                 diff[sl, layer, h] = lens.diff(u_pre, x_pre, ent_pre, u_h, c_h)
@@ -335,7 +343,7 @@ def measure_batch(
                     u_h, c_h = lens.head(z_abl[:, h], w_ou[h], w_o[h], inv_s)
                 marginal[sl, layer, h] = lens.marginal(final, u_h, c_h)
             mid = acts.resid_mid[sl, layer]
-            if u_mid is not None and not fused:
+            if u_mid is not None:
                 u_mid += b_ou[layer] if centered else inv_s * b_ou[layer]
                 x_mid = lens.space(mid)
             else:
@@ -348,7 +356,7 @@ def measure_batch(
             else:
                 u_next = final[2] if centered else final[0] - weights.b_U
                 x_next = None
-            if derive and not fused:
+            if derive:
                 u_m, c_m = u_next - u_mid, lens.space(out)
             else:
                 u_m, c_m = lens.unembed(out, inv_s)

@@ -63,6 +63,18 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
+def manifest_path(root: Path, run_id: str) -> Path:
+    """Where the manifest of ``run_id`` lives under the warehouse ``root``."""
+    return Path(root) / "runs" / f"run_id={run_id}" / MANIFEST
+
+
+def ensure_new_run(root: Path, run_id: str, overwrite: bool) -> None:
+    """Raise ``UserError`` when ``run_id`` is already a complete run and not to be replaced."""
+    if manifest_path(root, run_id).exists() and not overwrite:
+        raise UserError(f"run {run_id!r} already exists in {str(root)!r}; pass --overwrite to "
+                        "replace it or choose another --run-id")
+
+
 def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
                     positions: np.ndarray) -> pa.Table:
     """Rows of ``component_entropy`` for one batch, ordered by (layer, head, seq, position).
@@ -122,28 +134,22 @@ class RunWriter:
     """
 
     def __init__(self, root: Path, run_id: str, overwrite: bool = False, on_written=None,
-                 workers: int = 2):
+                 workers: int | None = None):
         self.root = Path(root)
         self.run_id = validate_run_id(run_id)
         self.staging = self.root / "_staging" / run_id
         self.on_written = on_written
         self.rows = dict.fromkeys(TABLES, 0)
         self._shards = dict.fromkeys(TABLES, 0)
-        self.workers = max(1, workers)
+        self.workers = workers or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=self.workers,
                                         thread_name_prefix="parquet-writer")
         self._pending: list[Future] = []
         self._lock = threading.Lock()
         self._prepare(overwrite)
 
-    def manifest_path(self) -> Path:
-        """Where this run's manifest lives once published."""
-        return self.root / "runs" / f"run_id={self.run_id}" / MANIFEST
-
     def _prepare(self, overwrite: bool) -> None:
-        if self.manifest_path().exists() and not overwrite:
-            raise UserError(f"run {self.run_id!r} already exists in {str(self.root)!r}; pass "
-                            "--overwrite to replace it or choose another --run-id")
+        ensure_new_run(self.root, self.run_id, overwrite)
         if self.staging.exists():
             shutil.rmtree(self.staging)
         for table in TABLES:
@@ -186,9 +192,9 @@ class RunWriter:
         """
         self.flush()
         self._pool.shutdown()
-        manifest_path = self.manifest_path()
-        if manifest_path.exists():
-            manifest_path.unlink()  # the run is incomplete until the new manifest lands
+        path = manifest_path(self.root, self.run_id)
+        if path.exists():
+            path.unlink()  # the run is incomplete until the new manifest lands
         for table in TABLES:
             target = self.root / table / f"run_id={self.run_id}"
             if target.exists():
@@ -199,12 +205,12 @@ class RunWriter:
         staging_root = self.root / "_staging"
         if staging_root.exists() and not any(staging_root.iterdir()):
             staging_root.rmdir()
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = manifest_path.with_name(MANIFEST + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n",
                        encoding="utf-8")
-        os.replace(tmp, manifest_path)
-        return manifest_path
+        os.replace(tmp, path)
+        return path
 
     def abort(self) -> None:
         """Drop the staged shards (after an error or an interrupt)."""

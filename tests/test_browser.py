@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from PIL import Image, ImageStat
+from PIL import Image
 
 from analysis.__main__ import main as analysis_main
 from etl.extract import main as extract_main
@@ -55,7 +55,6 @@ def test_index_and_interactive_chart_render_offline(tiny_checkpoint, tmp_path):
 
     index = screenshot(out / "index.html", tmp_path / "index.png", tmp_path)
     assert drawn_fraction(index) > 0.05
-    assert len(ImageStat.Stat(index).extrema) == 3
 
     # the interactive HTML draws with the inlined Vega libraries, no network
     chart = screenshot(out / "ioi" / "heatmap.html", tmp_path / "heatmap.png", tmp_path,
