@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from etl.entropy import entropy_from_logits, entropy_of_sum
-from etl.fused_entropy import head_entropy_fused, triton_available
+from etl.fused_entropy import triton_available
 
 LENS_MODES = ("seed", "recomputed")
 ABLATION_MODES = ("zero", "mean")
@@ -105,8 +105,8 @@ class MeasureOptions:
     chunk_tokens: int = 256
     """Tokens per chunk; bounds memory to a few ``[chunk_tokens, V]`` float32 tensors."""
     fused: bool | None = None
-    """Score heads with the fused Triton kernel (``etl.fused_entropy``); None = where it
-    runs (CUDA with Triton installed)."""
+    """Score each layer with the fused Triton kernel (``etl.fused_layer``); None = on CUDA
+    with Triton installed, for float32 activations; False = plain torch everywhere."""
 
     def __post_init__(self) -> None:
         if self.lens not in LENS_MODES:
@@ -257,27 +257,6 @@ def _final_residual_direction(acts: BatchActivations, sl: slice) -> torch.Tensor
     return _center(acts.resid_mid[sl, -1] + acts.mlp_out[sl, -1])
 
 
-def _fused_heads(lens: _Lens, final, acts, sl, layer, pre, heads, diff, marginal) -> None:
-    """Every head's diff and marginal of one layer and chunk through the fused kernel."""
-    u_pre, x_pre, ent_pre = pre
-    z, z_abl, w_ou, w_o, inv_s = heads
-    logits, ent_final, u_final, x_final = final
-    n_heads = z.shape[1]
-    weights = lens.weights
-    if lens.recompute:
-        c = torch.einsum("thk,hkd->thd", z, w_o)
-        c_abl = c if z_abl is z else torch.einsum("thk,hkd->thd", z_abl, w_o)
-        scale_d = _inv_sigma(x_pre[:, None, :] + c, weights.eps)[..., 0]
-        scale_m = _inv_sigma(x_final[:, None, :] - c_abl, weights.eps)[..., 0]
-        h_with = head_entropy_fused(u_pre, z, w_ou, 1.0, scale_d, weights.b_U)
-        h_without = head_entropy_fused(u_final, z_abl, w_ou, -1.0, scale_m, weights.b_U)
-    else:
-        h_with = head_entropy_fused(u_pre, z * inv_s[:, None, :], w_ou, 1.0)
-        h_without = head_entropy_fused(logits, z_abl * inv_s[:, None, :], w_ou, -1.0)
-    diff[sl, layer, :n_heads] = h_with - ent_pre[:, None]
-    marginal[sl, layer, :n_heads] = ent_final[:, None] - h_without
-
-
 def measure_batch(
     acts: BatchActivations,
     weights: UnembedWeights,
@@ -290,7 +269,9 @@ def measure_batch(
     ``residual_identities_hold``), one ``[d, V]`` product per layer suffices: the lens of
     ``resid_mid`` is that of ``resid_pre`` plus the heads' (already needed for their diffs)
     and ``b_O``'s, and the MLP's is the next ``resid_pre``'s minus ``resid_mid``'s (the last
-    one comes from the final logits). Otherwise each is unembedded directly.
+    one comes from the final logits). Otherwise each is unembedded directly. With the fused
+    path (``options.fused``, see ``_use_fused``) each layer of a chunk is one call of the
+    fused layer kernel (``etl.fused_measures``); otherwise plain torch.
 
     Args:
         acts: the batch's activations (``T`` tokens).
@@ -306,63 +287,87 @@ def measure_batch(
     n_tokens, n_layers, n_heads, _ = acts.z.shape
     dev = acts.z.device
     diff = torch.empty(n_tokens, n_layers, n_heads + 1, dtype=torch.float32, device=dev)
-    marginal = torch.empty_like(diff)
-    resid = torch.empty(n_tokens, 2 * n_layers + 1, dtype=torch.float32, device=dev)
+    out = BatchMeasures(diff=diff, marginal=torch.empty_like(diff),
+                        resid=torch.empty(n_tokens, 2 * n_layers + 1, dtype=torch.float32,
+                                          device=dev))
+    fused = _use_fused(options, acts, weights)
+    workspace: dict = {}
+    for start in range(0, n_tokens, options.chunk_tokens):
+        sl = slice(start, min(start + options.chunk_tokens, n_tokens))
+        ent_final = entropy_from_logits(acts.logits[sl])
+        out.resid[sl, -1] = ent_final
+        if fused and residual_identities_hold(acts, weights, sl):
+            from etl.fused_measures import measure_chunk_fused
+
+            measure_chunk_fused(acts, weights, options, means, sl, ent_final, out,
+                                workspace=workspace)
+        else:
+            _measure_chunk_torch(acts, weights, options, means, sl, ent_final, out)
+    return out
+
+
+def _use_fused(options: MeasureOptions, acts: BatchActivations,
+               weights: UnembedWeights) -> bool:
+    """Whether chunks go through the fused layer kernel: asked for, or (None) on CUDA with
+    Triton, for float32 activations of a model with ``b_O`` (chunks whose residual identities
+    fail still take the torch path)."""
+    if options.fused is False or weights.b_O is None:
+        return False
+    if options.fused is None:
+        return (acts.z.device.type == "cuda" and acts.z.dtype == torch.float32
+                and triton_available(acts.z.device))
+    return triton_available(acts.z.device)
+
+
+def _measure_chunk_torch(acts: BatchActivations, weights: UnembedWeights,
+                         options: MeasureOptions, means: AblationMeans | None, sl: slice,
+                         ent_final: torch.Tensor, out: BatchMeasures) -> None:
+    """One chunk through plain torch (any device, any dtype), into ``out``."""
+    diff, marginal, resid = out.diff, out.marginal, out.resid
+    n_layers, n_heads = acts.z.shape[1], acts.z.shape[2]
     lens = _Lens(weights, options)
     centered = options.lens == "recomputed"
     mean_ablation = options.ablation == "mean" and means is not None
     b_ou = _bias_unembed(weights, centered)
-    fused = options.fused if options.fused is not None else (
-        dev.type == "cuda" and triton_available(dev))
-    for start in range(0, n_tokens, options.chunk_tokens):
-        sl = slice(start, min(start + options.chunk_tokens, n_tokens))
-        inv_s = 1.0 / acts.final_scale[sl]
-        ent_final = entropy_from_logits(acts.logits[sl])
-        resid[sl, -1] = ent_final
-        final = _final_context(acts, ent_final, sl, options, weights)
-        # the fused path never forms the heads' [t, V] logits, so it cannot sum them
-        derive = (not fused and b_ou is not None
-                  and residual_identities_hold(acts, weights, sl))
-        u_pre, x_pre = lens.unembed(acts.resid_pre[sl, 0], inv_s)
-        for layer in range(n_layers):
-            w_ou, w_o = head_unembed(weights, layer, centered)
-            ent_pre = lens.entropy(u_pre, x_pre)
-            resid[sl, 2 * layer] = ent_pre
-            z = acts.z[sl, layer]
-            z_abl = z - means.z[acts.positions[sl], layer] if mean_ablation else z
-            if fused:
-                _fused_heads(lens, final, acts, sl, layer, (u_pre, x_pre, ent_pre),
-                             (z, z_abl, w_ou, w_o, inv_s), diff, marginal)
-            u_mid = u_pre.clone() if derive else None
-            for h in range(0 if fused else n_heads):
-                u_h, c_h = lens.head(z[:, h], w_ou[h], w_o[h], inv_s)
-                diff[sl, layer, h] = lens.diff(u_pre, x_pre, ent_pre, u_h, c_h)
-                if u_mid is not None:
-                    u_mid += u_h
-                if mean_ablation:
-                    u_h, c_h = lens.head(z_abl[:, h], w_ou[h], w_o[h], inv_s)
-                marginal[sl, layer, h] = lens.marginal(final, u_h, c_h)
-            mid = acts.resid_mid[sl, layer]
+    inv_s = 1.0 / acts.final_scale[sl]
+    final = _final_context(acts, ent_final, sl, options, weights)
+    derive = b_ou is not None and residual_identities_hold(acts, weights, sl)
+    u_pre, x_pre = lens.unembed(acts.resid_pre[sl, 0], inv_s)
+    for layer in range(n_layers):
+        w_ou, w_o = head_unembed(weights, layer, centered)
+        ent_pre = lens.entropy(u_pre, x_pre)
+        resid[sl, 2 * layer] = ent_pre
+        z = acts.z[sl, layer]
+        z_abl = z - means.z[acts.positions[sl], layer] if mean_ablation else z
+        u_mid = u_pre.clone() if derive else None
+        for h in range(n_heads):
+            u_h, c_h = lens.head(z[:, h], w_ou[h], w_o[h], inv_s)
+            diff[sl, layer, h] = lens.diff(u_pre, x_pre, ent_pre, u_h, c_h)
             if u_mid is not None:
-                u_mid += b_ou[layer] if centered else inv_s * b_ou[layer]
-                x_mid = lens.space(mid)
-            else:
-                u_mid, x_mid = lens.unembed(mid, inv_s)
-            ent_mid = lens.entropy(u_mid, x_mid)
-            resid[sl, 2 * layer + 1] = ent_mid
-            out = acts.mlp_out[sl, layer]
-            if layer + 1 < n_layers:
-                u_next, x_next = lens.unembed(acts.resid_pre[sl, layer + 1], inv_s)
-            else:
-                u_next = final[2] if centered else final[0] - weights.b_U
-                x_next = None
-            if derive:
-                u_m, c_m = u_next - u_mid, lens.space(out)
-            else:
-                u_m, c_m = lens.unembed(out, inv_s)
-            diff[sl, layer, n_heads] = lens.diff(u_mid, x_mid, ent_mid, u_m, c_m)
+                u_mid += u_h
             if mean_ablation:
-                u_m, c_m = lens.unembed(out - means.mlp_out[acts.positions[sl], layer], inv_s)
-            marginal[sl, layer, n_heads] = lens.marginal(final, u_m, c_m)
-            u_pre, x_pre = u_next, x_next
-    return BatchMeasures(diff=diff, marginal=marginal, resid=resid)
+                u_h, c_h = lens.head(z_abl[:, h], w_ou[h], w_o[h], inv_s)
+            marginal[sl, layer, h] = lens.marginal(final, u_h, c_h)
+        mid = acts.resid_mid[sl, layer]
+        if u_mid is not None:
+            u_mid += b_ou[layer] if centered else inv_s * b_ou[layer]
+            x_mid = lens.space(mid)
+        else:
+            u_mid, x_mid = lens.unembed(mid, inv_s)
+        ent_mid = lens.entropy(u_mid, x_mid)
+        resid[sl, 2 * layer + 1] = ent_mid
+        out_mlp = acts.mlp_out[sl, layer]
+        if layer + 1 < n_layers:
+            u_next, x_next = lens.unembed(acts.resid_pre[sl, layer + 1], inv_s)
+        else:
+            u_next = final[2] if centered else final[0] - weights.b_U
+            x_next = None
+        if derive:
+            u_m, c_m = u_next - u_mid, lens.space(out_mlp)
+        else:
+            u_m, c_m = lens.unembed(out_mlp, inv_s)
+        diff[sl, layer, n_heads] = lens.diff(u_mid, x_mid, ent_mid, u_m, c_m)
+        if mean_ablation:
+            u_m, c_m = lens.unembed(out_mlp - means.mlp_out[acts.positions[sl], layer], inv_s)
+        marginal[sl, layer, n_heads] = lens.marginal(final, u_m, c_m)
+        u_pre, x_pre = u_next, x_next
