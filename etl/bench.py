@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                              "batch at once, as the study did)")
     parser.add_argument("--chunk-tokens", type=int,
                         help="tokens per chunk for the project path (default 256 CPU, "
-                             "1024 CUDA)")
+                             "2048 CUDA)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     try:
         args = parser.parse_args(argv)

@@ -86,7 +86,7 @@ class KernelConfig:
 
 GPU_CONFIG = KernelConfig()
 """The configuration used on GPUs (chosen by ``python -m etl.gpu_check``'s timings)."""
-INTERPRETER_CONFIG = KernelConfig(block_t=16, block_v=256, num_warps=4, num_stages=1)
+INTERPRETER_CONFIG = KernelConfig(block_t=64, block_v=8192, num_warps=4, num_stages=1)
 """Large vocabulary tiles keep Triton's CPU interpreter fast."""
 
 
@@ -111,10 +111,13 @@ with low parts mostly above its smallest normal number."""
 
 def pow2_scale(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Power-of-two multipliers that bring ``max |x|`` (over ``dim``, or all of ``x``) into
-    ``[2^14, 2^15)``; 1 where it is zero. Float32, shape of ``x.amax(dim)``."""
+    ``[2^14, 2^15)``; 1 where it is zero. The exponent is kept within ±60, so that the product
+    of two scales and its inverse stay normal float32 numbers (``max |x|`` outside
+    ``[2^-45, 2^75)`` is then scaled less far). Float32, shape of ``x.amax(dim)``."""
     amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim)
     _, exponent = torch.frexp(amax.float())
-    scale = torch.ldexp(torch.ones_like(amax, dtype=torch.float32), SCALE_EXPONENT - exponent)
+    shift = (SCALE_EXPONENT - exponent).clamp(-60, 60)
+    scale = torch.ldexp(torch.ones_like(amax, dtype=torch.float32), shift)
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
@@ -211,7 +214,7 @@ def _lens_triton(a_hi: torch.Tensor, a_lo: torch.Tensor, w: SplitOperand) -> tor
     n_rows, k = a_hi.shape
     n_cols = w.hi.shape[1]
     out = torch.empty(n_rows, n_cols, dtype=torch.float32, device=a_hi.device)
-    cfg = LENS_CONFIG if not interpreting() else (32, 256, 64, 4, 1)
+    cfg = LENS_CONFIG if not interpreting() else (64, 4096, 64, 4, 1)
     block_m, block_n, block_k, warps, stages = cfg
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
     _lens_kernel[grid](a_hi, a_lo, w.hi, w.lo, out, n_rows, n_cols, k,
@@ -221,7 +224,7 @@ def _lens_triton(a_hi: torch.Tensor, a_lo: torch.Tensor, w: SplitOperand) -> tor
     return out
 
 
-LENS_CONFIG = (128, 128, 64, 8, 3)
+LENS_CONFIG = (128, 256, 64, 8, 3)
 """``_lens_kernel``'s (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) on GPUs."""
 
 

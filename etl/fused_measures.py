@@ -1,6 +1,6 @@
 """One chunk of ``measure_batch`` through the fused layer kernel (``etl.fused_layer``).
 
-Per layer: one split-bf16 product gives the lens of the next ``resid_pre``; the layer kernel
+Per layer: one split-float16 product gives the lens of the next ``resid_pre``; the layer kernel
 scores every head's diff and marginal, ``resid_pre``, ``resid_mid`` (derived from the heads'
 lenses and ``b_O``) and the MLP's marginal (its lens is ``lens(resid_pre[L+1]) −
 lens(resid_mid[L])``); the MLP's diff is ``H(lens(resid_pre[L+1])) − H(lens(resid_mid[L]))``.

@@ -43,10 +43,9 @@ from etl.fused_layer import (
     split_operand,
 )
 
-CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2), KernelConfig(128, 32, 8, 2),
-           KernelConfig(64, 32, 4, 3), KernelConfig(64, 64, 4, 2, reload_mbase=True),
-           KernelConfig(64, 32, 4, 2, reload_mbase=True), KernelConfig(64, 16, 4, 2),
-           KernelConfig(32, 64, 2, 2), KernelConfig(128, 64, 8, 2)]
+CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2)]
+LENS_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                (64, 256, 64, 4, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3)]
 MODES = [("seed", "zero"), ("recomputed", "zero"), ("seed", "mean"), ("recomputed", "mean")]
 SHAPE = {"layers": 12, "heads": 12, "d_head": 64, "d_model": 768, "vocab": 50257}
 
@@ -182,12 +181,23 @@ def time_configs(n_tokens: int, seed: int) -> list[dict]:
     w_split = split_operand(torch.nn.functional.pad(
         torch.randn(d, V, device="cuda", generator=g) * 0.05 * LOG2E, (0, pad)))
     rows = []
-    for method in ("triton", "cublas"):
-        ms = _bench(lambda m=method: lens_product(x, w_split, m))
-        rows.append({"config": f"lens product ({method})", "method": method, "lens_ms": ms,
-                     "tokens_per_s_12_layers": n_tokens / (L * ms / 1e3)})
-        print(json.dumps(rows[-1]), flush=True)
-    lens_ms = min(r["lens_ms"] for r in rows)
+    for cfg in [None] + LENS_CONFIGS:
+        method = "cublas" if cfg is None else "triton"
+        row = {"config": f"lens product ({method}{'' if cfg is None else f' {cfg}'})",
+               "method": method, "lens_config": cfg}
+        try:
+            if cfg is not None:
+                fused_layer.LENS_CONFIG = cfg
+            ms = _bench(lambda m=method: lens_product(x, w_split, m))
+            row.update(lens_ms=ms, tokens_per_s_12_layers=n_tokens / (L * ms / 1e3))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    timed = [r for r in rows if r["method"] == "triton" and "lens_ms" in r]
+    best = min(timed, key=lambda r: r["lens_ms"])
+    fused_layer.LENS_CONFIG = best["lens_config"]
+    lens_ms = best["lens_ms"]
     for i, config in enumerate(CONFIGS):
         row = {"kernel": i, "config": f"{config.block_t}x{config.block_v} w{config.num_warps} "
                          f"s{config.num_stages}{' reload' if config.reload_mbase else ''}"}
@@ -335,44 +345,41 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
         traceback.print_exc()
         rows.append({"what": "real layer", "error": f"{type(exc).__name__}: {exc}"[:300]})
     chosen = fused_layer.LENS_METHOD
-    other = "cublas" if chosen == "triton" else "triton"
     runs = [(lens, ablation, chunk, chosen) for lens, ablation in MODES
             for chunk in (chunks if (lens, ablation) == ("seed", "zero") else chunks[:1])]
-    runs.insert(1, ("seed", "zero", chunks[0], other))
     for lens, ablation, chunk, method in runs:
         row = {"lens": lens, "ablation": ablation, "chunk_tokens": chunk, "tokens": n,
                "lens_method": method}
         fused_layer.LENS_METHOD = method
-        if True:
-            try:
-                options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=chunk)
-                means = means32 if ablation == "mean" else None
-                measure_batch(small, weights, options, means)  # compile, split weights
+        try:
+            options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=chunk)
+            means = means32 if ablation == "mean" else None
+            measure_batch(small, weights, options, means)  # compile, split weights
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                got = measure_batch(acts, weights, options, means)
                 torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                times = []
-                for _ in range(2):
-                    start = time.perf_counter()
-                    got = measure_batch(acts, weights, options, means)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-                peak = (torch.cuda.max_memory_allocated() - before) / 2**30
-                row["weights_cache_gib"] = _cache_gib(weights)
-                ref = measure_batch(_slice(acts, sample, torch.float64), weights64,
-                                    replace(options, fused=False),
-                                    means64 if ablation == "mean" else None)
-                got_sample = _slice(got, sample, torch.float64)
-                row.update(seconds=min(times), tokens_per_s=n / min(times),
-                           stage_peak_gib=peak, max_abs_err=_err(got_sample, ref),
-                           err_by_part=_errors_by_part(got_sample, ref),
-                           finite=bool(all(torch.isfinite(getattr(got, k)).all()
-                                           for k in ("diff", "marginal", "resid"))))
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                traceback.print_exc()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                times.append(time.perf_counter() - start)
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+            row["weights_cache_gib"] = _cache_gib(weights)
+            ref = measure_batch(_slice(acts, sample, torch.float64), weights64,
+                                replace(options, fused=False),
+                                means64 if ablation == "mean" else None)
+            got_sample = _slice(got, sample, torch.float64)
+            row.update(seconds=min(times), tokens_per_s=n / min(times),
+                       stage_peak_gib=peak, max_abs_err=_err(got_sample, ref),
+                       err_by_part=_errors_by_part(got_sample, ref),
+                       finite=bool(all(torch.isfinite(getattr(got, k)).all()
+                                       for k in ("diff", "marginal", "resid"))))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            traceback.print_exc()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     fused_layer.LENS_METHOD = chosen
     ref = measure_batch(_slice(acts, sample, torch.float64), weights64,
                         MeasureOptions(chunk_tokens=1024, fused=False))
@@ -464,9 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                   "finite", "max_abs_err", "max_rel_err", "error"]), flush=True)
     configs = time_configs(args.layer_tokens, seed=1)
     result["configs"] = configs
-    lens_rows = [r for r in configs if "kernel" not in r]
-    fused_layer.LENS_METHOD = min(lens_rows, key=lambda r: r["lens_ms"])["method"]
     result["lens_method"] = fused_layer.LENS_METHOD
+    result["lens_config"] = fused_layer.LENS_CONFIG
     good = [r for r in configs if "layer_ms" in r and r["max_abs_err"] <= 1e-4]
     if good:
         best = min(good, key=lambda r: r["layer_ms"])

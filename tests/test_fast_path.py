@@ -1,5 +1,6 @@
-"""The project's fast path against the study's algorithm, and the fused Triton kernel
-(under TRITON_INTERPRET=1) against plain torch."""
+"""The project's fast path against the study's algorithm, and the one-pass Triton entropy
+kernel (under TRITON_INTERPRET=1) against plain torch. The fused layer kernel has its own
+tests (test_fused_layer.py)."""
 
 import pytest
 import torch
@@ -8,7 +9,6 @@ import triton  # noqa: F401  (a test dependency: the kernel's logic is tested on
 from etl.activations import MeanAccumulator, run_batch
 from etl.baseline import study_measures
 from etl.checkpoint import Architecture, gpt2_tokenizer, random_gpt2
-from etl.fused_entropy import head_entropy_fused, head_entropy_torch
 from etl.measures import MeasureOptions, measure_batch, residual_identities_hold
 from etl.model import load_model
 
@@ -91,29 +91,6 @@ def test_derived_unembeddings_are_used_and_match_direct_ones(tiny_model):
                     measure_batch(acts, direct, options)) < 3e-5
 
 
-def test_fused_kernel_equals_torch_on_odd_sizes():
-    g = torch.Generator().manual_seed(0)
-    for n_tokens, n_heads, k, vocab in [(37, 3, 24, 1001), (1, 1, 16, 50), (2, 2, 64, 257)]:
-        base = torch.randn(n_tokens, vocab, generator=g) * 3
-        a = torch.randn(n_tokens, n_heads, k, generator=g)
-        b = torch.randn(n_heads, k, vocab, generator=g) * 0.5
-        scale = torch.rand(n_tokens, n_heads, generator=g) + 0.5
-        bias = torch.randn(vocab, generator=g)
-        for kwargs in ({}, {"sign": -1.0, "scale": scale, "bias": bias}):
-            fused = head_entropy_fused(base, a, b, block_v=128, **kwargs)
-            torch_ref = head_entropy_torch(base, a, b, **kwargs)
-            assert fused.shape == (n_tokens, n_heads)
-            assert (fused - torch_ref).abs().max() < 2e-5
-
-
-@pytest.mark.parametrize("lens,ablation", [("seed", "zero"), ("recomputed", "mean")])
-def test_measures_through_the_kernel_equal_the_torch_path(tiny_model, lens, ablation):
-    tokens = tiny_model.bridge.to_tokens(["The kernel streams the vocabulary in tiles."])
-    fused = _measures(tiny_model, tokens, lens, ablation, measure_batch, fused=True)
-    plain = _measures(tiny_model, tokens, lens, ablation, measure_batch, fused=False)
-    assert _max_err(fused, plain) < 3e-5
-
-
 def test_etl_imports_without_warehouse_and_chart_libraries():
     import subprocess
     import sys
@@ -121,7 +98,7 @@ def test_etl_imports_without_warehouse_and_chart_libraries():
     code = ("import sys\n"
             "for name in ('duckdb', 'polars', 'altair'):\n"
             "    sys.modules[name] = None\n"
-            "import etl.extract, etl.bench, etl.baseline, etl.fused_entropy\n")
+            "import etl.extract, etl.bench, etl.baseline, etl.fused_entropy, etl.fused_layer\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

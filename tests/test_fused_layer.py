@@ -1,0 +1,196 @@
+"""The fused layer kernel (under TRITON_INTERPRET=1) against float64: the kernel alone on odd
+sizes and every mode, the split products, and whole measures through TransformerLens' cache."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from etl import fused_layer
+from etl.activations import MeanAccumulator, run_batch
+from etl.fused_layer import (
+    KernelConfig,
+    LayerInputs,
+    layer_entropies,
+    layer_entropies_reference,
+    lens_product,
+    n_slots,
+    pow2_scale,
+    split_f16,
+    split_heads,
+    split_operand,
+)
+from etl.measures import MeasureOptions, _use_fused, measure_batch
+from tests.reference import reference_measures
+
+SMALL_TILES = KernelConfig(block_t=64, block_v=64, num_warps=4, num_stages=1,
+                           merge_block_t=16, merge_block_j=4)
+
+
+def _inputs(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=False, seed=0,
+            magnitude=4.0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    w = r(n_heads, k, vocab) * (2.0 / math.sqrt(k))
+    w_hi, w_lo, w_scale = split_heads(w)
+    u_ds = torch.rand(n_tokens, generator=g) + 0.5
+    positions = 5
+    inputs = LayerInputs(
+        u=r(n_tokens, vocab) * magnitude / u_ds[:, None], u_descale=u_ds,
+        u_next=r(n_tokens, vocab) * magnitude * 8, u_next_descale=torch.full((n_tokens,), 0.125),
+        mbase=r(n_tokens, vocab) * magnitude, z=r(n_tokens, n_heads, k), w_hi=w_hi, w_lo=w_lo,
+        w_scale=w_scale, bo=r(vocab) * 0.5, bo_mult=torch.rand(n_tokens, generator=g) + 0.5,
+        z_abl=r(n_tokens, n_heads, k) if mean else None,
+        mean_lens=r(positions, vocab) if mean else None,
+        positions=torch.randint(0, positions, (n_tokens,), generator=g) if mean else None,
+        scales=torch.rand(n_tokens, n_slots(n_heads, last), generator=g) + 0.5 if scale else None,
+        bias=r(vocab) if scale else None, is_last=last)
+    return inputs, w
+
+
+def _poisoned(numel):
+    nan = torch.full((numel,), float("nan"))
+    return {"numel": numel, "device": nan.device, "lse": nan, "ent": nan.clone()}
+
+
+@pytest.mark.parametrize("scale,mean", [(False, False), (True, False), (False, True),
+                                        (True, True)])
+@pytest.mark.parametrize("n_tokens,n_heads,k,vocab", [(1, 1, 64, 50), (37, 3, 24, 1001)])
+def test_layer_kernel_equals_float64_on_odd_sizes(scale, mean, n_tokens, n_heads, k, vocab):
+    last = n_heads == 1 or mean
+    inputs, w = _inputs(n_tokens, n_heads, k, vocab, scale=scale, mean=mean, last=last,
+                        seed=n_tokens)
+    slots = n_slots(n_heads, last)
+    workspace = _poisoned(slots * 64 * n_tokens)  # every partial is written before it is read
+    got = layer_entropies(inputs, SMALL_TILES, workspace)
+    ref = layer_entropies_reference(inputs, w)
+    assert got.shape == (n_tokens, slots) and got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    assert (got.double() - ref).abs().max() < 1e-5
+    assert ref.max() - ref.min() > 0.5  # the entropies differ: the check is not vacuous
+
+
+def test_tile_width_does_not_change_the_entropies():
+    inputs, w = _inputs(20, 2, 64, 1001, scale=True, mean=True, last=True, seed=4)
+    outs = [layer_entropies(inputs, KernelConfig(block_t=32, block_v=bv, merge_block_j=bj))
+            for bv, bj in [(32, 8), (256, 2), (2048, 32)]]
+    ref = layer_entropies_reference(inputs, w)
+    for out in outs:
+        assert (out.double() - ref).abs().max() < 1e-5
+    assert (outs[0] - outs[2]).abs().max() < 5e-6
+
+
+def test_padded_rows_are_read_as_views_and_padding_weighs_nothing():
+    inputs, w = _inputs(9, 2, 64, 300, seed=5)
+    padded = {}
+    for name in ("u", "u_next", "mbase"):
+        full = torch.full((9, 320), 1e4)  # huge logits in the padding would dominate
+        full[:, :300] = getattr(inputs, name)
+        padded[name] = full[:, :300]
+    w_hi = torch.zeros(2, 64, 320, dtype=torch.float16)
+    w_lo = torch.zeros_like(w_hi)
+    w_hi[..., :300], w_lo[..., :300] = inputs.w_hi, inputs.w_lo
+    view = LayerInputs(**{**vars(inputs), **padded, "w_hi": w_hi[..., :300],
+                          "w_lo": w_lo[..., :300]})
+    assert view.u.stride(0) == 320
+    got = layer_entropies(view, SMALL_TILES)
+    assert (got - layer_entropies(inputs, SMALL_TILES)).abs().max() < 1e-6
+    assert (got.double() - layer_entropies_reference(inputs, w)).abs().max() < 1e-5
+
+
+def test_shapes_are_checked():
+    inputs, _ = _inputs(4, 2, 16, 50)
+    bad = LayerInputs(**{**vars(inputs), "u_next": inputs.u_next[:, :49]})
+    with pytest.raises(ValueError, match="u_next"):
+        layer_entropies(bad)
+    with pytest.raises(ValueError, match="scales and bias"):
+        layer_entropies(LayerInputs(**{**vars(inputs), "bias": torch.zeros(50)}))
+
+
+@pytest.mark.parametrize("method", ["triton", "cublas"])
+def test_lens_product_is_as_exact_as_float32(method):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(33, 768, generator=g) * 3
+    x[0] *= 1e-6  # rows of any magnitude: each is scaled by its own power of two
+    x[1] *= 1e4
+    x[2, 5] = 300.0  # an outlier dimension
+    w = torch.randn(768, 1001, generator=g) * 0.05
+    scaled, descale = lens_product(x, split_operand(w), method)
+    ref = x.double() @ w.double()
+    got = scaled.double() * descale.double()[:, None]
+    row_err = (got - ref).abs().amax(1) / ref.abs().amax(1)
+    assert scaled.shape == (33, 1001) and row_err.max() < 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.integers(1, 64),
+              elements=st.floats(-1e6, 1e6, allow_nan=False, width=32)))
+def test_float16_split_is_exact_to_2_to_the_minus_21(values):
+    x = torch.from_numpy(values)
+    scale = pow2_scale(x)
+    hi, lo = split_f16(x * scale)
+    assert hi.dtype == lo.dtype == torch.float16
+    back = (hi.double() + lo.double()) / scale.double()
+    assert ((back - x.double()).abs() <= 2**-21 * x.double().abs().max() + 1e-30).all()
+    scaled_max = float((x * scale).abs().max())
+    amax = float(x.abs().max())
+    if 2**-45 <= amax < 2**75:
+        assert 2**14 <= scaled_max < 2**15
+
+
+def test_zero_rows_keep_a_unit_scale():
+    assert torch.equal(pow2_scale(torch.zeros(3, 4), dim=1), torch.ones(3))
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_model):
+    return tiny_model.bridge.to_tokens(["Then, Anna and Collins went to the garden.",
+                                        "The kernel streams the vocabulary in tiles."])
+
+
+@pytest.mark.parametrize("lens,ablation", [("seed", "zero"), ("recomputed", "zero"),
+                                           ("seed", "mean"), ("recomputed", "mean")])
+def test_measures_through_the_kernel_match_float64_and_the_torch_path(tiny_model, tokens, lens,
+                                                                      ablation):
+    acts = run_batch(tiny_model.bridge, tokens)
+    means = None
+    if ablation == "mean":
+        acc = MeanAccumulator()
+        acc.add(tiny_model.bridge, tokens, torch.ones_like(tokens, dtype=torch.bool))
+        means = acc.means(torch.float32)
+    weights = tiny_model.unembed_weights()
+
+    def run(fused):
+        options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=16, fused=fused)
+        return measure_batch(acts, weights, options, means)
+
+    fused, plain = run(True), run(False)
+    diff, marg, resid = reference_measures(tiny_model.bridge, tokens, lens, ablation)
+    shape = diff.shape
+    for got in (fused, plain):
+        assert (got.diff.double().reshape(shape) - diff).abs().max() < 2e-5
+        assert (got.marginal.double().reshape(shape) - marg).abs().max() < 2e-5
+        assert (got.resid.double().reshape(*tokens.shape, -1) - resid).abs().max() < 2e-5
+    assert (fused.diff - plain.diff).abs().max() < 2e-5
+
+
+def test_the_fused_path_is_chosen_only_where_it_applies(tiny_model, tokens):
+    acts = run_batch(tiny_model.bridge, tokens)
+    weights = tiny_model.unembed_weights()
+    assert not _use_fused(MeasureOptions(), acts, weights)  # CPU tensors: plain torch
+    assert _use_fused(MeasureOptions(fused=True), acts, weights)  # the interpreter runs it
+    assert not _use_fused(MeasureOptions(fused=False), acts, weights)
+    weights.b_O = None  # without b_O resid_mid cannot be derived from the heads
+    assert not _use_fused(MeasureOptions(fused=True), acts, weights)
+
+
+def test_float16_products_are_upcast_in_the_interpreter():
+    assert fused_layer.interpreting()
+    assert fused_layer.default_config() == fused_layer.INTERPRETER_CONFIG
