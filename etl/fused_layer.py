@@ -28,13 +28,16 @@ the products ``z_h · (W_O[h] W_U)`` with d_head = 64 per logit):
   as ``hi + lo`` (``hi = f16(x)``, ``lo = f16(x − hi)``, together exact to about 2^-22) and
   ``x·y ≈ hi·hi' + hi·lo' + lo·hi'`` (three fp16 tensor-core products accumulated in float32,
   twice the rate of ``tf32x3``; bfloat16 splits are only exact to 2^-17, which costs 1e-4 nats
-  on models with large logits); the kernel undoes the scales; split weights are made once;
+  on models with large logits); the main term has its own accumulator, since tensor cores
+  accumulate by truncation; the kernel undoes the scales; split weights are made once;
 - each program writes, per row and slot, its tile's ``(log-sum-exp, entropy)`` pair;
   a second kernel merges the pairs of all vocabulary tiles (as split-K / flash-decoding do),
   so the vocabulary is spread over enough programs to fill the chip and no program keeps state
   across tiles;
-- ``lens(resid_pre)`` itself comes from one split-fp16 ``[T, 3d] @ [3d, V]`` product per layer
-  (cuBLAS, float32 output), left scaled; the kernel undoes the scale as it loads.
+- ``lens(resid_pre)`` itself comes from one split-fp16 product per layer (``lens_product``:
+  a Triton kernel that adds blocks of 64 products in float32, rounding to nearest; cuBLAS's
+  float16 product with float32 output is 2.7× faster but truncates its way to 1e-4 nats of
+  error on GPT-2's logits), left scaled; the layer kernel undoes the scale as it loads.
 
 ``layer_entropies_reference`` is the same computation in float64 torch: the oracle of the tests
 and of ``python -m etl.gpu_check``. Under ``TRITON_INTERPRET=1`` the kernels run on the CPU
@@ -75,9 +78,6 @@ class KernelConfig:
     """Warps per program."""
     num_stages: int = 2
     """Software-pipelining depth of the per-head loads."""
-    reload_mbase: bool = False
-    """Reload the marginal base's tile from cache for every head instead of keeping it in
-    registers (fewer registers, more loads)."""
     merge_block_t: int = 64
     """Tokens per program of the merge kernel."""
     merge_block_j: int = 32
@@ -347,7 +347,7 @@ if triton is not None:
                       stride_un, stride_mb, stride_wh, stride_wk, stride_ml,
                       HAS_SCALE: tl.constexpr, MEAN_ABL: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                      RELOAD_MB: tl.constexpr, UPCAST: tl.constexpr):
+                      UPCAST: tl.constexpr):
         pid_t = tl.program_id(0)  # token tiles vary fastest: they share weight tiles in L2
         pid_v = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -359,8 +359,8 @@ if triton is not None:
         # padding columns sit at -1e30: every logit built from them weighs nothing
         pad = tl.where(col_ok, 0.0, -1.0e30)
         u = _load_descaled(u_ptr, stride_u, uds_ptr, rows64, cols, ok, rows, row_ok, pad)
-        mb_tile = mb_ptr + rows64[:, None] * stride_mb + cols[None, :]
-        mb = tl.load(mb_tile, mask=ok, other=0.0) + pad[None, :]
+        mb = tl.load(mb_ptr + rows64[:, None] * stride_mb + cols[None, :], mask=ok,
+                     other=0.0) + pad[None, :]
         if HAS_SCALE:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         else:
@@ -388,8 +388,6 @@ if triton is not None:
                 a_lo = tl.load(al_ptr + a_off + h * stride_zh, mask=a_ok, other=0.0)
                 a_ds = tl.load(ads_ptr + rows * H + h, mask=row_ok, other=0.0)
                 head = _dot3(a_hi, a_lo, w_hi, w_lo, UPCAST) * a_ds[:, None]
-            if RELOAD_MB:
-                mb = tl.load(mb_tile, mask=ok, other=0.0) + pad[None, :]
             _emit(_scaled(mb - head, sc_ptr, rows, row_ok, n_sl, H + h, bias, HAS_SCALE),
                   lse_ptr, ent_ptr, H + h, pid_v, n_vt, T, rows, row_ok)
         _emit(_scaled(u, sc_ptr, rows, row_ok, n_sl, 2 * H, bias, HAS_SCALE),
@@ -401,8 +399,6 @@ if triton is not None:
               lse_ptr, ent_ptr, 2 * H + 1, pid_v, n_vt, T, rows, row_ok)
         un = _load_descaled(un_ptr, stride_un, unds_ptr, rows64, cols, ok, rows, row_ok,
                             pad)
-        if RELOAD_MB:
-            mb = tl.load(mb_tile, mask=ok, other=0.0) + pad[None, :]
         y = mb - (un - u_mid)  # the MLP's lens is what lies between resid_mid and the next
         if MEAN_ABL:
             pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
@@ -574,8 +570,7 @@ def layer_entropies(inputs: LayerInputs, config: KernelConfig | None = None,
         w_hi.stride(0), w_hi.stride(1), mean_lens.stride(0),
         HAS_SCALE=inputs.scales is not None, MEAN_ABL=mean,
         BLOCK_T=config.block_t, BLOCK_V=config.block_v,
-        BLOCK_K=max(16, triton.next_power_of_2(k)), RELOAD_MB=config.reload_mbase,
-        UPCAST=interpreting(),
+        BLOCK_K=max(16, triton.next_power_of_2(k)), UPCAST=interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     merge_grid = (triton.cdiv(n_tokens, config.merge_block_t), slots)
     _merge_kernel[merge_grid](lse, ent, out, n_tokens, n_vt, slots,

@@ -200,7 +200,7 @@ def time_configs(n_tokens: int, seed: int) -> list[dict]:
     lens_ms = best["lens_ms"]
     for i, config in enumerate(CONFIGS):
         row = {"kernel": i, "config": f"{config.block_t}x{config.block_v} w{config.num_warps} "
-                         f"s{config.num_stages}{' reload' if config.reload_mbase else ''}"}
+                         f"s{config.num_stages}"}
         try:
             ws: dict = {}
             start = time.perf_counter()
