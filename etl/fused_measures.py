@@ -25,6 +25,8 @@ from etl.fused_layer import (
     split_heads,
     split_operand,
 )
+from etl.measures import _center
+from etl.measures import _inv_sigma as _inv_sigma_kept
 
 
 @dataclass
@@ -45,12 +47,9 @@ class SplitWeights:
     """Whether every layer's split head unembedding is kept between batches."""
 
 
-def _center(x: torch.Tensor) -> torch.Tensor:
-    return x - x.mean(dim=-1, keepdim=True)
-
-
 def _inv_sigma(x_centered: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.rsqrt(x_centered.pow(2).mean(dim=-1) + eps)
+    """``[...]`` inverse LayerNorm scale of centred vectors ``[..., d]``."""
+    return _inv_sigma_kept(x_centered, eps)[..., 0]
 
 
 def split_weights(weights, centered: bool) -> SplitWeights:

@@ -93,27 +93,29 @@ def floors(ceil: dict, mean: bool = False) -> dict:
 
 
 def random_layer(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=False,
-                 generator=None, positions=7):
-    """Random ``LayerInputs`` of realistic magnitudes and the unsplit weights they use."""
+                 generator=None, positions=7, device="cuda"):
+    """Random ``LayerInputs`` of realistic magnitudes (both lenses row-scaled, as
+    ``lens_product`` leaves them) and the unsplit weights they use."""
     def r(*shape):
-        return torch.randn(*shape, device="cuda", generator=generator)
+        return torch.randn(*shape, device=device, generator=generator)
+
+    def u(*shape):
+        return torch.rand(*shape, device=device, generator=generator) + 0.5
 
     w = r(n_heads, k, vocab) * (2.0 / math.sqrt(k))
     w_hi, w_lo, w_scale = split_heads(w)
-    slots = n_slots(n_heads, last)
-    u_ds = torch.rand(n_tokens, device="cuda", generator=generator) + 0.5
+    u_ds = u(n_tokens)
     inputs = LayerInputs(
         u=r(n_tokens, vocab) * 4 / u_ds[:, None], u_descale=u_ds,
-        u_next=r(n_tokens, vocab) * 4, u_next_descale=torch.ones(n_tokens, device="cuda"),
+        u_next=r(n_tokens, vocab) * 32, u_next_descale=torch.full((n_tokens,), 0.125,
+                                                                  device=device),
         mbase=r(n_tokens, vocab) * 4, z=r(n_tokens, n_heads, k), w_hi=w_hi, w_lo=w_lo,
-        w_scale=w_scale, bo=r(vocab) * 0.5,
-        bo_mult=torch.rand(n_tokens, device="cuda", generator=generator) + 0.5,
+        w_scale=w_scale, bo=r(vocab) * 0.5, bo_mult=u(n_tokens),
         z_abl=r(n_tokens, n_heads, k) if mean else None,
         mean_lens=r(positions, vocab) if mean else None,
-        positions=(torch.randint(0, positions, (n_tokens,), device="cuda", generator=generator)
+        positions=(torch.randint(0, positions, (n_tokens,), device=device, generator=generator)
                    if mean else None),
-        scales=(torch.rand(n_tokens, slots, device="cuda", generator=generator) + 0.5
-                if scale else None),
+        scales=u(n_tokens, n_slots(n_heads, last)) if scale else None,
         bias=r(vocab) if scale else None, is_last=last)
     return inputs, w
 
@@ -383,7 +385,6 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
     fused_layer.LENS_METHOD = chosen
     ref = measure_batch(_slice(acts, sample, torch.float64), weights64,
                         MeasureOptions(chunk_tokens=1024, fused=False))
-    default_method = fused_layer.LENS_METHOD
     for method, exact in (("cublas", False), ("cublas", True), ("triton", False)):
         fused_layer.LENS_METHOD = method
         fused_layer._MM_OUT_DTYPE["cuda"] = not exact  # exact: the halves in float32 cuBLAS
@@ -395,7 +396,7 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
                          "max_abs_err": _err(got, ref), "err_by_part": _errors_by_part(got, ref)})
         finally:
             fused_layer._MM_OUT_DTYPE["cuda"] = True
-            fused_layer.LENS_METHOD = default_method
+            fused_layer.LENS_METHOD = chosen
         print(json.dumps(rows[-1]), flush=True)
     base = _slice(acts, baseline_tokens, torch.float32)
     options = MeasureOptions(chunk_tokens=1024, fused=False)
@@ -405,8 +406,6 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
     plain = measure_batch(base, weights, options)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    ref = measure_batch(_slice(acts, sample, torch.float64), weights64,
-                        MeasureOptions(chunk_tokens=1024, fused=False))
     plain_sample = _slice(plain, sample, torch.float64)
     rows.append({"lens": "seed", "ablation": "zero", "path": "plain torch (fused=False)",
                  "tokens": base.z.shape[0], "seconds": seconds,

@@ -1,7 +1,6 @@
 """The fused layer kernel (under TRITON_INTERPRET=1) against float64: the kernel alone on odd
 sizes and every mode, the split products, and whole measures through TransformerLens' cache."""
 
-import math
 
 import numpy as np
 import pytest
@@ -21,9 +20,9 @@ from etl.fused_layer import (
     n_slots,
     pow2_scale,
     split_f16,
-    split_heads,
     split_operand,
 )
+from etl.gpu_check import random_layer
 from etl.measures import MeasureOptions, _use_fused, measure_batch
 from tests.reference import reference_measures
 
@@ -31,28 +30,10 @@ SMALL_TILES = KernelConfig(block_t=64, block_v=64, num_warps=4, num_stages=1,
                            merge_block_t=16, merge_block_j=4)
 
 
-def _inputs(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=False, seed=0,
-            magnitude=4.0):
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
-
-    w = r(n_heads, k, vocab) * (2.0 / math.sqrt(k))
-    w_hi, w_lo, w_scale = split_heads(w)
-    u_ds = torch.rand(n_tokens, generator=g) + 0.5
-    positions = 5
-    inputs = LayerInputs(
-        u=r(n_tokens, vocab) * magnitude / u_ds[:, None], u_descale=u_ds,
-        u_next=r(n_tokens, vocab) * magnitude * 8, u_next_descale=torch.full((n_tokens,), 0.125),
-        mbase=r(n_tokens, vocab) * magnitude, z=r(n_tokens, n_heads, k), w_hi=w_hi, w_lo=w_lo,
-        w_scale=w_scale, bo=r(vocab) * 0.5, bo_mult=torch.rand(n_tokens, generator=g) + 0.5,
-        z_abl=r(n_tokens, n_heads, k) if mean else None,
-        mean_lens=r(positions, vocab) if mean else None,
-        positions=torch.randint(0, positions, (n_tokens,), generator=g) if mean else None,
-        scales=torch.rand(n_tokens, n_slots(n_heads, last), generator=g) + 0.5 if scale else None,
-        bias=r(vocab) if scale else None, is_last=last)
-    return inputs, w
+def _inputs(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=False, seed=0):
+    return random_layer(n_tokens, n_heads, k, vocab, scale=scale, mean=mean, last=last,
+                        generator=torch.Generator().manual_seed(seed), positions=5,
+                        device="cpu")
 
 
 def _poisoned(numel):
