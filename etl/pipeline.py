@@ -1,0 +1,197 @@
+"""The extraction loop: device work for one batch overlaps host work for the batches before it.
+
+Per batch, the main thread runs the forward pass and the entropy measures on the device,
+then queues copies of the (small) measures into pinned host buffers on a side stream. A
+single host thread waits for those copies, builds the Arrow tables and hands them to the
+Parquet writer, whose own pool encodes them. At most ``depth`` batches wait for the host:
+when they are all queued, the main thread blocks (back-pressure), so memory stays bounded
+whatever the run's length.
+
+The sequential loop (``pipelined=False``) runs the very same steps one after the other; both
+hand the host step identical arrays in the same order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from etl.measures import BatchMeasures
+
+MEASURE_FIELDS = ("diff", "marginal", "resid")
+
+
+@dataclass
+class LoopTiming:
+    """Busy and waiting seconds of the loop's phases (summed over batches)."""
+
+    forward_s: float = 0.0
+    """Device time of the forward passes (CUDA events on the device, else host clock)."""
+    entropy_s: float = 0.0
+    """Device time of the entropy measures."""
+    host_s: float = 0.0
+    """Host thread building Arrow tables and queueing them to the writer."""
+    device_waited_on_host_s: float = 0.0
+    """Main thread blocked because ``depth`` batches were already waiting for the host:
+    no new device work was queued meanwhile."""
+    host_waited_on_device_s: float = 0.0
+    """Host thread blocked until a batch's device→host copy had landed."""
+    batches: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to the phase ``name`` (thread-safe)."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + seconds)
+
+    def as_dict(self) -> dict:
+        """The figures, rounded to milliseconds."""
+        return {k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in vars(self).items() if not k.startswith("_")}
+
+
+class _DeviceClock:
+    """Marks on the device's stream (CUDA events) or the host clock, read after the fact."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, stop) -> float:
+        if not self.cuda:
+            return stop - start
+        return start.elapsed_time(stop) / 1e3
+
+
+@dataclass
+class StagedBatch:
+    """One batch's measures on their way to the host."""
+
+    start: int
+    stop: int
+    arrays: dict[str, np.ndarray]
+    """``diff`` ``[T, L, H+1]``, ``marginal`` ``[T, L, H+1]``, ``resid`` ``[T, 2L+1]``
+    (float32 nats; views of pinned buffers on CUDA, valid once ``ready`` returns)."""
+    marks: tuple
+    """Clock marks: before the forward, after it, after the measures."""
+    copied: torch.cuda.Event | None = None
+    slot: int = -1
+
+
+class HostStaging:
+    """Pinned host buffers that device→host copies land in, reused round-robin.
+
+    With ``slots`` buffers and at most ``slots - 1`` batches in flight, a buffer is never
+    overwritten while the host still reads it.
+    """
+
+    def __init__(self, device: torch.device, slots: int) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.slots = slots
+        self._next = 0
+        self._buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(slots)]
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def _buffer(self, slot: int, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers[slot].get(name)
+        if buf is None or buf.numel() < like.numel():
+            buf = torch.empty(like.numel(), dtype=like.dtype, pin_memory=True)
+            self._buffers[slot][name] = buf
+        return buf[: like.numel()].view(like.shape)
+
+    def stage(self, start: int, stop: int, measures: BatchMeasures, marks: tuple) -> StagedBatch:
+        """Queue the copies of ``measures`` (no wait on CUDA)."""
+        tensors = {name: getattr(measures, name).to(torch.float32) for name in MEASURE_FIELDS}
+        if not self.cuda:
+            arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+            return StagedBatch(start, stop, arrays, marks)
+        slot = self._next
+        self._next = (self._next + 1) % self.slots
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        hosts = {}
+        with torch.cuda.stream(self._stream):
+            for name, src in tensors.items():
+                dst = self._buffer(slot, name, src)
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(self._stream)  # the allocator keeps it until the copy ends
+                hosts[name] = dst.numpy()
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+        return StagedBatch(start, stop, hosts, marks, copied, slot)
+
+
+def run_loop(spans: Iterable[tuple[int, int]],
+             compute: Callable[[int, int, Callable[[], None]], BatchMeasures],
+             publish: Callable[[int, int, dict[str, np.ndarray]], None],
+             device: torch.device, pipelined: bool, timing: LoopTiming,
+             depth: int = 2) -> None:
+    """Run every span through the device then the host.
+
+    Args:
+        spans: ``(start, stop)`` sequence ranges, one per forward pass, in order.
+        compute: ``(start, stop, mark) -> BatchMeasures`` on the device; it calls ``mark()``
+            once between its forward pass and its measures.
+        publish: ``(start, stop, arrays)`` on the host: builds and queues the batch's rows.
+            It is called in span order, from one thread, and must not keep ``arrays``.
+        device: where ``compute`` runs.
+        pipelined: overlap the host step of earlier batches with the device work.
+        timing: accumulates busy and waiting time.
+        depth: batches that may wait for the host before the device waits.
+    """
+    clock = _DeviceClock(torch.device(device))
+    staging = HostStaging(torch.device(device), slots=depth + 1)
+
+    def host_step(batch: StagedBatch) -> None:
+        if batch.copied is not None:
+            waited = time.perf_counter()
+            batch.copied.synchronize()
+            timing.add("host_waited_on_device_s", time.perf_counter() - waited)
+        began, forwarded, measured = batch.marks
+        timing.add("forward_s", clock.seconds(began, forwarded))
+        timing.add("entropy_s", clock.seconds(forwarded, measured))
+        started = time.perf_counter()
+        publish(batch.start, batch.stop, batch.arrays)
+        timing.add("host_s", time.perf_counter() - started)
+        timing.add("batches", 1)
+
+    def device_step(start: int, stop: int) -> StagedBatch:
+        marks = [clock.mark()]
+        measures = compute(start, stop, lambda: marks.append(clock.mark()))
+        marks.append(clock.mark())
+        if len(marks) != 3:
+            raise RuntimeError("compute must call mark() exactly once")
+        return staging.stage(start, stop, measures, tuple(marks))
+
+    if not pipelined:
+        for start, stop in spans:
+            host_step(device_step(start, stop))
+        return
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-step") as host:
+        try:
+            for start, stop in spans:
+                staged = device_step(start, stop)
+                if len(pending) >= depth:
+                    waited = time.perf_counter()
+                    pending.pop(0).result()
+                    timing.add("device_waited_on_host_s", time.perf_counter() - waited)
+                pending.append(host.submit(host_step, staged))
+            while pending:
+                pending.pop(0).result()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise

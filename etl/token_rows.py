@@ -1,0 +1,94 @@
+"""Rows of the ``tokens`` table, built with numpy and pyarrow (no per-token Python work).
+
+Each token id is decoded once per run; a batch's ``token`` column is a dictionary array over
+the batch's distinct ids, decoded to strings by pyarrow. IOI roles, variants and example
+indices become code arrays once, when the run starts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from etl.corpus import TokenSet
+from etl.warehouse import TOKENS_SCHEMA
+
+
+class TokenStrings:
+    """The text of each token id, decoded on first use and kept for the run."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._text = np.empty(0, dtype=object)
+        self._known = np.zeros(0, dtype=bool)
+
+    def _grow(self, size: int) -> None:
+        if size > self._text.shape[0]:
+            text = np.empty(size, dtype=object)
+            known = np.zeros(size, dtype=bool)
+            text[: self._text.shape[0]] = self._text
+            known[: self._known.shape[0]] = self._known
+            self._text, self._known = text, known
+
+    def lookup(self, ids: np.ndarray) -> pa.Array:
+        """Strings of ``ids`` (any shape, flattened in C order) as a ``pa.string()`` array."""
+        flat = np.asarray(ids).reshape(-1)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        if unique.size == 0:
+            return pa.array([], type=pa.string())
+        self._grow(int(unique[-1]) + 1)
+        missing = unique[~self._known[unique]]
+        if missing.size:
+            decoded = self.tokenizer.batch_decode(missing.reshape(-1, 1).tolist())
+            self._text[missing] = decoded
+            self._known[missing] = True
+        dictionary = pa.array(self._text[unique], type=pa.string())
+        indices = pa.array(inverse.reshape(-1).astype(np.int32))
+        return pa.DictionaryArray.from_arrays(indices, dictionary).dictionary_decode()
+
+
+class TokenRows:
+    """Builds the ``tokens`` rows of any range of a run's sequences."""
+
+    def __init__(self, token_set: TokenSet, tokenizer) -> None:
+        self.token_set = token_set
+        self.strings = TokenStrings(tokenizer)
+        names = sorted(set(token_set.roles.values()))
+        self._role_names = pa.array(names, type=pa.string())
+        self._role_code = np.full(token_set.token_ids.shape, -1, dtype=np.int32)
+        if token_set.roles:
+            where = np.array(list(token_set.roles.keys()), dtype=np.int64).reshape(-1, 2)
+            codes = np.searchsorted(names, list(token_set.roles.values()))
+            self._role_code[where[:, 0], where[:, 1]] = codes
+        self._variant = (None if token_set.variant is None
+                         else pa.array(token_set.variant, type=pa.string()))
+        self._example = (None if token_set.example is None
+                         else np.asarray(token_set.example, dtype=np.int32))
+
+    def table(self, start: int, stop: int) -> pa.Table:
+        """Rows for sequences ``start:stop``, ordered by (seq, position)."""
+        ts = self.token_set
+        ids = ts.token_ids[start:stop]
+        n, length = ids.shape
+        rows = n * length
+        seq_index = np.repeat(np.arange(start, stop, dtype=np.int32), length)
+        positions = np.tile(np.arange(length, dtype=np.int32), n)
+        codes = self._role_code[start:stop].reshape(-1)
+        has_role = codes >= 0
+        roles = pa.DictionaryArray.from_arrays(
+            pa.array(np.where(has_role, codes, 0), mask=~has_role),
+            self._role_names if len(self._role_names) else pa.array([""])).dictionary_decode()
+        variant = (pa.nulls(rows, pa.string()) if self._variant is None
+                   else self._variant.take(pa.array(seq_index)))
+        example = (pa.nulls(rows, pa.int32()) if self._example is None
+                   else pa.array(self._example[seq_index]))
+        return pa.table({
+            "seq": seq_index, "position": positions,
+            "token_id": ids.reshape(-1).astype(np.int32),
+            "token": self.strings.lookup(ids),
+            "is_bos": positions == 0,
+            "is_pad": ts.is_pad[start:stop].reshape(-1),
+            "role": roles,
+            "variant": variant,
+            "example": example,
+        }, schema=TOKENS_SCHEMA)

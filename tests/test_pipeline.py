@@ -1,0 +1,245 @@
+"""The extraction loop: pipelined and sequential runs store the same rows; errors surface."""
+
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from etl import warehouse as warehouse_module
+from etl.corpus import TokenSet, ioi_token_set
+from etl.extract import main as extract_main
+from etl.measures import BatchMeasures
+from etl.pipeline import LoopTiming, run_loop
+from etl.token_rows import TokenRows
+from etl.warehouse import RunWriter, component_table
+from queries.db import connect
+
+TEXT = "The warehouse keeps every number it is given, and the numbers keep coming. " * 40
+
+
+@pytest.fixture(scope="module")
+def text_glob(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    (folder / "story.txt").write_text(TEXT)
+    return str(folder / "*.txt")
+
+
+def _extract(checkpoint, root, *args):
+    return extract_main(["--model", str(checkpoint), "--warehouse", str(root), "--no-progress",
+                         "--device", "cpu", "--dataset", "text", *args])
+
+
+def _rows(root, run_id):
+    con = connect(root)
+    out = {}
+    for table in ("component_entropy", "resid_entropy", "tokens"):
+        out[table] = con.sql(f"select * exclude (run_id) from {table} where run_id = "
+                             f"'{run_id}' order by all").fetchall()
+    return out
+
+
+@pytest.mark.parametrize("lens,ablation", [("seed", "zero"), ("recomputed", "mean")])
+def test_pipelined_and_sequential_loops_store_identical_shards(tiny_checkpoint, text_glob,
+                                                               tmp_path, lens, ablation):
+    common = ["--data-files", text_glob, "--n-batches", "3", "--batch-size", "2",
+              "--seq-len", "24", "--lens", lens, "--ablation", ablation]
+    assert _extract(tiny_checkpoint, tmp_path, *common, "--pipeline", "off",
+                    "--run-id", "seq") == 0
+    assert _extract(tiny_checkpoint, tmp_path, *common, "--pipeline", "on",
+                    "--run-id", "pipe") == 0
+    for table in ("component_entropy", "resid_entropy", "tokens"):
+        seq_files = sorted((tmp_path / table / "run_id=seq").glob("*.parquet"))
+        pipe_files = sorted((tmp_path / table / "run_id=pipe").glob("*.parquet"))
+        assert len(seq_files) == 3 and [p.name for p in seq_files] == [p.name for p in
+                                                                       pipe_files]
+        for a, b in zip(seq_files, pipe_files, strict=True):
+            assert a.read_bytes() == b.read_bytes(), f"{table}/{a.name} differs"
+    seq_rows, pipe_rows = _rows(tmp_path, "seq"), _rows(tmp_path, "pipe")
+    assert seq_rows == pipe_rows
+    assert len(seq_rows["component_entropy"]) == 6 * 24 * 2 * 5  # seqs·positions·layers·comps
+
+
+def test_forward_size_changes_shards_not_rows(tiny_checkpoint, text_glob, tmp_path):
+    common = ["--data-files", text_glob, "--n-batches", "3", "--batch-size", "2",
+              "--seq-len", "24"]
+    assert _extract(tiny_checkpoint, tmp_path, *common, "--run-id", "by2") == 0
+    assert _extract(tiny_checkpoint, tmp_path, *common, "--forward-tokens", "72",
+                    "--pipeline", "on", "--run-id", "by3") == 0
+    assert len(list((tmp_path / "tokens" / "run_id=by3").glob("*.parquet"))) == 2
+    a, b = _rows(tmp_path, "by2"), _rows(tmp_path, "by3")
+    assert a["tokens"] == b["tokens"]
+    for table in ("component_entropy", "resid_entropy"):
+        x = np.array([r[-1] if table == "resid_entropy" else r[-2:] for r in a[table]],
+                     dtype=float)
+        y = np.array([r[-1] if table == "resid_entropy" else r[-2:] for r in b[table]],
+                     dtype=float)
+        assert x.shape == y.shape and np.allclose(x, y, atol=1e-5, rtol=0)
+
+
+def _fake_measures(n_tokens: int, value: float) -> BatchMeasures:
+    return BatchMeasures(diff=torch.full((n_tokens, 2, 3), value),
+                         marginal=torch.full((n_tokens, 2, 3), -value),
+                         resid=torch.full((n_tokens, 5), value))
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_loop_hands_every_batch_to_the_host_in_order(pipelined):
+    seen = []
+
+    def compute(start, stop, mark):
+        mark()
+        return _fake_measures(stop - start, float(start))
+
+    def publish(start, stop, arrays):
+        assert arrays["diff"].shape == (stop - start, 2, 3)
+        assert np.all(arrays["diff"] == start) and np.all(arrays["marginal"] == -start)
+        seen.append((start, stop, threading.current_thread().name))
+
+    timing = LoopTiming()
+    spans = [(i, i + 2) for i in range(0, 20, 2)]
+    run_loop(spans, compute, publish, torch.device("cpu"), pipelined, timing)
+    assert [(a, b) for a, b, _ in seen] == spans
+    assert timing.batches == len(spans)
+    threads = {name for _, _, name in seen}
+    assert (threads == {threading.current_thread().name}) != pipelined
+
+
+def test_back_pressure_bounds_the_batches_waiting_for_the_host():
+    computed, published, most = [0], [0], [0]
+
+    def compute(start, stop, mark):
+        computed[0] += 1
+        most[0] = max(most[0], computed[0] - published[0])
+        mark()
+        return _fake_measures(1, 0.0)
+
+    def publish(start, stop, arrays):
+        time.sleep(0.02)
+        published[0] += 1
+
+    timing = LoopTiming()
+    run_loop([(i, i + 1) for i in range(12)], compute, publish, torch.device("cpu"), True,
+             timing, depth=2)
+    assert published[0] == 12
+    assert most[0] <= 3  # `depth` waiting for the host, plus the one being computed
+    assert timing.device_waited_on_host_s > 0.05
+
+
+def test_a_host_error_stops_the_loop_and_is_raised():
+    computed = []
+
+    def compute(start, stop, mark):
+        computed.append(start)
+        mark()
+        return _fake_measures(1, 0.0)
+
+    def publish(start, stop, arrays):
+        if start == 3:
+            raise OSError("disk full while writing batch 3")
+
+    with pytest.raises(OSError, match="batch 3"):
+        run_loop([(i, i + 1) for i in range(50)], compute, publish, torch.device("cpu"),
+                 True, LoopTiming(), depth=2)
+    assert len(computed) <= 3 + 2 + 2  # stopped within `depth` batches of the failure
+
+
+def test_a_device_error_cancels_queued_host_work():
+    published = []
+
+    def compute(start, stop, mark):
+        if start == 4:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        mark()
+        return _fake_measures(1, 0.0)
+
+    def publish(start, stop, arrays):
+        time.sleep(0.05)
+        published.append(start)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_loop([(i, i + 1) for i in range(10)], compute, publish, torch.device("cpu"),
+                 True, LoopTiming(), depth=2)
+    assert published == sorted(published) and max(published) < 4
+
+
+def test_a_failed_shard_write_fails_the_run_and_publishes_nothing(tiny_checkpoint, text_glob,
+                                                                  tmp_path, monkeypatch,
+                                                                  capsys):
+    real = warehouse_module.pq.write_table
+    calls = [0]
+
+    def failing(table, where, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(28, "No space left on device")
+        return real(table, where, **kwargs)
+
+    monkeypatch.setattr(warehouse_module.pq, "write_table", failing)
+    with pytest.raises(OSError, match="No space left"):
+        _extract(tiny_checkpoint, tmp_path, "--data-files", text_glob, "--n-batches", "3",
+                 "--batch-size", "2", "--seq-len", "24", "--pipeline", "on",
+                 "--run-id", "doomed")
+    assert calls[0] >= 4
+    assert not (tmp_path / "runs" / "run_id=doomed").exists()
+    assert not (tmp_path / "component_entropy" / "run_id=doomed").exists()
+    assert not (tmp_path / "_staging" / "doomed").exists()
+
+
+def test_writer_raises_a_failed_shard_at_the_next_write(tmp_path, monkeypatch):
+    def failing(table, where, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(warehouse_module.pq, "write_table", failing)
+    writer = RunWriter(tmp_path, "w", workers=1)
+    diff = np.zeros((4, 1, 2), np.float32)
+    table = component_table(diff, diff, np.zeros(4), np.arange(4))
+    with pytest.raises(OSError, match="Input/output"):
+        for _ in range(10):  # a failure is reported by a later write, or else by flush
+            writer.write("component_entropy", table)
+        writer.flush()
+    writer.abort()
+
+
+def test_shards_are_cut_into_row_groups(tmp_path, monkeypatch):
+    monkeypatch.setattr(warehouse_module, "ROW_GROUP_ROWS", 100)
+    writer = RunWriter(tmp_path, "rg", workers=2)
+    diff = np.random.default_rng(0).random((25, 2, 5), dtype=np.float32)
+    table = component_table(diff, diff, np.zeros(25), np.arange(25))
+    writer.write("component_entropy", table)
+    writer.flush()
+    meta = pq.ParquetFile(writer.staging / "component_entropy" / "part-00000.parquet").metadata
+    assert meta.num_rows == 250 and meta.num_row_groups == 3
+    assert writer.busy_s > 0
+    writer.abort()
+
+
+def _tokens_reference(token_set, tokenizer, start, stop):
+    """One row at a time, as plain Python: the oracle for ``TokenRows``."""
+    rows = []
+    for s in range(start, stop):
+        for p in range(token_set.seq_len):
+            tid = int(token_set.token_ids[s, p])
+            rows.append({
+                "seq": s, "position": p, "token_id": tid,
+                "token": tokenizer.decode([tid]), "is_bos": p == 0,
+                "is_pad": bool(token_set.is_pad[s, p]),
+                "role": token_set.roles.get((s, p)),
+                "variant": None if token_set.variant is None else token_set.variant[s],
+                "example": None if token_set.example is None else token_set.example[s],
+            })
+    return rows
+
+
+def test_token_rows_equal_a_row_by_row_reference(tokenizer):
+    ioi = ioi_token_set(tokenizer, 7, 420, "both")
+    ids = np.random.default_rng(1).integers(0, 50257, (5, 9))
+    text = TokenSet(token_ids=ids, is_pad=np.zeros_like(ids, bool))
+    for token_set, spans in ((ioi, [(0, 3), (3, 14), (13, 14)]), (text, [(0, 2), (2, 5)])):
+        rows = TokenRows(token_set, tokenizer)
+        for start, stop in spans:
+            assert rows.table(start, stop).to_pylist() == _tokens_reference(
+                token_set, tokenizer, start, stop)
+    assert any(r["role"] == "S2" for r in TokenRows(ioi, tokenizer).table(0, 14).to_pylist())
