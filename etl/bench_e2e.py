@@ -148,7 +148,7 @@ def _timed_run(config: ExtractConfig, root: Path, run_id: str, device: str, mode
 
 
 def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "seed",
-            forward_tokens: int = 0, cpu_check_seqs: int = 2,
+            forward_tokens: int = 0, cpu_check_seqs: int = 1,
             modes: tuple[str, ...] = ("off", "on"), sweep: tuple[int, ...] = ()) -> dict:
     """Extract ``n_tokens`` generated tokens once per pipeline mode in ``modes`` (with
     ``forward_tokens`` per forward pass, 0 = the extraction's default), then once per value
