@@ -1,8 +1,8 @@
 """``python -m etl.bench --e2e``: whole extractions, tokens to published Parquet, timed.
 
 A benchmark, not a test. On one set of generated documents it runs ``etl.extract`` through
-the real writer into a temporary warehouse, sequential loop first (the baseline) and then
-the pipelined loop, and reports for each: tokens/s end to end (model load excluded,
+the real writer into a temporary warehouse, after one untimed warm-up batch: sequential loop
+first (the baseline), then the pipelined loop; it reports for each: tokens/s end to end (model load excluded,
 publishing included), each phase's busy time, how long the device waited on the host and
 the host on the device, the writer's rows/s per core, and peak memory. It also times the
 forward pass with the hooks the measures read against the same model's plain forward (its
@@ -173,6 +173,9 @@ def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "seed",
             return dict(forward_floor(model, sample, device), sequences=per_forward)
 
         floor = floor_at(config)
+        # Untimed warm-up (kernel compilation, allocator pools) so that no timed run pays it.
+        warm = ExtractConfig(**{**vars(config), "n_batches": 1})
+        _timed_run(warm, root, "e2e-warm-up", device, modes[0], model)
         runs = {mode: _timed_run(config, root, f"e2e-{mode}", device, mode, model)
                 for mode in modes}
         swept = {}
