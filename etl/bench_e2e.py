@@ -1,13 +1,13 @@
 """``python -m etl.bench --e2e``: whole extractions, tokens to published Parquet, timed.
 
 A benchmark, not a test. On one set of generated documents it runs ``etl.extract`` through
-the real writer into a temporary warehouse, after one untimed warm-up batch: sequential loop
-first (the baseline), then the pipelined loop; it reports for each: tokens/s end to end (model load excluded,
-publishing included), each phase's busy time, how long the device waited on the host and
-the host on the device, the writer's rows/s per core, and peak memory. It also times the
-forward pass with the hooks the measures read against the same model's plain forward (its
-floor), checks that both loops stored the same rows, and compares the stored rows of the
-first sequences with the CPU path.
+the real writer into a temporary warehouse, after one untimed warm-up batch: sequential
+loop first (the baseline), then the pipelined loop. It reports for each: tokens/s end to
+end (model load excluded, publishing included), each phase's busy time, how long the device
+waited on the host and the host on the device, the writer's rows/s per core, and peak
+memory. It also times the forward pass with the hooks the measures read against the same
+model's plain forward (its floor), checks that both loops stored the same rows, and compares
+the stored rows of the first sequence with the CPU path.
 
     python -m etl.bench --e2e --device cpu --tokens 4000 --model data/models/gpt2-mini-random
     python -m etl.bench --e2e --device cuda --tokens 100000 --json
@@ -149,14 +149,14 @@ def _timed_run(config: ExtractConfig, root: Path, run_id: str, device: str, mode
 
 def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "seed",
             forward_tokens: int = 0, cpu_check_seqs: int = 1,
-            modes: tuple[str, ...] = ("off", "on"), sweep: tuple[int, ...] = ()) -> dict:
-    """Extract ``n_tokens`` generated tokens once per pipeline mode in ``modes`` (with
-    ``forward_tokens`` per forward pass, 0 = the extraction's default), then once per value
-    in ``sweep`` through the pipelined loop; returns the figures (see the module
-    docstring)."""
+            modes: tuple[str, ...] = ("off", "on"), sweep: tuple[int, ...] = (),
+            seq_len: int = E2E_SEQ_LEN, batch_size: int = ExtractConfig.batch_size) -> dict:
+    """Extract ``n_tokens`` generated tokens (whole batches of ``batch_size`` sequences of
+    ``seq_len``) once per pipeline mode in ``modes`` (with ``forward_tokens`` per forward
+    pass, 0 = the extraction's default), then once per value in ``sweep`` through the
+    pipelined loop; returns the figures (see the module docstring)."""
     model = load_model(model_path, device=device)
-    seq_len = min(E2E_SEQ_LEN, int(model.cfg.n_ctx))
-    batch_size = ExtractConfig.batch_size
+    seq_len = min(seq_len, int(model.cfg.n_ctx))
     n_batches = max(1, -(-n_tokens // (seq_len * batch_size)))
     n_seqs = n_batches * batch_size
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:

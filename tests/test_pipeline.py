@@ -243,3 +243,20 @@ def test_token_rows_equal_a_row_by_row_reference(tokenizer):
             assert rows.table(start, stop).to_pylist() == _tokens_reference(
                 token_set, tokenizer, start, stop)
     assert any(r["role"] == "S2" for r in TokenRows(ioi, tokenizer).table(0, 14).to_pylist())
+
+
+def test_e2e_bench_reports_both_loops_and_checks_their_rows(tiny_checkpoint):
+    from etl.bench_e2e import report, run_e2e
+
+    r = run_e2e(str(tiny_checkpoint), "cpu", 64, seq_len=16, batch_size=2, sweep=(16,))
+    assert r["tokens"] == 64 and r["seq_len"] == 16
+    assert r["loops_store_identical_rows"] is True
+    assert r["max_abs_err_vs_cpu_path"] < 1e-6
+    for mode, run in r["runs"].items():
+        assert run["pipelined"] == (mode == "on")
+        assert run["rows"] == 64 * (2 * 5 + 2 * 2 + 1 + 1)  # components, residuals, tokens
+        assert run["batches"] == 2 and run["tokens_per_s"] > 0 and run["forward_s"] > 0
+    assert r["sweep"]["16"]["sequences_per_forward"] == 1 and r["sweep"]["16"]["batches"] == 4
+    assert r["forward_floor"]["hooked_over_plain"] > 0
+    text = report(r)
+    assert "pipelined / sequential" in text and "identical rows: True" in text
