@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,24 @@ def build_parser():
     return parser
 
 
+def check_out_folder(out: Path) -> None:
+    """Raise ``UserError`` unless ``out`` is a writable folder or can be created as one
+    (nothing is created here)."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {str(out)!r} is a file; give a folder")
+        existing = out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"cannot create --out {str(out)!r}: {str(existing)!r} is a file")
+    except OSError as exc:
+        raise UserError(f"cannot use --out {str(out)!r}: "
+                        f"{exc.strerror or ' '.join(str(exc).split())}") from exc
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write --out {str(out)!r}: {str(existing)!r} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for bad input)."""
     from analysis.render import CHARTS, render
@@ -50,11 +69,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<{width}}  {spec.description} (query {spec.query})")
             return 0
         formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+        out = Path(args.out)
+        check_out_folder(out)
         bar = tqdm(desc="charts", unit="chart", disable=args.no_progress)
-        written = render(Path(args.warehouse), Path(args.out), runs=args.runs,
-                         formats=formats, only=args.charts,
-                         progress=lambda name, runs: bar.update())
-        bar.close()
+        try:
+            written = render(Path(args.warehouse), out, runs=args.runs, formats=formats,
+                             only=args.charts, progress=lambda name, runs: bar.update())
+        except OSError as exc:
+            raise UserError(f"cannot write the charts to {str(out)!r}: "
+                            f"{exc.strerror or ' '.join(str(exc).split())}") from exc
+        finally:
+            bar.close()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -5,8 +5,12 @@ Subcommands:
     show NAME            the SQL of a saved query
     run NAME             run a saved query (--param k=v to change its parameters)
     sql "SELECT ..."     ad-hoc SQL against the views
-    check                run the data tests; exit code 1 names the failing ones
+    check                check every run's files against its manifest, then the data tests;
+                         exit code 1 names the failing files and tests
     shell                the DuckDB shell with the views loaded
+
+``run`` and ``sql`` are read-only: they take SELECT statements only and cannot touch files
+outside the warehouse. ``shell`` is a full DuckDB session.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import duckdb
 
 from etl.cli import ArgumentParser
 from etl.errors import UserError
-from queries.db import connect, views_sql
-from queries.output import FORMATS, render, write_result
+from queries.catalog import Run, partial_runs, run_problems, stray_files
+from queries.db import complete_runs, connect, init_sql, open_views, usable_runs
+from queries.output import FORMATS, check_output, render, write_result
 from queries.saved import data_checks, get_query, saved_queries
 
 DEFAULT_WAREHOUSE = "data/warehouse"
@@ -74,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_param_arg(sql)
     _add_output_args(sql)
 
-    sub.add_parser("check", help="run the data tests (exit code 1 when one fails)",
-                   description="Run every data test in queries/checks/: each returns the "
-                               "offending rows, and passes when it returns none.")
+    sub.add_parser("check", help="check the runs' files and data (exit code 1 when one "
+                                 "fails)",
+                   description="Check that every file a run's manifest lists exists and "
+                               "matches its row count and sha256, then run every data test "
+                               "in queries/checks/ over the runs whose files are sound (each "
+                               "returns the offending rows, and passes when it returns none). "
+                               "WARN lines report partial runs and stray files.")
 
     shell = sub.add_parser("shell", help="open the DuckDB shell with the views loaded",
                            description="Start the duckdb shell (package duckdb-cli) with the "
@@ -110,6 +119,35 @@ def _sql_error(exc: duckdb.Error) -> UserError:
     return UserError(f"SQL error: {text}")
 
 
+READ_ONLY = ("only SELECT statements are allowed here; use python -m queries shell for a "
+             "full DuckDB session")
+_EXPLAIN = re.compile(r"^\s*explain\s+(?:analyze\s+)?(?:\([^)]*\)\s*)?", re.IGNORECASE)
+
+
+def _statement_types(sql: str) -> list[tuple[duckdb.StatementType, str]]:
+    try:
+        return [(st.type, st.query) for st in duckdb.connect().extract_statements(sql)]
+    except duckdb.Error as exc:
+        raise _sql_error(exc) from exc
+
+
+def ensure_select(sql: str) -> None:
+    """Raise ``UserError`` unless ``sql`` holds only SELECT statements (or EXPLAIN of one).
+
+    COPY, ATTACH, INSTALL, LOAD, CREATE, INSERT, PRAGMA, SET, EXPORT and the rest could
+    write files or change the session; they belong in ``python -m queries shell``."""
+    statements = _statement_types(sql)
+    if not statements:
+        raise UserError("no SQL statement given")
+    for kind, text in statements:
+        if kind == duckdb.StatementType.EXPLAIN:
+            inner = _statement_types(_EXPLAIN.sub("", text, count=1))
+            if [k for k, _ in inner] != [duckdb.StatementType.SELECT]:
+                raise UserError(READ_ONLY)
+        elif kind != duckdb.StatementType.SELECT:
+            raise UserError(READ_ONLY)
+
+
 def run_sql(con: duckdb.DuckDBPyConnection, query: str, params: dict | None = None):
     """Run ``query`` with ``$name`` ``params``; a polars DataFrame, or one-line UserError."""
     try:
@@ -134,20 +172,23 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    query = get_query(args.name)
-    params = query.bind(_split_params(args.param))
-    con = connect(Path(args.warehouse))
-    frame = run_sql(con, query.sql, params)
+def _read_only_query(args: argparse.Namespace, sql: str, params: dict) -> int:
+    """Check ``sql`` and the output first, then run it on a locked-down connection."""
+    ensure_select(sql)
+    check_output(args.output, args.format)
+    con = connect(Path(args.warehouse), read_only=True)
+    frame = run_sql(con, sql, params)
     write_result(frame, args.format, args.output, args.max_rows)
     return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    query = get_query(args.name)
+    return _read_only_query(args, query.sql, query.bind(_split_params(args.param)))
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    con = connect(Path(args.warehouse))
-    frame = run_sql(con, args.query, _split_params(args.param))
-    write_result(frame, args.format, args.output, args.max_rows)
-    return 0
+    return _read_only_query(args, args.query, _split_params(args.param))
 
 
 def run_checks(con: duckdb.DuckDBPyConnection) -> dict[str, object]:
@@ -155,8 +196,37 @@ def run_checks(con: duckdb.DuckDBPyConnection) -> dict[str, object]:
     return {name: run_sql(con, check.sql) for name, check in data_checks().items()}
 
 
+def check_files(root: Path, runs: list[Run]) -> tuple[list[Run], int]:
+    """Print a FAIL line per bad file (missing, unreadable footer, row count or sha256 not as
+    in the manifest) and WARN lines for partial runs and stray files.
+
+    Returns:
+        The runs whose files are all sound, and the number of bad files.
+    """
+    problems = {run.run_id: run_problems(run, full=True) for run in runs}
+    bad = [p for found in problems.values() for p in found]
+    for problem in bad:
+        print(f"FAIL files: {problem}")
+    if not bad:
+        n_files = sum(len(run.shards) for run in runs)
+        print(f"PASS files: {n_files:,} files of {len(runs)} runs match their manifests")
+    for run_id in partial_runs(root):
+        print(f"WARN partial run {run_id}: run the same extract command again to resume it, "
+              "or pass --restart")
+    for path in stray_files(root, runs):
+        print(f"WARN stray file {path}: no manifest lists it, so no view reads it")
+    return [run for run in runs if not problems[run.run_id]], len(bad)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    results = run_checks(connect(Path(args.warehouse)))
+    runs = complete_runs(Path(args.warehouse))
+    root = Path(args.warehouse).resolve()
+    sound, n_bad = check_files(root, runs)
+    if not sound:
+        print("FAIL data tests: no run with sound files to test")
+        print(f"0 passed, {n_bad} bad files")
+        return 1
+    results = run_checks(open_views(root, sound, read_only=True))
     failed = [name for name, frame in results.items() if frame.height]
     for name, frame in results.items():
         if frame.height:
@@ -164,8 +234,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
             sys.stdout.write(render(frame, "table", max_rows=5))
         else:
             print(f"PASS {name}")
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    tail = f", {n_bad} bad files" if n_bad else ""
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed{tail}")
+    return 1 if failed or n_bad else 0
 
 
 def _cmd_shell(args: argparse.Namespace) -> int:
@@ -174,11 +245,9 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     if exe is None:
         raise UserError("the duckdb shell is not installed; pip install duckdb-cli (it comes "
                         "with the test extra)")
-    connect(Path(args.warehouse)).close()  # one clear error for a missing/empty warehouse
-    root = str(Path(args.warehouse).resolve()).replace("'", "''")
+    runs = usable_runs(complete_runs(Path(args.warehouse)))
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as init:
-        init.write(f"set variable warehouse = '{root}';\n")
-        init.write(views_sql())
+        init.write(init_sql(Path(args.warehouse).resolve(), runs))
     command = [exe, "-init", init.name]
     if args.shell_command:
         command += ["-c", args.shell_command]

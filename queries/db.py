@@ -1,13 +1,21 @@
-"""Open a DuckDB connection with the warehouse views defined."""
+"""Open a DuckDB connection with the warehouse views defined.
+
+``queries/views.sql`` reads the files listed in DuckDB variables (``manifest_files`` and
+``<table>_files``). ``connect`` sets them to the files of the complete runs whose shards
+pass a cheap check, so runs being written, stray files and runs with a corrupt shard stay
+invisible; a plain ``duckdb -init queries/views.sql`` derives them from the manifests.
+"""
 
 from __future__ import annotations
 
+import sys
 from importlib import resources
 from pathlib import Path
 
 import duckdb
 
 from etl.errors import UserError
+from queries.catalog import TABLES, Run, read_runs, run_problems
 
 
 def views_sql() -> str:
@@ -20,9 +28,8 @@ def has_runs(warehouse: Path) -> bool:
     return any(Path(warehouse).glob("runs/*/manifest.json"))
 
 
-def connect(warehouse: Path | str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with ``runs``, ``tokens``, ``component_entropy`` and
-    ``resid_entropy`` defined over ``warehouse``.
+def complete_runs(warehouse: Path | str) -> list[Run]:
+    """The complete runs of ``warehouse`` (an absolute path is used for their files).
 
     Raises:
         UserError: the warehouse does not exist or holds no complete run.
@@ -34,11 +41,94 @@ def connect(warehouse: Path | str) -> duckdb.DuckDBPyConnection:
     if not has_runs(root):
         raise UserError(f"warehouse {str(root)!r} has no complete run yet; write one with "
                         "python -m etl.extract --warehouse DIR")
+    return read_runs(root.resolve())
+
+
+def usable_runs(runs: list[Run], warn: bool = True) -> list[Run]:
+    """The runs whose files pass the cheap check (exist, footer readable, row counts as in
+    the manifest). Each run left out gets one warning line on stderr.
+
+    Raises:
+        UserError: no run is usable.
+    """
+    good = []
+    for run in runs:
+        problems = run_problems(run)
+        if not problems:
+            good.append(run)
+        elif warn:
+            print(f"warning: left out {problems[0]}; run python -m queries check",
+                  file=sys.stderr)
+    if not good:
+        raise UserError(f"every run of the warehouse has a bad file (first: "
+                        f"{run_problems(runs[0])[0]}); run python -m queries check")
+    return good
+
+
+def view_variables(root: Path, runs: list[Run]) -> dict[str, object]:
+    """The DuckDB variables ``views.sql`` reads: the warehouse root, the manifests of
+    ``runs`` and, per table, the shard files they list."""
+    values: dict[str, object] = {
+        "warehouse": str(root),
+        "manifest_files": [str(run.manifest) for run in runs],
+    }
+    for table in TABLES:
+        values[f"{table}_files"] = [str(s.path) for run in runs for s in run.shards
+                                    if s.table == table]
+    return values
+
+
+def _sql_literal(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_sql_literal(v) for v in value) + "]::varchar[]"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def init_sql(root: Path, runs: list[Run]) -> str:
+    """A script for the DuckDB shell: the variables of ``runs``, then ``views.sql``."""
+    lines = [f"set variable {name} = {_sql_literal(value)};"
+             for name, value in view_variables(root, runs).items()]
+    return "\n".join(lines) + "\n" + views_sql()
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """Make ``con`` read-only outside the warehouse: no file access except under ``root``,
+    no extension installs, and no way to change these settings back."""
+    con.execute("set allowed_directories = $dirs",
+                {"dirs": [str(Path(root).resolve()).rstrip("/") + "/"]})
+    con.execute("set enable_external_access = false")
+    con.execute("set autoinstall_known_extensions = false")
+    con.execute("set lock_configuration = true")
+
+
+def open_views(root: Path, runs: list[Run], read_only: bool = False
+               ) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with the views over exactly the files of ``runs``
+    (locked down with ``lock_down`` when ``read_only``)."""
     con = duckdb.connect()
-    con.execute("set variable warehouse = $root", {"root": str(root.resolve())})
     try:
+        for name, value in view_variables(root, runs).items():
+            cast = "::varchar[]" if isinstance(value, list) else ""
+            con.execute(f"set variable {name} = $value{cast}", {"value": value})
         con.execute(views_sql())
     except duckdb.Error as exc:
         raise UserError(f"could not open the views over {str(root)!r}: "
                         f"{str(exc).splitlines()[0]}") from exc
+    if read_only:
+        lock_down(con, root)
     return con
+
+
+def connect(warehouse: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with ``runs``, ``tokens``, ``component_entropy`` and
+    ``resid_entropy`` defined over the complete runs of ``warehouse``.
+
+    Only the files the manifests list are read. A run with a missing or unreadable file is
+    left out, with a warning on stderr. ``read_only``: see ``lock_down``.
+
+    Raises:
+        UserError: the warehouse does not exist, holds no complete run, or no usable one.
+    """
+    runs = complete_runs(warehouse)
+    root = Path(warehouse).resolve()
+    return open_views(root, usable_runs(runs), read_only=read_only)

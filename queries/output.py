@@ -41,20 +41,48 @@ def render(frame: pl.DataFrame, fmt: str, max_rows: int = 100) -> str:
     raise UserError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
 
 
+def check_output(output: Path | None, fmt: str) -> None:
+    """Raise ``UserError`` when ``--output``/``--format`` cannot work: parquet without a
+    file, an existing folder, or a file in a folder that does not exist."""
+    if fmt == "parquet" and output is None:
+        raise UserError("--format parquet needs --output FILE")
+    if output is None:
+        return
+    output = Path(output)
+    try:
+        if output.is_dir():
+            raise UserError(f"--output {str(output)!r} is a folder; give a file name")
+        folder = output.parent
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise UserError(f"cannot write --output {str(output)!r}: {str(folder)!r} {what}")
+    except OSError as exc:
+        raise UserError(f"cannot write --output {str(output)!r}: "
+                        f"{exc.strerror or ' '.join(str(exc).split())}") from exc
+
+
 def write_result(frame: pl.DataFrame, fmt: str, output: Path | None = None,
                  max_rows: int = 100) -> None:
-    """Write ``frame`` to ``output`` (a file) or stdout. Parquet needs ``--output``."""
-    if fmt == "parquet":
-        if output is None:
-            raise UserError("--format parquet needs --output FILE")
-        frame.write_parquet(output, compression="zstd")
-        return
+    """Write ``frame`` to ``output`` (a file) or stdout. Parquet needs ``--output``.
+
+    Raises:
+        UserError: the output cannot be written (see ``check_output``, or an OS error).
+    """
+    check_output(output, fmt)
     if output is not None and fmt == "table":
         max_rows = frame.height
-    text = render(frame, fmt, max_rows=max_rows)
-    if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        Path(output).write_text(text, encoding="utf-8")
+    try:
+        if fmt == "parquet":
+            frame.write_parquet(output, compression="zstd")
+        elif output is None:
+            sys.stdout.write(render(frame, fmt, max_rows=max_rows))
+            sys.stdout.flush()
+        else:
+            Path(output).write_text(render(frame, fmt, max_rows=max_rows), encoding="utf-8")
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        target = "to stdout" if output is None else f"--output {str(output)!r}"
+        raise UserError(f"cannot write {target}: "
+                        f"{exc.strerror or ' '.join(str(exc).split())}") from exc
 

@@ -1,12 +1,17 @@
 -- Views over the entropy warehouse's Parquet files and run manifests.
 --
--- The warehouse root is the DuckDB variable `warehouse`; it defaults to 'data/warehouse'
--- (relative paths resolve against the working directory when a query runs). From the
+-- Only complete runs are visible (a run is complete once runs/run_id=<id>/manifest.json
+-- exists), and of those only the files their manifests list: a run being written, files of
+-- another generation and stray files never show. The views read the files named in the
+-- DuckDB variables manifest_files and <table>_files. `python -m queries` sets them to the
+-- runs whose files pass a check; without them this script derives them from the manifests
+-- under the variable `warehouse` (default 'data/warehouse'), once, when it runs. From the
 -- DuckDB shell, in the project root:
 --     duckdb -init queries/views.sql
 -- or, for another warehouse:
---     duckdb -cmd "SET VARIABLE warehouse = '/path/to/warehouse'" -init queries/views.sql
--- (`python -m queries --warehouse DIR ...` sets the variable for you.)
+--     duckdb -cmd "set variable warehouse = '/path/to/warehouse'" -cmd ".read queries/views.sql"
+-- (`python -m queries --warehouse DIR shell` does this for you). Run `.read
+-- queries/views.sql` again to see runs completed since.
 --
 -- Views:
 --   runs(run_id, created_at, model, dataset, lens, ablation, n_layers, n_heads, n_seqs,
@@ -20,6 +25,95 @@
 -- Entropies are in nats; positive diffs and marginals increase entropy.
 
 set variable warehouse = coalesce(getvariable('warehouse'), 'data/warehouse');
+
+-- The files to read, unless already set: every manifest, and the shards each lists.
+
+set variable manifest_files = coalesce(
+    getvariable('manifest_files'),
+    (select coalesce(list(file order by file), []::varchar[])
+     from glob(getvariable('warehouse') || '/runs/*/manifest.json'))
+);
+
+-- manifest_shards(tbl): the files of table tbl that the manifests in manifest_files list:
+-- their `shards` entries (schema version 2), or every *.parquet file of the run's partition
+-- folder when a manifest has no `shards` (schema version 1).
+create or replace macro manifest_shards(tbl) as table
+    with manifests as (
+        select regexp_extract(filename, '([^/]+)/manifest\.json$', 1) as folder,
+               json_extract(content, '$.shards') as shards
+        from read_text(getvariable('manifest_files'))
+    ),
+    listed as (
+        select folder, unnest(json_extract_string(shards, '$.' || tbl || '[*].file')) as name
+        from manifests
+        where shards is not null
+    ),
+    globbed as (
+        select file, regexp_extract(file, '([^/]+)/[^/]+$', 1) as folder
+        from glob(getvariable('warehouse') || '/' || tbl || '/*/*.parquet')
+    ),
+    final as (
+        select getvariable('warehouse') || '/' || tbl || '/' || folder || '/' || name as file
+        from listed
+        where name not like '%/%' and name not in ('', '.', '..')
+        union all
+        select file
+        from globbed
+        semi join (select folder from manifests where shards is null) using (folder)
+    )
+    select * from final;
+
+set variable component_entropy_files = coalesce(
+    getvariable('component_entropy_files'),
+    (select coalesce(list(file order by file), []::varchar[])
+     from manifest_shards('component_entropy'))
+);
+set variable resid_entropy_files = coalesce(
+    getvariable('resid_entropy_files'),
+    (select coalesce(list(file order by file), []::varchar[])
+     from manifest_shards('resid_entropy'))
+);
+set variable tokens_files = coalesce(
+    getvariable('tokens_files'),
+    (select coalesce(list(file order by file), []::varchar[]) from manifest_shards('tokens'))
+);
+
+-- shard_rows(files): the rows of Parquet files, run_id from their run_id=<id> folder.
+create or replace macro shard_rows(files) as table
+    from read_parquet(files, hive_partitioning = true, hive_types_autocast = false,
+                      union_by_name = true);
+
+-- The empty tables a view shows when it has no file (read_parquet needs at least one).
+create or replace macro no_runs() as table
+    select null::varchar as run_id, null::varchar as created_at, null::varchar as model,
+           null::varchar as dataset, null::varchar as lens, null::varchar as ablation,
+           null::bigint as n_layers, null::bigint as n_heads, null::bigint as n_seqs,
+           null::bigint as seq_len, null::bigint as n_tokens, null::bigint as d_vocab,
+           null::bigint as n_component_rows, null::bigint as n_resid_rows,
+           null::bigint as n_token_rows, null::varchar as device, null::varchar as dtype,
+           null::double as seconds, null::double as tokens_per_s,
+           null::varchar as completed_at, null::varchar as dataset_fingerprint,
+           null::varchar as git_commit, null::json as config, null::json as model_identity,
+           null::json as dataset_source, null::json as packages, null::json as timing
+    where false;
+
+create or replace macro no_tokens() as table
+    select null::varchar as run_id, null::integer as seq, null::integer as position,
+           null::integer as token_id, null::varchar as token, null::boolean as is_bos,
+           null::boolean as is_pad, null::varchar as role, null::varchar as variant,
+           null::integer as example
+    where false;
+
+create or replace macro no_component_rows() as table
+    select null::varchar as run_id, null::integer as seq, null::integer as position,
+           null::smallint as layer, null::smallint as head, null::varchar as kind,
+           null::float as entropy_diff, null::float as entropy_marginal
+    where false;
+
+create or replace macro no_resid_rows() as table
+    select null::varchar as run_id, null::integer as seq, null::integer as position,
+           null::smallint as layer, null::varchar as point, null::float as entropy
+    where false;
 
 create or replace view runs as
 select
@@ -50,31 +144,27 @@ select
     dataset_source,
     packages,
     timing
-from read_json(
-    getvariable('warehouse') || '/runs/*/manifest.json',
-    union_by_name = true
-);
+from query(case when len(getvariable('manifest_files')) > 0
+                then 'from read_json(getvariable(''manifest_files''), union_by_name = true)'
+                else 'from no_runs()' end);
 
 create or replace view tokens as
 select run_id, seq, position, token_id, token, is_bos, is_pad, role, variant, example
-from read_parquet(
-    getvariable('warehouse') || '/tokens/*/*.parquet',
-    hive_partitioning = true, hive_types_autocast = false, union_by_name = true
-);
+from query(case when len(getvariable('tokens_files')) > 0
+                then 'from shard_rows(getvariable(''tokens_files''))'
+                else 'from no_tokens()' end);
 
 create or replace view component_entropy as
 select run_id, seq, position, layer, head, kind, entropy_diff, entropy_marginal
-from read_parquet(
-    getvariable('warehouse') || '/component_entropy/*/*.parquet',
-    hive_partitioning = true, hive_types_autocast = false, union_by_name = true
-);
+from query(case when len(getvariable('component_entropy_files')) > 0
+                then 'from shard_rows(getvariable(''component_entropy_files''))'
+                else 'from no_component_rows()' end);
 
 create or replace view resid_entropy as
 select run_id, seq, position, layer, point, entropy
-from read_parquet(
-    getvariable('warehouse') || '/resid_entropy/*/*.parquet',
-    hive_partitioning = true, hive_types_autocast = false, union_by_name = true
-);
+from query(case when len(getvariable('resid_entropy_files')) > 0
+                then 'from shard_rows(getvariable(''resid_entropy_files''))'
+                else 'from no_resid_rows()' end);
 
 -- Macros shared by the saved queries.
 

@@ -260,35 +260,59 @@ def test_query_errors_are_one_line(warehouse, capsys, argv, expected):
     assert len(err.splitlines()) == 1 and expected in err and err.startswith("error: ")
 
 
+def _rewrite_shard(root, table, run_id, change):
+    """Replace the first listed shard of ``table`` in ``run_id`` by ``change(table)`` and
+    record its rows and sha256 in the manifest, as a publish would."""
+    import hashlib
+    import json
+
+    path = root / "runs" / f"run_id={run_id}" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = manifest["shards"][table][0]
+    part = root / table / f"run_id={run_id}" / entry["file"]
+    new = change(pq.read_table(part))
+    pq.write_table(new, part)
+    entry.update(rows=new.num_rows, sha256=hashlib.sha256(part.read_bytes()).hexdigest())
+    path.write_text(json.dumps(manifest))
+    return part
+
+
 def test_check_passes_then_fails_on_planted_rows(warehouse, tmp_path, capsys):
     assert query_main(["--warehouse", str(warehouse), "check"]) == 0
     assert "5 passed, 0 failed" in capsys.readouterr().out
     bad = tmp_path / "bad"
     shutil.copytree(warehouse, bad)
-    part = bad / "component_entropy" / "run_id=ioi" / "part-00000.parquet"
-    table = pq.read_table(part).slice(0, 1)
-    planted = table.set_column(5, "entropy_diff", pa.array([float("nan")], pa.float32()))
-    pq.write_table(planted, part.with_name("part-99999.parquet"))
+
+    def plant(table):
+        row = table.slice(0, 1)
+        nan = row.set_column(5, "entropy_diff", pa.array([float("nan")], pa.float32()))
+        return pa.concat_tables([table, nan])
+
+    _rewrite_shard(bad, "component_entropy", "ioi", plant)
     assert query_main(["--warehouse", str(bad), "check"]) == 1
     out = capsys.readouterr().out
     assert "FAIL finite_values" in out and "FAIL duplicate_keys" in out
     assert "FAIL row_counts" in out and "PASS runs_have_manifest" in out
 
 
-def test_check_catches_out_of_range_and_orphans(warehouse, tmp_path, capsys):
+def test_check_catches_out_of_range_and_hides_orphans(warehouse, tmp_path, capsys):
     bad = tmp_path / "bad2"
     shutil.copytree(warehouse, bad)
-    part = bad / "resid_entropy" / "run_id=text-seed" / "part-00000.parquet"
-    table = pq.read_table(part)
-    values = table["entropy"].to_numpy().copy()
-    values[0] = 99.0
-    pq.write_table(table.set_column(4, "entropy", pa.array(values)), part)
+
+    def out_of_range(table):
+        values = table["entropy"].to_numpy().copy()
+        values[0] = 99.0
+        return table.set_column(4, "entropy", pa.array(values))
+
+    _rewrite_shard(bad, "resid_entropy", "text-seed", out_of_range)
     orphan = bad / "tokens" / "run_id=ghost"
     orphan.mkdir()
-    shutil.copy(bad / "tokens" / "run_id=ioi" / "part-00000.parquet", orphan)
+    stray = next((bad / "tokens" / "run_id=ioi").glob("*.parquet"))
+    shutil.copy(stray, orphan)
     assert query_main(["--warehouse", str(bad), "check"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL entropy_bounds" in out and "FAIL runs_have_manifest" in out
+    assert "FAIL entropy_bounds" in out and "PASS runs_have_manifest" in out
+    assert f"WARN stray file {orphan / stray.name}" in out
 
 
 def test_shell_runs_sql_with_views(warehouse, capfd):

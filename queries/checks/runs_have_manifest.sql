@@ -1,5 +1,6 @@
--- runs_have_manifest: run ids that have rows in a fact view but no manifest in runs (an
--- interrupted or hand-copied run). Empty = pass.
+-- runs_have_manifest: run ids that have rows in a fact view but no manifest in runs. The
+-- views read only files that manifests list, so this finds a manifest whose run_id differs
+-- from its run_id=<id> folder. Empty = pass.
 with
 
 fact_runs as (
