@@ -18,6 +18,19 @@ CUDA_FORWARD_TOKENS = 16384
 DATASETS = ("openwebtext", "ioi", "text")
 IOI_VARIANTS = ("clean", "abc", "both")
 DTYPES = ("float32", "float64")
+MAX_SEED = 2**32 - 1
+"""Largest ``--seed`` (numpy's seeds are 32-bit)."""
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""A run id: it names folders (``run_id=<id>``) and is matched whole, newlines included."""
+
+DATASET_OPTIONS = {
+    "n_prompts": ("--n-prompts", ("ioi",)),
+    "ioi_variant": ("--ioi-variant", ("ioi",)),
+    "data_files": ("--data-files", ("text",)),
+    "n_batches": ("--n-batches", ("openwebtext", "text")),
+    "seq_len": ("--seq-len", ("openwebtext", "text")),
+}
+"""Options that apply to some datasets only: attribute → (flag, datasets it applies to)."""
 
 
 @dataclass
@@ -66,12 +79,16 @@ class ExtractConfig:
              f"--ioi-variant must be one of {', '.join(IOI_VARIANTS)}"),
             (self.dtype in DTYPES, "--dtype must be float32 or float64 (half precision "
                                    "cannot resolve entropy differences of 1e-3 nats)"),
+            (bool(self.model), "--model is empty; pass a hub id or a checkpoint directory"),
+            (self.dataset == "ioi" or self.seq_len >= 2,
+             "--seq-len must be at least 2 (BOS plus one token)"),
             (self.seq_len >= 1, "--seq-len must be at least 1"),
             (self.n_batches >= 1, "--n-batches must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.n_prompts >= 1, "--n-prompts must be at least 1"),
             (self.chunk_tokens >= 0, "--chunk-tokens must be 0 (auto) or more"),
             (self.forward_tokens >= 0, "--forward-tokens must be 0 (auto) or more"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED:,}"),
             (self.dataset != "text" or bool(self.data_files),
              "--dataset text needs --data-files GLOB"),
         ]
@@ -104,3 +121,34 @@ class ExtractConfig:
         model = Path(self.model.rstrip("/")).name or "model"
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.")[:40] or "model"
         return f"{self.dataset}-{model}-{self.lens}-{self.ablation}-{self.fingerprint()}"
+
+
+def check_run_id(run_id: str | None) -> str | None:
+    """``run_id`` if it is None (derive one) or a valid id, else raise ``UserError``."""
+    if run_id is None:
+        return None
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
+        shown = "--run-id is empty" if run_id == "" else f"bad --run-id {run_id!r}"
+        raise UserError(f"{shown}: use 1–100 letters, digits, '.', '_' or '-', starting with a "
+                        "letter or digit (or leave it out for the derived id)")
+    return run_id
+
+
+def config_from_args(args) -> ExtractConfig:
+    """The ``ExtractConfig`` of parsed ``python -m etl.extract`` arguments.
+
+    Dataset-specific options that the parser left at None (not given) get their defaults;
+    one given for a dataset it does not apply to is refused, so the manifest never records
+    a setting that had no effect.
+    """
+    values = {}
+    for name, (flag, datasets) in DATASET_OPTIONS.items():
+        value = getattr(args, name)
+        if value is not None and args.dataset not in datasets:
+            raise UserError(f"{flag} does not apply to --dataset {args.dataset} (only to "
+                            f"{' and '.join(datasets)}); leave it out")
+        values[name] = getattr(ExtractConfig, name) if value is None else value
+    return ExtractConfig(
+        model=args.model, dataset=args.dataset, batch_size=args.batch_size, seed=args.seed,
+        lens=args.lens, ablation=args.ablation, dtype=args.dtype,
+        chunk_tokens=args.chunk_tokens, forward_tokens=args.forward_tokens, **values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,16 @@ def load_openwebtext() -> list[str]:
 
 def expand_data_files(pattern: str) -> list[Path]:
     """Files matched by ``pattern`` (``**`` allowed), sorted; only supported suffixes."""
-    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    try:
+        found = [Path(p) for p in glob.glob(pattern, recursive=True)]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--data-files {pattern!r} is not a usable pattern "
+                        f"({_first_line(exc)})") from exc
+    matches = sorted(p for p in found if p.is_file())
     if not matches:
+        if any(p.is_dir() for p in found):
+            raise UserError(f"--data-files {pattern!r} matched only folders; match the files "
+                            f"in them, e.g. '{pattern.rstrip('/')}/*.txt'")
         raise UserError(f"--data-files {pattern!r} matched no file")
     bad = [p for p in matches if p.suffix.lower() not in TEXT_SUFFIXES]
     if bad:
@@ -90,33 +99,210 @@ def expand_data_files(pattern: str) -> list[Path]:
     return matches
 
 
+def _read_error(path: Path, exc: BaseException) -> UserError:
+    if isinstance(exc, UnicodeDecodeError):
+        return UserError(f"{str(path)!r} is not UTF-8 text (bad byte at offset {exc.start}); "
+                         "convert it to UTF-8")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+    return UserError(f"could not read {str(path)!r}: {reason}")
+
+
+def _read_plain(path: Path) -> list:
+    """A whole text file as one document (universal newlines, as ``open`` reads it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [f.read()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _read_error(path, exc) from exc
+
+
+def _json_rows(path: Path, text: str) -> list:
+    """Rows of a JSON Lines file, a JSON array, or one JSON object."""
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise UserError(f"{str(path)!r} is not valid JSON ({_first_line(exc)})") from exc
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as exc:
+            try:
+                whole = json.loads(text)
+            except ValueError:
+                raise UserError(f"line {number} of {str(path)!r} is not valid JSON "
+                                f"({_first_line(exc)})") from exc
+            if isinstance(whole, dict) and isinstance(whole.get("text"), list):
+                return [{"text": t} for t in whole["text"]]
+            return [whole]
+    return rows
+
+
+def _read_json(path: Path) -> list:
+    """The ``text`` values of a JSON Lines or JSON file (None where a row has none)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _read_error(path, exc) from exc
+    rows = _json_rows(path, text)
+    if not isinstance(rows, list):
+        rows = [rows]
+    values, has_column = [], False
+    for number, row in enumerate(rows, 1):
+        if isinstance(row, str):  # an array of strings
+            values.append(row)
+            has_column = True
+        elif isinstance(row, dict):
+            has_column = has_column or "text" in row
+            values.append(row.get("text"))
+        else:
+            raise UserError(f"row {number} of {str(path)!r} is {_json_type(row)}, not an object "
+                            "with a 'text' field")
+    if rows and not has_column:
+        keys = sorted({k for r in rows if isinstance(r, dict) for k in r})
+        raise UserError(f"{str(path)!r} has no 'text' column (columns: {', '.join(keys)})")
+    for number, value in enumerate(values, 1):
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"'text' of row {number} of {str(path)!r} is {_json_type(value)}, "
+                            "not a string; every 'text' must be a string (or null, skipped)")
+    return values
+
+
+def _json_type(value) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+             dict: "an object", str: "a string"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _read_parquet(path: Path) -> list:
+    """The ``text`` column of a Parquet file (strings; None for nulls)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+        if "text" not in schema.names:
+            raise UserError(f"{str(path)!r} has no 'text' column (columns: "
+                            f"{', '.join(schema.names)})")
+        kind = schema.field("text").type
+        value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not (pa.types.is_string(value_kind) or pa.types.is_large_string(value_kind)
+                or pa.types.is_null(value_kind)
+                or getattr(pa.types, "is_string_view", lambda _: False)(value_kind)):
+            raise UserError(f"the 'text' column of {str(path)!r} holds {kind}, not strings; "
+                            "store the documents as a string column named 'text'")
+        return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise _read_error(path, exc) from exc
+
+
+READERS = {"text": _read_plain, "json": _read_json, "parquet": _read_parquet}
+_last_texts: dict = {}
+
+
 def load_local_texts(pattern: str) -> list[str]:
-    """Documents from local files: a whole ``.txt`` file is one document; ``.jsonl``,
-    ``.json`` and ``.parquet`` give one document per row of their ``text`` column.
+    """Documents from local files: a whole ``.txt``/``.md`` file is one document;
+    ``.jsonl`` (one object per line), ``.json`` (JSON Lines, an array of objects or of
+    strings, or one object) and ``.parquet`` give one document per row of their ``text``
+    column. Null and empty values are skipped; any other non-string value is an error.
+
+    Files are read in the order JSON, Parquet, text, each kind sorted by path. The result
+    of the last call is kept (while the files are unchanged), so that a check before the
+    model load and the run itself read the files once.
 
     Raises:
-        UserError: nothing matched, an unsupported suffix, no ``text`` column, or no text.
+        UserError: nothing matched, an unsupported suffix, an unreadable or malformed file,
+            no ``text`` column, a non-string ``text`` value, or no text at all.
     """
-    import datasets
-
     files = expand_data_files(pattern)
-    texts: list[str] = []
-    by_builder: dict[str, list[str]] = {}
+    try:
+        key = (pattern, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    except OSError as exc:
+        raise UserError(f"could not read --data-files {pattern!r}: {_first_line(exc)}") from exc
+    if _last_texts.get("key") == key:
+        return list(_last_texts["texts"])
+    by_kind: dict[str, list[Path]] = {}
     for path in files:
-        by_builder.setdefault(TEXT_SUFFIXES[path.suffix.lower()], []).append(str(path))
-    for builder, paths in sorted(by_builder.items()):
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        try:
-            data = datasets.load_dataset(builder, data_files=paths, split="train", **kwargs)
-        except Exception as exc:
-            raise UserError(f"could not read {paths[0]!r}: {_first_line(exc)}") from exc
-        if "text" not in data.column_names:
-            raise UserError(f"{paths[0]!r} has no 'text' column (columns: "
-                            f"{', '.join(data.column_names)})")
-        texts.extend(t for t in data["text"] if t)
+        by_kind.setdefault(TEXT_SUFFIXES[path.suffix.lower()], []).append(path)
+    texts: list[str] = []
+    for kind, paths in sorted(by_kind.items()):
+        for path in paths:
+            texts.extend(t for t in READERS[kind](path) if t)
     if not any(t.strip() for t in texts):
         raise UserError(f"--data-files {pattern!r} holds no text")
-    return texts
+    _last_texts.clear()
+    _last_texts.update(key=key, texts=texts)
+    return list(texts)
+
+
+PIECE_CHARS = 100_000
+"""Documents longer than this are tokenised in pieces of at most about this many
+characters, cut at single spaces between two non-space characters; GPT-2's byte-level BPE
+gives the same tokens as for the whole text there (a word never spans such a space, and
+the space always starts the next word's token). Tokenisers where that is not so (checked
+on a probe text) get whole documents."""
+_PROBE = ("It's  a test:\tHello, world! 12,345 numbers;\n\n  don't stop   now... "
+          "Ünïcödé wörds — and emoji 🙂 here.\r\nEnd   of  it. x y z ' s ?! (a) b.")
+
+
+def _cut_points(text: str, limit: int):
+    """Start offsets of the pieces of ``text``: each piece has at most ``limit`` characters
+    when a cut is possible, and every cut is a single space between two non-spaces."""
+    start = 0
+    yield start
+    while len(text) - start > limit:
+        cut = _find_cut(text, start + 1, start + limit)
+        if cut is None:
+            return
+        start = cut
+        yield start
+
+
+def _find_cut(text: str, lo: int, hi: int) -> int | None:
+    """The last valid cut in ``[lo, hi]``, else the first one after ``hi``, else None."""
+    def ok(i: int) -> bool:
+        return (0 < i < len(text) - 1 and text[i] == " " and not text[i - 1].isspace()
+                and not text[i + 1].isspace())
+
+    i = text.rfind(" ", lo, hi + 1)
+    while i >= lo:
+        if ok(i):
+            return i
+        i = text.rfind(" ", lo, i)
+    i = text.find(" ", hi + 1)
+    while i != -1:
+        if ok(i):
+            return i
+        i = text.find(" ", i + 1)
+    return None
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def tokenize_pieces(tokenizer, text: str, limit: int = PIECE_CHARS,
+                    enough: int | None = None) -> list[int]:
+    """Token ids of ``text``, tokenised piece by piece (see ``PIECE_CHARS``).
+
+    ``enough``: stop after the piece that brings the count to at least this many tokens.
+    """
+    starts = list(_cut_points(text, limit))
+    ids: list[int] = []
+    for start, stop in zip(starts, starts[1:] + [len(text)], strict=True):
+        ids.extend(_encode(tokenizer, text[start:stop]))
+        if enough is not None and len(ids) >= enough:
+            break
+    return ids
+
+
+def splits_exactly(tokenizer) -> bool:
+    """Whether ``tokenize_pieces`` gives ``tokenizer``'s whole-text tokens on a probe."""
+    return all(tokenize_pieces(tokenizer, _PROBE, limit) == _encode(tokenizer, _PROBE)
+               for limit in (3, 10, 40))
 
 
 def pack_documents(texts: list[str], tokenizer, n_seqs: int, seq_len: int, seed: int,
@@ -124,8 +310,9 @@ def pack_documents(texts: list[str], tokenizer, n_seqs: int, seq_len: int, seed:
     """Shuffle documents with ``seed``, join them with EOS, cut into ``seq_len − 1`` tokens
     and prepend BOS to each piece.
 
-    Only as many documents as needed are tokenised. If the text runs out, the run gets as
-    many full sequences as there are (at least one).
+    Only as many documents as needed are tokenised, and a document longer than
+    ``PIECE_CHARS`` only as far as needed (in pieces). If the text runs out, the run gets
+    as many full sequences as there are (at least one).
 
     Raises:
         UserError: not even one full sequence of ``seq_len`` tokens.
@@ -138,11 +325,19 @@ def pack_documents(texts: list[str], tokenizer, n_seqs: int, seq_len: int, seed:
     need = n_seqs * body
     stream: list[int] = []
     used = 0
+    piecewise = None
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     for idx in order:
         if len(stream) >= need:
             break
-        ids = tokenizer(texts[idx], add_special_tokens=False, verbose=False)["input_ids"]
+        text = texts[idx]
+        long = len(text) > PIECE_CHARS
+        if long and piecewise is None:
+            piecewise = splits_exactly(tokenizer)
+        if long and piecewise:
+            ids = tokenize_pieces(tokenizer, text, enough=need - len(stream))
+        else:
+            ids = _encode(tokenizer, text)
         if ids:
             stream.extend(ids + [eos])
             used += 1

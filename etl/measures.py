@@ -372,3 +372,36 @@ def _measure_chunk_torch(acts: BatchActivations, weights: UnembedWeights,
             u_m, c_m = lens.unembed(out_mlp - means.mlp_out[acts.positions[sl], layer], inv_s)
         marginal[sl, layer, n_heads] = lens.marginal(final, u_m, c_m)
         u_pre, x_pre = u_next, x_next
+
+
+def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
+    """A short description of the first NaN or inf in ``measures``, or None if all finite.
+
+    Looks at ``diff``, then ``marginal``, then ``resid``, each in (token, layer, component)
+    order; ``T`` indexes the batch's flattened tokens. ``layer_names``: labels of the ``L``
+    layers in the description (default: their indices). Examples: ``"entropy_diff of head
+    3.2 at token 17"``, ``"entropy_marginal of MLP 0 at token 5"``, ``"resid entropy at
+    resid_mid 1, token 4"``, ``"resid entropy at final, token 0"``.
+    """
+    tensors = (("entropy_diff", measures.diff), ("entropy_marginal", measures.marginal),
+               ("resid entropy", measures.resid))
+    for name, values in tensors:
+        values = torch.as_tensor(values)
+        bad = ~torch.isfinite(values)
+        if not bool(bad.any()):
+            continue
+        token, *where = (int(i) for i in bad.nonzero()[0])
+        n_layers = values.shape[1] if values.dim() == 3 else (values.shape[1] - 1) // 2
+        names = [str(i) for i in range(n_layers)] if layer_names is None else \
+            [str(n) for n in layer_names]
+        if values.dim() == 3:
+            layer, comp = where
+            n_heads = values.shape[2] - 1
+            part = f"MLP {names[layer]}" if comp == n_heads else f"head {names[layer]}.{comp}"
+            return f"{name} of {part} at token {token}"
+        (point,) = where
+        if point == 2 * n_layers:
+            return f"{name} at final, token {token}"
+        kind = "resid_mid" if point % 2 else "resid_pre"
+        return f"{name} at {kind} {names[point // 2]}, token {token}"
+    return None

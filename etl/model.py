@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from etl.errors import UserError
 from etl.measures import UnembedWeights
@@ -70,13 +71,196 @@ def _missing_model_message(name: str) -> str:
             "--out data/models/gpt2-small-random)")
 
 
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",),
+                   ("spiece.model",), ("sentencepiece.bpe.model",), ("vocab.txt",))
+"""Files (sets of files) from which ``AutoTokenizer`` builds a tokenizer; a checkpoint
+directory needs one complete set (or a ``*.tiktoken`` file)."""
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+MIN_VOCAB_FRACTION = 0.5
+"""A tokenizer with fewer entries than this fraction of the model's ``d_vocab`` is refused:
+it cannot be the model's own (models pad ``d_vocab`` by a few percent, never by half)."""
+
+
 def _check_local_dir(path: Path) -> None:
     if not path.exists():
         raise UserError(f"model directory {str(path)!r} does not exist; pass a Hugging Face "
                         "checkpoint directory (config.json + weights) or a hub id")
+    if not path.is_dir():
+        raise UserError(f"--model {str(path)!r} is a file; pass the checkpoint directory "
+                        "that holds config.json, the weights and the tokenizer files")
     if not (path / "config.json").is_file():
         raise UserError(f"{str(path)!r} is not a Hugging Face checkpoint directory "
                         "(no config.json in it)")
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{str(config_file)!r} is not a readable JSON file "
+                        f"({_first_line(exc)}); restore the checkpoint's config.json") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise UserError(f"{str(config_file)!r} has no \"model_type\"; it is not a Hugging "
+                        "Face model config (restore the checkpoint's config.json)")
+    return config
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    try:
+        present = {p.name for p in path.iterdir()}
+    except OSError as exc:
+        raise UserError(f"cannot list checkpoint directory {str(path)!r}: "
+                        f"{exc.strerror or exc}") from exc
+    if any(all(name in present for name in group) for group in TOKENIZER_FILES) or \
+            any(name.endswith(".tiktoken") for name in present):
+        return
+    partial = [g for g in TOKENIZER_FILES if len(g) > 1 and any(n in present for n in g)]
+    if partial:
+        missing = ", ".join(n for n in partial[0] if n not in present)
+        what = f"its tokenizer is incomplete (missing {missing})"
+    else:
+        what = ("it has no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or "
+                "tokenizer.model)")
+    raise UserError(f"checkpoint directory {str(path)!r}: {what}; copy the model's tokenizer "
+                    "files into it (python -m etl.checkpoint writes GPT-2's)")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with ``file`` as a safetensors file (header and data size), or None."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else size
+            if n > size - 8:
+                return f"is truncated ({size:,} bytes, shorter than its own header)"
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    except (UnicodeDecodeError, ValueError):
+        return "is not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "is not a safetensors file (its header is not a JSON object)"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "is not a safetensors file (its header has no tensor offsets)"
+    if size != 8 + n + end:
+        return f"is truncated or damaged ({size:,} bytes, its header describes {8 + n + end:,})"
+    return None
+
+
+def _check_weight_files(path: Path) -> None:
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"checkpoint directory {str(path)!r} has no weights "
+                        "(model.safetensors or pytorch_model.bin); copy them into it")
+    files = []
+    if (path / "model.safetensors").is_file():
+        files.append(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                                .values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError,
+                AttributeError) as exc:
+            raise UserError(f"{str(index)!r} is not a valid safetensors index "
+                            f"({_first_line(exc)})") from exc
+        files.extend(path / shard for shard in shards)
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"weight file {str(file)!r} is missing; copy it into the "
+                            "checkpoint directory")
+        problem = _safetensors_problem(file)
+        if problem:
+            raise UserError(f"weight file {str(file)!r} {problem}; copy the checkpoint again")
+
+
+def check_model(name: str) -> int | None:
+    """Check ``--model`` without loading it; returns its context length when known.
+
+    A local directory must hold a model ``config.json``, a complete tokenizer and whole
+    weight files (safetensors sizes are checked against their headers). A hub id must be in
+    the local cache when the hub is offline (``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        UserError: what is missing or broken, naming the file.
+    """
+    if not name:
+        raise UserError("--model is empty; pass a hub id or a checkpoint directory")
+    if not _looks_like_path(name):
+        _check_hub_cache(name)
+        return None
+    path = Path(name).expanduser()
+    _check_local_dir(path)
+    config = _read_config(path)
+    _check_tokenizer_files(path)
+    _check_weight_files(path)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    return None
+
+
+def _check_hub_cache(name: str) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception as exc:  # an invalid repo id
+        raise UserError(f"--model {name!r} is neither a directory nor a valid hub id "
+                        f"({_first_line(exc)})") from exc
+    if not isinstance(cached, str):
+        raise UserError(_missing_model_message(name))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _hf_param_name(model, name: str) -> str:
+    """The checkpoint's name of parameter ``name`` of a bridged model (the bridge wraps each
+    module in ``_original_component`` and renames some, e.g. ``attn.o`` for ``c_proj``)."""
+    parts, module = [], model
+    try:
+        for segment in name.split(".")[:-1]:
+            module = getattr(module, segment)
+            if segment == "_original_component":
+                continue
+            own = getattr(module, "name", None)
+            parts.append(own if isinstance(own, str) and own and "." not in own else segment)
+    except AttributeError:
+        return name.replace("_original_component.", "")
+    return ".".join([*parts, name.rsplit(".", 1)[-1]])
+
+
+def check_weights_finite(model, name: str) -> None:
+    """Raise ``UserError`` naming the first parameter of ``model`` that holds NaN or inf."""
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                kind = "NaN" if bool(torch.isnan(param).any()) else "inf"
+                raise UserError(f"the weights of {name!r} hold {kind} in "
+                                f"{_hf_param_name(model, param_name)}; the checkpoint is "
+                                "damaged or diverged, use another one")
+
+
+def check_tokenizer(tokenizer, d_vocab: int, name: str) -> None:
+    """Refuse a tokenizer that cannot be the model's own.
+
+    It needs at least two entries and at least ``MIN_VOCAB_FRACTION`` of ``d_vocab``.
+    """
+    size = len(tokenizer)
+    if size < 2 or size < MIN_VOCAB_FRACTION * d_vocab:
+        raise UserError(f"the tokenizer of {name!r} has {size:,} entries but the model has a "
+                        f"vocabulary of {d_vocab:,}: it is not the model's tokenizer; put the "
+                        "model's tokenizer files in the checkpoint directory")
 
 
 def _weights_fingerprint(bridge) -> str:
@@ -109,27 +293,33 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     unembedding centred, value biases folded, as HookedTransformer did.
 
     Raises:
-        UserError: the directory does not exist or is not a checkpoint, or a hub id is not
-            in the local cache and cannot be downloaded.
+        UserError: the directory does not exist or is not a whole checkpoint (see
+            ``check_model``), a hub id is not in the local cache and cannot be downloaded,
+            a weight is NaN or inf, or the tokenizer is not the model's (``check_tokenizer``).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     local = _looks_like_path(name)
+    check_model(name)
     if local:
-        _check_local_dir(Path(name).expanduser())
         name = str(Path(name).expanduser())
     try:
         bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
-    except (OSError, ConnectionError, ValueError) as exc:
+    except (OSError, ConnectionError, ValueError, SafetensorError) as exc:
         if local:
             raise UserError(f"could not load the checkpoint in {name!r}: "
-                            f"{str(exc).splitlines()[0]}") from exc
+                            f"{_first_line(exc)}") from exc
         raise UserError(_missing_model_message(name)) from exc
     except Exception as exc:  # the hub client raises many types when it is unreachable
+        if local:  # e.g. a damaged pytorch_model.bin
+            raise UserError(f"could not load the checkpoint in {name!r} "
+                            f"({type(exc).__name__}: {_first_line(exc)})") from exc
         text = str(exc).lower()
-        if not local and any(word in text for word in ("offline", "connect", "not found")):
+        if any(word in text for word in ("offline", "connect", "not found")):
             raise UserError(_missing_model_message(name)) from exc
         raise
+    check_weights_finite(bridge.original_model, name)
+    check_tokenizer(bridge.tokenizer, int(bridge.cfg.d_vocab), name)
     bridge.enable_compatibility_mode()
     bridge.eval()
     cfg = bridge.cfg
