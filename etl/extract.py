@@ -9,6 +9,7 @@ manifest in ``runs``. See the README for the definitions and the table schemas.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
 import sys
@@ -23,7 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from etl.activations import MeanAccumulator, run_batch
-from etl.cli import ArgumentParser
+from etl.cli import (
+    ArgumentParser,
+    Terminated,
+    one_line,
+    sigterm_raises_terminated,
+    write_failure,
+)
 from etl.config import CUDA_FORWARD_TOKENS, DATASETS, DTYPES, IOI_VARIANTS, ExtractConfig
 from etl.corpus import (
     TokenSet,
@@ -34,9 +41,18 @@ from etl.corpus import (
     pack_documents,
 )
 from etl.errors import UserError
-from etl.measures import ABLATION_MODES, LENS_MODES, MeasureOptions, measure_batch
+from etl.measures import (
+    ABLATION_MODES,
+    LENS_MODES,
+    BatchMeasures,
+    MeasureOptions,
+    first_non_finite,
+    measure_batch,
+)
 from etl.model import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
 from etl.pipeline import LoopTiming, run_loop
+from etl.preflight import MAX_RUN_TOKENS, preflight
+from etl.runlock import RunLock
 from etl.token_rows import TokenRows
 from etl.warehouse import (
     RunWriter,
@@ -136,6 +152,14 @@ def _check_context(seq_len: int, n_ctx: int) -> None:
         raise UserError(f"--seq-len {seq_len} is above the model's context of {n_ctx} tokens")
 
 
+def _check_vocabulary(token_set: TokenSet, d_vocab: int) -> None:
+    top = int(token_set.token_ids.max(initial=0))
+    if top >= d_vocab:
+        raise UserError(f"the tokenizer produced token id {top}, but the model's vocabulary "
+                        f"has {d_vocab} entries; the checkpoint's tokenizer does not belong "
+                        "to its weights")
+
+
 def _quiet_libraries() -> None:
     """Hide the progress bars that transformers and datasets draw on their own."""
     import datasets
@@ -148,12 +172,14 @@ def _quiet_libraries() -> None:
 def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = None,
                 overwrite: bool = False, device: str = "auto",
                 progress: bool = True, pipeline: str = "auto",
-                model: LoadedModel | None = None) -> RunResult:
+                model: LoadedModel | None = None, restart: bool = False) -> RunResult:
     """Run the extraction and publish it to ``warehouse``.
 
     ``pipeline`` (``auto``, ``on``, ``off``): overlap each batch's device work with the
     host work (tables, Parquet) of the batches before it; ``auto`` = on for CUDA.
     ``model``: an already loaded ``config.model`` on ``device`` (benchmarks reuse one).
+    An interrupted run of the same id and settings is resumed from its staged batches;
+    ``restart`` discards them instead. One process at a time writes a run id.
 
     Raises:
         UserError: bad input (see the README's error list); nothing is published then.
@@ -162,7 +188,15 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
         _quiet_libraries()
     device = resolve_device(device)
     run_id = validate_run_id(run_id or config.default_run_id())
-    ensure_new_run(Path(warehouse), run_id, overwrite)  # before the (slow) model load
+    with RunLock(Path(warehouse), run_id):
+        ensure_new_run(Path(warehouse), run_id, overwrite)  # before the (slow) model load
+        return _extract_locked(config, Path(warehouse), run_id, overwrite, device, progress,
+                               pipeline, model, restart)
+
+
+def _extract_locked(config: ExtractConfig, warehouse: Path, run_id: str, overwrite: bool,
+                    device: str, progress: bool, pipeline: str, model: LoadedModel | None,
+                    restart: bool) -> RunResult:
     if config.dataset == "text":
         expand_data_files(config.data_files)  # fail before the (slow) model load
     dtype = getattr(torch, config.dtype)
@@ -172,22 +206,31 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
         _check_context(config.seq_len, model.cfg.n_ctx)
     token_set = build_tokens(config, model)
     _check_context(token_set.seq_len, model.cfg.n_ctx)
+    _check_vocabulary(token_set, int(model.cfg.d_vocab))
     pipelined = use_pipeline(pipeline, device)
     per_forward = config.sequences_per_forward(device, token_set.seq_len)
+    spans = list(_batches(token_set.n_seqs, per_forward))
     created = datetime.now(UTC)
     n_tokens = token_set.n_seqs * token_set.seq_len
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     total_rows = (n_layers * (n_heads + 1) + 2 * n_layers + 2) * n_tokens
     write_bar = tqdm(total=total_rows, unit="row", unit_scale=True, desc="rows written",
                      position=1, disable=not progress, leave=False)
-    writer = RunWriter(Path(warehouse), run_id, overwrite=overwrite,
-                       on_written=write_bar.update)
+    plan = {"run_id": run_id, "config_fingerprint": config.fingerprint(),
+            "dataset_fingerprint": token_set.fingerprint(), "model_identity": model.identity,
+            "device": device, "dtype": config.dtype, "sequences_per_forward": per_forward,
+            "n_batches": len(spans)}
+    writer = RunWriter(warehouse, run_id, overwrite=overwrite, on_written=write_bar.update,
+                       plan=json.loads(json.dumps(plan, default=str)), restart=restart)
+    todo = [span for i, span in enumerate(spans) if i not in writer.done_batches]
+    resumed_tokens = n_tokens - sum(stop - start for start, stop in todo) * token_set.seq_len
+    write_bar.update(total_rows * resumed_tokens // n_tokens if n_tokens else 0)
     loop_timing = LoopTiming()
     try:
         started = time.perf_counter()
         means = None
         mean_pass_s = 0.0
-        if config.ablation == "mean":
+        if config.ablation == "mean" and todo:
             means = _mean_pass(model, token_set, per_forward, device, dtype, progress)
             mean_pass_s = time.perf_counter() - started
         weights = model.unembed_weights()
@@ -195,8 +238,8 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
                                  chunk_tokens=config.resolved_chunk_tokens(device))
         token_rows = TokenRows(token_set, model.tokenizer)
         seq_len = token_set.seq_len
-        bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"extract {run_id}",
-                   disable=not progress, position=0)
+        bar = tqdm(total=n_tokens, initial=resumed_tokens, unit="tok", unit_scale=True,
+                   desc=f"extract {run_id}", disable=not progress, position=0)
 
         def compute(start: int, stop: int, mark):
             tokens = torch.from_numpy(token_set.token_ids[start:stop]).to(device)
@@ -206,36 +249,38 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
                 return measure_batch(acts, weights, options, means)
 
         def publish(start: int, stop: int, arrays: dict) -> None:
+            _check_finite(arrays, start, stop)
             seqs = np.repeat(np.arange(start, stop), seq_len)
             positions = np.tile(np.arange(seq_len), stop - start)
+            batch = start // per_forward
             writer.write("component_entropy", component_table(
-                arrays["diff"], arrays["marginal"], seqs, positions))
-            writer.write("resid_entropy", resid_table(arrays["resid"], seqs, positions))
-            writer.write("tokens", token_rows.table(start, stop))
+                arrays["diff"], arrays["marginal"], seqs, positions), batch)
+            writer.write("resid_entropy", resid_table(arrays["resid"], seqs, positions), batch)
+            writer.write("tokens", token_rows.table(start, stop), batch)
             bar.update((stop - start) * seq_len)
 
-        run_loop(_batches(token_set.n_seqs, per_forward), compute, publish,
-                 torch.device(device), pipelined, loop_timing)
+        run_loop(todo, compute, publish, torch.device(device), pipelined, loop_timing)
         t_flush = time.perf_counter()
         writer.flush()
         flush_s = time.perf_counter() - t_flush
         elapsed = time.perf_counter() - started
         bar.close()
         write_bar.close()
-        tokens_per_s = n_tokens / elapsed if elapsed > 0 else float("inf")
+        computed = n_tokens - resumed_tokens
+        tokens_per_s = computed / elapsed if elapsed > 0 else float("inf")
         timing = dict(loop_timing.as_dict(), mean_pass_s=round(mean_pass_s, 3),
                       final_flush_s=round(flush_s, 3),
                       writer_busy_s=round(writer.busy_s, 3),
                       writer_waited_s=round(writer.waited_s, 3),
                       writer_workers=writer.workers, pipelined=pipelined,
-                      sequences_per_forward=per_forward)
+                      sequences_per_forward=per_forward,
+                      batches_resumed=len(spans) - len(todo))
         if device.startswith("cuda"):
             timing["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         manifest = {
             "run_id": run_id,
             "created_at": created.isoformat(),
             "completed_at": datetime.now(UTC).isoformat(),
-            "schema_version": 1,
             "model": config.model,
             "dataset": config.dataset,
             "lens": config.lens,
@@ -246,9 +291,6 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
             "n_seqs": token_set.n_seqs,
             "seq_len": token_set.seq_len,
             "n_tokens": n_tokens,
-            "n_component_rows": writer.rows["component_entropy"],
-            "n_resid_rows": writer.rows["resid_entropy"],
-            "n_token_rows": writer.rows["tokens"],
             "device": device,
             "dtype": config.dtype,
             "seconds": round(elapsed, 3),
@@ -256,18 +298,27 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
             "timing": timing,
             "config": asdict(config),
             "model_identity": model.identity,
-            "dataset_fingerprint": token_set.fingerprint(),
+            "dataset_fingerprint": plan["dataset_fingerprint"],
             "dataset_source": token_set.source,
             "packages": _versions(),
             "git_commit": _git_commit(),
             "host": platform.node(),
         }
-        path = writer.publish(manifest)
+        path = writer.publish(manifest, n_batches=len(spans))
     except BaseException:
         writer.abort()
         raise
     return RunResult(run_id=run_id, manifest_path=path, rows=dict(writer.rows),
                      n_tokens=n_tokens, tokens_per_s=tokens_per_s)
+
+
+def _check_finite(arrays: dict, start: int, stop: int) -> None:
+    """Raise ``UserError`` naming the first non-finite measure of sequences ``start:stop``."""
+    found = first_non_finite(BatchMeasures(**arrays))
+    if found is not None:
+        raise UserError(f"non-finite value in sequences {start}–{stop - 1}: {found} (tokens "
+                        f"counted from sequence {start}, position 0); the model produced NaN "
+                        "or inf (check its weights and --dtype); nothing was published")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,14 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(local files; needs --data-files); default openwebtext")
     p.add_argument("--data-files", metavar="GLOB",
                    help="local .txt/.md/.jsonl/.json/.parquet files for --dataset text")
-    p.add_argument("--n-batches", type=int, default=4, help="batches of text (default 4)")
+    p.add_argument("--n-batches", type=int,
+                   help="batches of text (openwebtext, text; default 4)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="sequences per batch of text; on CPU also per forward pass "
                         "(default 8)")
-    p.add_argument("--seq-len", type=int, default=500,
-                   help="tokens per text sequence, BOS included (default 500)")
-    p.add_argument("--n-prompts", type=int, default=100, help="IOI prompts (default 100)")
-    p.add_argument("--ioi-variant", default="clean", choices=IOI_VARIANTS,
+    p.add_argument("--seq-len", type=int,
+                   help="tokens per text sequence, BOS included (openwebtext, text; "
+                        "default 500)")
+    p.add_argument("--n-prompts", type=int, help="IOI prompts (ioi; default 100)")
+    p.add_argument("--ioi-variant", choices=IOI_VARIANTS,
                    help="IOI prompts: clean, the corrupted abc set, or both (default clean)")
     p.add_argument("--seed", type=int, default=420,
                    help="seed for document shuffling and IOI prompts (default 420)")
@@ -319,29 +372,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="run id (default: derived from the configuration)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing complete run with the same id")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the staged batches of an interrupted run with the same id "
+                        "instead of resuming from them")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--allow-large", action="store_true",
+                   help=f"allow a run above {MAX_RUN_TOKENS:,} tokens (estimated from the "
+                        "options before anything is read)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 for bad input)."""
-    try:
-        args = build_parser().parse_args(argv)
-        config = ExtractConfig(
-            model=args.model, dataset=args.dataset, data_files=args.data_files,
-            n_batches=args.n_batches, batch_size=args.batch_size, seq_len=args.seq_len,
-            n_prompts=args.n_prompts, ioi_variant=args.ioi_variant, seed=args.seed,
-            lens=args.lens, ablation=args.ablation, dtype=args.dtype,
-            chunk_tokens=args.chunk_tokens, forward_tokens=args.forward_tokens)
-        result = run_extract(config, Path(args.warehouse), run_id=args.run_id,
-                             overwrite=args.overwrite, device=args.device,
-                             progress=not args.no_progress, pipeline=args.pipeline)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was published", file=sys.stderr)
-        return 130
+    """Command-line entry point; returns the exit code: 2 for bad input (checked before
+    the model load where it can be) and write errors, 130 on Ctrl-C, 143 on SIGTERM; each
+    failure prints one ``error:`` line on stderr."""
+    warehouse = None
+    with sigterm_raises_terminated():
+        try:
+            args = build_parser().parse_args(argv)
+            warehouse = args.warehouse
+            config, root = preflight(args)
+            result = run_extract(config, root, run_id=args.run_id,
+                                 overwrite=args.overwrite, device=args.device,
+                                 progress=not args.no_progress, pipeline=args.pipeline,
+                                 restart=args.restart)
+        except UserError as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt as exc:
+            what, code = ("terminated", 143) if isinstance(exc, Terminated) else \
+                ("interrupted", 130)
+            print(f"error: {what}; nothing was published; run the same command again to "
+                  "resume", file=sys.stderr)
+            return code
+        except OSError as exc:
+            print(f"error: {write_failure(exc, warehouse)}", file=sys.stderr)
+            return 2
     rows = result.rows
     print(f"run {result.run_id}: {rows['component_entropy']:,} component rows, "
           f"{rows['resid_entropy']:,} residual rows, {result.n_tokens:,} tokens at "

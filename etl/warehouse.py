@@ -2,24 +2,33 @@
 
 Layout under the warehouse root (``--warehouse``, default ``data/warehouse``)::
 
-    component_entropy/run_id=<id>/part-00000.parquet   one row per (layer, head|MLP, seq, pos)
-    resid_entropy/run_id=<id>/part-00000.parquet       one row per (residual point, seq, pos)
-    tokens/run_id=<id>/part-00000.parquet              one row per (seq, pos)
-    runs/run_id=<id>/manifest.json                     written last: the run is complete
-    _staging/<id>/...                                  shards of a run being written
+    component_entropy/run_id=<id>/part-<gen>-00000.parquet   one row per (layer, head|MLP,
+                                                             seq, pos)
+    resid_entropy/run_id=<id>/part-<gen>-00000.parquet       one row per (point, seq, pos)
+    tokens/run_id=<id>/part-<gen>-00000.parquet              one row per (seq, pos)
+    runs/run_id=<id>/manifest.json      written last: the run is complete; lists its shards
+    _staging/<id>/...                   shards of a run being written (resumable) + plan.json
+    _locks/<id>.lock                    held by the extraction writing <id>
+
+``<gen>`` names one publishing attempt: a partition may briefly hold two generations while
+``--overwrite`` replaces a run; the manifest lists the files that belong to the run.
 
 ``run_id`` is a hive partition key, so it is not stored inside the files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +72,7 @@ SCHEMAS = {"component_entropy": COMPONENT_SCHEMA, "resid_entropy": RESID_SCHEMA,
 
 def validate_run_id(run_id: str) -> str:
     """Return ``run_id`` if it is a safe partition value, else raise ``UserError``."""
-    if not RUN_ID_PATTERN.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
         raise UserError(f"bad --run-id {run_id!r}: use 1–100 letters, digits, '.', '_' or '-', "
                         "starting with a letter or digit")
     return run_id
@@ -134,16 +143,67 @@ def resid_table(resid: np.ndarray, seqs: np.ndarray, positions: np.ndarray) -> p
     }, schema=RESID_SCHEMA)
 
 
+KILL_AT_ENV = "ENTROPY_WAREHOUSE_KILL_AT"
+"""Fault-injection hook for the crash tests: when this environment variable names a point
+(``shard:<table>:<batch>``, ``publish:moved``, ``publish:manifest``), the process kills
+itself with SIGKILL there."""
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process at ``name`` when ``KILL_AT_ENV`` asks for it (tests only)."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of the file's bytes (the checksum manifests record per shard)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync'd, then ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+PLAN = "plan.json"
+_PLAN_VOLATILE = ("generation", "created_at")
+
+
 class RunWriter:
     """Writes one run's shards to a staging folder on a pool of threads, then publishes.
 
     Encoding and compression run on ``workers`` threads (default: one per core; pyarrow
-    releases the GIL), so the model keeps computing while shards are written. ``publish``
-    moves the staged tables into place with ``os.replace`` and writes the manifest last.
+    releases the GIL), so the model keeps computing while shards are written. Each shard is
+    written to a temporary name and renamed, so a staged shard is whole or absent.
+
+    Resuming: with a ``plan`` (what determines the run's rows), the staging folder keeps the
+    plan; a later writer with an equal plan finds the batches already staged
+    (``done_batches``) and the run goes on from there. A different plan is refused unless
+    ``restart`` discards the partial run.
+
+    Publishing (``publish``) moves the shards, named after this attempt's ``generation``,
+    beside any older generation of the run, replaces the manifest (listing exactly the new
+    files) with one atomic rename, then deletes the files it no longer lists. Readers that
+    follow manifests see the old run or the new one, never a mix.
     """
 
     def __init__(self, root: Path, run_id: str, overwrite: bool = False, on_written=None,
-                 workers: int | None = None):
+                 workers: int | None = None, plan: dict | None = None,
+                 restart: bool = False):
         self.root = Path(root)
         self.run_id = validate_run_id(run_id)
         self.staging = self.root / "_staging" / run_id
@@ -155,18 +215,89 @@ class RunWriter:
         """Seconds the pool spent encoding and writing, summed over its threads."""
         self.waited_s = 0.0
         """Seconds ``write`` blocked because the pool was full (back-pressure)."""
+        self.generation = ""
+        self.done_batches: set[int] = set()
+        """Batches whose shards of every table were staged by an earlier, interrupted
+        attempt with the same plan."""
         self._pool = ThreadPoolExecutor(max_workers=self.workers,
                                         thread_name_prefix="parquet-writer")
         self._pending: list[Future] = []
         self._lock = threading.Lock()
-        self._prepare(overwrite)
+        self._prepare(overwrite, plan, restart)
 
-    def _prepare(self, overwrite: bool) -> None:
+    def _prepare(self, overwrite: bool, plan: dict | None, restart: bool) -> None:
         ensure_new_run(self.root, self.run_id, overwrite)
-        if self.staging.exists():
+        old = self._read_plan()
+        published = self._published()
+        if old is not None and old["generation"] == published.get("generation"):
+            old = None  # that attempt was published; what is left of it is stale
+        if self.staging.exists() and (restart or plan is None or old is None):
             shutil.rmtree(self.staging)
+            old = None
+        elif old is not None and plan is not None:
+            changed = sorted(k for k in set(old) | set(plan) if k not in _PLAN_VOLATILE
+                             and old.get(k) != plan.get(k))
+            if changed:
+                raise UserError(
+                    f"the warehouse holds a partial run {self.run_id!r} made with other "
+                    f"settings ({', '.join(changed)} differ); pass --restart to discard it or "
+                    "choose another --run-id")
         for table in TABLES:
             (self.staging / table).mkdir(parents=True, exist_ok=True)
+        if old is not None:
+            self.generation = old["generation"]
+            self._recover()
+        else:
+            self.generation = uuid.uuid4().hex[:8]
+            if plan is not None:
+                _write_json_atomically(self.staging / PLAN, dict(
+                    plan, generation=self.generation,
+                    created_at=datetime.now(UTC).isoformat(timespec="seconds")))
+
+    def _read_plan(self) -> dict | None:
+        try:
+            plan = json.loads((self.staging / PLAN).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return plan if isinstance(plan, dict) and plan.get("generation") else None
+
+    def _published(self) -> dict:
+        """The manifest of the published run of this id, or ``{}``."""
+        try:
+            data = json.loads(manifest_path(self.root, self.run_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _shard_name(self, index: int) -> str:
+        return f"part-{self.generation}-{index:05d}.parquet"
+
+    def _recover(self) -> None:
+        """Find the batches an interrupted attempt staged: drop temporary files, take back
+        shards it had already moved into the partitions, keep the shards whose footer reads."""
+        prefix = f"part-{self.generation}-"
+        listed = self._published().get("shards") or {}
+        staged = {}
+        for table in TABLES:
+            folder = self.staging / table
+            for tmp in folder.glob("*.tmp"):
+                tmp.unlink()
+            partition = self.root / table / f"run_id={self.run_id}"
+            keep = {s.get("file") for s in listed.get(table, []) if isinstance(s, dict)}
+            for moved in partition.glob(prefix + "*.parquet"):
+                if moved.name not in keep:
+                    os.replace(moved, folder / moved.name)
+            indices = set()
+            for path in folder.glob(prefix + "*.parquet"):
+                try:
+                    pq.read_metadata(path)
+                    indices.add(int(path.stem[len(prefix):]))
+                except (OSError, ValueError, pa.ArrowException):
+                    path.unlink()
+            staged[table] = indices
+        self.done_batches = set.intersection(*staged.values())
+        for table in TABLES:
+            self._shards[table] = max(staged[table], default=-1) + 1
 
     def _reap(self, limit: int) -> None:
         """Check finished shards (re-raising their errors) and wait until at most ``limit``
@@ -186,24 +317,27 @@ class RunWriter:
         if limit > 0:
             self.waited_s += time.perf_counter() - started
 
-    def write(self, table: str, data: pa.Table) -> None:
-        """Queue ``data`` as the next shard of ``table`` (blocks while 2 × workers are
-        queued, so memory stays bounded; re-raises the error of any shard that failed)."""
+    def write(self, table: str, data: pa.Table, batch: int | None = None) -> None:
+        """Queue ``data`` as shard ``batch`` of ``table`` (default: the table's next shard).
+
+        Blocks while 2 × workers shards are queued, so memory stays bounded; re-raises the
+        error of any shard that failed."""
         self._reap(2 * self.workers - 1)
         with self._lock:
-            index = self._shards[table]
-            self._shards[table] += 1
+            index = self._shards[table] if batch is None else batch
+            self._shards[table] = max(self._shards[table], index + 1)
             self.rows[table] += data.num_rows
-        path = self.staging / table / f"part-{index:05d}.parquet"
-        self._pending.append(self._pool.submit(self._write_file, path, data))
+        path = self.staging / table / self._shard_name(index)
+        self._pending.append(self._pool.submit(self._write_file, path, data, table, index))
 
-    def _write_file(self, path: Path, data: pa.Table) -> None:
+    def _write_file(self, path: Path, data: pa.Table, table: str, index: int) -> None:
         started = time.perf_counter()
         tmp = path.with_name(path.name + ".tmp")
         columns = [c for c in DICTIONARY_COLUMNS if c in data.column_names]
         pq.write_table(data, tmp, compression="zstd", use_dictionary=columns,
                        row_group_size=ROW_GROUP_ROWS, write_statistics=True)
         os.replace(tmp, path)
+        fault_point(f"shard:{table}:{index}")
         with self._lock:
             self.busy_s += time.perf_counter() - started
         if self.on_written is not None:
@@ -213,35 +347,70 @@ class RunWriter:
         """Wait for every queued shard to be on disk (re-raises a writer error)."""
         self._reap(0)
 
-    def publish(self, manifest: dict) -> Path:
-        """Move staged tables into place and write the manifest last.
+    def _staged_shards(self, n_batches: int | None) -> dict[str, list[dict]]:
+        """Every staged shard with its row count and sha256; raises ``RuntimeError`` when a
+        batch is missing."""
+        prefix = f"part-{self.generation}-"
+        found = {t: sorted((self.staging / t).glob(prefix + "*.parquet")) for t in TABLES}
+        for table, paths in found.items():
+            indices = [int(p.stem[len(prefix):]) for p in paths]
+            want = list(range(n_batches)) if n_batches is not None else indices
+            if indices != want:
+                missing = sorted(set(want) - set(indices))[:5]
+                raise RuntimeError(f"staged {table} shards are incomplete (missing batches "
+                                   f"{missing}); nothing was published")
+        paths = [p for t in TABLES for p in found[t]]
+        digests = dict(zip(paths, self._pool.map(sha256_of, paths), strict=True))
+        return {t: [{"file": p.name, "rows": pq.read_metadata(p).num_rows,
+                     "sha256": digests[p]} for p in found[t]] for t in TABLES}
+
+    def publish(self, manifest: dict, n_batches: int | None = None) -> Path:
+        """Check the staged shards, move them into place and replace the manifest.
+
+        ``n_batches``: the shards each table must have (0..n-1); None = whatever is staged.
+        The manifest gets ``schema_version`` 2, the ``generation``, each table's row count
+        and ``shards`` (file, rows, sha256 per shard).
 
         Returns:
             The manifest's path.
         """
         self.flush()
+        shards = self._staged_shards(n_batches)
         self._pool.shutdown()
-        path = manifest_path(self.root, self.run_id)
-        if path.exists():
-            path.unlink()  # the run is incomplete until the new manifest lands
+        counts = {t: sum(s["rows"] for s in shards[t]) for t in TABLES}
+        manifest = dict(manifest, schema_version=2, generation=self.generation,
+                        shards=shards, n_component_rows=counts["component_entropy"],
+                        n_resid_rows=counts["resid_entropy"], n_token_rows=counts["tokens"])
         for table in TABLES:
             target = self.root / table / f"run_id={self.run_id}"
-            if target.exists():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.staging / table, target)
+            target.mkdir(parents=True, exist_ok=True)
+            for shard in shards[table]:
+                os.replace(self.staging / table / shard["file"], target / shard["file"])
+        fault_point("publish:moved")
+        path = manifest_path(self.root, self.run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(path, manifest)
+        fault_point("publish:manifest")
+        for table in TABLES:
+            listed = {s["file"] for s in shards[table]}
+            for stale in (self.root / table / f"run_id={self.run_id}").glob("*.parquet"):
+                if stale.name not in listed:
+                    stale.unlink()
+        self.rows = counts
         shutil.rmtree(self.staging, ignore_errors=True)
         staging_root = self.root / "_staging"
         if staging_root.exists() and not any(staging_root.iterdir()):
             staging_root.rmdir()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, path)
         return path
 
-    def abort(self) -> None:
-        """Drop the staged shards (after an error or an interrupt)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self.staging, ignore_errors=True)
+    def abort(self, keep: bool = True) -> None:
+        """Stop writing after an error or an interrupt: the queued shards (at most 2 ×
+        workers) are finished where they can be, so that a resume redoes as little as
+        possible; staged shards stay for a resume (``keep``) or are removed. The run's own
+        error is the one that propagates; the shards' errors are collected and dropped."""
+        self._pool.shutdown(wait=True)
+        for future in self._pending:
+            future.exception()
+        self._pending = []
+        if not keep:
+            shutil.rmtree(self.staging, ignore_errors=True)

@@ -1,5 +1,6 @@
 """The extraction loop: pipelined and sequential runs store the same rows; errors surface."""
 
+import json
 import threading
 import time
 
@@ -53,8 +54,8 @@ def test_pipelined_and_sequential_loops_store_identical_shards(tiny_checkpoint, 
     for table in ("component_entropy", "resid_entropy", "tokens"):
         seq_files = sorted((tmp_path / table / "run_id=seq").glob("*.parquet"))
         pipe_files = sorted((tmp_path / table / "run_id=pipe").glob("*.parquet"))
-        assert len(seq_files) == 3 and [p.name for p in seq_files] == [p.name for p in
-                                                                       pipe_files]
+        assert len(seq_files) == 3
+        assert [p.name[-13:] for p in seq_files] == [p.name[-13:] for p in pipe_files]
         for a, b in zip(seq_files, pipe_files, strict=True):
             assert a.read_bytes() == b.read_bytes(), f"{table}/{a.name} differs"
     seq_rows, pipe_rows = _rows(tmp_path, "seq"), _rows(tmp_path, "pipe")
@@ -165,9 +166,8 @@ def test_a_device_error_cancels_queued_host_work():
     assert published == sorted(published) and max(published) < 4
 
 
-def test_a_failed_shard_write_fails_the_run_and_publishes_nothing(tiny_checkpoint, text_glob,
-                                                                  tmp_path, monkeypatch,
-                                                                  capsys):
+def test_a_failed_shard_write_fails_the_run_then_the_run_resumes(tiny_checkpoint, text_glob,
+                                                                 tmp_path, monkeypatch, capsys):
     real = warehouse_module.pq.write_table
     calls = [0]
 
@@ -177,15 +177,24 @@ def test_a_failed_shard_write_fails_the_run_and_publishes_nothing(tiny_checkpoin
             raise OSError(28, "No space left on device")
         return real(table, where, **kwargs)
 
+    args = ["--data-files", text_glob, "--n-batches", "3", "--batch-size", "2",
+            "--seq-len", "24", "--pipeline", "on"]
     monkeypatch.setattr(warehouse_module.pq, "write_table", failing)
-    with pytest.raises(OSError, match="No space left"):
-        _extract(tiny_checkpoint, tmp_path, "--data-files", text_glob, "--n-batches", "3",
-                 "--batch-size", "2", "--seq-len", "24", "--pipeline", "on",
-                 "--run-id", "doomed")
+    assert _extract(tiny_checkpoint, tmp_path, *args, "--run-id", "doomed") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "resume" in err[0]
     assert calls[0] >= 4
     assert not (tmp_path / "runs" / "run_id=doomed").exists()
     assert not (tmp_path / "component_entropy" / "run_id=doomed").exists()
-    assert not (tmp_path / "_staging" / "doomed").exists()
+    staged = list((tmp_path / "_staging" / "doomed").rglob("*.parquet"))
+    assert len(staged) >= 3  # what was written before the failure stays, for a resume
+    monkeypatch.undo()
+    assert _extract(tiny_checkpoint, tmp_path, *args, "--run-id", "doomed") == 0
+    assert _extract(tiny_checkpoint, tmp_path, *args, "--run-id", "whole") == 0
+    manifest = json.loads((tmp_path / "runs" / "run_id=doomed" / "manifest.json").read_text())
+    assert manifest["timing"]["batches_resumed"] >= 1
+    assert _rows(tmp_path, "doomed") == _rows(tmp_path, "whole")
+    assert not (tmp_path / "_staging").exists()
 
 
 def test_writer_raises_a_failed_shard_at_the_next_write(tmp_path, monkeypatch):
@@ -210,7 +219,8 @@ def test_shards_are_cut_into_row_groups(tmp_path, monkeypatch):
     table = component_table(diff, diff, np.zeros(25), np.arange(25))
     writer.write("component_entropy", table)
     writer.flush()
-    meta = pq.ParquetFile(writer.staging / "component_entropy" / "part-00000.parquet").metadata
+    (shard,) = (writer.staging / "component_entropy").glob("*.parquet")
+    meta = pq.ParquetFile(shard).metadata
     assert meta.num_rows == 250 and meta.num_row_groups == 3
     assert writer.busy_s > 0
     writer.abort()
@@ -260,3 +270,38 @@ def test_e2e_bench_reports_both_loops_and_checks_their_rows(tiny_checkpoint):
     assert r["forward_floor"]["hooked_over_plain"] > 0
     text = report(r)
     assert "pipelined / sequential" in text and "identical rows: True" in text
+
+
+def test_a_non_finite_measure_fails_the_run_naming_it(tiny_checkpoint, text_glob, tmp_path,
+                                                      monkeypatch, capsys):
+    import etl.extract as extract_module
+
+    real = extract_module.measure_batch
+
+    def poisoned(acts, weights, options, means=None):
+        out = real(acts, weights, options, means)
+        out.marginal[5, 1, 2] = float("nan")
+        return out
+
+    monkeypatch.setattr(extract_module, "measure_batch", poisoned)
+    code = _extract(tiny_checkpoint, tmp_path, "--data-files", text_glob, "--n-batches", "2",
+                    "--batch-size", "2", "--seq-len", "24", "--run-id", "nan")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "entropy_marginal of head 1.2 at token 5" in err[0]
+    assert not (tmp_path / "runs" / "run_id=nan").exists()
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_one_line(tmp_path, text_glob, capsys):
+    from etl.checkpoint import Architecture, gpt2_tokenizer, random_gpt2
+
+    small = tmp_path / "small-vocab"
+    arch = Architecture(n_layer=1, n_head=2, n_embd=16, n_positions=32)
+    random_gpt2(arch, seed=0, vocab_size=1001).save_pretrained(small)
+    gpt2_tokenizer().save_pretrained(small)
+    code = _extract(small, tmp_path / "wh", "--data-files", text_glob, "--n-batches", "1",
+                    "--batch-size", "1", "--seq-len", "16")
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]  # (transformers warns too)
+    assert code == 2 and len(errors) == 1 and "does not belong to its weights" in errors[0]
+    assert not (tmp_path / "wh" / "runs").exists()
