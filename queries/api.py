@@ -1,0 +1,72 @@
+"""The warehouse from Python (a notebook, a script): views, saved queries and charts.
+
+    from queries.api import Warehouse
+
+    wh = Warehouse("data/warehouse")
+    wh.runs()                                  # polars DataFrame, one row per complete run
+    wh.query("top_heads", run_id="...", k=5)   # a saved query into a DataFrame
+    wh.sql("select ... from component_entropy where run_id = $run", run="...")
+    wh.chart("heatmap", "...")                 # an Altair chart; a notebook displays it
+    wh.con                                     # the DuckDB connection, for anything else
+
+Entropies are in nats; positive diffs and marginals increase entropy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from queries.db import connect
+from queries.saved import get_query, saved_queries
+
+
+class Warehouse:
+    """The complete runs of a warehouse folder as DuckDB views (``runs``, ``tokens``,
+    ``component_entropy``, ``resid_entropy``), read when the object is made.
+
+    Raises:
+        etl.errors.UserError: the folder does not exist or holds no complete run.
+    """
+
+    def __init__(self, path: str | Path = "data/warehouse") -> None:
+        self.path = Path(path)
+        self.con: duckdb.DuckDBPyConnection = connect(self.path)
+        """The DuckDB connection with the views defined."""
+
+    def sql(self, text: str, **params) -> pl.DataFrame:
+        """Run ``text`` (``$name`` placeholders take ``params``) into a polars DataFrame."""
+        return self.con.sql(text, params=params or None).pl()
+
+    def runs(self) -> pl.DataFrame:
+        """One row per complete run, oldest first (its manifest's fields)."""
+        return self.sql("select * from runs order by created_at, run_id")
+
+    @staticmethod
+    def queries() -> dict[str, str]:
+        """Saved query names and what each returns."""
+        return {name: q.summary for name, q in saved_queries().items()}
+
+    def query(self, name: str, **params) -> pl.DataFrame:
+        """The saved query ``name`` with its defaults overridden by ``params``
+        (``python -m queries show NAME`` lists them) as a polars DataFrame."""
+        query = get_query(name)
+        given = {k: "null" if v is None else str(v) for k, v in params.items()}
+        return self.sql(query.sql, **query.bind(given))
+
+    def chart(self, name: str, run: str, other: str | None = None):
+        """The chart ``name`` (``python -m analysis --list``) of ``run`` as an Altair chart;
+        comparison charts take the ``other`` run too."""
+        from analysis.render import CHARTS, build_chart
+        from etl.errors import UserError
+
+        if name not in CHARTS:
+            raise UserError(f"unknown chart {name!r}; known: {', '.join(CHARTS)}")
+        spec = CHARTS[name]
+        runs = [run] if spec.runs == 1 else [run, other]
+        if None in runs:
+            raise UserError(f"chart {name!r} compares two runs: pass other=RUN_ID")
+        chart, _ = build_chart(self.con, spec, runs)
+        return chart
