@@ -1,0 +1,63 @@
+"""Comparisons pair runs of one model: defaults never cross models, and asking for a
+cross-model comparison is an error that says so."""
+
+import pytest
+
+from etl.checkpoint import Architecture, gpt2_tokenizer, random_gpt2, write_checkpoint
+from etl.extract import main as extract_main
+from queries.cli import main as query_main
+from queries.db import connect
+from queries.saved import get_query
+
+
+def _extract(checkpoint, root, run_id):
+    assert extract_main(["--model", str(checkpoint), "--warehouse", str(root), "--no-progress",
+                         "--device", "cpu", "--dataset", "ioi", "--n-prompts", "2",
+                         "--run-id", run_id]) == 0
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_checkpoint, tmp_path_factory):
+    """Runs of three models: tiny (twice), tiny with other weights, a 1-layer model."""
+    root = tmp_path_factory.mktemp("mixed")
+    other = write_checkpoint("gpt2-tiny", tmp_path_factory.mktemp("m") / "tiny-b", seed=1)
+    shallow = tmp_path_factory.mktemp("m") / "shallow"
+    random_gpt2(Architecture(n_layer=1, n_head=4, n_embd=64, n_positions=64), seed=0,
+                vocab_size=50257).save_pretrained(shallow)
+    gpt2_tokenizer().save_pretrained(shallow)
+    _extract(tiny_checkpoint, root, "a-first")
+    _extract(shallow, root, "b-shallow")
+    _extract(other, root, "c-other-weights")
+    _extract(tiny_checkpoint, root, "d-same-model")
+    _extract(other, root, "e-other-weights-latest")
+    return root
+
+
+def _compare(root, **params):
+    query = get_query("compare_runs")
+    given = {k: str(v) for k, v in params.items()}
+    return connect(root).sql(query.sql, params=query.bind(given)).pl()
+
+
+def test_default_pair_is_the_latest_run_of_the_same_model(mixed):
+    got = _compare(mixed)
+    assert got["run_a"][0] == "a-first" and got["run_b"][0] == "d-same-model"
+    assert got["n_a"].null_count() == 0 and got["n_b"].null_count() == 0
+
+
+@pytest.mark.parametrize("run_b,models,expected", [
+    ("c-other-weights", "same", "are different models"),
+    ("b-shallow", "same", "have different shapes"),
+    ("b-shallow", "any", "have different shapes"),
+])
+def test_cross_model_comparison_is_one_line(mixed, capsys, run_b, models, expected):
+    code = query_main(["--warehouse", str(mixed), "run", "compare_runs", "--param",
+                       "run_a=a-first", "--param", f"run_b={run_b}", "--param",
+                       f"models={models}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0]
+
+
+def test_models_any_compares_two_models_of_one_shape(mixed):
+    got = _compare(mixed, run_a="a-first", run_b="c-other-weights", models="any")
+    assert got.height == 2 * 5 and got["n_b"].null_count() == 0
