@@ -16,6 +16,7 @@ outside the warehouse. ``shell`` is a full DuckDB session.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -29,16 +30,19 @@ from etl.cli import ArgumentParser
 from etl.errors import UserError
 from queries.catalog import Run, partial_runs, run_problems, stray_files
 from queries.db import complete_runs, connect, init_sql, open_views, usable_runs
-from queries.output import FORMATS, check_output, render, write_result
+from queries.output import FORMATS, check_output, output_format, render, write_result
 from queries.saved import data_checks, get_query, saved_queries
 
 DEFAULT_WAREHOUSE = "data/warehouse"
 
 
 def _add_output_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", default="table", choices=FORMATS,
-                        help="output format (default table; parquet needs --output)")
-    parser.add_argument("--output", type=Path, help="write to FILE instead of stdout")
+    parser.add_argument("--format", choices=FORMATS,
+                        help="output format (default: from the --output file's extension "
+                             "(.csv, .json, .parquet, .txt), else table; parquet needs "
+                             "--output)")
+    parser.add_argument("--output", type=Path,
+                        help="write to FILE instead of stdout (every row)")
     parser.add_argument("--max-rows", type=int, default=100,
                         help="rows shown by --format table on stdout (default 100)")
 
@@ -48,14 +52,29 @@ def _add_param_arg(parser: argparse.ArgumentParser) -> None:
                         help="set a $NAME parameter (repeatable; 'null' for NULL)")
 
 
+def _add_warehouse_arg(parser: argparse.ArgumentParser, default=DEFAULT_WAREHOUSE) -> None:
+    parser.add_argument("--warehouse", default=default,
+                        help=f"warehouse root (default {DEFAULT_WAREHOUSE}); before or after "
+                             "the command")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("entropy-warehouse")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m queries`` argument parser."""
     parser = ArgumentParser(
         prog="python -m queries",
         description="Explore the entropy warehouse: saved DuckDB queries, ad-hoc SQL, data "
                     "tests and the DuckDB shell over its Parquet files.")
-    parser.add_argument("--warehouse", default=DEFAULT_WAREHOUSE,
-                        help=f"warehouse root (default {DEFAULT_WAREHOUSE})")
+    _add_warehouse_arg(parser)
+    parser.add_argument("--version", action="version",
+                        version=f"entropy-warehouse {_version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("list", help="list saved queries with one-line descriptions",
@@ -93,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("-c", "--command", dest="shell_command",
                        help="run this SQL in the shell and exit (instead of an interactive "
                             "session)")
+    for command in sub.choices.values():
+        # SUPPRESS: when not given after the command, the value before it (or the default)
+        # stands.
+        _add_warehouse_arg(command, default=argparse.SUPPRESS)
     return parser
 
 
@@ -175,10 +198,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _read_only_query(args: argparse.Namespace, sql: str, params: dict) -> int:
     """Check ``sql`` and the output first, then run it on a locked-down connection."""
     ensure_select(sql)
-    check_output(args.output, args.format)
+    fmt = output_format(args.format, args.output)
+    check_output(args.output, fmt)
     con = connect(Path(args.warehouse), read_only=True)
     frame = run_sql(con, sql, params)
-    write_result(frame, args.format, args.output, args.max_rows)
+    write_result(frame, fmt, args.output, args.max_rows)
     return 0
 
 

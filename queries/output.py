@@ -12,6 +12,40 @@ from etl.errors import UserError
 
 FORMATS = ("table", "csv", "json", "parquet")
 
+EXTENSION_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet", ".pq": "parquet",
+                     ".txt": "table"}
+"""The format an ``--output`` file's extension implies when ``--format`` is not given."""
+
+_TEXT_FORMATS = ("table", "csv", "json")
+
+
+def output_format(fmt: str | None, output: Path | None) -> str:
+    """The format to write: ``fmt`` when given, else the one ``output``'s extension implies
+    (``.csv``, ``.json``, ``.parquet``/``.pq``, ``.txt`` or no extension: table), else table.
+
+    Raises:
+        UserError: ``fmt`` contradicts the extension (a ``.txt`` file takes any text
+            format), or no ``fmt`` is given and the extension is not one of those above.
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
+    if output is None:
+        return fmt or "table"
+    suffix = Path(output).suffix.lower()
+    implied = EXTENSION_FORMATS.get(suffix, "table" if not suffix else None)
+    if fmt is None:
+        if implied is None:
+            known = ", ".join(EXTENSION_FORMATS)
+            raise UserError(f"cannot tell the format of --output {str(output)!r} from its "
+                            f"extension ({known}); pass --format "
+                            f"{'|'.join(FORMATS)}")
+        return implied
+    if suffix in EXTENSION_FORMATS and fmt != implied and not (
+            suffix == ".txt" and fmt in _TEXT_FORMATS):
+        raise UserError(f"--format {fmt} contradicts --output {str(output)!r} (a {suffix} "
+                        f"file); drop --format or use --format {implied}")
+    return fmt
+
 
 def flatten_nested(frame: pl.DataFrame) -> pl.DataFrame:
     """Struct, list and array columns as JSON text (CSV has no nested values)."""
@@ -22,18 +56,27 @@ def flatten_nested(frame: pl.DataFrame) -> pl.DataFrame:
         for name in nested)
 
 
+def _one_line_cells(frame: pl.DataFrame) -> pl.DataFrame:
+    """String cells with their line breaks escaped (``\\n``, ``\\r``), so each row of the
+    table is one line."""
+    return frame.with_columns(
+        pl.col(name).str.replace_all("\r", "\\r", literal=True)
+        .str.replace_all("\n", "\\n", literal=True)
+        for name, dtype in frame.schema.items() if dtype == pl.String)
+
+
 def render(frame: pl.DataFrame, fmt: str, max_rows: int = 100) -> str:
-    """``frame`` as text: an aligned ``table`` (at most ``max_rows`` rows shown), ``csv``
-    (header line, then rows) or ``json`` (a list of row objects)."""
+    """``frame`` as text: an aligned ``table`` (at most ``max_rows`` rows shown, one line
+    per row), ``csv`` (header line, then rows) or ``json`` (a list of row objects)."""
     if fmt == "csv":
         return flatten_nested(frame).write_csv()
     if fmt == "json":
-        return json.dumps(frame.to_dicts(), indent=2, default=str) + "\n"
+        return frame.write_json() + "\n"
     if fmt == "table":
         with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60,
                        tbl_width_chars=-1, tbl_hide_dataframe_shape=True,
-                       float_precision=None):
-            text = str(frame.head(max_rows))
+                       tbl_hide_column_data_types=True, float_precision=None):
+            text = str(_one_line_cells(frame.head(max_rows)))
         more = frame.height - max_rows
         note = f"\n({frame.height:,} rows; {more:,} not shown)" if more > 0 else \
             f"\n({frame.height:,} rows)"
@@ -65,24 +108,31 @@ def write_result(frame: pl.DataFrame, fmt: str, output: Path | None = None,
                  max_rows: int = 100) -> None:
     """Write ``frame`` to ``output`` (a file) or stdout. Parquet needs ``--output``.
 
+    Files are written by polars: ``write_csv`` (nested columns as JSON text),
+    ``write_json`` (a list of row objects) and ``write_parquet`` (zstd); a ``table`` file
+    holds every row.
+
     Raises:
         UserError: the output cannot be written (see ``check_output``, or an OS error).
     """
     check_output(output, fmt)
-    if output is not None and fmt == "table":
-        max_rows = frame.height
     try:
-        if fmt == "parquet":
-            frame.write_parquet(output, compression="zstd")
-        elif output is None:
+        if output is None:
             sys.stdout.write(render(frame, fmt, max_rows=max_rows))
             sys.stdout.flush()
-        else:
-            Path(output).write_text(render(frame, fmt, max_rows=max_rows), encoding="utf-8")
+            return
+        with open(output, "wb") as file:
+            if fmt == "parquet":
+                frame.write_parquet(file, compression="zstd")
+            elif fmt == "csv":
+                flatten_nested(frame).write_csv(file)
+            elif fmt == "json":
+                frame.write_json(file)
+            else:
+                file.write(render(frame, fmt, max_rows=frame.height).encode("utf-8"))
     except BrokenPipeError:
         raise
     except OSError as exc:
         target = "to stdout" if output is None else f"--output {str(output)!r}"
         raise UserError(f"cannot write {target}: "
                         f"{exc.strerror or ' '.join(str(exc).split())}") from exc
-

@@ -5,13 +5,14 @@
 -- another generation and stray files never show. The views read the files named in the
 -- DuckDB variables manifest_files and <table>_files. `python -m queries` sets them to the
 -- runs whose files pass a check; without them this script derives them from the manifests
--- under the variable `warehouse` (default 'data/warehouse'), once, when it runs. From the
--- DuckDB shell, in the project root:
---     duckdb -init queries/views.sql
--- or, for another warehouse:
---     duckdb -cmd "set variable warehouse = '/path/to/warehouse'" -cmd ".read queries/views.sql"
--- (`python -m queries --warehouse DIR shell` does this for you). Run `.read
--- queries/views.sql` again to see runs completed since.
+-- under the variable `warehouse` (default 'data/warehouse', relative to the current
+-- folder), once, when it runs. From any folder:
+--     python -m queries --warehouse /path/to/warehouse shell
+-- or, from the DuckDB shell itself, with absolute paths:
+--     duckdb -cmd "set variable warehouse = '/path/to/warehouse'" \
+--            -cmd ".read /path/to/entropy-warehouse/queries/views.sql"
+-- (in the repository root, `duckdb -init queries/views.sql` opens data/warehouse). `.read`
+-- this file again to see runs completed since.
 --
 -- Views:
 --   runs(run_id, created_at, model, dataset, lens, ablation, n_layers, n_heads, n_seqs,

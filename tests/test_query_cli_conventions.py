@@ -1,0 +1,209 @@
+"""``python -m queries`` conventions: the output file's extension picks the format, files are
+written by polars and read back equal, ``--warehouse`` goes before or after the command,
+``--version``, one-line table rows, and the docs name every saved query."""
+
+import importlib.metadata
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from etl.extract import main as extract_main
+from queries.cli import main as query_main
+from queries.cli import run_sql
+from queries.db import connect
+from queries.saved import saved_queries
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+NESTED_SQL = "select 1 as i, [1, 2] as l, {'a': 3, 'b': 'x'} as s, 'p' || chr(10) || 'q' as t"
+
+
+@pytest.fixture(scope="module")
+def warehouse(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("conventions")
+    assert extract_main(["--model", str(tiny_checkpoint), "--dataset", "ioi", "--n-prompts",
+                         "4", "--device", "cpu", "--no-progress", "--warehouse", str(root),
+                         "--run-id", "ioi"]) == 0
+    return root
+
+
+def expected(root, name):
+    query = saved_queries()[name]
+    return run_sql(connect(root, read_only=True), query.sql, query.bind({}))
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def run(root, *argv):
+    return query_main(["--warehouse", str(root), *argv])
+
+
+# 1. The format follows --output's extension ------------------------------------------------
+
+def read_back(path, fmt, like):
+    """A written file read by polars, with ``like``'s column types (CSV/JSON lose them)."""
+    if fmt == "parquet":
+        return pl.read_parquet(path)
+    if fmt == "csv":
+        return pl.read_csv(path, schema=like.schema)
+    return pl.read_json(path, schema=like.schema)
+
+
+@pytest.mark.parametrize("name", ["top_heads", "head_summary"])
+@pytest.mark.parametrize("suffix, fmt", [(".csv", "csv"), (".json", "json"),
+                                         (".parquet", "parquet"), (".PQ", "parquet")])
+def test_output_extension_picks_the_format(warehouse, tmp_path, name, suffix, fmt):
+    out = tmp_path / f"out{suffix}"
+    assert run(warehouse, "run", name, "--output", str(out)) == 0
+    assert not out.read_bytes().startswith("┌".encode())
+    want = expected(warehouse, name)
+    assert want.height > 0
+    assert_frame_equal(read_back(out, fmt, want), want)
+
+
+@pytest.mark.parametrize("name", ["th.txt", "th"])
+def test_txt_or_no_extension_is_a_table_with_every_row(warehouse, tmp_path, name):
+    out = tmp_path / name
+    assert run(warehouse, "sql", "select * from range(150) t(x)", "--output", str(out)) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("┌") and "│ 149 │" in text and "(150 rows)" in text
+
+
+def test_explicit_format_that_contradicts_the_extension_is_one_line(warehouse, tmp_path,
+                                                                    capsys):
+    for fmt, name in [("csv", "th.parquet"), ("table", "th.csv"), ("parquet", "th.json"),
+                      ("parquet", "th.txt")]:
+        out = tmp_path / name
+        assert run(warehouse, "run", "top_heads", "--format", fmt, "--output", str(out)) == 2
+        assert "contradicts" in one_line_error(capsys)
+        assert not out.exists()
+    assert run(warehouse, "run", "top_heads", "--format", "csv", "--output",
+               str(tmp_path / "th.txt")) == 0
+    want = expected(warehouse, "top_heads")
+    assert_frame_equal(read_back(tmp_path / "th.txt", "csv", want), want)
+
+
+def test_unknown_extension_needs_a_format(warehouse, tmp_path, capsys):
+    out = tmp_path / "th.xlsx"
+    assert run(warehouse, "run", "top_heads", "--output", str(out)) == 2
+    assert "--format" in one_line_error(capsys)
+    assert not out.exists()
+    assert run(warehouse, "run", "top_heads", "--format", "json", "--output", str(out)) == 0
+    want = expected(warehouse, "top_heads")
+    assert_frame_equal(read_back(out, "json", want), want)
+
+
+def test_nested_columns_in_every_file_format(warehouse, tmp_path):
+    for suffix in (".csv", ".json", ".parquet"):
+        assert run(warehouse, "sql", NESTED_SQL, "--output", str(tmp_path / f"n{suffix}")) == 0
+    csv = pl.read_csv(tmp_path / "n.csv")
+    assert csv.row(0, named=True) == {"i": 1, "l": "[1, 2]", "s": '{"a": 3, "b": "x"}',
+                                      "t": "p\nq"}
+    for suffix in (".json", ".parquet"):
+        row = (pl.read_json if suffix == ".json" else pl.read_parquet)(
+            tmp_path / f"n{suffix}").row(0, named=True)
+        assert row == {"i": 1, "l": [1, 2], "s": {"a": 3, "b": "x"}, "t": "p\nq"}, suffix
+
+
+def test_json_on_stdout_is_valid_json(warehouse, capsys):
+    assert run(warehouse, "sql", "select 'nan'::double as x, 1 as y", "--format", "json") == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and "NaN" not in out
+    assert pl.read_json(out.encode()).to_dicts() == [{"x": None, "y": 1}]
+
+
+# 2. --warehouse before or after the command, --version -------------------------------------
+
+def test_warehouse_after_the_command(warehouse, tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    assert query_main(["run", "top_heads", "--warehouse", str(warehouse), "--format",
+                       "csv"]) == 0
+    after = capsys.readouterr().out
+    assert run(warehouse, "run", "top_heads", "--format", "csv") == 0
+    assert capsys.readouterr().out == after and after.count("\n") > 1
+    # after the command wins over before it; a value before it stands when none follows
+    assert query_main(["--warehouse", missing, "sql", "select count(*) as n from runs",
+                       "--warehouse", str(warehouse), "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "n\n1\n"
+    assert query_main(["--warehouse", missing, "check"]) == 2
+    assert missing in one_line_error(capsys)
+    assert query_main(["check", "--warehouse", missing]) == 2
+    assert missing in one_line_error(capsys)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        query_main(["--version"])
+    assert exc.value.code == 0
+    version = importlib.metadata.version("entropy-warehouse")
+    assert capsys.readouterr().out == f"entropy-warehouse {version}\n"
+
+
+# 3. Tables: no dtype row, one line per row --------------------------------------------------
+
+def test_table_has_no_dtype_row(warehouse, capsys):
+    assert run(warehouse, "run", "head_summary") == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1]
+    assert "mean_diff" in header and "ci95_low_diff" in header
+    assert not any(re.search(r"│\s*(f64|i64|str|---)\s*┆", line) for line in lines)
+    n = expected(warehouse, "head_summary").height
+    # top border, header, separator, one line per row, bottom border, row count
+    assert len(lines) == n + 5
+
+
+def test_table_cells_with_line_breaks_are_one_line(warehouse, capsys):
+    assert run(warehouse, "sql", NESTED_SQL) == 0
+    out = capsys.readouterr().out
+    assert "p\\nq" in out and "p\nq" not in out
+    assert len(out.splitlines()) == 6
+    assert run(warehouse, "sql", NESTED_SQL, "--format", "csv") == 0
+    assert '"p\nq"' in capsys.readouterr().out
+
+
+# 4. Docs ------------------------------------------------------------------------------------
+
+def test_readme_lists_every_saved_query():
+    section = README.split("### `python -m queries`", 1)[1].split("\n### ", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE))
+    assert set(saved_queries()) <= listed, set(saved_queries()) - listed
+
+
+def _duckdb_shell() -> str:
+    beside = Path(sys.executable).with_name("duckdb")
+    exe = shutil.which("duckdb") or (str(beside) if beside.is_file() else None)
+    if exe is None:
+        pytest.skip("duckdb shell not installed")
+    return exe
+
+
+def test_views_sql_shell_example_works_outside_the_repository(warehouse, tmp_path):
+    header = (REPO / "queries" / "views.sql").read_text(encoding="utf-8").split("\n\n")[0]
+    assert "python -m queries --warehouse /path/to/warehouse shell" in header
+    example = re.search(r"duckdb -cmd \"(set variable warehouse = '/path/to/warehouse')\" "
+                        r"\\\n--\s+-cmd \"\.read (/path/to/[\w-]+)/(queries/views\.sql)\"",
+                        header)
+    assert example, header
+    out = subprocess.run(
+        [_duckdb_shell(), "-list", "-noheader",
+         "-cmd", example.group(1).replace("/path/to/warehouse", str(warehouse)),
+         "-cmd", f".read {REPO / example.group(3)}", "-c", "select run_id from runs"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ioi"
+    cli = subprocess.run(
+        [sys.executable, "-m", "queries", "--warehouse", str(warehouse), "shell", "-c",
+         "select run_id from runs"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr
+    assert "ioi" in cli.stdout
