@@ -29,7 +29,7 @@ def build_parser():
                         "data/charts)")
     parser.add_argument("--run", action="append", dest="runs", metavar="RUN_ID",
                         help="run to chart (repeatable; default every complete run; the "
-                             "first is compared with each other one)")
+                             "first is compared with each other run of its model)")
     parser.add_argument("--format", default="html,png,svg",
                         help="comma-separated formats among html, png, svg (default all)")
     parser.add_argument("--chart", action="append", dest="charts", metavar="NAME",
@@ -71,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
         out = Path(args.out)
         check_out_folder(out)
-        bar = tqdm(desc="charts", unit="chart", disable=args.no_progress)
+        # the bar starts only once render() has checked its inputs and knows the total
+        progress = None if args.no_progress else (
+            lambda total: tqdm(total=total, desc="charts", unit="chart"))
         try:
             written = render(Path(args.warehouse), out, runs=args.runs, formats=formats,
-                             only=args.charts, progress=lambda name, runs: bar.update())
+                             only=args.charts, progress=progress)
         except OSError as exc:
             raise UserError(f"cannot write the charts to {str(out)!r}: "
                             f"{exc.strerror or ' '.join(str(exc).split())}") from exc
-        finally:
-            bar.close()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -35,6 +35,8 @@ def symmetric_limit(values) -> float:
 
 def _component_order(summary: pl.DataFrame, include_mlp: bool) -> list[str]:
     heads = sorted({int(h) for h in summary["head"].drop_nulls().to_list()})
+    if heads:
+        heads = list(range(heads[-1] + 1))  # every head from 0, even ones with no cell drawn
     return [str(h) for h in heads] + (["MLP"] if include_mlp else [])
 
 
@@ -43,32 +45,30 @@ def _run_title(frame: pl.DataFrame) -> str:
     return f"run {runs[0]}" if len(runs) == 1 else f"{len(runs)} runs"
 
 
+def increase_limit(values) -> float:
+    """Upper end of the increases' colour scale: the largest positive value, at least 1e-6."""
+    return max([v for v in values if v is not None and math.isfinite(v) and v > 0] + [1e-6])
+
+
 def _heatmap(summary: pl.DataFrame, include_mlp: bool, increases_only: bool,
              title: str) -> alt.FacetChart:
     rows = summary if include_mlp else summary.filter(pl.col("kind") == "head")
-    limit = symmetric_limit(rows["mean_diff"].to_list() + rows["mean_marginal"].to_list())
+    values = rows["mean_diff"].to_list() + rows["mean_marginal"].to_list()
+    subtitle = [_run_title(summary), "mean over positions", POSITIVE_MEANS]
     if increases_only:
-        color_scale = alt.Scale(scheme=SEQUENTIAL_SCHEME, domain=[0, limit])
+        mlp = summary.filter(pl.col("kind") == "mlp")
+        mlp_values = mlp["mean_diff"].to_list() + mlp["mean_marginal"].to_list()
+        if include_mlp and increase_limit(mlp_values) == 1e-6:  # no MLP cell is drawn
+            include_mlp = False
+            subtitle.insert(1, "MLP: no increases")
+        color_scale = alt.Scale(scheme=SEQUENTIAL_SCHEME, domain=[0, increase_limit(values)])
     else:
+        limit = symmetric_limit(values)
         color_scale = alt.Scale(scheme=DIVERGING_SCHEME, reverse=True, domain=[-limit, limit],
                                 domainMid=0)
-    base = alt.Chart(_records(summary)).transform_calculate(
-        component="datum.kind == 'mlp' ? 'MLP' : toString(datum.head)",
-    ).transform_fold(
-        ["mean_diff", "mean_marginal"], as_=["measure_field", "mean"],
-    ).transform_calculate(
-        measure="datum.measure_field == 'mean_diff' ? 'diff' : 'marginal'",
-        ci95_low="datum.measure_field == 'mean_diff' ? datum.ci95_low_diff "
-                 ": datum.ci95_low_marginal",
-        ci95_high="datum.measure_field == 'mean_diff' ? datum.ci95_high_diff "
-                  ": datum.ci95_high_marginal",
-    )
-    if not include_mlp:
-        base = base.transform_filter("datum.kind == 'head'")
-    if increases_only:
-        base = base.transform_filter("datum.mean > 0")
-    heat = base.mark_rect(stroke="white", strokeWidth=0.5).encode(
-        x=alt.X("component:O", sort=_component_order(summary, include_mlp),
+    order = _component_order(summary, include_mlp)
+    heat = alt.Chart().mark_rect(stroke="white", strokeWidth=0.5).encode(
+        x=alt.X("component:O", sort=order, scale=alt.Scale(domain=order),
                 title="head" + (" (and MLP)" if include_mlp else ""),
                 axis=alt.Axis(labelAngle=0)),
         y=alt.Y("layer:O", title="layer", sort="ascending"),
@@ -81,13 +81,30 @@ def _heatmap(summary: pl.DataFrame, include_mlp: bool, increases_only: bool,
             alt.Tooltip("ci95_high:Q", format=".5f", title="95% CI high"),
             alt.Tooltip("n:Q", format=","),
         ],
-    ).properties(width=max(180, 26 * len(_component_order(summary, include_mlp))),
+    ).properties(width=max(180, 26 * len(order)),
                  height=max(120, 22 * summary["layer"].n_unique()))
-    return heat.facet(
+    # The transforms sit on the facet, not in its inner spec, so the column sort (diff, then
+    # marginal) is computed after `measure` exists and the order is the same every time.
+    chart = heat.facet(
         column=alt.Column("measure:N", sort=["diff", "marginal"], title=None),
-    ).properties(title=alt.TitleParams(
-        title, subtitle=f"{_run_title(summary)} · mean over positions · {POSITIVE_MEANS}"),
-    ).resolve_scale(color="shared")
+        data=_records(summary),
+    ).transform_calculate(
+        component="datum.kind == 'mlp' ? 'MLP' : toString(datum.head)",
+    ).transform_fold(
+        ["mean_diff", "mean_marginal"], as_=["measure_field", "mean"],
+    ).transform_calculate(
+        measure="datum.measure_field == 'mean_diff' ? 'diff' : 'marginal'",
+        ci95_low="datum.measure_field == 'mean_diff' ? datum.ci95_low_diff "
+                 ": datum.ci95_low_marginal",
+        ci95_high="datum.measure_field == 'mean_diff' ? datum.ci95_high_diff "
+                  ": datum.ci95_high_marginal",
+    )
+    if not include_mlp:
+        chart = chart.transform_filter("datum.kind == 'head'")
+    if increases_only:
+        chart = chart.transform_filter("datum.mean > 0")
+    return chart.properties(title=alt.TitleParams(title, subtitle=" · ".join(subtitle))
+                            ).resolve_scale(color="shared")
 
 
 def component_heatmap(summary: pl.DataFrame) -> alt.FacetChart:
@@ -139,46 +156,68 @@ def resid_steps(resid: pl.DataFrame) -> alt.LayerChart:
                               subtitle=f"{_run_title(resid)} · {POSITIVE_MEANS}"))
 
 
+def nice_limit(value: float) -> float:
+    """The smallest of 1, 2, 4, 6, 8 × 10ᵏ that is ≥ ``value`` (a round axis end)."""
+    value = max(value, 1e-9)
+    exponent = math.floor(math.log10(value))
+    for exp in (exponent, exponent + 1):
+        for mantissa in (1, 2, 4, 6, 8):
+            candidate = round(mantissa * 10.0 ** exp, 12)
+            if candidate >= value:
+                return candidate
+    return round(10.0 ** (exponent + 2), 12)
+
+
 def run_comparison(compare: pl.DataFrame, label_top: int = 5) -> alt.LayerChart:
-    """Each head's mean diff in run A against run B, the top heads labelled.
+    """Each head's mean diff in run A against run B, the most different heads labelled.
 
     Args:
         compare: ``compare_runs`` rows (``run_a, run_b, layer, head, kind, mean_diff_a,
             mean_diff_b, delta_diff, ...``).
-        label_top: how many heads to label (largest mean diff in either run).
+        label_top: how many heads to label: those with the largest |B − A| (farthest from
+            the dashed A = B line).
     """
     run_a, run_b = compare["run_a"][0], compare["run_b"][0]
     heads = compare.filter(pl.col("kind") == "head")
-    limit = symmetric_limit(heads["mean_diff_a"].to_list() + heads["mean_diff_b"].to_list())
+    limit = nice_limit(symmetric_limit(heads["mean_diff_a"].to_list()
+                                       + heads["mean_diff_b"].to_list()) * 1.05)
+    ticks = [round(t * limit, 12) for t in (-1, -0.5, 0, 0.5, 1)]
     base = alt.Chart().transform_filter(
         "datum.kind == 'head'",
     ).transform_calculate(
         component="toString(datum.layer) + '.' + toString(datum.head)",
-        top="max(datum.mean_diff_a, datum.mean_diff_b)",
     )
-    scale = alt.Scale(domain=[-limit * 1.1, limit * 1.1])
+    scale = alt.Scale(domain=[-limit, limit], nice=False, zero=True)
     points = base.mark_circle(size=60, opacity=0.75).encode(
-        x=alt.X("mean_diff_a:Q", scale=scale, title=f"mean diff in {run_a} (nats)"),
-        y=alt.Y("mean_diff_b:Q", scale=scale, title=f"mean diff in {run_b} (nats)"),
+        x=alt.X("mean_diff_a:Q", scale=scale, title="mean diff in run A (nats)",
+                axis=alt.Axis(values=ticks, format="~g")),
+        y=alt.Y("mean_diff_b:Q", scale=scale, title="mean diff in run B (nats)",
+                axis=alt.Axis(values=ticks, format="~g")),
         color=alt.Color("layer:O", title="layer", scale=alt.Scale(scheme="viridis")),
         tooltip=[alt.Tooltip("component:N", title="head"),
-                 alt.Tooltip("mean_diff_a:Q", format=".5f"),
-                 alt.Tooltip("mean_diff_b:Q", format=".5f"),
+                 alt.Tooltip("mean_diff_a:Q", format=".5f", title="run A"),
+                 alt.Tooltip("mean_diff_b:Q", format=".5f", title="run B"),
                  alt.Tooltip("delta_diff:Q", format=".5f", title="B − A"),
                  alt.Tooltip("n_a:Q", format=","), alt.Tooltip("n_b:Q", format=",")],
     )
-    labels = base.transform_window(
-        rank="row_number()", sort=[alt.SortField("top", order="descending")],
+    labels = base.transform_filter(
+        "isValid(datum.mean_diff_a) && isValid(datum.mean_diff_b)",
+    ).transform_calculate(
+        gap="abs(datum.mean_diff_b - datum.mean_diff_a)",
+    ).transform_window(
+        rank="row_number()", sort=[alt.SortField("gap", order="descending")],
     ).transform_filter(f"datum.rank <= {int(label_top)}").mark_text(
         align="left", dx=6, dy=-6, fontSize=12, fontWeight="bold",
     ).encode(x="mean_diff_a:Q", y="mean_diff_b:Q", text="component:N")
-    diagonal = alt.Chart(alt.Data(values=[{"v": -limit * 1.1}, {"v": limit * 1.1}])).mark_line(
+    diagonal = alt.Chart(alt.Data(values=[{"v": -limit}, {"v": limit}])).mark_line(
         color="#808b96", strokeDash=[4, 4]).encode(x="v:Q", y="v:Q")
     return alt.layer(diagonal, points, labels, data=_records(compare)).properties(
         width=380, height=380,
         title=alt.TitleParams("Run comparison: mean entropy diff per head (nats)",
-                              subtitle=f"A = {run_a}, B = {run_b} · dashed: A = B · "
-                                       f"{POSITIVE_MEANS}"))
+                              subtitle=[f"run A = {run_a}, run B = {run_b}",
+                                        f"labelled: the {int(label_top)} heads with the "
+                                        f"largest |B − A| · dashed: A = B · "
+                                        f"{POSITIVE_MEANS}"]))
 
 
 def head_distribution(dist: pl.DataFrame) -> alt.LayerChart:

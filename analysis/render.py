@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import html
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import altair as alt
+import jinja2
 import polars as pl
 
 from analysis import charts, theme
@@ -46,7 +47,8 @@ CHARTS: dict[str, ChartSpec] = {spec.name: spec for spec in [
     ChartSpec("token_drilldown", "positions where the top head raises entropy most, with "
               "context", "token_drilldown", charts.token_drilldown,
               lambda r: {"run_id": r[0], "k": "20"}),
-    ChartSpec("run_comparison", "each head's mean diff in run A vs run B, top heads labelled",
+    ChartSpec("run_comparison", "each head's mean diff in run A vs run B, the 5 heads with "
+              "the largest |B − A| labelled",
               "compare_runs", charts.run_comparison,
               lambda r: {"run_a": r[0], "run_b": r[1]}, runs=2),
 ]}
@@ -90,7 +92,15 @@ def complete_runs(con) -> list[str]:
             .fetchall()]
 
 
-def _jobs(runs: list[str], names: list[str]):
+def run_models(con) -> dict[str, str]:
+    """Each complete run's model, as the fingerprint of its weights (else its name)."""
+    return dict(con.sql("select run_id, coalesce(model_identity ->> 'weights_sha256', model) "
+                        "from runs").fetchall())
+
+
+def _jobs(runs: list[str], names: list[str], models: dict[str, str]):
+    """Per-run charts for every run; comparisons of the first run with each other run of
+    the same model (comparing heads of two models by index would be meaningless)."""
     for name in names:
         spec = CHARTS[name]
         if spec.runs == 1:
@@ -98,16 +108,30 @@ def _jobs(runs: list[str], names: list[str]):
                 yield spec, [run], Path(run) / name
         else:
             for other in runs[1:]:
-                yield spec, [runs[0], other], Path(f"{runs[0]}__vs__{other}") / name
+                if models.get(other) == models.get(runs[0]):
+                    yield spec, [runs[0], other], Path(f"{runs[0]}__vs__{other}") / name
+
+
+def run_table(con, runs: list[str]) -> list[dict]:
+    """``run_id, model, dataset, n_tokens`` of ``runs`` (from the ``runs`` view), in order."""
+    rows = {r[0]: r for r in con.sql(
+        "select run_id, model, dataset, n_tokens from runs").fetchall()}
+    return [dict(zip(("run_id", "model", "dataset", "n_tokens"), rows[run], strict=True))
+            for run in runs if run in rows]
 
 
 def render(warehouse: Path, out: Path, runs: list[str] | None = None,
            formats: tuple[str, ...] = FORMATS, only: list[str] | None = None,
-           progress=None) -> list[Path]:
+           progress: Callable[[int], object] | None = None) -> list[Path]:
     """Render charts for ``runs`` (default: every complete run) into ``out``.
 
     Per-run charts go to ``out/<run_id>/<chart>.<format>``; comparisons of the first run
-    with each other run to ``out/<A>__vs__<B>/``; ``out/index.html`` shows them all.
+    with each other run of the same model to ``out/<A>__vs__<B>/``; ``out/index.html``
+    shows them all.
+
+    Args:
+        progress: called once the inputs are checked with the number of charts to render;
+            returns a bar (``update()``, ``close()``), updated per chart and closed at the end.
 
     Raises:
         UserError: unknown chart, format or run, or a warehouse without runs.
@@ -131,54 +155,91 @@ def render(warehouse: Path, out: Path, runs: list[str] | None = None,
                         f"(runs: {', '.join(available)})")
     if only and all(CHARTS[n].runs == 2 for n in names) and len(runs) < 2:
         raise UserError("run_comparison needs two runs; pass --run A --run B")
-    jobs = list(_jobs(runs, names))
+    jobs = list(_jobs(runs, names, run_models(con)))
+    if only and all(CHARTS[n].runs == 2 for n in names) and not jobs:
+        raise UserError(f"run_comparison compares runs of one model, and no other run given is "
+                        f"of {runs[0]!r}'s model; pass two runs of one model")
     written: list[Path] = []
     entries = []
-    for spec, job_runs, rel in jobs:
-        chart, frame = build_chart(con, spec, job_runs)
-        files = save_chart(chart, out / rel, formats)
-        written += files
-        entries.append((spec, job_runs, rel, frame.height))
-        if progress is not None:
-            progress(spec.name, job_runs)
-    written.append(write_index(out, entries, formats, warehouse))
+    bar = progress(len(jobs)) if progress is not None else None
+    try:
+        for spec, job_runs, rel in jobs:
+            chart, frame = build_chart(con, spec, job_runs)
+            files = save_chart(chart, out / rel, formats)
+            written += files
+            entries.append((spec, job_runs, rel, frame.height))
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    written.append(write_index(out, entries, formats, warehouse, run_table(con, runs)))
     return written
 
 
-def write_index(out: Path, entries, formats: tuple[str, ...], warehouse: Path) -> Path:
-    """``out/index.html``: every chart of this render as an image, linked to its HTML."""
-    image = "svg" if "svg" in formats else "png" if "png" in formats else None
-    sections = []
-    for spec, runs, rel, n_rows in entries:
-        heading = html.escape(f"{spec.name} — {' vs '.join(runs)}")
-        links = " · ".join(f'<a href="{html.escape(str(rel))}.{fmt}">{fmt}</a>'
-                           for fmt in formats)
-        if image:
-            body = f'<img src="{html.escape(str(rel))}.{image}" alt="{heading}">'
-        else:
-            body = (f'<iframe src="{html.escape(str(rel))}.html" title="{heading}" '
-                    'loading="lazy"></iframe>')
-        sections.append(
-            f"<section><h2>{heading}</h2><p>{html.escape(spec.description)} "
-            f"(saved query <code>{spec.query}</code>, {n_rows} rows) — {links}</p>"
-            f"{body}</section>")
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    page = f"""<!DOCTYPE html>
+INDEX_TEMPLATE = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>entropy-warehouse charts</title>
 <style>
-body {{ font-family: {theme.FONT}; margin: 2rem; color: #1c2833; }}
-section {{ margin: 2rem 0; border-top: 1px solid #d5d8dc; padding-top: 1rem; }}
-img {{ max-width: 100%; }}
-iframe {{ width: 100%; height: 520px; border: 0; }}
+body { font-family: {{ font }}; margin: 2rem; color: #1c2833; }
+section { margin: 2rem 0; border-top: 1px solid #d5d8dc; padding-top: 1rem; }
+table { border-collapse: collapse; }
+th, td { text-align: left; padding: 0.2rem 0.8rem; border-bottom: 1px solid #d5d8dc; }
+td.num { text-align: right; }
+img { max-width: 100%; }
+iframe { width: 100%; height: 520px; border: 0; }
 </style></head>
 <body>
 <h1>Entropy effects of attention heads and MLPs</h1>
-<p>Warehouse <code>{html.escape(str(warehouse))}</code>, rendered {stamp}. Entropies in nats;
+<p>Warehouse <code>{{ warehouse }}</code>, rendered {{ stamp }}. Entropies in nats;
 positive values increase entropy.</p>
-{chr(10).join(sections)}
+<table id="runs">
+<thead><tr><th>run id</th><th>model</th><th>dataset</th><th>tokens</th></tr></thead>
+<tbody>
+{%- for run in runs %}
+<tr><td><code>{{ run.run_id }}</code></td><td>{{ run.model }}</td><td>{{ run.dataset }}</td>
+<td class="num">{{ "{:,}".format(run.n_tokens) if run.n_tokens is not none else "" }}</td></tr>
+{%- endfor %}
+</tbody></table>
+<nav id="contents"><h2>Charts</h2><ol>
+{%- for s in sections %}
+<li><a href="#{{ s.anchor }}">{{ s.heading }}</a></li>
+{%- endfor %}
+</ol></nav>
+{%- for s in sections %}
+<section id="{{ s.anchor }}"><h2>{{ s.heading }}</h2><p>{{ s.description }} (saved query
+<code>{{ s.query }}</code>, {{ s.n_rows }} rows) —
+{%- for fmt in formats %} <a href="{{ s.rel }}.{{ fmt }}">{{ fmt }}</a>
+{%- if not loop.last %} ·{% endif %}{% endfor %}</p>
+{%- if image %}
+<img src="{{ s.rel }}.{{ image }}" alt="{{ s.heading }}">
+{%- else %}
+<iframe src="{{ s.rel }}.html" title="{{ s.heading }}" loading="lazy"></iframe>
+{%- endif %}</section>
+{%- endfor %}
 </body></html>
-"""
+""")
+
+
+def write_index(out: Path, entries, formats: tuple[str, ...], warehouse: Path,
+                runs: list[dict] | None = None) -> Path:
+    """``out/index.html``: a table of the runs, a table of contents, then every chart of
+    this render as an image, linked to its HTML.
+
+    Args:
+        runs: rows ``run_id, model, dataset, n_tokens`` for the summary table.
+    """
+    image = "svg" if "svg" in formats else "png" if "png" in formats else None
+    sections = [{
+        "anchor": re.sub(r"[^A-Za-z0-9_.-]+", "-", str(rel.as_posix())),
+        "heading": f"{spec.name} — {' vs '.join(job_runs)}",
+        "description": spec.description, "query": spec.query, "n_rows": n_rows,
+        "rel": rel.as_posix(),
+    } for spec, job_runs, rel, n_rows in entries]
+    page = INDEX_TEMPLATE.render(
+        font=theme.FONT, warehouse=str(warehouse), runs=runs or [], sections=sections,
+        formats=formats, image=image,
+        stamp=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
     path = out / "index.html"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

@@ -4,9 +4,12 @@ import json
 import re
 import xml.etree.ElementTree as ET
 
+import polars as pl
 import pytest
+import vl_convert as vlc
 from PIL import Image
 
+from analysis import charts
 from analysis.__main__ import main as analysis_main
 from analysis.render import CHARTS, build_chart, save_chart
 from etl.extract import main as extract_main
@@ -80,7 +83,7 @@ def test_main_heatmap_facets_measures_with_symmetric_diverging_scale(con):
     assert scale["scheme"] == "redblue" and scale["reverse"] is True
     tooltips = {t["field"] for t in enc["tooltip"]}
     assert {"mean", "n", "ci95_low", "ci95_high", "layer", "component"} <= tooltips
-    folds = [t for t in d["spec"]["transform"] if "fold" in t]
+    folds = [t for t in d["transform"] if "fold" in t]
     assert folds[0]["fold"] == ["mean_diff", "mean_marginal"]
 
 
@@ -91,14 +94,65 @@ def test_head_heatmap_drops_mlp_and_uses_its_own_scale(con):
     enc = d["spec"]["encoding"]
     assert enc["color"]["scale"]["domain"] == [-limit, limit]
     assert "MLP" not in enc["x"]["sort"]
-    assert {"filter": "datum.kind == 'head'"} in d["spec"]["transform"]
+    assert {"filter": "datum.kind == 'head'"} in d["transform"]
 
 
 def test_increase_heatmap_masks_non_positive_cells(con):
     d, frame = _heat_spec(con, "heatmap_increases")
-    assert {"filter": "datum.mean > 0"} in d["spec"]["transform"]
+    assert {"filter": "datum.mean > 0"} in d["transform"]
     scale = d["spec"]["encoding"]["color"]["scale"]
-    assert scale["domain"][0] == 0 and scale["scheme"] == "reds"
+    values = frame["mean_diff"].to_list() + frame["mean_marginal"].to_list()
+    assert scale["domain"] == [0, max(v for v in values if v > 0)]
+    assert scale["scheme"] == "reds"
+
+
+def _summary(head_values, mlp_value):
+    """A ``head_summary``-shaped frame of 2 layers × 4 heads and the MLP."""
+    rows = []
+    for layer in range(2):
+        for head, value in enumerate(head_values):
+            rows.append({"run_id": "r", "layer": layer, "head": head, "kind": "head",
+                         "mean_diff": value * (layer + 1), "mean_marginal": value / 2})
+        rows.append({"run_id": "r", "layer": layer, "head": None, "kind": "mlp",
+                     "mean_diff": mlp_value, "mean_marginal": mlp_value})
+    frame = pl.DataFrame(rows)
+    return frame.with_columns(n=pl.lit(10), ci95_low_diff=pl.lit(0.0),
+                              ci95_high_diff=pl.lit(0.0), ci95_low_marginal=pl.lit(0.0),
+                              ci95_high_marginal=pl.lit(0.0))
+
+
+def test_increase_heatmap_scale_spans_only_the_drawn_cells():
+    # head 0 never increases entropy and the MLP decreases it a lot
+    d = charts.increase_heatmap(_summary([-0.02, 0.01, 0.03, -0.01], -0.9)).to_dict()
+    enc = d["spec"]["encoding"]
+    assert enc["color"]["scale"]["domain"] == [0, 0.06]  # not [0, 0.9]
+    assert enc["x"]["scale"]["domain"] == ["0", "1", "2", "3"]  # head 0 kept, no MLP
+    assert enc["x"]["title"] == "head"
+    assert "MLP: no increases" in d["title"]["subtitle"]
+    assert {"filter": "datum.kind == 'head'"} in d["transform"]
+
+    d = charts.increase_heatmap(_summary([-0.02, 0.01, 0.03, -0.01], 0.2)).to_dict()
+    enc = d["spec"]["encoding"]
+    assert enc["color"]["scale"]["domain"] == [0, 0.2]
+    assert enc["x"]["scale"]["domain"] == ["0", "1", "2", "3", "MLP"]
+    assert enc["x"]["title"] == "head (and MLP)"
+
+
+@pytest.mark.parametrize("name", ["heatmap", "heatmap_heads", "heatmap_increases"])
+def test_heatmap_columns_are_sorted_after_measure_is_computed(name):
+    chart = CHARTS[name].build(_summary([-0.02, 0.01, 0.03, -0.01], 0.2))
+    d = chart.to_dict()
+    assert d["facet"]["column"]["sort"] == ["diff", "marginal"]
+    # in the compiled Vega, the column sort index must be computed from `measure`, so after
+    # the formula that defines it (else every row gets the same index and the order drifts)
+    for data in vlc.vegalite_to_vega(d)["data"]:
+        outputs = [t.get("as") for t in data.get("transform", [])]
+        sort = [i for i, o in enumerate(outputs) if str(o).endswith("measure_sort_index")]
+        if sort:
+            assert "measure" in outputs[:sort[0]]
+            break
+    else:
+        raise AssertionError("no column sort index in the compiled spec")
 
 
 def test_resid_and_comparison_encodings(con):
@@ -117,6 +171,42 @@ def test_resid_and_comparison_encodings(con):
     assert {"filter": "datum.rank <= 5"} in labels["transform"]
     x_domain = points["encoding"]["x"]["scale"]["domain"]
     assert x_domain[0] == -x_domain[1]  # symmetric around 0
+
+
+def _compare(pairs):
+    rows = [{"run_a": "a-very-long-run-id-2026", "run_b": "b-run", "layer": 3, "head": head,
+             "kind": "head", "mean_diff_a": a, "mean_diff_b": b, "delta_diff": b - a,
+             "n_a": 10, "n_b": 10} for head, (a, b) in enumerate(pairs)]
+    rows.append({"run_a": "a-very-long-run-id-2026", "run_b": "b-run", "layer": 3,
+                 "head": None, "kind": "mlp", "mean_diff_a": -0.5, "mean_diff_b": 0.5,
+                 "delta_diff": 1.0, "n_a": 10, "n_b": 10})
+    return pl.DataFrame(rows)
+
+
+def test_run_comparison_short_titles_round_ticks_and_most_different_heads_labelled():
+    # largest |B − A|: heads 1, 3, 5, 6, 7; heads 0 and 2 have the largest values but agree
+    pairs = [(0.033, 0.032), (0.0, 0.02), (0.031, 0.030), (-0.01, 0.01), (0.001, 0.0),
+             (0.015, -0.004), (-0.012, 0.005), (0.0, -0.025)]
+    chart = charts.run_comparison(_compare(pairs))
+    d = chart.to_dict()
+    points = [layer for layer in d["layer"] if layer.get("mark", {}).get("type") == "circle"][0]
+    x, y = points["encoding"]["x"], points["encoding"]["y"]
+    assert x["title"] == "mean diff in run A (nats)" and y["title"] == "mean diff in run B (nats)"
+    subtitle = json.dumps(d["title"]["subtitle"])
+    assert "a-very-long-run-id-2026" in subtitle and "b-run" in subtitle
+    assert x["scale"]["domain"] == [-0.04, 0.04] and y["scale"]["domain"] == [-0.04, 0.04]
+    assert x["axis"]["values"] == [-0.04, -0.02, 0, 0.02, 0.04] == y["axis"]["values"]
+    svg = vlc.vegalite_to_svg(d)
+    texts = set(re.findall(r"<text[^>]*>([^<]*)</text>", svg))
+    assert {t for t in texts if re.fullmatch(r"3\.\d", t)} == {"3.1", "3.3", "3.5", "3.6", "3.7"}
+    assert {"−0.04", "−0.02", "0", "0.02", "0.04"} <= texts  # round tick labels only
+    assert not any(re.fullmatch(r"−?0\.0\d5", t) for t in texts)
+
+
+@pytest.mark.parametrize("value, limit", [(0.0385, 0.04), (0.041, 0.06), (0.9, 1.0),
+                                          (1.2, 2.0), (7.0, 8.0), (0.00031, 0.0004)])
+def test_nice_limit_is_round(value, limit):
+    assert charts.nice_limit(value) == limit
 
 
 def _png_size(path):
@@ -155,6 +245,30 @@ def test_cli_renders_every_chart_and_an_index(warehouse, tmp_path, capsys):
     assert (out / "ioi__vs__text" / "run_comparison.html").is_file()
     assert not re.search(r"src=[\"']https?://", index)
     assert "wrote" in capsys.readouterr().out
+    # a table of contents linking every chart section, and a table of the runs
+    links = re.findall(r'<li><a href="#([^"]+)">', index)
+    sections = re.findall(r'<section id="([^"]+)">', index)
+    assert links == sections and len(sections) == 2 * len(per_run) + 1
+    assert "ioi-heatmap" in links and "ioi__vs__text-run_comparison" in links
+    assert index.index('id="runs"') < index.index('id="contents"') < index.index("<section")
+    runs_table = index[index.index('id="runs"'):index.index("</table>")]
+    rows = [re.findall(r"<td[^>]*>(?:<code>)?([^<]*)", row)
+            for row in re.findall(r"<tr>(.*?)</tr>", runs_table, re.S)[1:]]
+    assert [(run, dataset, tokens) for run, _, dataset, tokens in rows] == [
+        ("ioi", "ioi", "132"), ("text", "text", "64")]  # run id, dataset, tokens
+    assert all(model for _, model, _, _ in rows)
+
+
+def test_cli_progress_bar_has_a_total_and_none_on_errors(warehouse, tmp_path, capsys):
+    out = tmp_path / "bar"
+    for argv in (["--chart", "nope"], ["--run", "ghost"], ["--format", "gif"]):
+        assert analysis_main(["--warehouse", str(warehouse), "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "charts:" not in err and err.startswith("error:")
+    assert analysis_main(["--warehouse", str(warehouse), "--out", str(out), "--chart",
+                          "heatmap", "--chart", "resid_steps", "--format", "svg"]) == 0
+    err = capsys.readouterr().err
+    assert "charts: 100%" in err and "4/4" in err
 
 
 def test_cli_list_one_chart_and_errors(warehouse, tmp_path, capsys):

@@ -61,3 +61,18 @@ def test_cross_model_comparison_is_one_line(mixed, capsys, run_b, models, expect
 def test_models_any_compares_two_models_of_one_shape(mixed):
     got = _compare(mixed, run_a="a-first", run_b="c-other-weights", models="any")
     assert got.height == 2 * 5 and got["n_b"].null_count() == 0
+
+
+def test_charts_compare_only_runs_of_one_model(mixed, tmp_path, capsys):
+    from analysis.__main__ import main as analysis_main
+
+    out = tmp_path / "charts"
+    assert analysis_main(["--warehouse", str(mixed), "--out", str(out), "--chart",
+                          "run_comparison", "--format", "svg", "--no-progress"]) == 0
+    pairs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert pairs == ["a-first__vs__d-same-model"]
+    code = analysis_main(["--warehouse", str(mixed), "--out", str(tmp_path / "x"), "--run",
+                          "a-first", "--run", "b-shallow", "--chart", "run_comparison",
+                          "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "runs of one model" in err[0]
