@@ -272,7 +272,7 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     runs = usable_runs(complete_runs(Path(args.warehouse)))
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as init:
         init.write(init_sql(Path(args.warehouse).resolve(), runs))
-    command = [exe, "-init", init.name]
+    command = [exe, "-cmd", f'.read "{init.name}"']  # -init would announce the file
     if args.shell_command:
         command += ["-c", args.shell_command]
     try:

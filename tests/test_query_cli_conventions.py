@@ -207,3 +207,10 @@ def test_views_sql_shell_example_works_outside_the_repository(warehouse, tmp_pat
         capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert cli.returncode == 0, cli.stderr
     assert "ioi" in cli.stdout
+
+
+def test_shell_prints_only_the_result(warehouse, capfd):
+    assert query_main(["--warehouse", str(warehouse), "shell", "-c",
+                       "select count(*) as n from runs"]) == 0
+    out, err = capfd.readouterr()
+    assert "Loading resources" not in out + err and "│" in out
