@@ -40,6 +40,11 @@ from etl.warehouse import RunWriter, component_table, resid_table
 DEFAULT_MODEL_DIR = Path("data/models/gpt2-small-random")
 
 
+def _phase(text: str) -> None:
+    """One progress line on stderr (stdout keeps only the report or the JSON)."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -92,10 +97,12 @@ def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[floa
     per_shard = diff.shape[0] * diff.shape[1] * diff.shape[2]
     shards = max(1, -(-min_rows // per_shard))
     rows = 0
+    from tqdm.auto import tqdm
+
     with tempfile.TemporaryDirectory() as tmp:
         writer = RunWriter(Path(tmp), "bench")
         start = time.perf_counter()
-        for _ in range(shards):
+        for _ in tqdm(range(shards), desc="bench: Parquet shards", unit="shard", leave=False):
             comp = component_table(diff, marginal, seqs, positions)
             res = resid_table(resid, seqs, positions)
             writer.write("component_entropy", comp)
@@ -110,6 +117,12 @@ def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[floa
 def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample: int,
               lens: str, baseline_chunk: int | None, chunk_tokens: int | None) -> dict:
     """Run both paths on the same ``n_tokens`` random tokens; returns the figures."""
+    start = time.perf_counter()
+
+    def phase(text: str) -> None:
+        _phase(f"[{time.perf_counter() - start:7.1f} s] {text}")
+
+    phase(f"loading {model_path} on {device}")
     model = load_model(model_path, device=device)
     n_seqs = max(1, n_tokens // seq_len)
     generator = torch.Generator().manual_seed(0)
@@ -119,22 +132,30 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
     weights = model.unembed_weights()
     options = MeasureOptions(lens=lens, chunk_tokens=chunk_tokens or default_chunk_tokens(device))
     n = tokens.numel()
+    phase(f"forward pass ({n:,} tokens)")
     acts, forward_s, forward_peak = _timed(device, lambda: run_batch(model.bridge, tokens))
     # warm-up on a small slice (kernels, caches of W_O·W_U), not timed
+    phase("warm-up")
     warm = _slice_acts(acts, min(n, 8), acts.z.dtype)
     measure_batch(warm, weights, options)
+    phase("entropy, project path")
     fast, fast_s, fast_peak = _timed(device, lambda: measure_batch(acts, weights, options))
+    phase("entropy, study baseline" + (" (the slowest phase on CPU)"
+                                         if device == "cpu" else ""))
     base, base_s, base_peak = _timed(
         device, lambda: study_measures(acts, weights, options, chunk_tokens=baseline_chunk))
+    phase("Parquet writer alone")
     write_s, rows = _write_rate(fast, seq_len)
     rows_per_token = (fast.diff[0].numel() + fast.resid.shape[1])
     k = min(sample, n)
+    phase(f"errors against float64 on {k} tokens")
     ref = study_measures(_slice_acts(acts, k, torch.float64),
                          _weights_as(weights, torch.float64), options)
     sample_fast = measure_batch(_slice_acts(acts, k, acts.z.dtype), weights, options)
     fast_err = _max_err(sample_fast, ref)
     base_err = _max_err(study_measures(_slice_acts(acts, k, acts.z.dtype), weights, options),
                         ref)
+    phase("done")
     fast_tps = n / (forward_s + fast_s)
     base_tps = n / (forward_s + base_s)
     return {
@@ -233,12 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             if not (DEFAULT_MODEL_DIR / "config.json").exists():
                 from etl.checkpoint import write_checkpoint
+                _phase(f"writing a random-init GPT-2 small to {DEFAULT_MODEL_DIR}")
                 write_checkpoint("gpt2-small", DEFAULT_MODEL_DIR)
             model = str(DEFAULT_MODEL_DIR)
         if args.e2e:
             from etl import bench_e2e
 
             modes = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
+            _phase(f"whole extractions, loops {', '.join(modes)}")
             result = bench_e2e.run_e2e(model, device, args.tokens or (
                 100_000 if device == "cuda" else 4000), lens=args.lens,
                 forward_tokens=args.forward_tokens, modes=modes,

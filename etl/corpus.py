@@ -59,23 +59,31 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _missing_openwebtext_message() -> str:
+    return (f"dataset {OPENWEBTEXT_ID!r} is not available offline (not in the local Hugging "
+            "Face cache and the hub cannot be reached); download its Parquet files and pass "
+            "them with --dataset text --data-files 'DIR/*.parquet'")
+
+
 def load_openwebtext() -> list[str]:
     """Documents of ``stas/openwebtext-10k`` from the hub (or the local HF cache).
+
+    The hub is asked once, briefly, whether it answers (``etl.model.hub_reachable``); when
+    it does not, or with ``HF_HUB_OFFLINE=1``, only the local cache is read, without retries.
 
     Raises:
         UserError: the dataset is not cached and the hub cannot be reached.
     """
+    from etl.model import hub_reachable
+
+    hub_reachable()  # switches the clients to the local cache when the hub does not answer
     import datasets
 
     try:
         data = datasets.load_dataset(OPENWEBTEXT_ID, revision=OPENWEBTEXT_REVISION,
                                      split="train")
     except Exception as exc:  # hub clients raise many types offline
-        raise UserError(
-            f"dataset {OPENWEBTEXT_ID!r} is not available offline (not in the local Hugging "
-            "Face cache and the hub cannot be reached); download its Parquet files and pass "
-            "them with --dataset text --data-files 'DIR/*.parquet' "
-            f"({_first_line(exc)})") from exc
+        raise UserError(f"{_missing_openwebtext_message()} ({_first_line(exc)})") from exc
     return list(data["text"])
 
 

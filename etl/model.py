@@ -184,7 +184,8 @@ def check_model(name: str) -> int | None:
 
     A local directory must hold a model ``config.json``, a complete tokenizer and whole
     weight files (safetensors sizes are checked against their headers). A hub id must be in
-    the local cache when the hub is offline (``HF_HUB_OFFLINE=1``).
+    the local cache or the hub must answer one short request (``hub_reachable``); with
+    ``HF_HUB_OFFLINE=1`` only the cache is looked at.
 
     Raises:
         UserError: what is missing or broken, naming the file.
@@ -205,18 +206,83 @@ def check_model(name: str) -> int | None:
     return None
 
 
-def _check_hub_cache(name: str) -> None:
-    from huggingface_hub import constants, try_to_load_from_cache
+HUB_PROBE_TIMEOUT_S = 3.0
+"""Seconds the one reachability request to the hub may take before it counts as offline."""
+_hub_reachable: bool | None = None
 
-    if not constants.HF_HUB_OFFLINE:
-        return
+
+def _go_offline() -> None:
+    """Switch this process's Hugging Face clients to their local cache (no requests)."""
+    import sys
+
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = True
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers, asked once per process.
+
+    One request with a ``HUB_PROBE_TIMEOUT_S`` timeout and no retries; any HTTP answer counts
+    as reachable. With ``HF_HUB_OFFLINE=1`` nothing is sent and the answer is False. When
+    the hub does not answer, the process's Hugging Face clients are switched to offline mode,
+    so that cached models and datasets load without the clients' retries.
+    """
+    global _hub_reachable
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if _hub_reachable is None:
+        from huggingface_hub import get_session  # the hub client's own, without its retries
+
+        try:
+            get_session().head(constants.ENDPOINT.rstrip("/") + "/api/models",
+                               timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+            _hub_reachable = True
+        except Exception:  # no answer at all: refused, timed out, bad proxy or endpoint
+            _hub_reachable = False
+    if not _hub_reachable:
+        _go_offline()
+    return _hub_reachable
+
+
+def _check_hub_cache(name: str) -> None:
+    """A hub id must be in the local cache, or the hub must answer (asked once, briefly)."""
+    from huggingface_hub import try_to_load_from_cache
+
     try:
         cached = try_to_load_from_cache(name, "config.json")
     except Exception as exc:  # an invalid repo id
         raise UserError(f"--model {name!r} is neither a directory nor a valid hub id "
                         f"({_first_line(exc)})") from exc
-    if not isinstance(cached, str):
+    reachable = hub_reachable()  # offline mode: False, without a request
+    if not isinstance(cached, str) and not reachable:
         raise UserError(_missing_model_message(name))
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it came from) says the hub could not be reached
+    or that a file is neither cached nor allowed to be downloaded (offline mode)."""
+    import importlib
+
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    kinds: tuple[type, ...] = (LocalEntryNotFoundError, OfflineModeIsEnabled)
+    for module in ("httpx2", "httpx"):  # the hub client's HTTP library (by version)
+        try:
+            kinds += (importlib.import_module(module).TransportError,)
+        except (ImportError, AttributeError):
+            pass
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, kinds):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _first_line(exc: BaseException) -> str:
@@ -310,12 +376,11 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
             raise UserError(f"could not load the checkpoint in {name!r}: "
                             f"{_first_line(exc)}") from exc
         raise UserError(_missing_model_message(name)) from exc
-    except Exception as exc:  # the hub client raises many types when it is unreachable
+    except Exception as exc:
         if local:  # e.g. a damaged pytorch_model.bin
             raise UserError(f"could not load the checkpoint in {name!r} "
                             f"({type(exc).__name__}: {_first_line(exc)})") from exc
-        text = str(exc).lower()
-        if any(word in text for word in ("offline", "connect", "not found")):
+        if _is_unreachable(exc):
             raise UserError(_missing_model_message(name)) from exc
         raise
     check_weights_finite(bridge.original_model, name)
