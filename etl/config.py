@@ -11,6 +11,7 @@ from pathlib import Path
 from etl.errors import UserError
 from etl.measures import ABLATION_MODES, LENS_MODES, default_chunk_tokens
 from etl.model import DEFAULT_MODEL
+from etl.warehouse import validate_run_id
 
 CUDA_FORWARD_TOKENS = 16384
 """Tokens per forward pass on CUDA when ``--forward-tokens`` is 0 (see BENCHMARKS.md)."""
@@ -20,7 +21,6 @@ IOI_VARIANTS = ("clean", "abc", "both")
 DTYPES = ("float32", "float64")
 MAX_SEED = 2**32 - 1
 """Largest ``--seed`` (numpy's seeds are 32-bit)."""
-RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """A run id: it names folders (``run_id=<id>``) and is matched whole, newlines included."""
 
 DATASET_OPTIONS = {
@@ -127,11 +127,10 @@ def check_run_id(run_id: str | None) -> str | None:
     """``run_id`` if it is None (derive one) or a valid id, else raise ``UserError``."""
     if run_id is None:
         return None
-    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
-        shown = "--run-id is empty" if run_id == "" else f"bad --run-id {run_id!r}"
-        raise UserError(f"{shown}: use 1–100 letters, digits, '.', '_' or '-', starting with a "
-                        "letter or digit (or leave it out for the derived id)")
-    return run_id
+    if run_id == "":
+        raise UserError("--run-id is empty: use 1–100 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit (or leave it out for the derived id)")
+    return validate_run_id(run_id)
 
 
 def config_from_args(args) -> ExtractConfig:

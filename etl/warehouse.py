@@ -74,7 +74,7 @@ def validate_run_id(run_id: str) -> str:
     """Return ``run_id`` if it is a safe partition value, else raise ``UserError``."""
     if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
         raise UserError(f"bad --run-id {run_id!r}: use 1–100 letters, digits, '.', '_' or '-', "
-                        "starting with a letter or digit")
+                        "starting with a letter or digit (or leave it out for the derived id)")
     return run_id
 
 

@@ -305,3 +305,35 @@ def test_token_ids_beyond_the_model_vocabulary_are_one_line(tmp_path, text_glob,
     errors = [line for line in err if line.startswith("error: ")]  # (transformers warns too)
     assert code == 2 and len(errors) == 1 and "does not belong to its weights" in errors[0]
     assert not (tmp_path / "wh" / "runs").exists()
+
+
+def test_resume_drops_corrupt_and_half_written_staged_shards(tmp_path):
+    plan = {"run_id": "r", "config_fingerprint": "x", "n_batches": 2}
+    diff = np.random.default_rng(2).random((6, 1, 3), dtype=np.float32)
+    table = component_table(diff, diff, np.zeros(6), np.arange(6))
+    writer = RunWriter(tmp_path, "r", workers=1, plan=plan)
+    for batch in (0, 1):
+        for name in ("component_entropy", "resid_entropy", "tokens"):
+            writer.write(name, table if name == "component_entropy" else
+                         _empty_table(name), batch)
+    writer.flush()
+    writer.abort()
+    folder = writer.staging / "component_entropy"
+    bad = folder / f"part-{writer.generation}-00001.parquet"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated on disk
+    (folder / "part-x.parquet.tmp").write_bytes(b"half")  # a write the kill interrupted
+    again = RunWriter(tmp_path, "r", workers=1, plan=plan)
+    assert again.generation == writer.generation
+    assert again.done_batches == {0}
+    assert not bad.exists() and not list(folder.glob("*.tmp"))
+    again.abort(keep=False)
+    assert not again.staging.exists()
+
+
+def _empty_table(name):
+    """No rows, with the schema of table ``name``."""
+    import pyarrow as pa
+
+    from etl.warehouse import SCHEMAS
+
+    return pa.Table.from_pylist([], schema=SCHEMAS[name])
