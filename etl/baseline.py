@@ -34,7 +34,7 @@ def _ln(r: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _chunk(acts: BatchActivations, weights: UnembedWeights, options: MeasureOptions,
            means: AblationMeans | None, sl: slice):
-    recompute = options.lens == "recomputed"
+    recompute = options.recomputes_ln
     W_U, b_U, eps = weights.W_U, weights.b_U, weights.eps
     s = acts.final_scale[sl]  # [t, 1]
     logits = acts.logits[sl]

@@ -28,9 +28,11 @@ from etl.baseline import study_measures
 from etl.cli import ArgumentParser
 from etl.errors import UserError
 from etl.measures import (
+    LENS_MODES,
     BatchActivations,
     MeasureOptions,
     UnembedWeights,
+    canonical_lens,
     default_chunk_tokens,
     measure_batch,
 )
@@ -224,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per sequence (default 64; the CUDA default uses 500)")
     parser.add_argument("--model", help="checkpoint directory (default: a random-init GPT-2 "
                         f"small written to {DEFAULT_MODEL_DIR} if missing)")
-    parser.add_argument("--lens", default="seed", choices=("seed", "recomputed"),
-                        help="lens mode (default seed)")
+    parser.add_argument("--lens", default=LENS_MODES[0], choices=LENS_MODES,
+                        type=canonical_lens, help=f"lens mode (default {LENS_MODES[0]})")
     parser.add_argument("--sample", type=int, default=16,
                         help="tokens checked against float64 (default 16)")
     parser.add_argument("--baseline-chunk", type=int,

@@ -147,7 +147,7 @@ def _timed_run(config: ExtractConfig, root: Path, run_id: str, device: str, mode
     }
 
 
-def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "seed",
+def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "final-scale",
             forward_tokens: int = 0, cpu_check_seqs: int = 1,
             modes: tuple[str, ...] = ("off", "on"), sweep: tuple[int, ...] = (),
             seq_len: int = E2E_SEQ_LEN, batch_size: int = ExtractConfig.batch_size) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from etl.errors import UserError
-from etl.measures import ABLATION_MODES, LENS_MODES, default_chunk_tokens
+from etl.measures import ABLATION_MODES, LENS_MODES, canonical_lens, default_chunk_tokens
 from etl.model import DEFAULT_MODEL
 from etl.warehouse import validate_run_id
 
@@ -21,7 +21,6 @@ IOI_VARIANTS = ("clean", "abc", "both")
 DTYPES = ("float32", "float64")
 MAX_SEED = 2**32 - 1
 """Largest ``--seed`` (numpy's seeds are 32-bit)."""
-"""A run id: it names folders (``run_id=<id>``) and is matched whole, newlines included."""
 
 DATASET_OPTIONS = {
     "n_prompts": ("--n-prompts", ("ioi",)),
@@ -56,8 +55,9 @@ class ExtractConfig:
     """IOI prompts to run: ``clean``, the corrupted ``abc`` set, or ``both``."""
     seed: int = 420
     """Seed for document shuffling and the IOI generator."""
-    lens: str = "seed"
-    """``seed`` (final LayerNorm scale, no b_U) or ``recomputed`` (per-residual LayerNorm)."""
+    lens: str = "final-scale"
+    """``final-scale`` (final LayerNorm scale, no b_U) or ``recomputed-ln`` (per-residual
+    LayerNorm, b_U); the earlier names ``seed`` and ``recomputed`` are read as these."""
     ablation: str = "zero"
     """``zero`` or ``mean`` (per-position mean over the run) for the marginal."""
     dtype: str = "float32"
@@ -70,6 +70,7 @@ class ExtractConfig:
     sequences on CPU, ``CUDA_FORWARD_TOKENS`` on CUDA). Results do not depend on it."""
 
     def __post_init__(self) -> None:
+        self.lens = canonical_lens(self.lens)
         checks = [
             (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}"),
             (self.lens in LENS_MODES, f"--lens must be one of {', '.join(LENS_MODES)}"),
@@ -117,10 +118,17 @@ class ExtractConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
     def default_run_id(self) -> str:
-        """``<dataset>-<model>-<lens>-<ablation>-<fingerprint>``, e.g. ``ioi-gpt2-seed-zero-…``."""
+        """``<dataset>-<model>[-<lens>-lens][-<ablation>-ablation]-<fingerprint>``, naming the
+        lens and the ablation only where they are not the defaults: ``ioi-gpt2-3f9a01c2``,
+        ``ioi-gpt2-recomputed-ln-lens-mean-ablation-5d0e77b1``."""
         model = Path(self.model.rstrip("/")).name or "model"
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.")[:40] or "model"
-        return f"{self.dataset}-{model}-{self.lens}-{self.ablation}-{self.fingerprint()}"
+        parts = [self.dataset, model]
+        if self.lens != LENS_MODES[0]:
+            parts.append(f"{self.lens}-lens")
+        if self.ablation != ABLATION_MODES[0]:
+            parts.append(f"{self.ablation}-ablation")
+        return "-".join([*parts, self.fingerprint()])
 
 
 def check_run_id(run_id: str | None) -> str | None:

@@ -46,6 +46,7 @@ from etl.measures import (
     LENS_MODES,
     BatchMeasures,
     MeasureOptions,
+    canonical_lens,
     first_non_finite,
     measure_batch,
 )
@@ -348,9 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IOI prompts: clean, the corrupted abc set, or both (default clean)")
     p.add_argument("--seed", type=int, default=420,
                    help="seed for document shuffling and IOI prompts (default 420)")
-    p.add_argument("--lens", default="seed", choices=LENS_MODES,
-                   help="seed: final LayerNorm scale, no b_U (the study's); recomputed: "
-                        "LayerNorm recomputed per residual, b_U included (default seed)")
+    p.add_argument("--lens", default=LENS_MODES[0], choices=LENS_MODES, type=canonical_lens,
+                   help="final-scale: residuals divided by the final LayerNorm scale, no b_U "
+                        "(the study's lens); recomputed-ln: LayerNorm recomputed per "
+                        "residual, b_U included (default final-scale; the earlier names "
+                        "seed and recomputed still work)")
     p.add_argument("--ablation", default="zero", choices=ABLATION_MODES,
                    help="how the marginal removes a component: zero or mean (per-position "
                         "mean over the run); default zero")

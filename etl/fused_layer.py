@@ -14,7 +14,7 @@ the kernel scores ``2H + 3`` entropies per token (``2H + 4`` on the last layer),
 All logits are in log2 units (multiplied by log2 e), so the kernel's exponentials are
 ``exp2``; entropies come back in nats. Each slot's logits are
 ``(base ± delta) · scale + bias`` with ``scale`` one number per token and slot (the recomputed
-lens) and ``bias`` the unembedding bias, or neither (the seed lens).
+lens) and ``bias`` the unembedding bias, or neither (the final-scale lens).
 
 Design (the floors: per token about ``2H+3`` exponentials per vocabulary entry and layer, and
 the products ``z_h · (W_O[h] W_U)`` with d_head = 64 per logit):
@@ -239,7 +239,7 @@ class LayerInputs:
     """What the layer kernel reads for one layer and chunk (``T`` tokens), log2 units."""
 
     u: torch.Tensor
-    """``[T, V]`` lens of resid_pre (seed: scaled by 1/s; recomputed: unscaled, centred),
+    """``[T, V]`` lens of resid_pre (final-scale: scaled by 1/s; recomputed-ln: unscaled, centred),
     row ``i`` multiplied by ``1 / u_descale[i]`` (as ``lens_product`` leaves it)."""
     u_descale: torch.Tensor
     """``[T]`` what undoes ``u``'s row scaling."""
@@ -249,10 +249,10 @@ class LayerInputs:
     u_next_descale: torch.Tensor
     """``[T]`` what undoes ``u_next``'s row scaling."""
     mbase: torch.Tensor
-    """``[T, V]`` base of the marginals (seed: final logits; recomputed: their unscaled
+    """``[T, V]`` base of the marginals (final-scale: final logits; recomputed-ln: their unscaled
     lens)."""
     z: torch.Tensor
-    """``[T, H, K]`` head inputs of the diffs (seed: ``hook_z / s``), float32."""
+    """``[T, H, K]`` head inputs of the diffs (final-scale: ``hook_z / s``), float32."""
     w_hi: torch.Tensor
     """``[H, K, V]`` float16 high part of ``(W_O[h] @ W_U) · w_scale[h]`` (log2 units)."""
     w_lo: torch.Tensor
@@ -262,7 +262,7 @@ class LayerInputs:
     bo: torch.Tensor
     """``[V]`` lens of ``b_O`` (log2 units), added to resid_mid's lens times ``bo_mult``."""
     bo_mult: torch.Tensor
-    """``[T]`` per-token multiplier of ``bo`` and ``mean_lens`` (seed: 1/s; else 1)."""
+    """``[T]`` per-token multiplier of ``bo`` and ``mean_lens`` (final-scale: 1/s; else 1)."""
     z_abl: torch.Tensor | None = None
     """``[T, H, K]`` head inputs of the marginals under mean ablation, or None (= ``z``)."""
     mean_lens: torch.Tensor | None = None
@@ -270,9 +270,9 @@ class LayerInputs:
     positions: torch.Tensor | None = None
     """``[T]`` int64 position of each token (rows of ``mean_lens``)."""
     scales: torch.Tensor | None = None
-    """``[T, n_slots]`` per-slot multipliers (recomputed lens), or None."""
+    """``[T, n_slots]`` per-slot multipliers (recomputed-ln lens), or None."""
     bias: torch.Tensor | None = None
-    """``[V]`` bias added after scaling (recomputed lens: ``b_U``, log2 units), or None."""
+    """``[V]`` bias added after scaling (recomputed-ln lens: ``b_U``, log2 units), or None."""
     is_last: bool = False
     """Score slot ``2H + 3`` (the lens of ``u_next``) too."""
 

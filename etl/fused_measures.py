@@ -37,9 +37,9 @@ class SplitWeights:
     """``[d, V']`` split ``W_U · log2 e``, columns padded (the right operand of
     ``lens_product``)."""
     bo_lens: torch.Tensor
-    """``[L, V]`` float32 ``b_O[L] @ W_U · log2 e`` (centred ``b_O`` for the recomputed lens)."""
+    """``[L, V]`` float32 ``b_O[L] @ W_U · log2 e`` (centred ``b_O`` for the recomputed-ln lens)."""
     w_o: torch.Tensor
-    """``[L, H, dh, d]`` float32 ``W_O`` (centred rows for the recomputed lens)."""
+    """``[L, H, dh, d]`` float32 ``W_O`` (centred rows for the recomputed-ln lens)."""
     heads: dict
     """Layer → (hi, lo, scale) of ``W_O[L, h] @ W_U · log2 e`` (see
     ``fused_layer.split_heads``), for the layers kept (all when they fit the cache limit)."""
@@ -103,8 +103,8 @@ class _Chunk:
     mult: torch.Tensor           # [t] multiplier of b_O's and means' lenses
     mbase: torch.Tensor          # [t, V] marginal base, log2 units
     u_last: torch.Tensor         # [t, V] lens of the final residual, log2 units
-    x_final: torch.Tensor | None  # [t, d] centred final residual (recomputed lens)
-    bias: torch.Tensor | None    # [V] b_U in log2 units (recomputed lens)
+    x_final: torch.Tensor | None  # [t, d] centred final residual (recomputed-ln lens)
+    bias: torch.Tensor | None    # [V] b_U in log2 units (recomputed-ln lens)
 
 
 def _chunk_context(acts, weights, sl: slice, recomputed: bool) -> _Chunk:
@@ -129,7 +129,7 @@ def _lens_input(acts, sl: slice, layer: int, ctx: _Chunk) -> torch.Tensor:
 
 
 def _slot_scales(acts, sl, layer, ctx, split, z, z_abl, mlp_abl, eps) -> torch.Tensor:
-    """``[t, n_slots]`` inverse LayerNorm scale of every slot's residual (recomputed lens)."""
+    """``[t, n_slots]`` inverse LayerNorm scale of every slot's residual (recomputed-ln lens)."""
     n_layers = acts.z.shape[1]
     w_o = split.w_o[layer]
     c = torch.einsum("thk,hkd->thd", z, w_o)
@@ -152,7 +152,7 @@ def measure_chunk_fused(acts, weights, options, means, sl: slice, ent_final: tor
     """Fill ``out.diff``, ``out.marginal`` and ``out.resid`` (a ``BatchMeasures``) for the
     tokens ``sl``; ``ent_final`` is ``[t]`` H(final logits), already in ``out.resid[sl, -1]``.
     """
-    recomputed = options.lens == "recomputed"
+    recomputed = options.recomputes_ln
     mean = options.ablation == "mean"
     split = split_weights(weights, centered=recomputed)
     ctx = _chunk_context(acts, weights, sl, recomputed)

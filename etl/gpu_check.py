@@ -46,7 +46,8 @@ from etl.fused_layer import (
 CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2)]
 LENS_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                 (64, 256, 64, 4, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3)]
-MODES = [("seed", "zero"), ("recomputed", "zero"), ("seed", "mean"), ("recomputed", "mean")]
+MODES = [("final-scale", "zero"), ("recomputed-ln", "zero"), ("final-scale", "mean"),
+         ("recomputed-ln", "mean")]
 SHAPE = {"layers": 12, "heads": 12, "d_head": 64, "d_model": 768, "vocab": 50257}
 
 
@@ -169,7 +170,7 @@ def check_kernels(config: KernelConfig, seed: int) -> list[dict]:
 
 
 def time_configs(n_tokens: int, seed: int) -> list[dict]:
-    """One GPT-2-small layer (seed lens, zero ablation) per configuration, and the lens
+    """One GPT-2-small layer (final-scale lens, zero ablation) per configuration, and the lens
     product, timed; each configuration's error on the first 64 tokens."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     H, K, d, V, L = (SHAPE[k] for k in ("heads", "d_head", "d_model", "vocab", "layers"))
@@ -267,7 +268,7 @@ def _errors_by_part(a, b) -> dict:
 
 
 def diagnose_real(acts, weights, sample: int) -> list[dict]:
-    """On real activations (seed lens, zero ablation): the lens product's error against
+    """On real activations (final-scale lens, zero ablation): the lens product's error against
     float64, and the layer kernel's error against float64 given the same inputs."""
     from etl import fused_measures as fm
 
@@ -348,7 +349,7 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
         rows.append({"what": "real layer", "error": f"{type(exc).__name__}: {exc}"[:300]})
     chosen = fused_layer.LENS_METHOD
     runs = [(lens, ablation, chunk, chosen) for lens, ablation in MODES
-            for chunk in (chunks if (lens, ablation) == ("seed", "zero") else chunks[:1])]
+            for chunk in (chunks if (lens, ablation) == ("final-scale", "zero") else chunks[:1])]
     for lens, ablation, chunk, method in runs:
         row = {"lens": lens, "ablation": ablation, "chunk_tokens": chunk, "tokens": n,
                "lens_method": method}
@@ -392,7 +393,7 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
             got = measure_batch(_slice(acts, sample, torch.float32), weights,
                                 MeasureOptions(chunk_tokens=1024))
             rows.append({"what": f"fused, lens {method}{' in float32' if exact else ''}",
-                         "lens": "seed", "ablation": "zero", "tokens": sample,
+                         "lens": "final-scale", "ablation": "zero", "tokens": sample,
                          "max_abs_err": _err(got, ref), "err_by_part": _errors_by_part(got, ref)})
         finally:
             fused_layer._MM_OUT_DTYPE["cuda"] = True
@@ -407,7 +408,7 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     plain_sample = _slice(plain, sample, torch.float64)
-    rows.append({"lens": "seed", "ablation": "zero", "path": "plain torch (fused=False)",
+    rows.append({"lens": "final-scale", "ablation": "zero", "path": "plain torch (fused=False)",
                  "tokens": base.z.shape[0], "seconds": seconds,
                  "tokens_per_s": base.z.shape[0] / seconds,
                  "max_abs_err": _err(plain_sample, ref),
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-tokens", type=int, default=4096,
                         help="tokens per timed layer call (default 4096)")
     parser.add_argument("--chunks", default="4096,2048",
-                        help="chunk sizes timed for seed/zero; the first is used for the "
+                        help="chunk sizes timed for final-scale/zero; the first is used for the "
                              "other modes (default 4096,2048)")
     parser.add_argument("--out", type=Path, help="also write the JSON line to this file")
     args = parser.parse_args(argv)
@@ -483,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                                         args.baseline_tokens, args.sample, chunks)
     print(_table("floors per token (GPT-2 small, zero ablation)", [result["floors"]],
                  list(result["floors"])))
-    print(_table(f"one layer, {args.layer_tokens} tokens (seed lens, zero ablation)", configs,
+    print(_table(f"one layer, {args.layer_tokens} tokens (final-scale lens, zero ablation)",
+                 configs,
                  ["config", "first_call_s", "n_regs", "n_spills", "layer_ms", "lens_ms",
                   "tokens_per_s_12_layers",
                   "max_abs_err", "error"]))

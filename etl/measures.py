@@ -20,7 +20,12 @@ import torch
 from etl.entropy import entropy_from_logits, entropy_of_sum
 from etl.fused_entropy import triton_available
 
-LENS_MODES = ("seed", "recomputed")
+LENS_MODES = ("final-scale", "recomputed-ln")
+"""``final-scale``: every residual divided by the final LayerNorm scale of its token, then
+``@ W_U`` (the original study's lens); ``recomputed-ln``: LayerNorm statistics recomputed for
+every residual the lens reads, ``b_U`` added."""
+LENS_ALIASES = {"seed": "final-scale", "recomputed": "recomputed-ln"}
+"""Earlier names of the lens modes, still accepted (and shown under the new name)."""
 ABLATION_MODES = ("zero", "mean")
 
 
@@ -96,9 +101,10 @@ class BatchMeasures:
 class MeasureOptions:
     """How the lens and the ablation are defined."""
 
-    lens: str = "seed"
-    """``seed``: ``(r / s_final) @ W_U`` as in the original study; ``recomputed``:
-    LayerNorm statistics recomputed for every residual and ``b_U`` added."""
+    lens: str = "final-scale"
+    """``final-scale``: ``(r / s_final) @ W_U`` as in the original study; ``recomputed-ln``:
+    LayerNorm statistics recomputed for every residual and ``b_U`` added (earlier names
+    ``seed`` and ``recomputed`` are accepted)."""
     ablation: str = "zero"
     """``zero``: the marginal removes the component's output; ``mean``: it removes the
     output minus its per-position mean over the run."""
@@ -109,12 +115,24 @@ class MeasureOptions:
     with Triton installed, for float32 activations; False = plain torch everywhere."""
 
     def __post_init__(self) -> None:
+        self.lens = canonical_lens(self.lens)
         if self.lens not in LENS_MODES:
             raise ValueError(f"lens must be one of {LENS_MODES}, not {self.lens!r}")
         if self.ablation not in ABLATION_MODES:
             raise ValueError(f"ablation must be one of {ABLATION_MODES}, not {self.ablation!r}")
         if self.chunk_tokens < 1:
             raise ValueError("chunk_tokens must be at least 1")
+
+    @property
+    def recomputes_ln(self) -> bool:
+        """True for the ``recomputed-ln`` lens (LayerNorm statistics per residual, ``b_U``)."""
+        return self.lens == "recomputed-ln"
+
+
+def canonical_lens(name: str) -> str:
+    """The lens mode called ``name``: an earlier name (``LENS_ALIASES``) gives the current one,
+    any other name is returned as it is (and checked by whoever uses it)."""
+    return LENS_ALIASES.get(name, name)
 
 
 def default_chunk_tokens(device: str | torch.device) -> int:
@@ -137,14 +155,15 @@ def _inv_sigma(x_centered: torch.Tensor, eps: float) -> torch.Tensor:
 class _Lens:
     """The lens of one batch: unembeds residuals and components, scores entropies.
 
-    In ``seed`` mode unembedded vectors carry the final LayerNorm scale (``(x / s) @ W_U``);
-    in ``recomputed`` mode they are centred and unscaled (``centre(x) @ W_U``), and the scale
-    of each sum is recomputed from its d_model-space vector.
+    With the ``final-scale`` lens unembedded vectors carry the final LayerNorm scale
+    (``(x / s) @ W_U``); with ``recomputed-ln`` they are centred and unscaled
+    (``centre(x) @ W_U``), and the scale of each sum is recomputed from its d_model-space
+    vector.
     """
 
     def __init__(self, weights: UnembedWeights, options: MeasureOptions):
         self.weights = weights
-        self.recompute = options.lens == "recomputed"
+        self.recompute = options.recomputes_ln
 
     def unembed(self, x: torch.Tensor, inv_s: torch.Tensor):
         """``x [t, d]`` → (U ``[t, V]``, x in lens space ``[t, d]`` or None)."""
@@ -196,7 +215,7 @@ def head_unembed(weights: UnembedWeights, layer: int,
         weights: the model's weights.
         layer: which layer.
         centered: centre the rows of ``W_O`` first (head outputs mean-free, as LayerNorm
-            sees them; what the recomputed lens needs). In compatibility mode ``W_O`` is
+            sees them; what the recomputed-ln lens needs). In compatibility mode ``W_O`` is
             already centred, so this changes nothing there.
 
     Returns:
@@ -243,10 +262,10 @@ def residual_identities_hold(acts: BatchActivations, weights: UnembedWeights, sl
 
 
 def _final_context(acts: BatchActivations, ent_final, sl: slice, options, weights):
-    """Final logits of chunk ``sl``, their entropy ``ent_final [t]``, and (recomputed lens)
+    """Final logits of chunk ``sl``, their entropy ``ent_final [t]``, and (recomputed-ln lens)
     the unscaled unembedding and centred direction of the final residual."""
     logits = acts.logits[sl]
-    if options.lens != "recomputed":
+    if not options.recomputes_ln:
         return logits, ent_final, None, None
     # logits = U_final / σ_final + b_U, so U_final is recovered without another matmul.
     u_final = (logits - weights.b_U) * acts.final_scale[sl]
@@ -327,7 +346,7 @@ def _measure_chunk_torch(acts: BatchActivations, weights: UnembedWeights,
     diff, marginal, resid = out.diff, out.marginal, out.resid
     n_layers, n_heads = acts.z.shape[1], acts.z.shape[2]
     lens = _Lens(weights, options)
-    centered = options.lens == "recomputed"
+    centered = options.recomputes_ln
     mean_ablation = options.ablation == "mean" and means is not None
     b_ou = _bias_unembed(weights, centered)
     inv_s = 1.0 / acts.final_scale[sl]

@@ -68,7 +68,7 @@ def write_synthetic_run(root: Path, run_id: str, component_rows: int, seed: int 
     now = datetime.now(UTC).isoformat()
     manifest = {
         "run_id": run_id, "created_at": now, "completed_at": now, "schema_version": 1,
-        "model": "synthetic-gpt2-small-shape", "dataset": "synthetic", "lens": "seed",
+        "model": "synthetic-gpt2-small-shape", "dataset": "synthetic", "lens": "final-scale",
         "ablation": "zero", "n_layers": N_LAYERS, "n_heads": N_HEADS, "d_vocab": VOCAB,
         "n_seqs": n_seqs, "seq_len": SEQ_LEN, "n_tokens": n_seqs * SEQ_LEN,
         "n_component_rows": writer.rows["component_entropy"],

@@ -1,8 +1,8 @@
 -- compare_runs: two runs side by side per component (each head and the MLP): mean diff and
 -- mean marginal (nats) in run A and run B, and B − A. Use it for webtext vs IOI, or the
--- seed lens vs the recomputed lens on the same tokens. Both runs must be of one model (the
--- same weights) or, with models 'any', of one shape (layers and heads): anything else is an
--- error, not a table of nulls.
+-- final-scale lens vs the recomputed-ln lens on the same tokens. Both runs must be of one
+-- model (the same weights) or, with models 'any', of one shape (layers and heads):
+-- anything else is an error, not a table of nulls.
 -- @param run_a NULL run A, or NULL for the earliest run
 -- @param run_b NULL run B, or NULL for the latest other run of A's model
 -- @param positions 'all' 'all' (BOS and padding included) or 'real' (excluded)

@@ -122,7 +122,9 @@ select
     created_at::timestamptz as created_at,
     model,
     dataset,
-    lens,
+    -- runs written before the lens modes were renamed recorded 'seed' and 'recomputed'
+    case lens when 'seed' then 'final-scale' when 'recomputed' then 'recomputed-ln'
+              else lens end as lens,
     ablation,
     n_layers,
     n_heads,

@@ -16,7 +16,7 @@ def entropy64(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def reference_measures(bridge, tokens, lens="seed", ablation="zero", mask=None):
+def reference_measures(bridge, tokens, lens="final-scale", ablation="zero", mask=None):
     """Measures of ``tokens [batch, pos]`` as float64 arrays.
 
     Returns:
@@ -36,7 +36,7 @@ def reference_measures(bridge, tokens, lens="seed", ablation="zero", mask=None):
         return rc / torch.sqrt(rc.pow(2).mean(-1, keepdim=True) + eps)
 
     def lens_logits(r):
-        if lens == "seed":
+        if lens == "final-scale":
             return (r / s) @ W_U
         return ln(r) @ W_U + b_U
 
@@ -45,7 +45,7 @@ def reference_measures(bridge, tokens, lens="seed", ablation="zero", mask=None):
     h_final = entropy64(final)
 
     def ablated_final(c):
-        if lens == "seed":
+        if lens == "final-scale":
             return final - (c / s) @ W_U
         return ln(resid_final - c) @ W_U + b_U
 

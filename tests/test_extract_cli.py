@@ -26,10 +26,10 @@ def warehouse(tiny_checkpoint, tmp_path_factory):
     (text_dir / "story.txt").write_text(
         "Once upon a time there was a small warehouse full of numbers. " * 30)
     assert _extract(tiny_checkpoint, root, "--dataset", "ioi", "--n-prompts", "6",
-                    "--batch-size", "4", "--run-id", "ioi-seed") == 0
+                    "--batch-size", "4", "--run-id", "ioi-default") == 0
     assert _extract(tiny_checkpoint, root, "--dataset", "text", "--data-files",
                     str(text_dir / "*.txt"), "--n-batches", "2", "--batch-size", "2",
-                    "--seq-len", "24", "--lens", "recomputed", "--ablation", "mean",
+                    "--seq-len", "24", "--lens", "recomputed-ln", "--ablation", "mean",
                     "--run-id", "text-recomputed-mean") == 0
     return root
 
@@ -40,7 +40,7 @@ def _frame(root, sql):
 
 def test_row_counts_are_exact(warehouse):
     runs = _frame(warehouse, "select * from runs order by run_id")
-    assert runs["run_id"].to_list() == ["ioi-seed", "text-recomputed-mean"]
+    assert runs["run_id"].to_list() == ["ioi-default", "text-recomputed-mean"]
     for run in runs.iter_rows(named=True):
         n_tok = run["n_seqs"] * run["seq_len"]
         assert run["n_tokens"] == n_tok
@@ -52,11 +52,11 @@ def test_row_counts_are_exact(warehouse):
         assert (run["n_layers"], run["n_heads"]) == (N_LAYERS, N_HEADS)
     text = runs.filter(runs["run_id"] == "text-recomputed-mean").row(0, named=True)
     assert (text["n_seqs"], text["seq_len"], text["lens"], text["ablation"]) == \
-        (4, 24, "recomputed", "mean")
+        (4, 24, "recomputed-ln", "mean")
 
 
 def test_manifest_records_the_run(warehouse):
-    path = warehouse / "runs" / "run_id=ioi-seed" / "manifest.json"
+    path = warehouse / "runs" / "run_id=ioi-default" / "manifest.json"
     manifest = json.loads(path.read_text())
     for key in ("config", "model_identity", "dataset_fingerprint", "packages", "git_commit",
                 "device", "dtype", "timing", "tokens_per_s", "n_component_rows"):
@@ -86,8 +86,8 @@ def _stored(root, run_id, n_seqs, seq_len):
     return diff, marg, resid
 
 
-@pytest.mark.parametrize("run_id,lens,ablation", [("ioi-seed", "seed", "zero"),
-                                                  ("text-recomputed-mean", "recomputed",
+@pytest.mark.parametrize("run_id,lens,ablation", [("ioi-default", "final-scale", "zero"),
+                                                  ("text-recomputed-mean", "recomputed-ln",
                                                    "mean")])
 def test_stored_rows_equal_float64_reference(warehouse, tiny_model, run_id, lens, ablation):
     toks = _frame(warehouse, f"""select seq, position, token_id, is_pad from tokens
@@ -104,7 +104,7 @@ def test_stored_rows_equal_float64_reference(warehouse, tiny_model, run_id, lens
 
 def test_ioi_tokens_carry_roles(warehouse):
     roles = _frame(warehouse, """select role, count(*) n from tokens
-                                 where run_id = 'ioi-seed' and role is not null group by role""")
+                                 where run_id = 'ioi-default' and role is not null group by role""")
     assert dict(roles.iter_rows()) == {"IO": 6, "S1": 6, "S2": 6, "end": 6, "answer": 6}
     bos = _frame(warehouse, "select bool_and(is_bos = (position = 0)) from tokens").item()
     assert bos
@@ -114,23 +114,23 @@ def test_query_cli_reads_back_csv_and_json(warehouse, capsys):
     sql = "select run_id, count(*) as n from component_entropy group by run_id order by run_id"
     assert query_main(["--warehouse", str(warehouse), "sql", sql, "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "run_id,n" and lines[1].startswith("ioi-seed,")
+    assert lines[0] == "run_id,n" and lines[1].startswith("ioi-default,")
     assert query_main(["--warehouse", str(warehouse), "sql", sql, "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["run_id"] for r in rows] == ["ioi-seed", "text-recomputed-mean"]
+    assert [r["run_id"] for r in rows] == ["ioi-default", "text-recomputed-mean"]
     assert query_main(["--warehouse", str(warehouse), "sql", sql]) == 0
-    assert "ioi-seed" in capsys.readouterr().out
+    assert "ioi-default" in capsys.readouterr().out
 
 
 def test_existing_run_is_not_overwritten_silently(warehouse, tiny_checkpoint, capsys):
-    before = (warehouse / "runs" / "run_id=ioi-seed" / "manifest.json").read_text()
-    args = ("--dataset", "ioi", "--n-prompts", "6", "--run-id", "ioi-seed")
+    before = (warehouse / "runs" / "run_id=ioi-default" / "manifest.json").read_text()
+    args = ("--dataset", "ioi", "--n-prompts", "6", "--run-id", "ioi-default")
     assert _extract(tiny_checkpoint, warehouse, *args) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "--overwrite" in err
-    assert (warehouse / "runs" / "run_id=ioi-seed" / "manifest.json").read_text() == before
+    assert (warehouse / "runs" / "run_id=ioi-default" / "manifest.json").read_text() == before
     assert _extract(tiny_checkpoint, warehouse, *args, "--batch-size", "2", "--overwrite") == 0
-    after = json.loads((warehouse / "runs" / "run_id=ioi-seed" / "manifest.json").read_text())
+    after = json.loads((warehouse / "runs" / "run_id=ioi-default" / "manifest.json").read_text())
     assert after["config"]["batch_size"] == 2
     assert not (warehouse / "_staging").exists()
 

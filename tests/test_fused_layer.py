@@ -136,8 +136,8 @@ def tokens(tiny_model):
                                         "The kernel streams the vocabulary in tiles."])
 
 
-@pytest.mark.parametrize("lens,ablation", [("seed", "zero"), ("recomputed", "zero"),
-                                           ("seed", "mean"), ("recomputed", "mean")])
+@pytest.mark.parametrize("lens,ablation", [("final-scale", "zero"), ("recomputed-ln", "zero"),
+                                           ("final-scale", "mean"), ("recomputed-ln", "mean")])
 def test_measures_through_the_kernel_match_float64_and_the_torch_path(tiny_model, tokens, lens,
                                                                       ablation):
     acts = run_batch(tiny_model.bridge, tokens)

@@ -33,7 +33,7 @@ def _measure(model, tokens, lens, ablation, chunk_tokens=7, mask=None):
     return measure_batch(acts, model.unembed_weights(), options, means)
 
 
-@pytest.mark.parametrize("lens", ["seed", "recomputed"])
+@pytest.mark.parametrize("lens", ["final-scale", "recomputed-ln"])
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_every_measure_matches_float64_reference(tiny_model, tokens, lens, ablation):
     batch, pos = tokens.shape
@@ -51,9 +51,9 @@ def test_every_measure_matches_float64_reference(tiny_model, tokens, lens, ablat
 
 
 def test_options_change_the_numbers(tiny_model, tokens):
-    seed = _measure(tiny_model, tokens, "seed", "zero")
-    recomputed = _measure(tiny_model, tokens, "recomputed", "zero")
-    mean = _measure(tiny_model, tokens, "seed", "mean")
+    seed = _measure(tiny_model, tokens, "final-scale", "zero")
+    recomputed = _measure(tiny_model, tokens, "recomputed-ln", "zero")
+    mean = _measure(tiny_model, tokens, "final-scale", "mean")
     assert (seed.diff - recomputed.diff).abs().max() > 1e-3
     assert (seed.marginal - mean.marginal).abs().max() > 1e-3
     assert torch.equal(seed.diff, mean.diff)  # the ablation only changes the marginal
@@ -62,8 +62,8 @@ def test_options_change_the_numbers(tiny_model, tokens):
 @settings(max_examples=8, deadline=None)
 @given(chunk=st.integers(1, 64))
 def test_chunk_size_does_not_change_results(tiny_model, tokens, chunk):
-    ref = _measure(tiny_model, tokens, "recomputed", "mean", chunk_tokens=1000)
-    got = _measure(tiny_model, tokens, "recomputed", "mean", chunk_tokens=chunk)
+    ref = _measure(tiny_model, tokens, "recomputed-ln", "mean", chunk_tokens=1000)
+    got = _measure(tiny_model, tokens, "recomputed-ln", "mean", chunk_tokens=chunk)
     # float32 matmuls of other shapes round differently: allow a few ulps of ~6 nats
     assert (got.diff - ref.diff).abs().max() < 3e-5
     assert (got.marginal - ref.marginal).abs().max() < 3e-5
@@ -71,10 +71,10 @@ def test_chunk_size_does_not_change_results(tiny_model, tokens, chunk):
 
 
 def test_batching_does_not_change_results(tiny_model, tokens):
-    together = _measure(tiny_model, tokens, "seed", "zero")
+    together = _measure(tiny_model, tokens, "final-scale", "zero")
     pos = tokens.shape[1]
     for i in range(tokens.shape[0]):
-        alone = _measure(tiny_model, tokens[i:i + 1], "seed", "zero")
+        alone = _measure(tiny_model, tokens[i:i + 1], "final-scale", "zero")
         assert (alone.diff - together.diff[i * pos:(i + 1) * pos]).abs().max() < 3e-5
         assert (alone.marginal - together.marginal[i * pos:(i + 1) * pos]).abs().max() < 3e-5
 
@@ -103,7 +103,7 @@ def _random_acts(seed, n_tokens, n_layers, n_heads, d_head, d_model, vocab):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n_heads=st.integers(1, 3), vocab=st.integers(2, 97),
-       lens=st.sampled_from(["seed", "recomputed"]))
+       lens=st.sampled_from(["final-scale", "recomputed-ln"]))
 def test_zero_component_gives_zero_diff_and_marginal(seed, n_heads, vocab, lens):
     acts, weights = _random_acts(seed, n_tokens=5, n_layers=2, n_heads=n_heads, d_head=3,
                                  d_model=8, vocab=vocab)
@@ -119,7 +119,7 @@ def test_zero_component_gives_zero_diff_and_marginal(seed, n_heads, vocab, lens)
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), vocab=st.integers(2, 97),
-       lens=st.sampled_from(["seed", "recomputed"]))
+       lens=st.sampled_from(["final-scale", "recomputed-ln"]))
 def test_entropies_lie_in_zero_to_log_vocab(seed, vocab, lens):
     import math
 

@@ -42,7 +42,7 @@ def _rows(root, run_id):
     return out
 
 
-@pytest.mark.parametrize("lens,ablation", [("seed", "zero"), ("recomputed", "mean")])
+@pytest.mark.parametrize("lens,ablation", [("final-scale", "zero"), ("recomputed-ln", "mean")])
 def test_pipelined_and_sequential_loops_store_identical_shards(tiny_checkpoint, text_glob,
                                                                tmp_path, lens, ablation):
     common = ["--data-files", text_glob, "--n-batches", "3", "--batch-size", "2",

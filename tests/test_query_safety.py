@@ -64,7 +64,8 @@ def _sha256(path: Path) -> str:
 
 
 def write_run(root: Path, run_id: str, schema_version: int = 2, seed: int = 0,
-              offset: float = 0.0, gen: str = "g1", manifest: bool = True) -> dict:
+              offset: float = 0.0, gen: str = "g1", manifest: bool = True,
+              lens: str = "final-scale") -> dict:
     """A small complete run written the way the ETL writes one (shards, then manifest)."""
     shards = {}
     for table, data in _tables(seed, offset).items():
@@ -78,7 +79,7 @@ def write_run(root: Path, run_id: str, schema_version: int = 2, seed: int = 0,
     data = {
         "run_id": run_id, "created_at": "2024-01-01T00:00:00+00:00",
         "completed_at": "2024-01-01T00:01:00+00:00", "schema_version": schema_version,
-        "model": "synthetic", "dataset": "text", "lens": "seed", "ablation": "zero",
+        "model": "synthetic", "dataset": "text", "lens": lens, "ablation": "zero",
         "n_layers": N_LAYERS, "n_heads": N_HEADS, "n_seqs": N_SEQS, "seq_len": SEQ_LEN,
         "n_tokens": n_tok, "d_vocab": VOCAB,
         "n_component_rows": N_LAYERS * (N_HEADS + 1) * n_tok,

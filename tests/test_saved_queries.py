@@ -30,7 +30,7 @@ def warehouse(tiny_checkpoint, tmp_path_factory):
     assert extract_main([*common, "--dataset", "ioi", "--n-prompts", "4", "--ioi-variant",
                          "both", "--run-id", "ioi"]) == 0
     assert extract_main([*common, *text, "--run-id", "text-seed"]) == 0
-    assert extract_main([*common, *text, "--lens", "recomputed", "--run-id", "text-lens"]) == 0
+    assert extract_main([*common, *text, "--lens", "recomputed-ln", "--run-id", "text-lens"]) == 0
     return root
 
 
