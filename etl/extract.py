@@ -34,7 +34,6 @@ from etl.cli import (
 from etl.config import CUDA_FORWARD_TOKENS, DATASETS, DTYPES, IOI_VARIANTS, ExtractConfig
 from etl.corpus import (
     TokenSet,
-    expand_data_files,
     ioi_token_set,
     load_local_texts,
     load_openwebtext,
@@ -79,20 +78,32 @@ class RunResult:
     tokens_per_s: float
 
 
-def build_tokens(config: ExtractConfig, model: LoadedModel) -> TokenSet:
-    """The run's token sequences for ``config.dataset``."""
+def read_texts(config: ExtractConfig) -> tuple[list[str], dict] | None:
+    """The documents of a text dataset and where they came from (None for IOI): read before
+    the model loads, so a missing dataset fails at once.
+
+    Raises:
+        UserError: the dataset cannot be read (not cached offline, bad files).
+    """
+    if config.dataset == "openwebtext":
+        from etl.corpus import OPENWEBTEXT_ID
+        return load_openwebtext(), {"dataset": OPENWEBTEXT_ID,
+                                    "revision": "refs/convert/parquet"}
+    if config.dataset == "text":
+        return load_local_texts(config.data_files), {"data_files": config.data_files}
+    return None
+
+
+def build_tokens(config: ExtractConfig, model: LoadedModel,
+                 texts: tuple[list[str], dict] | None = None) -> TokenSet:
+    """The run's token sequences for ``config.dataset``; ``texts``: ``read_texts(config)``
+    when already read."""
     tokenizer = model.tokenizer
     if config.dataset == "ioi":
         return ioi_token_set(tokenizer, config.n_prompts, config.seed, config.ioi_variant)
+    documents, source = texts or read_texts(config)
     n_seqs = config.n_batches * config.batch_size
-    if config.dataset == "openwebtext":
-        from etl.corpus import OPENWEBTEXT_ID
-        texts = load_openwebtext()
-        source = {"dataset": OPENWEBTEXT_ID, "revision": "refs/convert/parquet"}
-    else:
-        texts = load_local_texts(config.data_files)
-        source = {"data_files": config.data_files}
-    return pack_documents(texts, tokenizer, n_seqs, config.seq_len, config.seed, source)
+    return pack_documents(documents, tokenizer, n_seqs, config.seq_len, config.seed, source)
 
 
 def _git_commit() -> str | None:
@@ -198,14 +209,13 @@ def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = Non
 def _extract_locked(config: ExtractConfig, warehouse: Path, run_id: str, overwrite: bool,
                     device: str, progress: bool, pipeline: str, model: LoadedModel | None,
                     restart: bool) -> RunResult:
-    if config.dataset == "text":
-        expand_data_files(config.data_files)  # fail before the (slow) model load
+    texts = read_texts(config)  # a missing dataset fails before the (slow) model load
     dtype = getattr(torch, config.dtype)
     if model is None:
         model = load_model(config.model, device=device, dtype=dtype)
-    if config.dataset != "ioi":  # before reading the text
+    if config.dataset != "ioi":  # before tokenising the text
         _check_context(config.seq_len, model.cfg.n_ctx)
-    token_set = build_tokens(config, model)
+    token_set = build_tokens(config, model, texts)
     _check_context(token_set.seq_len, model.cfg.n_ctx)
     _check_vocabulary(token_set, int(model.cfg.d_vocab))
     pipelined = use_pipeline(pipeline, device)

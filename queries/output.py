@@ -65,18 +65,32 @@ def _one_line_cells(frame: pl.DataFrame) -> pl.DataFrame:
         for name, dtype in frame.schema.items() if dtype == pl.String)
 
 
+TABLE_SIGNIFICANT_DIGITS = 4
+"""Significant digits of floats in ``table`` output (csv, json and parquet keep them all)."""
+
+
+def _readable_floats(frame: pl.DataFrame) -> pl.DataFrame:
+    """Float columns rounded to ``TABLE_SIGNIFICANT_DIGITS`` significant digits, so that a
+    diff of 1.234e-05 nats keeps its digits and a mean of 2.3456789 takes 6 characters."""
+    return frame.with_columns(
+        pl.col(name).round_sig_figs(TABLE_SIGNIFICANT_DIGITS)
+        for name, dtype in frame.schema.items() if dtype.is_float())
+
+
 def render(frame: pl.DataFrame, fmt: str, max_rows: int = 100) -> str:
     """``frame`` as text: an aligned ``table`` (at most ``max_rows`` rows shown, one line
-    per row), ``csv`` (header line, then rows) or ``json`` (a list of row objects)."""
+    per row, floats to ``TABLE_SIGNIFICANT_DIGITS`` significant digits), ``csv`` (header
+    line, then rows, full precision) or ``json`` (a list of row objects, full precision)."""
     if fmt == "csv":
         return flatten_nested(frame).write_csv()
     if fmt == "json":
         return frame.write_json() + "\n"
     if fmt == "table":
+        shown = _readable_floats(_one_line_cells(frame.head(max_rows)))
         with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60,
                        tbl_width_chars=-1, tbl_hide_dataframe_shape=True,
-                       tbl_hide_column_data_types=True, float_precision=None):
-            text = str(_one_line_cells(frame.head(max_rows)))
+                       tbl_hide_column_data_types=True, set_fmt_float="full"):
+            text = str(shown)
         more = frame.height - max_rows
         note = f"\n({frame.height:,} rows; {more:,} not shown)" if more > 0 else \
             f"\n({frame.height:,} rows)"

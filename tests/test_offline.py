@@ -136,7 +136,7 @@ def test_silent_hub_costs_one_request(tmp_path, silent_hub):
 def _openwebtext(tmp_path, tiny_checkpoint, endpoint, offline):
     proc = _extract(tmp_path, _env(tmp_path, endpoint, offline), "--model",
                     str(tiny_checkpoint), "--dataset", "openwebtext", "--seq-len", "64",
-                    preload=PRELOAD_MODEL, max_command=2 * MAX_COMMAND_S)  # + the model load
+                    preload="import datasets")  # read before the model loads
     assert proc.returncode == 2, proc.stderr
     line = _error_line(proc)
     assert "'stas/openwebtext-10k'" in line and "--dataset text --data-files" in line, line
@@ -144,6 +144,22 @@ def _openwebtext(tmp_path, tiny_checkpoint, endpoint, offline):
 
 def test_openwebtext_hub_unreachable(tmp_path, tiny_checkpoint):
     _openwebtext(tmp_path, tiny_checkpoint, f"http://127.0.0.1:{_closed_port()}", False)
+
+
+def test_missing_openwebtext_fails_before_the_model_loads(tmp_path, tiny_checkpoint,
+                                                         monkeypatch, capsys):
+    import etl.extract
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dataset was read")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(etl.extract, "load_model", no_load)
+    code = etl.extract.main(["--model", str(tiny_checkpoint), "--seq-len", "64",
+                             "--warehouse", str(tmp_path / "wh"), "--no-progress"])
+    assert code == 2
+    assert "'stas/openwebtext-10k'" in capsys.readouterr().err
 
 
 def test_cached_hub_model_loads_when_hub_unreachable(tmp_path, tiny_checkpoint):

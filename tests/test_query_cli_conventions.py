@@ -171,6 +171,33 @@ def test_table_cells_with_line_breaks_are_one_line(warehouse, capsys):
     assert '"p\nq"' in capsys.readouterr().out
 
 
+def test_table_floats_have_four_significant_digits_and_files_keep_all(warehouse, capsys):
+    sql = ("select 0.0123456789::double as a, -0.0000123456789::double as b, "
+           "2.3456789::double as c, 1234567.0::double as d")
+    assert run(warehouse, "sql", sql) == 0
+    row = capsys.readouterr().out.splitlines()[3]
+    cells = [cell.strip() for cell in row.strip("│").split("┆")]
+    assert cells == ["0.01235", "-0.00001235", "2.346", "1235000"]
+    assert run(warehouse, "sql", sql, "--format", "csv") == 0
+    assert capsys.readouterr().out.splitlines()[1] == \
+        "0.0123456789,-0.0000123456789,2.3456789,1234567.0"
+
+
+def test_head_summary_table_is_as_narrow_as_its_column_names(warehouse, capsys):
+    assert run(warehouse, "run", "head_summary") == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [cell.strip() for cell in lines[1].strip("│").split("┆")]
+    # every column is as wide as its name or its longest value, and floats take at most
+    # 11 characters ("-0.00001235"), so the names set the width
+    values = [max(len(cell.strip()) for cell in column)
+              for column in zip(*(line.strip("│").split("┆") for line in lines[3:-2]),
+                                strict=True)]
+    assert all(v <= 11 for name, v in zip(names, values, strict=True)
+               if name not in ("run_id", "kind")), values
+    assert len(lines[1]) <= sum(max(len(n), v) + 3 for n, v in zip(names, values,
+                                                                    strict=True)) + 1
+
+
 # 4. Docs ------------------------------------------------------------------------------------
 
 def test_readme_lists_every_saved_query():
