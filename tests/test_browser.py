@@ -1,6 +1,7 @@
 """Open the rendered charts in headless Chromium and check they are drawn (not blank).
 
-Needs Debian's chromium (``apt-get install chromium``); left out of the default run.
+Needs Debian's chromium (``sudo apt-get update && sudo apt-get install -y chromium``); left
+out of the default run.
 Run it with: ``python -m pytest -m browser``.
 """
 
@@ -24,7 +25,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def _chromium():
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.fail("chromium is not installed: apt-get install chromium")
+        pytest.fail("chromium is not installed: "
+                    "sudo apt-get update && sudo apt-get install -y chromium")
     return exe
 
 
