@@ -13,8 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from etl.cli import ArgumentParser
-from etl.errors import UserError
+from etl.errors import ArgumentParser, UserError
 
 
 def build_parser():

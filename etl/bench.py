@@ -25,8 +25,7 @@ import torch
 
 from etl.activations import run_batch
 from etl.baseline import study_measures
-from etl.cli import ArgumentParser
-from etl.errors import UserError
+from etl.errors import ArgumentParser, UserError
 from etl.measures import (
     LENS_MODES,
     BatchActivations,

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from etl.cli import ArgumentParser
-from etl.errors import UserError
+from etl.errors import ArgumentParser, UserError
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,15 @@
-"""Errors that the command-line tools report as one line and exit code 2."""
+"""Errors that the command-line tools report as one line and exit code 2, and the helpers
+that make them so (an argparse parser that raises them, SIGTERM as an interrupt, one-line
+messages for write failures)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import signal
+import threading
 
 
 class UserError(Exception):
@@ -8,3 +19,56 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+RESUMABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN,
+                              errno.ETIMEDOUT, errno.ENOMEM})
+"""Write errors that go away by themselves or once space is freed: the staged batches of
+the run are kept, and the same command resumes it."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose usage errors are one-line ``UserError``s (exit code 2)."""
+
+    def error(self, message: str):
+        """Raise instead of printing the usage block and exiting."""
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run stops as it does on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_raises_terminated():
+    """Make SIGTERM raise ``Terminated`` inside the block; the previous handler comes back
+    after it. Outside the main thread (where Python allows no handler) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def write_failure(exc: OSError, warehouse) -> str:
+    """The one-line message for an ``OSError`` that ended a run writing to ``warehouse``."""
+    if exc.errno:
+        reason = os.strerror(exc.errno)
+    else:
+        reason = one_line(exc.strerror or str(exc)) or type(exc).__name__
+    message = f"could not write the run to {warehouse}: {reason}; nothing was published"
+    if exc.errno in RESUMABLE_ERRNOS:
+        message += "; run the same command again to resume"
+    return message
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined by spaces (messages on stderr are one line)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())

@@ -24,13 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 from etl.activations import MeanAccumulator, run_batch
-from etl.cli import (
-    ArgumentParser,
-    Terminated,
-    one_line,
-    sigterm_raises_terminated,
-    write_failure,
-)
 from etl.config import CUDA_FORWARD_TOKENS, DATASETS, DTYPES, IOI_VARIANTS, ExtractConfig
 from etl.corpus import (
     TokenSet,
@@ -39,7 +32,14 @@ from etl.corpus import (
     load_openwebtext,
     pack_documents,
 )
-from etl.errors import UserError
+from etl.errors import (
+    ArgumentParser,
+    Terminated,
+    UserError,
+    one_line,
+    sigterm_raises_terminated,
+    write_failure,
+)
 from etl.measures import (
     ABLATION_MODES,
     LENS_MODES,

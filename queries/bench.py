@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from etl.cli import ArgumentParser
-from etl.errors import UserError
+from etl.errors import ArgumentParser, UserError
 from etl.warehouse import TOKENS_SCHEMA, RunWriter, component_table, resid_table
 
 N_LAYERS, N_HEADS, VOCAB = 12, 12, 50257

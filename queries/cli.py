@@ -26,8 +26,7 @@ from pathlib import Path
 
 import duckdb
 
-from etl.cli import ArgumentParser
-from etl.errors import UserError
+from etl.errors import ArgumentParser, UserError
 from queries.catalog import Run, partial_runs, run_problems, stray_files
 from queries.db import complete_runs, connect, init_sql, open_views, usable_runs
 from queries.output import FORMATS, check_output, output_format, render, write_result

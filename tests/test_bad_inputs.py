@@ -19,9 +19,8 @@ from hypothesis import strategies as st
 
 import etl.extract
 from etl import corpus
-from etl.cli import Terminated
 from etl.corpus import load_local_texts, pack_documents, tokenize_pieces
-from etl.errors import UserError
+from etl.errors import Terminated, UserError
 from etl.extract import main
 from etl.measures import BatchMeasures, first_non_finite
 from etl.model import check_weights_finite
