@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from etl.measures import AblationMeans, BatchActivations
+from etl.lens.types import AblationMeans, BatchActivations
 
 
 def hook_names(n_layers: int) -> list[str]:

@@ -24,16 +24,16 @@ import numpy as np
 import torch
 
 from etl.activations import run_batch
-from etl.baseline import study_measures
 from etl.errors import ArgumentParser, UserError
-from etl.measures import (
+from etl.lens.baseline import study_measures
+from etl.lens.measures import measure_batch
+from etl.lens.types import (
     LENS_MODES,
     BatchActivations,
     MeasureOptions,
     UnembedWeights,
     canonical_lens,
     default_chunk_tokens,
-    measure_batch,
 )
 from etl.model import load_model, resolve_device
 from etl.warehouse import RunWriter, component_table, resid_table

@@ -30,7 +30,8 @@ import torch
 from etl.activations import run_batch
 from etl.config import ExtractConfig
 from etl.extract import run_extract
-from etl.measures import MeasureOptions, measure_batch
+from etl.lens.measures import measure_batch
+from etl.lens.types import MeasureOptions
 from etl.model import load_model
 from etl.warehouse import component_table, resid_table
 from queries.db import connect

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from etl.errors import UserError
-from etl.measures import ABLATION_MODES, LENS_MODES, canonical_lens, default_chunk_tokens
+from etl.lens.types import ABLATION_MODES, LENS_MODES, canonical_lens, default_chunk_tokens
 from etl.model import DEFAULT_MODEL
 from etl.warehouse import validate_run_id
 

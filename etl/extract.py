@@ -25,13 +25,6 @@ from tqdm.auto import tqdm
 
 from etl.activations import MeanAccumulator, run_batch
 from etl.config import CUDA_FORWARD_TOKENS, DATASETS, DTYPES, IOI_VARIANTS, ExtractConfig
-from etl.corpus import (
-    TokenSet,
-    ioi_token_set,
-    load_local_texts,
-    load_openwebtext,
-    pack_documents,
-)
 from etl.errors import (
     ArgumentParser,
     Terminated,
@@ -40,19 +33,19 @@ from etl.errors import (
     sigterm_raises_terminated,
     write_failure,
 )
-from etl.measures import (
-    ABLATION_MODES,
-    LENS_MODES,
-    BatchMeasures,
-    MeasureOptions,
-    canonical_lens,
-    first_non_finite,
-    measure_batch,
-)
+from etl.lens.measures import first_non_finite, measure_batch
+from etl.lens.types import ABLATION_MODES, LENS_MODES, BatchMeasures, MeasureOptions, canonical_lens
 from etl.model import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
 from etl.pipeline import LoopTiming, run_loop
 from etl.preflight import MAX_RUN_TOKENS, preflight
 from etl.runlock import RunLock
+from etl.sources.corpus import (
+    TokenSet,
+    ioi_token_set,
+    load_local_texts,
+    load_openwebtext,
+    pack_documents,
+)
 from etl.token_rows import TokenRows
 from etl.warehouse import (
     RunWriter,
@@ -86,7 +79,7 @@ def read_texts(config: ExtractConfig) -> tuple[list[str], dict] | None:
         UserError: the dataset cannot be read (not cached offline, bad files).
     """
     if config.dataset == "openwebtext":
-        from etl.corpus import OPENWEBTEXT_ID
+        from etl.sources.corpus import OPENWEBTEXT_ID
         return load_openwebtext(), {"dataset": OPENWEBTEXT_ID,
                                     "revision": "refs/convert/parquet"}
     if config.dataset == "text":

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from etl import fused_layer
-from etl.fused_layer import (
+from etl.lens import kernels
+from etl.lens.kernels import (
     LOG2E,
     KernelConfig,
     LayerInputs,
@@ -156,8 +156,8 @@ def check_kernels(config: KernelConfig, seed: int) -> list[dict]:
             rows.append({"what": f"lens product ({method})", "tokens": t, "d_head": kdim,
                          "vocab": n, "finite": bool(torch.isfinite(scaled).all()),
                          "max_rel_err": rel,
-                         "cublas_f16_to_f32": fused_layer.mm_out_dtype_used("cuda")})
-    from etl.fused_entropy import sum_entropy_fused
+                         "cublas_f16_to_f32": kernels.mm_out_dtype_used("cuda")})
+    from etl.lens.fused_entropy import sum_entropy_fused
     for t, n in [(1, 50257), (77, 1001)]:
         base = torch.randn(t, n, device="cuda", generator=g) * 4
         got = sum_entropy_fused(base)
@@ -180,7 +180,7 @@ def time_configs(n_tokens: int, seed: int) -> list[dict]:
                                  "bo_mult")})
     ref = layer_entropies_reference(sample, w)
     x = torch.randn(n_tokens, d, device="cuda", generator=g)
-    pad = -V % fused_layer.ROW_ALIGN
+    pad = -V % kernels.ROW_ALIGN
     w_split = split_operand(torch.nn.functional.pad(
         torch.randn(d, V, device="cuda", generator=g) * 0.05 * LOG2E, (0, pad)))
     rows = []
@@ -190,7 +190,7 @@ def time_configs(n_tokens: int, seed: int) -> list[dict]:
                "method": method, "lens_config": cfg}
         try:
             if cfg is not None:
-                fused_layer.LENS_CONFIG = cfg
+                kernels.LENS_CONFIG = cfg
             ms = _bench(lambda m=method: lens_product(x, w_split, m))
             row.update(lens_ms=ms, tokens_per_s_12_layers=n_tokens / (L * ms / 1e3))
         except Exception as exc:
@@ -199,7 +199,7 @@ def time_configs(n_tokens: int, seed: int) -> list[dict]:
         print(json.dumps(row), flush=True)
     timed = [r for r in rows if r["method"] == "triton" and "lens_ms" in r]
     best = min(timed, key=lambda r: r["lens_ms"])
-    fused_layer.LENS_CONFIG = best["lens_config"]
+    kernels.LENS_CONFIG = best["lens_config"]
     lens_ms = best["lens_ms"]
     for i, config in enumerate(CONFIGS):
         row = {"kernel": i, "config": f"{config.block_t}x{config.block_v} w{config.num_warps} "
@@ -225,7 +225,7 @@ def time_configs(n_tokens: int, seed: int) -> list[dict]:
 
 
 def _concat(parts):
-    from etl.measures import BatchActivations
+    from etl.lens.types import BatchActivations
 
     return BatchActivations(**{k: torch.cat([getattr(p, k) for p in parts])
                                for k in vars(parts[0])})
@@ -270,7 +270,7 @@ def _errors_by_part(a, b) -> dict:
 def diagnose_real(acts, weights, sample: int) -> list[dict]:
     """On real activations (final-scale lens, zero ablation): the lens product's error against
     float64, and the layer kernel's error against float64 given the same inputs."""
-    from etl import fused_measures as fm
+    from etl.lens import fused_measures as fm
 
     sl = slice(0, sample)
     split = fm.split_weights(weights, centered=False)
@@ -315,7 +315,8 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
     """``measure_batch`` on real activations, every mode, fused vs plain torch."""
     from etl.activations import MeanAccumulator, run_batch
     from etl.bench import _weights_as
-    from etl.measures import MeasureOptions, measure_batch
+    from etl.lens.measures import measure_batch
+    from etl.lens.types import MeasureOptions
     from etl.model import load_model
 
     model = load_model(model_dir, device="cuda")
@@ -347,13 +348,13 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
     except Exception as exc:
         traceback.print_exc()
         rows.append({"what": "real layer", "error": f"{type(exc).__name__}: {exc}"[:300]})
-    chosen = fused_layer.LENS_METHOD
+    chosen = kernels.LENS_METHOD
     runs = [(lens, ablation, chunk, chosen) for lens, ablation in MODES
             for chunk in (chunks if (lens, ablation) == ("final-scale", "zero") else chunks[:1])]
     for lens, ablation, chunk, method in runs:
         row = {"lens": lens, "ablation": ablation, "chunk_tokens": chunk, "tokens": n,
                "lens_method": method}
-        fused_layer.LENS_METHOD = method
+        kernels.LENS_METHOD = method
         try:
             options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=chunk)
             means = means32 if ablation == "mean" else None
@@ -383,12 +384,12 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
             traceback.print_exc()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    fused_layer.LENS_METHOD = chosen
+    kernels.LENS_METHOD = chosen
     ref = measure_batch(_slice(acts, sample, torch.float64), weights64,
                         MeasureOptions(chunk_tokens=1024, fused=False))
     for method, exact in (("cublas", False), ("cublas", True), ("triton", False)):
-        fused_layer.LENS_METHOD = method
-        fused_layer._MM_OUT_DTYPE["cuda"] = not exact  # exact: the halves in float32 cuBLAS
+        kernels.LENS_METHOD = method
+        kernels._MM_OUT_DTYPE["cuda"] = not exact  # exact: the halves in float32 cuBLAS
         try:
             got = measure_batch(_slice(acts, sample, torch.float32), weights,
                                 MeasureOptions(chunk_tokens=1024))
@@ -396,8 +397,8 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
                          "lens": "final-scale", "ablation": "zero", "tokens": sample,
                          "max_abs_err": _err(got, ref), "err_by_part": _errors_by_part(got, ref)})
         finally:
-            fused_layer._MM_OUT_DTYPE["cuda"] = True
-            fused_layer.LENS_METHOD = chosen
+            kernels._MM_OUT_DTYPE["cuda"] = True
+            kernels.LENS_METHOD = chosen
         print(json.dumps(rows[-1]), flush=True)
     base = _slice(acts, baseline_tokens, torch.float32)
     options = MeasureOptions(chunk_tokens=1024, fused=False)
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     result["floors"] = floors(ceil)
     print(json.dumps(result), flush=True)
     try:
-        checks = check_kernels(fused_layer.GPU_CONFIG, seed=int(time.time()))
+        checks = check_kernels(kernels.GPU_CONFIG, seed=int(time.time()))
     except Exception as exc:
         traceback.print_exc()
         checks = [{"what": "layer kernel", "finite": False,
@@ -471,12 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                   "finite", "max_abs_err", "max_rel_err", "error"]), flush=True)
     configs = time_configs(args.layer_tokens, seed=1)
     result["configs"] = configs
-    result["lens_method"] = fused_layer.LENS_METHOD
-    result["lens_config"] = fused_layer.LENS_CONFIG
+    result["lens_method"] = kernels.LENS_METHOD
+    result["lens_config"] = kernels.LENS_CONFIG
     good = [r for r in configs if "layer_ms" in r and r["max_abs_err"] <= 1e-4]
     if good:
         best = min(good, key=lambda r: r["layer_ms"])
-        fused_layer.GPU_CONFIG = CONFIGS[best["kernel"]]
+        kernels.GPU_CONFIG = CONFIGS[best["kernel"]]
         result["best_config"] = best["config"]
     if args.model:
         chunks = [int(c) for c in args.chunks.split(",")]

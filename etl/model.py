@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 
 from etl.errors import UserError
-from etl.measures import UnembedWeights
+from etl.lens.types import UnembedWeights
 
 DEFAULT_MODEL = "openai-community/gpt2"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from etl.measures import BatchMeasures
+from etl.lens.types import BatchMeasures
 
 MEASURE_FIELDS = ("diff", "marginal", "resid")
 

@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 from etl.config import ExtractConfig, check_run_id, config_from_args
-from etl.corpus import expand_data_files, load_local_texts
 from etl.errors import UserError
 from etl.model import check_model, resolve_device
+from etl.sources.corpus import expand_data_files, load_local_texts
 
 MAX_RUN_TOKENS = 20_000_000
 """Largest run (in tokens) accepted without ``--allow-large``. For GPT-2 small a token gives

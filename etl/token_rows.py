@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from etl.corpus import TokenSet
+from etl.sources.corpus import TokenSet
 from etl.warehouse import TOKENS_SCHEMA
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 import etl
 from etl.checkpoint import gpt2_tokenizer
-from etl.corpus import TokenSet
+from etl.sources.corpus import TokenSet
 from etl.warehouse import RunWriter, component_table, resid_table
 
 BATCH, SEQ_LEN, LAYERS, HEADS, BATCHES = 8, 500, 12, 12, 6

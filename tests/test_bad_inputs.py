@@ -18,12 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import etl.extract
-from etl import corpus
-from etl.corpus import load_local_texts, pack_documents, tokenize_pieces
 from etl.errors import Terminated, UserError
 from etl.extract import main
-from etl.measures import BatchMeasures, first_non_finite
+from etl.lens.measures import first_non_finite
+from etl.lens.types import BatchMeasures
 from etl.model import check_weights_finite
+from etl.sources import corpus
+from etl.sources.corpus import load_local_texts, pack_documents, tokenize_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

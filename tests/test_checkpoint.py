@@ -3,7 +3,7 @@
 import torch
 
 from etl.checkpoint import main as checkpoint_main
-from etl.entropy import entropy_from_logits
+from etl.lens.entropy import entropy_from_logits
 
 
 def test_tiny_checkpoint_has_spread_out_entropies(tiny_model):

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from etl.corpus import expand_data_files, load_local_texts, pack_documents
 from etl.errors import UserError
+from etl.sources.corpus import expand_data_files, load_local_texts, pack_documents
 
 
 @pytest.fixture()
@@ -66,7 +66,7 @@ def test_packing_uses_what_there_is_and_refuses_too_little(tokenizer):
 def test_openwebtext_reads_the_parquet_conversion(monkeypatch, tokenizer):
     import datasets
 
-    from etl import corpus
+    from etl.sources import corpus
 
     calls = []
 
@@ -83,7 +83,7 @@ def test_openwebtext_reads_the_parquet_conversion(monkeypatch, tokenizer):
 
 
 def test_openwebtext_offline_is_one_clear_error():
-    from etl.corpus import load_openwebtext
+    from etl.sources.corpus import load_openwebtext
 
     with pytest.raises(UserError, match="not available offline.*--data-files"):
         load_openwebtext()

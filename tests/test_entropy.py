@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from etl.entropy import entropy_from_logits, entropy_of_sum
+from etl.lens.entropy import entropy_from_logits, entropy_of_sum
 from tests.reference import entropy64
 
 finite = st.floats(min_value=-60, max_value=60, allow_nan=False, width=32)

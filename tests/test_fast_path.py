@@ -7,9 +7,10 @@ import torch
 import triton  # noqa: F401  (a test dependency: the kernel's logic is tested on the CPU)
 
 from etl.activations import MeanAccumulator, run_batch
-from etl.baseline import study_measures
 from etl.checkpoint import Architecture, gpt2_tokenizer, random_gpt2
-from etl.measures import MeasureOptions, measure_batch, residual_identities_hold
+from etl.lens.baseline import study_measures
+from etl.lens.measures import measure_batch, residual_identities_hold
+from etl.lens.types import MeasureOptions
 from etl.model import load_model
 
 MODES = [("final-scale", "zero"), ("recomputed-ln", "zero"), ("final-scale", "mean"),
@@ -99,13 +100,14 @@ def test_etl_imports_without_warehouse_and_chart_libraries():
     code = ("import sys\n"
             "for name in ('duckdb', 'polars', 'altair'):\n"
             "    sys.modules[name] = None\n"
-            "import etl.extract, etl.bench, etl.baseline, etl.fused_entropy, etl.fused_layer\n")
+            "import etl.extract, etl.bench, etl.lens.baseline, etl.lens.fused_entropy, "
+            "etl.lens.kernels\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_one_pass_sum_entropy_kernel_equals_torch():
-    from etl.entropy import entropy_of_sum
-    from etl.fused_entropy import sum_entropy_fused
+    from etl.lens.entropy import entropy_of_sum
+    from etl.lens.fused_entropy import sum_entropy_fused
 
     g = torch.Generator().manual_seed(1)
     for n_tokens, vocab in [(1, 7), (5, 1001), (3, 2048)]:

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from etl import fused_layer
 from etl.activations import MeanAccumulator, run_batch
-from etl.fused_layer import (
+from etl.gpu_check import random_layer
+from etl.lens import kernels
+from etl.lens.kernels import (
     KernelConfig,
     LayerInputs,
     layer_entropies,
@@ -22,8 +23,8 @@ from etl.fused_layer import (
     split_f16,
     split_operand,
 )
-from etl.gpu_check import random_layer
-from etl.measures import MeasureOptions, _use_fused, measure_batch
+from etl.lens.measures import _use_fused, measure_batch
+from etl.lens.types import MeasureOptions
 from tests.reference import reference_measures
 
 SMALL_TILES = KernelConfig(block_t=64, block_v=64, num_warps=4, num_stages=1,
@@ -173,5 +174,5 @@ def test_the_fused_path_is_chosen_only_where_it_applies(tiny_model, tokens):
 
 
 def test_float16_products_are_upcast_in_the_interpreter():
-    assert fused_layer.interpreting()
-    assert fused_layer.default_config() == fused_layer.INTERPRETER_CONFIG
+    assert kernels.interpreting()
+    assert kernels.default_config() == kernels.INTERPRETER_CONFIG

@@ -5,8 +5,14 @@ import random
 import numpy as np
 import pytest
 
-from etl.corpus import ioi_token_set
-from etl.ioi import abba_from_baba, corrupt_abc, generate_prompts, load_stimuli, mixed_templates
+from etl.sources.corpus import ioi_token_set
+from etl.sources.ioi import (
+    abba_from_baba,
+    corrupt_abc,
+    generate_prompts,
+    load_stimuli,
+    mixed_templates,
+)
 
 # Published generator, seed 420, N=100 (prompt index: text).
 PUBLISHED = {

@@ -1,20 +1,16 @@
 """Lens modes have names that explain themselves; the earlier names still work everywhere."""
 
-import os
+import re
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest
 
-import re  # noqa: E402
-
-import pytest  # noqa: E402
-
-from etl.config import ExtractConfig  # noqa: E402
-from etl.errors import UserError  # noqa: E402
-from etl.extract import build_parser  # noqa: E402
-from etl.measures import LENS_MODES, MeasureOptions, canonical_lens  # noqa: E402
-from etl.warehouse import validate_run_id  # noqa: E402
-from queries.db import connect  # noqa: E402
-from tests.test_query_safety import write_run  # noqa: E402
+from etl.config import ExtractConfig
+from etl.errors import UserError
+from etl.extract import build_parser
+from etl.lens.types import LENS_MODES, MeasureOptions, canonical_lens
+from etl.warehouse import validate_run_id
+from queries.db import connect
+from tests.test_query_safety import write_run
 
 OLD_TO_NEW = [("seed", "final-scale"), ("recomputed", "recomputed-ln")]
 

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl.activations import MeanAccumulator, run_batch
-from etl.measures import BatchActivations, MeasureOptions, UnembedWeights, measure_batch
+from etl.lens.measures import measure_batch
+from etl.lens.types import BatchActivations, MeasureOptions, UnembedWeights
 from tests.reference import reference_measures
 
 PROMPTS = [

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from etl import warehouse as warehouse_module
-from etl.corpus import TokenSet, ioi_token_set
 from etl.extract import main as extract_main
-from etl.measures import BatchMeasures
+from etl.lens.types import BatchMeasures
 from etl.pipeline import LoopTiming, run_loop
+from etl.sources.corpus import TokenSet, ioi_token_set
 from etl.token_rows import TokenRows
 from etl.warehouse import RunWriter, component_table
 from queries.db import connect

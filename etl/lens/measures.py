@@ -13,133 +13,17 @@ Per-head logits go through the factored unembedding ``W_O[L, h] @ W_U``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from etl.entropy import entropy_from_logits, entropy_of_sum
-from etl.fused_entropy import triton_available
-
-LENS_MODES = ("final-scale", "recomputed-ln")
-"""``final-scale``: every residual divided by the final LayerNorm scale of its token, then
-``@ W_U`` (the original study's lens); ``recomputed-ln``: LayerNorm statistics recomputed for
-every residual the lens reads, ``b_U`` added."""
-LENS_ALIASES = {"seed": "final-scale", "recomputed": "recomputed-ln"}
-"""Earlier names of the lens modes, still accepted (and shown under the new name)."""
-ABLATION_MODES = ("zero", "mean")
-
-
-@dataclass
-class UnembedWeights:
-    """Weights the lens needs, taken from a model in compatibility mode."""
-
-    W_U: torch.Tensor
-    """``[d, V]`` unembedding (LayerNorm weights folded in, centred)."""
-    b_U: torch.Tensor
-    """``[V]`` unembedding bias."""
-    W_O: torch.Tensor
-    """``[L, H, dh, d]`` per-head output projections."""
-    eps: float
-    """LayerNorm epsilon, used when the lens recomputes LayerNorm statistics."""
-    b_O: torch.Tensor | None = None
-    """``[L, d]`` attention output biases; with them, unembedded residuals are derived
-    from each other instead of recomputed (see ``measure_batch``)."""
-    cache_limit_bytes: int = 3 * 2**30
-    """Keep every layer's ``W_O @ W_U`` between batches when they fit in this many bytes
-    (GPT-2 small: 1.9 GB in float32); otherwise recompute them for each batch."""
-    _head_unembed: dict = field(default_factory=dict, repr=False)
-
-    def head_unembed_bytes(self) -> int:
-        """Bytes that every layer's ``W_O @ W_U`` takes together."""
-        n_layers, n_heads, d_head, _ = self.W_O.shape
-        return n_layers * n_heads * d_head * self.W_U.shape[1] * self.W_U.element_size()
-
-
-@dataclass
-class BatchActivations:
-    """Activations of one batch, flattened to tokens."""
-
-    resid_pre: torch.Tensor
-    """``[T, L, d]`` residual stream before each block (``blocks.L.hook_resid_pre``)."""
-    resid_mid: torch.Tensor
-    """``[T, L, d]`` residual stream after attention (``blocks.L.hook_resid_mid``)."""
-    z: torch.Tensor
-    """``[T, L, H, dh]`` per-head attention outputs before ``W_O`` (``attn.hook_z``)."""
-    mlp_out: torch.Tensor
-    """``[T, L, d]`` MLP outputs (``blocks.L.hook_mlp_out``)."""
-    final_scale: torch.Tensor
-    """``[T, 1]`` final LayerNorm scale of each token (``ln_final.hook_scale``)."""
-    logits: torch.Tensor
-    """``[T, V]`` the model's final logits (``b_U`` included)."""
-    positions: torch.Tensor
-    """``[T]`` position of each token in its sequence (int64)."""
-
-
-@dataclass
-class AblationMeans:
-    """Per-position means of component outputs over a run, for mean ablation."""
-
-    z: torch.Tensor
-    """``[P, L, H, dh]`` mean ``hook_z`` at each position."""
-    mlp_out: torch.Tensor
-    """``[P, L, d]`` mean MLP output at each position."""
-
-
-@dataclass
-class BatchMeasures:
-    """Entropy measures of one batch (float32, nats)."""
-
-    diff: torch.Tensor
-    """``[T, L, H+1]``: H(lens(resid + c)) − H(lens(resid)); index H is the MLP."""
-    marginal: torch.Tensor
-    """``[T, L, H+1]``: H(final logits) − H(final logits − lens(c)); index H is the MLP."""
-    resid: torch.Tensor
-    """``[T, 2L+1]``: lens entropy at resid_pre 0, resid_mid 0, resid_pre 1, …, final."""
-
-
-@dataclass
-class MeasureOptions:
-    """How the lens and the ablation are defined."""
-
-    lens: str = "final-scale"
-    """``final-scale``: ``(r / s_final) @ W_U`` as in the original study; ``recomputed-ln``:
-    LayerNorm statistics recomputed for every residual and ``b_U`` added (earlier names
-    ``seed`` and ``recomputed`` are accepted)."""
-    ablation: str = "zero"
-    """``zero``: the marginal removes the component's output; ``mean``: it removes the
-    output minus its per-position mean over the run."""
-    chunk_tokens: int = 256
-    """Tokens per chunk; bounds memory to a few ``[chunk_tokens, V]`` float32 tensors."""
-    fused: bool | None = None
-    """Score each layer with the fused Triton kernel (``etl.fused_layer``); None = on CUDA
-    with Triton installed, for float32 activations; False = plain torch everywhere."""
-
-    def __post_init__(self) -> None:
-        self.lens = canonical_lens(self.lens)
-        if self.lens not in LENS_MODES:
-            raise ValueError(f"lens must be one of {LENS_MODES}, not {self.lens!r}")
-        if self.ablation not in ABLATION_MODES:
-            raise ValueError(f"ablation must be one of {ABLATION_MODES}, not {self.ablation!r}")
-        if self.chunk_tokens < 1:
-            raise ValueError("chunk_tokens must be at least 1")
-
-    @property
-    def recomputes_ln(self) -> bool:
-        """True for the ``recomputed-ln`` lens (LayerNorm statistics per residual, ``b_U``)."""
-        return self.lens == "recomputed-ln"
-
-
-def canonical_lens(name: str) -> str:
-    """The lens mode called ``name``: an earlier name (``LENS_ALIASES``) gives the current one,
-    any other name is returned as it is (and checked by whoever uses it)."""
-    return LENS_ALIASES.get(name, name)
-
-
-def default_chunk_tokens(device: str | torch.device) -> int:
-    """Tokens per chunk when none is given: 2048 on CUDA (the fused path ran as fast as with
-    4096 on an H100, in half the memory: BENCHMARKS.md), 256 on the CPU (where 256-row
-    products keep the matrix units busy and blocked entropies stay in cache)."""
-    return 2048 if torch.device(device).type == "cuda" else 256
+from etl.lens.entropy import entropy_from_logits, entropy_of_sum
+from etl.lens.fused_entropy import triton_available
+from etl.lens.types import (
+    AblationMeans,
+    BatchActivations,
+    BatchMeasures,
+    MeasureOptions,
+    UnembedWeights,
+)
 
 
 def _center(x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +175,7 @@ def measure_batch(
     and ``b_O``'s, and the MLP's is the next ``resid_pre``'s minus ``resid_mid``'s (the last
     one comes from the final logits). Otherwise each is unembedded directly. With the fused
     path (``options.fused``, see ``_use_fused``) each layer of a chunk is one call of the
-    fused layer kernel (``etl.fused_measures``); otherwise plain torch.
+    fused layer kernel (``etl.lens.fused_measures``); otherwise plain torch.
 
     Args:
         acts: the batch's activations (``T`` tokens).
@@ -317,7 +201,7 @@ def measure_batch(
         ent_final = entropy_from_logits(acts.logits[sl])
         out.resid[sl, -1] = ent_final
         if fused and residual_identities_hold(acts, weights, sl):
-            from etl.fused_measures import measure_chunk_fused
+            from etl.lens.fused_measures import measure_chunk_fused
 
             measure_chunk_fused(acts, weights, options, means, sl, ent_final, out,
                                 workspace=workspace)

@@ -4,15 +4,15 @@ For every layer it materialises the logit lens of ``resid_pre + head_out`` for a
 once (``[tokens, n_heads, vocab]``), and of ``final_logits − lens(head_out)`` for the
 marginals, in the model's dtype; with ``chunk_tokens=None`` a whole batch goes through at
 once, as in the study (51 GiB of GPU memory for 4,000 GPT-2 tokens). The definitions are
-those of ``etl.measures``; only the evaluation order differs. Entropies in nats.
+those of ``etl.lens.measures``; only the evaluation order differs. Entropies in nats.
 """
 
 from __future__ import annotations
 
 import torch
 
-from etl.entropy import entropy_from_logits as _entropy
-from etl.measures import (
+from etl.lens.entropy import entropy_from_logits as _entropy
+from etl.lens.types import (
     AblationMeans,
     BatchActivations,
     BatchMeasures,
@@ -92,7 +92,7 @@ def study_measures(acts: BatchActivations, weights: UnembedWeights, options: Mea
         chunk_tokens: tokens per step; None = the whole batch at once, as the study did.
 
     Returns:
-        ``BatchMeasures`` (float32, nats), the same layout as ``etl.measures.measure_batch``.
+        ``BatchMeasures`` (float32, nats), the same layout as ``etl.lens.measures.measure_batch``.
     """
     if options.ablation == "mean" and means is None:
         raise ValueError("mean ablation needs per-position means")

@@ -3,7 +3,7 @@
 It streams the vocabulary in tiles with an online entropy (running max ``m``,
 ``s = Σ e^(z−m)``, ``w = Σ e^(z−m)(z−m)``, ``H = log s − w / s``), accumulating in float32,
 reading each input once: on CUDA it scores the final logits and the torch path's other
-entropies at memory bandwidth. Every entropy of a layer at once is ``etl.fused_layer``'s job.
+entropies at memory bandwidth. Every entropy of a layer at once is ``etl.lens.kernels``'s job.
 Under ``TRITON_INTERPRET=1`` the kernel runs on the CPU.
 """
 
@@ -82,7 +82,7 @@ def sum_entropy_fused(base: torch.Tensor, delta: torch.Tensor | None = None,
                       block_v: int = 1024) -> torch.Tensor:
     """``[T]`` entropy (nats) of ``(base + sign·delta)·scale + bias`` in one pass over
     ``base`` and ``delta`` (``[T, V]``), float32 accumulation; ``scale`` is ``[T]`` or
-    ``[T, 1]``, ``bias`` ``[V]``. The fused form of ``etl.entropy.entropy_of_sum``."""
+    ``[T, 1]``, ``bias`` ``[V]``. The fused form of ``etl.lens.entropy.entropy_of_sum``."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     n_tokens, vocab = base.shape

@@ -48,7 +48,7 @@ class IOIPrompt:
 
 def load_stimuli() -> dict:
     """Names, places, objects and the 15 BABA templates, in their original order."""
-    text = resources.files("etl").joinpath("stimuli/ioi_stimuli.json").read_text("utf-8")
+    text = resources.files("etl.sources").joinpath("stimuli/ioi_stimuli.json").read_text("utf-8")
     return json.loads(text)
 
 

@@ -364,7 +364,7 @@ def pack_documents(texts: list[str], tokenizer, n_seqs: int, seq_len: int, seed:
 
 def ioi_token_set(tokenizer, n_prompts: int, seed: int, variant: str) -> TokenSet:
     """IOI prompts (``clean``, ``abc`` or ``both``), BOS first, right-padded with EOS."""
-    from etl.ioi import corrupt_abc, encode, generate_prompts, prompt_roles
+    from etl.sources.ioi import corrupt_abc, encode, generate_prompts, prompt_roles
 
     clean = generate_prompts(n_prompts, seed)
     sets = {"clean": clean, "abc": None}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from etl.lens.fused_entropy import sum_entropy_fused, triton_available
+
 CPU_BLOCK_ROWS = 16
 """Rows per block on the CPU: a block of 16 × 50,257 float32 logits stays in cache through
 the five passes of the entropy instead of streaming each pass through memory."""
@@ -11,14 +13,12 @@ the five passes of the entropy instead of streaming each pass through memory."""
 
 FUSED_ON_CUDA = True
 """On CUDA, compute float32 entropies with the one-pass Triton kernel
-(``etl.fused_entropy.sum_entropy_fused``) when Triton is installed."""
+(``etl.lens.fused_entropy.sum_entropy_fused``) when Triton is installed."""
 
 
 def _fused(t: torch.Tensor) -> bool:
     if not (FUSED_ON_CUDA and t.is_cuda and t.dtype == torch.float32 and t.dim() == 2):
         return False
-    from etl.fused_entropy import triton_available
-
     return triton_available(t.device)
 
 
@@ -53,7 +53,6 @@ def entropy_from_logits(logits: torch.Tensor, fused: bool | None = None) -> torc
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     if fused is not False and _fused(logits):
-        from etl.fused_entropy import sum_entropy_fused
 
         return sum_entropy_fused(logits)
     shape = logits.shape[:-1]
@@ -89,7 +88,6 @@ def entropy_of_sum(
         ``[tokens]`` entropies in nats (float32 for float32 inputs).
     """
     if _fused(base) and (delta is None or delta.dtype == torch.float32):
-        from etl.fused_entropy import sum_entropy_fused
 
         return sum_entropy_fused(base, delta, sign=sign, scale=scale, bias=bias)
     out = []

@@ -1,11 +1,11 @@
-"""One chunk of ``measure_batch`` through the fused layer kernel (``etl.fused_layer``).
+"""One chunk of ``measure_batch`` through the fused layer kernel (``etl.lens.kernels``).
 
 Per layer: one split-float16 product gives the lens of the next ``resid_pre``; the layer kernel
 scores every head's diff and marginal, ``resid_pre``, ``resid_mid`` (derived from the heads'
 lenses and ``b_O``) and the MLP's marginal (its lens is ``lens(resid_pre[L+1]) −
 lens(resid_mid[L])``); the MLP's diff is ``H(lens(resid_pre[L+1])) − H(lens(resid_mid[L]))``.
 This needs the residual identities (``measures.residual_identities_hold``); the caller
-checks them. Definitions, shapes and units are those of ``etl.measures`` (nats).
+checks them. Definitions, shapes and units are those of ``etl.lens.measures`` (nats).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from etl.fused_layer import (
+from etl.lens.kernels import (
     LOG2E,
     ROW_ALIGN,
     KernelConfig,
@@ -25,8 +25,8 @@ from etl.fused_layer import (
     split_heads,
     split_operand,
 )
-from etl.measures import _center
-from etl.measures import _inv_sigma as _inv_sigma_kept
+from etl.lens.measures import _center
+from etl.lens.measures import _inv_sigma as _inv_sigma_kept
 
 
 @dataclass
@@ -42,7 +42,7 @@ class SplitWeights:
     """``[L, H, dh, d]`` float32 ``W_O`` (centred rows for the recomputed-ln lens)."""
     heads: dict
     """Layer → (hi, lo, scale) of ``W_O[L, h] @ W_U · log2 e`` (see
-    ``fused_layer.split_heads``), for the layers kept (all when they fit the cache limit)."""
+    ``kernels.split_heads``), for the layers kept (all when they fit the cache limit)."""
     keep_heads: bool
     """Whether every layer's split head unembedding is kept between batches."""
 
@@ -53,7 +53,7 @@ def _inv_sigma(x_centered: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def split_weights(weights, centered: bool) -> SplitWeights:
-    """The fused path's weights for ``weights`` (an ``etl.measures.UnembedWeights``), cached
+    """The fused path's weights for ``weights`` (an ``etl.lens.measures.UnembedWeights``), cached
     in it per lens mode. Split head unembeddings take ``L·H·dh·V·4`` bytes (GPT-2 small:
     1.9 GB) and are kept when that fits ``weights.cache_limit_bytes``."""
     key = ("split", centered)
