@@ -50,22 +50,28 @@ def increase_limit(values) -> float:
     return max([v for v in values if v is not None and math.isfinite(v) and v > 0] + [1e-6])
 
 
-def _heatmap(summary: pl.DataFrame, include_mlp: bool, increases_only: bool,
-             title: str) -> alt.FacetChart:
+def _heatmap_colors(summary: pl.DataFrame, include_mlp: bool, increases_only: bool,
+                    subtitle: list[str]) -> tuple[alt.Scale, bool]:
+    """The colour scale of a heatmap, and whether it draws the MLP column (not when only
+    increases are drawn and the MLP has none; ``subtitle`` then says so)."""
     rows = summary if include_mlp else summary.filter(pl.col("kind") == "head")
     values = rows["mean_diff"].to_list() + rows["mean_marginal"].to_list()
-    subtitle = [_run_title(summary), "mean over positions", POSITIVE_MEANS]
-    if increases_only:
-        mlp = summary.filter(pl.col("kind") == "mlp")
-        mlp_values = mlp["mean_diff"].to_list() + mlp["mean_marginal"].to_list()
-        if include_mlp and increase_limit(mlp_values) == 1e-6:  # no MLP cell is drawn
-            include_mlp = False
-            subtitle.insert(1, "MLP: no increases")
-        color_scale = alt.Scale(scheme=SEQUENTIAL_SCHEME, domain=[0, increase_limit(values)])
-    else:
+    if not increases_only:
         limit = symmetric_limit(values)
-        color_scale = alt.Scale(scheme=DIVERGING_SCHEME, reverse=True, domain=[-limit, limit],
-                                domainMid=0)
+        return alt.Scale(scheme=DIVERGING_SCHEME, reverse=True, domain=[-limit, limit],
+                         domainMid=0), include_mlp
+    mlp = summary.filter(pl.col("kind") == "mlp")
+    mlp_values = mlp["mean_diff"].to_list() + mlp["mean_marginal"].to_list()
+    if include_mlp and increase_limit(mlp_values) == 1e-6:  # no MLP cell is drawn
+        include_mlp = False
+        subtitle.insert(1, "MLP: no increases")
+    return alt.Scale(scheme=SEQUENTIAL_SCHEME, domain=[0, increase_limit(values)]), include_mlp
+
+
+def _heatmap(summary: pl.DataFrame, include_mlp: bool, increases_only: bool,
+             title: str) -> alt.FacetChart:
+    subtitle = [_run_title(summary), "mean over positions", POSITIVE_MEANS]
+    color_scale, include_mlp = _heatmap_colors(summary, include_mlp, increases_only, subtitle)
     order = _component_order(summary, include_mlp)
     heat = alt.Chart().mark_rect(stroke="white", strokeWidth=0.5).encode(
         x=alt.X("component:O", sort=order, scale=alt.Scale(domain=order),
@@ -168,6 +174,19 @@ def nice_limit(value: float) -> float:
     return round(10.0 ** (exponent + 2), 12)
 
 
+def _farthest_labels(base: alt.Chart, label_top: int) -> alt.Chart:
+    """Text labels (``layer.head``) for the ``label_top`` heads with the largest |B − A|."""
+    return base.transform_filter(
+        "isValid(datum.mean_diff_a) && isValid(datum.mean_diff_b)",
+    ).transform_calculate(
+        gap="abs(datum.mean_diff_b - datum.mean_diff_a)",
+    ).transform_window(
+        rank="row_number()", sort=[alt.SortField("gap", order="descending")],
+    ).transform_filter(f"datum.rank <= {int(label_top)}").mark_text(
+        align="left", dx=6, dy=-6, fontSize=12, fontWeight="bold",
+    ).encode(x="mean_diff_a:Q", y="mean_diff_b:Q", text="component:N")
+
+
 def run_comparison(compare: pl.DataFrame, label_top: int = 5) -> alt.LayerChart:
     """Each head's mean diff in run A against run B, the most different heads labelled.
 
@@ -200,15 +219,7 @@ def run_comparison(compare: pl.DataFrame, label_top: int = 5) -> alt.LayerChart:
                  alt.Tooltip("delta_diff:Q", format=".5f", title="B − A"),
                  alt.Tooltip("n_a:Q", format=","), alt.Tooltip("n_b:Q", format=",")],
     )
-    labels = base.transform_filter(
-        "isValid(datum.mean_diff_a) && isValid(datum.mean_diff_b)",
-    ).transform_calculate(
-        gap="abs(datum.mean_diff_b - datum.mean_diff_a)",
-    ).transform_window(
-        rank="row_number()", sort=[alt.SortField("gap", order="descending")],
-    ).transform_filter(f"datum.rank <= {int(label_top)}").mark_text(
-        align="left", dx=6, dy=-6, fontSize=12, fontWeight="bold",
-    ).encode(x="mean_diff_a:Q", y="mean_diff_b:Q", text="component:N")
+    labels = _farthest_labels(base, label_top)
     diagonal = alt.Chart(alt.Data(values=[{"v": -limit}, {"v": limit}])).mark_line(
         color="#808b96", strokeDash=[4, 4]).encode(x="v:Q", y="v:Q")
     return alt.layer(diagonal, points, labels, data=_records(compare)).properties(

@@ -56,7 +56,7 @@ CHARTS: dict[str, ChartSpec] = {spec.name: spec for spec in [
 
 def chart_frame(con, spec: ChartSpec, runs: list[str]) -> pl.DataFrame:
     """The saved query's result that ``spec`` is drawn from, for ``runs``."""
-    from queries.cli import run_sql
+    from queries.db import run_sql
     from queries.saved import get_query
 
     query = get_query(spec.query)
@@ -138,14 +138,7 @@ def render(warehouse: Path, out: Path, runs: list[str] | None = None,
     """
     from queries.db import connect
 
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise UserError(f"unknown --format {','.join(bad) or '(none)'}; use a comma-separated "
-                        f"list of {', '.join(FORMATS)}")
-    names = only or list(CHARTS)
-    unknown = [n for n in names if n not in CHARTS]
-    if unknown:
-        raise UserError(f"unknown chart {unknown[0]!r}; known: {', '.join(CHARTS)}")
+    names = _chart_names(formats, only)
     con = connect(warehouse)
     available = complete_runs(con)
     runs = runs or available
@@ -159,22 +152,42 @@ def render(warehouse: Path, out: Path, runs: list[str] | None = None,
     if only and all(CHARTS[n].runs == 2 for n in names) and not jobs:
         raise UserError(f"run_comparison compares runs of one model, and no other run given is "
                         f"of {runs[0]!r}'s model; pass two runs of one model")
+    written, entries = _save_charts(con, jobs, out, formats, progress)
+    written.append(write_index(out, entries, formats, warehouse, run_table(con, runs)))
+    return written
+
+
+def _chart_names(formats: tuple[str, ...], only: list[str] | None) -> list[str]:
+    """The charts to render (``only``, or all); UserError for an unknown format or chart."""
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"unknown --format {','.join(bad) or '(none)'}; use a comma-separated "
+                        f"list of {', '.join(FORMATS)}")
+    names = only or list(CHARTS)
+    unknown = [n for n in names if n not in CHARTS]
+    if unknown:
+        raise UserError(f"unknown chart {unknown[0]!r}; known: {', '.join(CHARTS)}")
+    return names
+
+
+def _save_charts(con, jobs: list, out: Path, formats: tuple[str, ...],
+                 progress: Callable[[int], object] | None) -> tuple[list[Path], list]:
+    """Build and save the chart of every job; the files written, and the index entries
+    ``(spec, runs, rel, n_rows)``."""
     written: list[Path] = []
     entries = []
     bar = progress(len(jobs)) if progress is not None else None
     try:
         for spec, job_runs, rel in jobs:
             chart, frame = build_chart(con, spec, job_runs)
-            files = save_chart(chart, out / rel, formats)
-            written += files
+            written += save_chart(chart, out / rel, formats)
             entries.append((spec, job_runs, rel, frame.height))
             if bar is not None:
                 bar.update()
     finally:
         if bar is not None:
             bar.close()
-    written.append(write_index(out, entries, formats, warehouse, run_table(con, runs)))
-    return written
+    return written, entries
 
 
 INDEX_TEMPLATE = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>

@@ -88,8 +88,7 @@ def _size(path: Path) -> int:
 
 def time_queries(root: Path, names: list[str], repeats: int) -> list[dict]:
     """Best-of-``repeats`` wall time of each saved query (defaults, all runs)."""
-    from queries.cli import run_sql
-    from queries.db import connect
+    from queries.db import connect, run_sql
     from queries.saved import get_query
 
     results = []

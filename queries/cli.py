@@ -28,7 +28,7 @@ import duckdb
 
 from etl.errors import ArgumentParser, UserError
 from queries.catalog import Run, partial_runs, run_problems, stray_files
-from queries.db import complete_runs, connect, init_sql, open_views, usable_runs
+from queries.db import complete_runs, connect, init_sql, open_views, run_sql, sql_error, usable_runs
 from queries.output import FORMATS, check_output, output_format, render, write_result
 from queries.saved import data_checks, get_query, saved_queries
 
@@ -75,7 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"entropy-warehouse {_version()}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_query_commands(sub)
+    _add_warehouse_commands(sub)
+    for command in sub.choices.values():
+        # SUPPRESS: when not given after the command, the value before it (or the default)
+        # stands.
+        _add_warehouse_arg(command, default=argparse.SUPPRESS)
+    return parser
 
+
+def _add_query_commands(sub) -> None:
+    """The subcommands over saved queries and SQL: list, show, run and sql."""
     sub.add_parser("list", help="list saved queries with one-line descriptions",
                    description="List the saved queries and what each returns.")
 
@@ -97,11 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_param_arg(sql)
     _add_output_args(sql)
 
+
+def _add_warehouse_commands(sub) -> None:
+    """The subcommands over the warehouse itself: check and shell."""
     sub.add_parser("check", help="check the runs' files and data (exit code 1 when one "
                                  "fails)",
                    description="Check that every file a run's manifest lists exists and "
                                "matches its row count and sha256, then run every data test "
-                               "in queries/checks/ over the runs whose files are sound (each "
+                               "in queries/sql/checks/ over the runs whose files are sound (each "
                                "returns the offending rows, and passes when it returns none). "
                                "WARN lines report partial runs and stray files.")
 
@@ -111,11 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("-c", "--command", dest="shell_command",
                        help="run this SQL in the shell and exit (instead of an interactive "
                             "session)")
-    for command in sub.choices.values():
-        # SUPPRESS: when not given after the command, the value before it (or the default)
-        # stands.
-        _add_warehouse_arg(command, default=argparse.SUPPRESS)
-    return parser
 
 
 def _split_params(items: list[str]) -> dict[str, str]:
@@ -128,19 +136,6 @@ def _split_params(items: list[str]) -> dict[str, str]:
     return params
 
 
-def _sql_error(exc: duckdb.Error) -> UserError:
-    text = " ".join(str(exc).split())
-    missing = re.search(r"Values were not provided for the following (?:prepared statement )?"
-                        r"parameters: ([\w, ]+)", text)
-    if missing:
-        names = [n.strip() for n in missing.group(1).split(",")]
-        return UserError(f"missing parameter {names[0]}: pass --param {names[0]}=VALUE")
-    raised = re.search(r"Invalid Input Error: (.*)", text)
-    if raised and "error(" not in raised.group(1):
-        return UserError(raised.group(1))
-    return UserError(f"SQL error: {text}")
-
-
 READ_ONLY = ("only SELECT statements are allowed here; use python -m queries shell for a "
              "full DuckDB session")
 _EXPLAIN = re.compile(r"^\s*explain\s+(?:analyze\s+)?(?:\([^)]*\)\s*)?", re.IGNORECASE)
@@ -150,7 +145,7 @@ def _statement_types(sql: str) -> list[tuple[duckdb.StatementType, str]]:
     try:
         return [(st.type, st.query) for st in duckdb.connect().extract_statements(sql)]
     except duckdb.Error as exc:
-        raise _sql_error(exc) from exc
+        raise sql_error(exc) from exc
 
 
 def ensure_select(sql: str) -> None:
@@ -168,17 +163,6 @@ def ensure_select(sql: str) -> None:
                 raise UserError(READ_ONLY)
         elif kind != duckdb.StatementType.SELECT:
             raise UserError(READ_ONLY)
-
-
-def run_sql(con: duckdb.DuckDBPyConnection, query: str, params: dict | None = None):
-    """Run ``query`` with ``$name`` ``params``; a polars DataFrame, or one-line UserError."""
-    try:
-        relation = con.sql(query, params=params or None)
-        if relation is None:
-            raise UserError("the statement returned no result (use a SELECT)")
-        return relation.pl()
-    except duckdb.Error as exc:
-        raise _sql_error(exc) from exc
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

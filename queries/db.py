@@ -1,13 +1,14 @@
 """Open a DuckDB connection with the warehouse views defined.
 
-``queries/views.sql`` reads the files listed in DuckDB variables (``manifest_files`` and
+``queries/sql/views.sql`` reads the files listed in DuckDB variables (``manifest_files`` and
 ``<table>_files``). ``connect`` sets them to the files of the complete runs whose shards
 pass a cheap check, so runs being written, stray files and runs with a corrupt shard stay
-invisible; a plain ``duckdb -init queries/views.sql`` derives them from the manifests.
+invisible; a plain ``duckdb -init queries/sql/views.sql`` derives them from the manifests.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -17,10 +18,13 @@ import duckdb
 from etl.errors import UserError
 from queries.catalog import TABLES, Run, read_runs, run_problems
 
+VIEWS_SQL = "sql/views.sql"
+"""The views and shared macros, relative to the ``queries`` package."""
+
 
 def views_sql() -> str:
-    """The text of ``queries/views.sql``."""
-    return resources.files("queries").joinpath("views.sql").read_text(encoding="utf-8")
+    """The text of ``queries/sql/views.sql``."""
+    return resources.files("queries").joinpath(VIEWS_SQL).read_text(encoding="utf-8")
 
 
 def has_runs(warehouse: Path) -> bool:
@@ -132,3 +136,29 @@ def connect(warehouse: Path | str, read_only: bool = False) -> duckdb.DuckDBPyCo
     runs = complete_runs(warehouse)
     root = Path(warehouse).resolve()
     return open_views(root, usable_runs(runs), read_only=read_only)
+
+
+def sql_error(exc: duckdb.Error) -> UserError:
+    """A one-line ``UserError`` for a DuckDB error: a missing ``$name`` parameter, the
+    message of an ``error()`` a query raised, or the error text."""
+    text = " ".join(str(exc).split())
+    missing = re.search(r"Values were not provided for the following (?:prepared statement )?"
+                        r"parameters: ([\w, ]+)", text)
+    if missing:
+        names = [n.strip() for n in missing.group(1).split(",")]
+        return UserError(f"missing parameter {names[0]}: pass --param {names[0]}=VALUE")
+    raised = re.search(r"Invalid Input Error: (.*)", text)
+    if raised and "error(" not in raised.group(1):
+        return UserError(raised.group(1))
+    return UserError(f"SQL error: {text}")
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, query: str, params: dict | None = None):
+    """Run ``query`` with ``$name`` ``params``; a polars DataFrame, or one-line UserError."""
+    try:
+        relation = con.sql(query, params=params or None)
+        if relation is None:
+            raise UserError("the statement returned no result (use a SELECT)")
+        return relation.pl()
+    except duckdb.Error as exc:
+        raise sql_error(exc) from exc

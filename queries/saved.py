@@ -1,4 +1,5 @@
-"""Saved queries: one ``.sql`` file per query, described by its header comment.
+"""Saved queries: one ``.sql`` file per query in ``queries/sql/saved/``, described by its
+header comment.
 
 A saved query's file starts with comment lines::
 
@@ -6,8 +7,9 @@ A saved query's file starts with comment lines::
     -- @param <name> <default> <description>
 
 ``<default>`` is an SQL literal: ``'text'``, a number or ``NULL``. The query body uses the
-parameters as DuckDB ``$name`` placeholders. Data tests in ``checks/`` follow the same
-header convention and return the offending rows (empty = pass).
+parameters as DuckDB ``$name`` placeholders. Data tests in ``queries/sql/checks/`` follow
+the same header convention and return the offending rows (empty = pass). The views and
+the macros the queries share are in ``queries/sql/views.sql`` (see ``queries.db``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from importlib import resources
 
 from etl.errors import UserError
 
-RESERVED = {"views"}
+SAVED_FOLDER = "sql/saved"
+CHECKS_FOLDER = "sql/checks"
 PARAM_LINE = re.compile(
     r"^--\s*@param\s+(?P<name>\w+)\s+(?P<default>'(?:[^']|'')*'|NULL|-?\d+(?:\.\d+)?)"
     r"\s*(?P<doc>.*)$")
@@ -116,26 +119,24 @@ def parse_sql_file(name: str, sql: str) -> SavedQuery:
     return SavedQuery(name=name, sql=sql, description=description, params=tuple(params))
 
 
-def _load(folder: str | None) -> dict[str, SavedQuery]:
-    root = resources.files("queries")
-    if folder:
-        root = root.joinpath(folder)
+def _load(folder: str) -> dict[str, SavedQuery]:
+    root = resources.files("queries").joinpath(folder)
     found = {}
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".sql") and entry.name[:-4] not in RESERVED:
+        if entry.name.endswith(".sql"):
             name = entry.name[:-4]
             found[name] = parse_sql_file(name, entry.read_text(encoding="utf-8"))
     return found
 
 
 def saved_queries() -> dict[str, SavedQuery]:
-    """Every saved query in ``queries/``, by name."""
-    return _load(None)
+    """Every saved query in ``queries/sql/saved/``, by name."""
+    return _load(SAVED_FOLDER)
 
 
 def data_checks() -> dict[str, SavedQuery]:
-    """Every data test in ``queries/checks/``, by name."""
-    return _load("checks")
+    """Every data test in ``queries/sql/checks/``, by name."""
+    return _load(CHECKS_FOLDER)
 
 
 def get_query(name: str) -> SavedQuery:

@@ -40,8 +40,8 @@ def test_readme_example_runs_and_returns_frames_and_a_chart(warehouse):
 
 
 def test_errors_are_one_line_user_errors(warehouse):
+    from analysis.api import Warehouse
     from etl.errors import UserError
-    from queries.api import Warehouse
 
     wh = Warehouse(warehouse)
     assert "top_heads" in wh.queries()

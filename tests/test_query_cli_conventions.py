@@ -15,8 +15,7 @@ from polars.testing import assert_frame_equal
 
 from etl.extract import main as extract_main
 from queries.cli import main as query_main
-from queries.cli import run_sql
-from queries.db import connect
+from queries.db import connect, run_sql
 from queries.saved import saved_queries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,10 +214,10 @@ def _duckdb_shell() -> str:
 
 
 def test_views_sql_shell_example_works_outside_the_repository(warehouse, tmp_path):
-    header = (REPO / "queries" / "views.sql").read_text(encoding="utf-8").split("\n\n")[0]
+    header = (REPO / "queries" / "sql" / "views.sql").read_text(encoding="utf-8").split("\n\n")[0]
     assert "python -m queries --warehouse /path/to/warehouse shell" in header
     example = re.search(r"duckdb -cmd \"(set variable warehouse = '/path/to/warehouse')\" "
-                        r"\\\n--\s+-cmd \"\.read (/path/to/[\w-]+)/(queries/views\.sql)\"",
+                        r"\\\n--\s+-cmd \"\.read (/path/to/[\w-]+)/(queries/sql/views\.sql)\"",
                         header)
     assert example, header
     out = subprocess.run(

@@ -184,7 +184,7 @@ def test_plain_duckdb_shell_views_follow_the_manifests(warehouse):
     out = subprocess.run(
         [_duckdb_shell(), "-list", "-noheader",
          "-cmd", f"set variable warehouse = '{warehouse}'",
-         "-cmd", f".read {REPO / 'queries' / 'views.sql'}", "-c", sql],
+         "-cmd", f".read {REPO / 'queries' / 'sql' / 'views.sql'}", "-c", sql],
         capture_output=True, text=True, timeout=60, cwd=warehouse)
     assert out.returncode == 0, out.stderr
     n = N_LAYERS * (N_HEADS + 1) * N_SEQS * SEQ_LEN

@@ -10,9 +10,9 @@
 --     python -m queries --warehouse /path/to/warehouse shell
 -- or, from the DuckDB shell itself, with absolute paths:
 --     duckdb -cmd "set variable warehouse = '/path/to/warehouse'" \
---            -cmd ".read /path/to/entropy-warehouse/queries/views.sql"
--- (in the repository root, `duckdb -init queries/views.sql` opens data/warehouse). `.read`
--- this file again to see runs completed since.
+--            -cmd ".read /path/to/entropy-warehouse/queries/sql/views.sql"
+-- (in the repository root, `duckdb -init queries/sql/views.sql` opens data/warehouse).
+-- `.read` this file again to see runs completed since.
 --
 -- Views:
 --   runs(run_id, created_at, model, dataset, lens, ablation, n_layers, n_heads, n_seqs,
@@ -188,3 +188,20 @@ create or replace macro excluded_positions(p) as table
     select run_id, seq, position
     from tokens
     where positions_param(p) = 'real' and (is_bos or is_pad);
+
+-- latest_run(): the run_id of the latest complete run (by created_at, ties broken by the
+-- larger run_id), or NULL when there is none: the run a query's NULL run_id stands for.
+create or replace macro latest_run() as
+    (select run_id from runs order by created_at desc, run_id desc limit 1);
+
+-- earliest_run(): the run_id of the earliest complete run (by created_at, ties broken by
+-- the smaller run_id), or NULL when there is none.
+create or replace macro earliest_run() as
+    (select run_id from runs order by created_at, run_id limit 1);
+
+-- ci95_low(mean, sd, n), ci95_high(mean, sd, n): the bounds of the 95 % confidence interval
+-- of a mean of n values with sample standard deviation sd (normal approximation:
+-- mean ± 1.96·sd/√n).
+create or replace macro ci95_low(mean, sd, n) as mean - 1.96 * sd / sqrt(n);
+
+create or replace macro ci95_high(mean, sd, n) as mean + 1.96 * sd / sqrt(n);

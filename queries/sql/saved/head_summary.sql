@@ -53,12 +53,12 @@ final as (
         n,
         mean_diff,
         sd_diff,
-        mean_diff - 1.96 * sd_diff / sqrt(n) as ci95_low_diff,
-        mean_diff + 1.96 * sd_diff / sqrt(n) as ci95_high_diff,
+        ci95_low(mean_diff, sd_diff, n) as ci95_low_diff,
+        ci95_high(mean_diff, sd_diff, n) as ci95_high_diff,
         mean_marginal,
         sd_marginal,
-        mean_marginal - 1.96 * sd_marginal / sqrt(n) as ci95_low_marginal,
-        mean_marginal + 1.96 * sd_marginal / sqrt(n) as ci95_high_marginal,
+        ci95_low(mean_marginal, sd_marginal, n) as ci95_low_marginal,
+        ci95_high(mean_marginal, sd_marginal, n) as ci95_high_marginal,
         frac_increase_diff,
         frac_increase_marginal
     from stats

@@ -9,9 +9,7 @@ with
 
 settings as (
     select
-        coalesce($run_id::varchar,
-                 (select run_id from runs order by created_at desc, run_id desc limit 1))
-            as run_id,
+        coalesce($run_id::varchar, latest_run()) as run_id,
         measure_param($measure::varchar) as measure,
         $k::integer as k,
         positions_param($positions::varchar) as positions

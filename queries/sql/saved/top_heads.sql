@@ -68,8 +68,8 @@ final as (
         r.n,
         r.mean,
         r.sd,
-        r.mean - 1.96 * r.sd / sqrt(r.n) as ci95_low,
-        r.mean + 1.96 * r.sd / sqrt(r.n) as ci95_high
+        ci95_low(r.mean, r.sd, r.n) as ci95_low,
+        ci95_high(r.mean, r.sd, r.n) as ci95_high
     from ranked as r
     join chosen_runs as c using (run_id)
     cross join settings as s

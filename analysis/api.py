@@ -1,6 +1,6 @@
 """The warehouse from Python (a notebook, a script): views, saved queries and charts.
 
-    from queries.api import Warehouse
+    from analysis.api import Warehouse
 
     wh = Warehouse("data/warehouse")
     wh.runs()                                  # polars DataFrame, one row per complete run

@@ -14,8 +14,7 @@ settings as (
         positions_param($positions::varchar) as positions,
         case when $models::varchar in ('same', 'any') then $models::varchar
              else error('models must be ''same'' or ''any''') end as models,
-        coalesce($run_a::varchar,
-                 (select run_id from runs order by created_at, run_id limit 1)) as run_a,
+        coalesce($run_a::varchar, earliest_run()) as run_a,
         $run_b::varchar as run_b_given
 ),
 
