@@ -26,6 +26,7 @@ import torch
 from etl.activations import run_batch
 from etl.errors import ArgumentParser, UserError
 from etl.lens.baseline import study_measures
+from etl.lens.cache import HeadUnembedCache
 from etl.lens.measures import measure_batch
 from etl.lens.types import (
     LENS_MODES,
@@ -36,7 +37,8 @@ from etl.lens.types import (
     default_chunk_tokens,
 )
 from etl.model import load_model, resolve_device
-from etl.warehouse import RunWriter, component_table, resid_table
+from etl.tables import component_table, resid_table
+from etl.warehouse import RunWriter
 
 DEFAULT_MODEL_DIR = Path("data/models/gpt2-small-random")
 
@@ -115,22 +117,46 @@ def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[floa
     return seconds, rows
 
 
-def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample: int,
-              lens: str, baseline_chunk: int | None, chunk_tokens: int | None) -> dict:
-    """Run both paths on the same ``n_tokens`` random tokens; returns the figures."""
+def _sample_errors(acts: BatchActivations, weights: UnembedWeights, options: MeasureOptions,
+                   cache: HeadUnembedCache, k: int) -> tuple[float, float]:
+    """Max abs error of the project path and of the study's algorithm on the first ``k``
+    tokens, against the study's algorithm in float64."""
+    ref = study_measures(_slice_acts(acts, k, torch.float64),
+                         _weights_as(weights, torch.float64), options)
+    sample_fast = measure_batch(_slice_acts(acts, k, acts.z.dtype), weights, options,
+                                cache=cache)
+    base = study_measures(_slice_acts(acts, k, acts.z.dtype), weights, options)
+    return _max_err(sample_fast, ref), _max_err(base, ref)
+
+
+def _clock():
+    """A progress printer that prefixes the seconds since it was made."""
     start = time.perf_counter()
 
     def phase(text: str) -> None:
         _phase(f"[{time.perf_counter() - start:7.1f} s] {text}")
 
-    phase(f"loading {model_path} on {device}")
-    model = load_model(model_path, device=device)
+    return phase
+
+
+def _random_tokens(model, n_tokens: int, seq_len: int, device: str) -> torch.Tensor:
+    """``[n_tokens // seq_len, seq_len]`` random tokens (seed 0), each sequence from BOS."""
     n_seqs = max(1, n_tokens // seq_len)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (n_seqs, seq_len), generator=generator)
     tokens[:, 0] = model.tokenizer.bos_token_id or 0
-    tokens = tokens.to(device)
+    return tokens.to(device)
+
+
+def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample: int,
+              lens: str, baseline_chunk: int | None, chunk_tokens: int | None) -> dict:
+    """Run both paths on the same ``n_tokens`` random tokens; returns the figures."""
+    phase = _clock()
+    phase(f"loading {model_path} on {device}")
+    model = load_model(model_path, device=device)
+    tokens = _random_tokens(model, n_tokens, seq_len, device)
     weights = model.unembed_weights()
+    cache = HeadUnembedCache()
     options = MeasureOptions(lens=lens, chunk_tokens=chunk_tokens or default_chunk_tokens(device))
     n = tokens.numel()
     phase(f"forward pass ({n:,} tokens)")
@@ -138,9 +164,10 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
     # warm-up on a small slice (kernels, caches of W_O·W_U), not timed
     phase("warm-up")
     warm = _slice_acts(acts, min(n, 8), acts.z.dtype)
-    measure_batch(warm, weights, options)
+    measure_batch(warm, weights, options, cache=cache)
     phase("entropy, project path")
-    fast, fast_s, fast_peak = _timed(device, lambda: measure_batch(acts, weights, options))
+    fast, fast_s, fast_peak = _timed(device, lambda: measure_batch(acts, weights, options,
+                                                                   cache=cache))
     phase("entropy, study baseline" + (" (the slowest phase on CPU)"
                                          if device == "cpu" else ""))
     base, base_s, base_peak = _timed(
@@ -150,12 +177,7 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
     rows_per_token = (fast.diff[0].numel() + fast.resid.shape[1])
     k = min(sample, n)
     phase(f"errors against float64 on {k} tokens")
-    ref = study_measures(_slice_acts(acts, k, torch.float64),
-                         _weights_as(weights, torch.float64), options)
-    sample_fast = measure_batch(_slice_acts(acts, k, acts.z.dtype), weights, options)
-    fast_err = _max_err(sample_fast, ref)
-    base_err = _max_err(study_measures(_slice_acts(acts, k, acts.z.dtype), weights, options),
-                        ref)
+    fast_err, base_err = _sample_errors(acts, weights, options, cache, k)
     phase("done")
     fast_tps = n / (forward_s + fast_s)
     base_tps = n / (forward_s + base_s)
@@ -211,8 +233,7 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
+def _parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m etl.bench",
         description="Benchmark the project's entropy path against the study's algorithm on "
@@ -248,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                              "through the pipelined loop as well, e.g. 4000,8000,32000")
     parser.add_argument("--pipeline", choices=("both", "on", "off"), default="both",
                         help="with --e2e: which loops to run (default both)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = _parser()
     try:
         args = parser.parse_args(argv)
         device = resolve_device(args.device)

@@ -33,8 +33,8 @@ from etl.extract import run_extract
 from etl.lens.measures import measure_batch
 from etl.lens.types import MeasureOptions
 from etl.model import load_model
-from etl.warehouse import component_table, resid_table
-from queries.db import connect
+from etl.tables import component_table, resid_table
+from etl.warehouse import manifest_path
 
 E2E_SEQ_LEN = 500
 
@@ -83,6 +83,25 @@ def forward_floor(model, tokens: torch.Tensor, device: str, reps: int = 5) -> di
             "hooked_over_plain": round(hooked / plain, 3)}
 
 
+def _connect(warehouse: Path, run_ids: list[str]):
+    """An in-memory DuckDB connection with ``tokens``, ``component_entropy`` and
+    ``resid_entropy`` over the files the manifests of ``run_ids`` list (``run_id`` from the
+    hive partition). The benchmark reads its own runs here, not through ``queries``: the
+    extraction side does not depend on the query side."""
+    import duckdb
+
+    manifests = {r: json.loads(manifest_path(warehouse, r).read_text(encoding="utf-8"))
+                 for r in run_ids}
+    con = duckdb.connect()
+    for table in ("tokens", "component_entropy", "resid_entropy"):
+        files = [str(Path(warehouse) / table / f"run_id={r}" / shard["file"])
+                 for r, manifest in manifests.items() for shard in manifest["shards"][table]]
+        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        con.execute(f"create view {table} as select * from read_parquet([{listed}], "
+                    "hive_partitioning = true)")
+    return con
+
+
 def _stored_arrays(con, run_id: str, where: str = "") -> dict[str, np.ndarray]:
     comp = con.sql(f"""
         select entropy_diff, entropy_marginal from component_entropy
@@ -101,7 +120,7 @@ def cpu_rows_error(model_path: str, warehouse: Path, run_id: str, n_seqs: int,
     ablation only: the mean needs the whole run)."""
     import duckdb
 
-    con = connect(warehouse)
+    con = _connect(warehouse, [run_id])
     ids = con.sql(f"""select token_id from tokens where run_id = '{run_id}' and seq < {n_seqs}
                       order by seq, position""").fetchnumpy()["token_id"]
     tokens = torch.from_numpy(ids.astype(np.int64)).reshape(n_seqs, -1)
@@ -148,6 +167,22 @@ def _timed_run(config: ExtractConfig, root: Path, run_id: str, device: str, mode
     }
 
 
+def _loops_store_identical_rows(warehouse: Path, modes: tuple[str, ...]) -> bool | None:
+    """Whether the runs of both loops stored the same rows (None unless both ran)."""
+    if len(modes) != 2:
+        return None
+    con = _connect(warehouse, [f"e2e-{m}" for m in modes])
+    a, b = (_stored_arrays(con, f"e2e-{m}") for m in modes)
+    return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _pipelined_over_sequential(runs: dict) -> float | None:
+    """Tokens/s of the pipelined loop over the sequential one (None unless both ran)."""
+    if not {"on", "off"} <= set(runs):
+        return None
+    return round(runs["on"]["tokens_per_s"] / runs["off"]["tokens_per_s"], 3)
+
+
 def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "final-scale",
             forward_tokens: int = 0, cpu_check_seqs: int = 1,
             modes: tuple[str, ...] = ("off", "on"), sweep: tuple[int, ...] = (),
@@ -185,11 +220,7 @@ def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "final-scal
             swept[str(size)] = {"forward_floor": floor_at(cfg),
                                 **_timed_run(cfg, root, f"e2e-sweep-{size}", device, "on",
                                              model)}
-        same = None
-        if len(modes) == 2:
-            con = connect(root / "warehouse")
-            a, b = (_stored_arrays(con, f"e2e-{m}") for m in modes)
-            same = all(np.array_equal(a[k], b[k]) for k in a)
+        same = _loops_store_identical_rows(root / "warehouse", modes)
         err = None
         if cpu_check_seqs:
             del model
@@ -201,9 +232,7 @@ def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "final-scal
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "model": model_path, "tokens": n_seqs * seq_len, "seq_len": seq_len, "lens": lens,
         "sequences_per_forward": floor["sequences"], "forward_floor": floor, "runs": runs,
-        "pipelined_over_sequential": round(runs["on"]["tokens_per_s"]
-                                           / runs["off"]["tokens_per_s"], 3)
-        if {"on", "off"} <= set(runs) else None,
+        "pipelined_over_sequential": _pipelined_over_sequential(runs),
         "loops_store_identical_rows": same,
         "sweep": swept,
         "max_abs_err_vs_cpu_path": err, "cpu_check_sequences": cpu_check_seqs,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from etl.errors import UserError
@@ -21,6 +22,12 @@ IOI_VARIANTS = ("clean", "abc", "both")
 DTYPES = ("float32", "float64")
 MAX_SEED = 2**32 - 1
 """Largest ``--seed`` (numpy's seeds are 32-bit)."""
+MAX_RUN_TOKENS = 20_000_000
+"""Largest run (in tokens) accepted without ``--allow-large``. For GPT-2 small a token gives
+182 rows (12 layers × 13 components, 25 residual points, 1 token row): 3.6 billion rows,
+about 15 GB of Parquet."""
+DEFAULT_WAREHOUSE = "data/warehouse"
+PIPELINE_MODES = ("auto", "on", "off")
 
 DATASET_OPTIONS = {
     "n_prompts": ("--n-prompts", ("ioi",)),
@@ -32,42 +39,53 @@ DATASET_OPTIONS = {
 """Options that apply to some datasets only: attribute → (flag, datasets it applies to)."""
 
 
+def option(help: str, **argparse_kwargs) -> dict:
+    """Field metadata for ``add_arguments``: the flag's help (its default is appended) and
+    any other ``add_argument`` keyword (``choices``, ``type``, ``metavar``, ``flag``)."""
+    return {"help": help, **argparse_kwargs}
+
+
 @dataclass
 class ExtractConfig:
-    """Everything that determines a run's numbers (recorded in its manifest)."""
+    """Everything that determines a run's numbers (recorded in its manifest). Each field is
+    a ``python -m etl.extract`` flag (``--`` + its name with dashes); its metadata holds the
+    flag's help."""
 
-    model: str = DEFAULT_MODEL
-    """Hub id or local Hugging Face checkpoint directory."""
-    dataset: str = "openwebtext"
-    """``openwebtext``, ``ioi`` or ``text``."""
-    data_files: str | None = None
-    """Glob of local ``.txt``/``.jsonl``/``.parquet`` files (``--dataset text``)."""
-    n_batches: int = 4
-    """Batches of text (openwebtext, text)."""
-    batch_size: int = 8
-    """Sequences per batch of text (the run reads ``n_batches × batch_size`` sequences); on
-    the CPU also the sequences per forward pass."""
-    seq_len: int = 500
-    """Tokens per sequence, BOS included (openwebtext, text)."""
-    n_prompts: int = 100
-    """IOI prompts."""
-    ioi_variant: str = "clean"
-    """IOI prompts to run: ``clean``, the corrupted ``abc`` set, or ``both``."""
-    seed: int = 420
-    """Seed for document shuffling and the IOI generator."""
-    lens: str = "final-scale"
-    """``final-scale`` (final LayerNorm scale, no b_U) or ``recomputed-ln`` (per-residual
-    LayerNorm, b_U); the earlier names ``seed`` and ``recomputed`` are read as these."""
-    ablation: str = "zero"
-    """``zero`` or ``mean`` (per-position mean over the run) for the marginal."""
-    dtype: str = "float32"
-    """Model and compute dtype; half precision is refused (entropy diffs are tiny)."""
-    chunk_tokens: int = 0
-    """Tokens per entropy chunk (memory bound: a few ``[chunk, vocab]`` tensors); 0 = auto
-    (256 on CPU, 2048 on CUDA)."""
-    forward_tokens: int = 0
-    """Tokens per forward pass, rounded down to whole sequences; 0 = auto (``batch_size``
-    sequences on CPU, ``CUDA_FORWARD_TOKENS`` on CUDA). Results do not depend on it."""
+    model: str = field(default=DEFAULT_MODEL, metadata=option(
+        "hub id or local Hugging Face checkpoint directory"))
+    dataset: str = field(default="openwebtext", metadata=option(
+        "openwebtext (stas/openwebtext-10k), ioi (generated prompts) or text (local files; "
+        "needs --data-files)", choices=DATASETS))
+    data_files: str | None = field(default=None, metadata=option(
+        "local .txt/.md/.jsonl/.json/.parquet files for --dataset text", metavar="GLOB"))
+    n_batches: int = field(default=4, metadata=option(
+        "batches of text (openwebtext, text)"))
+    batch_size: int = field(default=8, metadata=option(
+        "sequences per batch of text (the run reads n_batches × batch_size sequences); on "
+        "CPU also the sequences per forward pass"))
+    seq_len: int = field(default=500, metadata=option(
+        "tokens per text sequence, BOS included (openwebtext, text)"))
+    n_prompts: int = field(default=100, metadata=option("IOI prompts (ioi)"))
+    ioi_variant: str = field(default="clean", metadata=option(
+        "IOI prompts: clean, the corrupted abc set, or both (ioi)", choices=IOI_VARIANTS))
+    seed: int = field(default=420, metadata=option(
+        "seed for document shuffling and the IOI generator"))
+    lens: str = field(default=LENS_MODES[0], metadata=option(
+        "final-scale: residuals divided by the final LayerNorm scale, no b_U (the study's "
+        "lens); recomputed-ln: LayerNorm recomputed per residual, b_U included (the earlier "
+        "names seed and recomputed still work)", choices=LENS_MODES, type=canonical_lens))
+    ablation: str = field(default=ABLATION_MODES[0], metadata=option(
+        "how the marginal removes a component: zero, or mean (its per-position mean over "
+        "the run)", choices=ABLATION_MODES))
+    dtype: str = field(default="float32", metadata=option(
+        "model and compute dtype; half precision is refused (entropy diffs are tiny)",
+        choices=DTYPES))
+    chunk_tokens: int = field(default=0, metadata=option(
+        "tokens per entropy chunk; bounds memory to a few [chunk, vocab] tensors (0 = auto: "
+        "256 on CPU, 2048 on CUDA)"))
+    forward_tokens: int = field(default=0, metadata=option(
+        "tokens per forward pass, in whole sequences; results do not depend on it (0 = "
+        f"auto: --batch-size sequences on CPU, {CUDA_FORWARD_TOKENS} tokens on CUDA)"))
 
     def __post_init__(self) -> None:
         self.lens = canonical_lens(self.lens)
@@ -111,10 +129,10 @@ class ExtractConfig:
 
     def fingerprint(self) -> str:
         """8 hex digits over every field that changes the numbers."""
-        fields = asdict(self)
-        fields.pop("chunk_tokens")  # results do not depend on these
-        fields.pop("forward_tokens")
-        blob = json.dumps(fields, sort_keys=True)
+        values = asdict(self)
+        values.pop("chunk_tokens")  # results do not depend on these
+        values.pop("forward_tokens")
+        blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
     def default_run_id(self) -> str:
@@ -141,6 +159,58 @@ def check_run_id(run_id: str | None) -> str | None:
     return validate_run_id(run_id)
 
 
+@dataclass
+class RunOptions:
+    """How and where a run is done; none of it changes the numbers. Each field is a flag,
+    like ``ExtractConfig``'s."""
+
+    device: str = field(default="auto", metadata=option(
+        "auto = cuda when available", choices=("auto", "cpu", "cuda")))
+    pipeline: str = field(default="auto", metadata=option(
+        "overlap the next batch's device work with the previous batches' table building "
+        "and writing (auto = on for CUDA)", choices=PIPELINE_MODES))
+    warehouse: str = field(default=DEFAULT_WAREHOUSE, metadata=option("warehouse root"))
+    run_id: str | None = field(default=None, metadata=option(
+        "run id (default: derived from the configuration)"))
+    overwrite: bool = field(default=False, metadata=option(
+        "replace an existing complete run with the same id"))
+    restart: bool = field(default=False, metadata=option(
+        "discard the staged batches of an interrupted run with the same id instead of "
+        "resuming from them"))
+    progress: bool = field(default=True, metadata=option(
+        "hide progress bars", flag="--no-progress"))
+    allow_large: bool = field(default=False, metadata=option(
+        f"allow a run above {MAX_RUN_TOKENS:,} tokens (estimated from the options before "
+        "anything is read)"))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, unset: tuple[str, ...] = ()) -> None:
+    """Add a flag to ``parser`` for every field of the dataclass ``cls`` (see ``option``).
+
+    A bool field is a switch that flips its default; a field named in ``unset`` defaults
+    to None in the parser (so that a given flag can be told from one left out), and its
+    help still names the dataclass default.
+    """
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        help_text = meta.pop("help")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, help=help_text,
+                                action="store_false" if f.default else "store_true")
+            continue
+        default = None if f.name in unset else f.default
+        kind = meta.pop("type", _FIELD_TYPES.get(f.type, str))
+        shown = "" if f.default in (None, MISSING) else f"; default {f.default}"
+        parser.add_argument(flag, dest=f.name, default=default, type=kind,
+                            help=help_text + shown, **meta)
+
+
+_FIELD_TYPES = {"int": int, "str": str, "str | None": str}
+"""argparse types of the field annotations (strings under ``from __future__ import
+annotations``)."""
+
+
 def config_from_args(args) -> ExtractConfig:
     """The ``ExtractConfig`` of parsed ``python -m etl.extract`` arguments.
 
@@ -148,14 +218,14 @@ def config_from_args(args) -> ExtractConfig:
     one given for a dataset it does not apply to is refused, so the manifest never records
     a setting that had no effect.
     """
-    values = {}
     for name, (flag, datasets) in DATASET_OPTIONS.items():
-        value = getattr(args, name)
-        if value is not None and args.dataset not in datasets:
+        if getattr(args, name) is not None and args.dataset not in datasets:
             raise UserError(f"{flag} does not apply to --dataset {args.dataset} (only to "
                             f"{' and '.join(datasets)}); leave it out")
-        values[name] = getattr(ExtractConfig, name) if value is None else value
-    return ExtractConfig(
-        model=args.model, dataset=args.dataset, batch_size=args.batch_size, seed=args.seed,
-        lens=args.lens, ablation=args.ablation, dtype=args.dtype,
-        chunk_tokens=args.chunk_tokens, forward_tokens=args.forward_tokens, **values)
+    given = {f.name: getattr(args, f.name) for f in fields(ExtractConfig)}
+    return ExtractConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def run_options_from_args(args) -> RunOptions:
+    """The ``RunOptions`` of parsed ``python -m etl.extract`` arguments."""
+    return RunOptions(**{f.name: getattr(args, f.name) for f in fields(RunOptions)})

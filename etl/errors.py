@@ -72,3 +72,9 @@ def write_failure(exc: OSError, warehouse) -> str:
 def one_line(text: str) -> str:
     """``text`` with its lines joined by spaces (messages on stderr are one line)."""
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

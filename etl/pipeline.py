@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from etl.config import PIPELINE_MODES
+from etl.errors import UserError
 from etl.lens.types import BatchMeasures
+from etl.sources.corpus import TokenSet
 
 MEASURE_FIELDS = ("diff", "marginal", "resid")
 
@@ -151,47 +154,94 @@ def run_loop(spans: Iterable[tuple[int, int]],
         timing: accumulates busy and waiting time.
         depth: batches that may wait for the host before the device waits.
     """
-    clock = _DeviceClock(torch.device(device))
-    staging = HostStaging(torch.device(device), slots=depth + 1)
+    loop = _Loop(compute, publish, torch.device(device), timing, depth)
+    if pipelined:
+        loop.run_pipelined(spans)
+    else:
+        for start, stop in spans:
+            loop.host_step(loop.device_step(start, stop))
 
-    def host_step(batch: StagedBatch) -> None:
+
+class _Loop:
+    """The two steps of a batch (device, host) and the pipelined schedule of them."""
+
+    def __init__(self, compute, publish, device: torch.device, timing: LoopTiming,
+                 depth: int) -> None:
+        self.compute, self.publish, self.timing, self.depth = compute, publish, timing, depth
+        self.clock = _DeviceClock(device)
+        self.staging = HostStaging(device, slots=depth + 1)
+
+    def device_step(self, start: int, stop: int) -> StagedBatch:
+        """Forward pass and measures of one span, staged for the host."""
+        marks = [self.clock.mark()]
+        measures = self.compute(start, stop, lambda: marks.append(self.clock.mark()))
+        marks.append(self.clock.mark())
+        if len(marks) != 3:
+            raise RuntimeError("compute must call mark() exactly once")
+        return self.staging.stage(start, stop, measures, tuple(marks))
+
+    def host_step(self, batch: StagedBatch) -> None:
+        """Wait for the batch's copy to the host, then publish its rows."""
+        timing = self.timing
         if batch.copied is not None:
             waited = time.perf_counter()
             batch.copied.synchronize()
             timing.add("host_waited_on_device_s", time.perf_counter() - waited)
         began, forwarded, measured = batch.marks
-        timing.add("forward_s", clock.seconds(began, forwarded))
-        timing.add("entropy_s", clock.seconds(forwarded, measured))
+        timing.add("forward_s", self.clock.seconds(began, forwarded))
+        timing.add("entropy_s", self.clock.seconds(forwarded, measured))
         started = time.perf_counter()
-        publish(batch.start, batch.stop, batch.arrays)
+        self.publish(batch.start, batch.stop, batch.arrays)
         timing.add("host_s", time.perf_counter() - started)
         timing.add("batches", 1)
 
-    def device_step(start: int, stop: int) -> StagedBatch:
-        marks = [clock.mark()]
-        measures = compute(start, stop, lambda: marks.append(clock.mark()))
-        marks.append(clock.mark())
-        if len(marks) != 3:
-            raise RuntimeError("compute must call mark() exactly once")
-        return staging.stage(start, stop, measures, tuple(marks))
-
-    if not pipelined:
-        for start, stop in spans:
-            host_step(device_step(start, stop))
-        return
-    pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-step") as host:
-        try:
-            for start, stop in spans:
-                staged = device_step(start, stop)
-                if len(pending) >= depth:
-                    waited = time.perf_counter()
+    def run_pipelined(self, spans: Iterable[tuple[int, int]]) -> None:
+        """Device steps on this thread, host steps on another, at most ``depth`` apart."""
+        pending: list[Future] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-step") as host:
+            try:
+                for start, stop in spans:
+                    staged = self.device_step(start, stop)
+                    if len(pending) >= self.depth:
+                        waited = time.perf_counter()
+                        pending.pop(0).result()
+                        self.timing.add("device_waited_on_host_s",
+                                        time.perf_counter() - waited)
+                    pending.append(host.submit(self.host_step, staged))
+                while pending:
                     pending.pop(0).result()
-                    timing.add("device_waited_on_host_s", time.perf_counter() - waited)
-                pending.append(host.submit(host_step, staged))
-            while pending:
-                pending.pop(0).result()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+
+
+@dataclass
+class Batches:
+    """The run's forward passes: ``spans`` of sequences, and those still to compute."""
+
+    tokens: TokenSet
+    per_forward: int
+    """Sequences per forward pass."""
+    spans: list[tuple[int, int]] = field(init=False)
+    todo: list[tuple[int, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.tokens.n_seqs
+        self.spans = [(s, min(s + self.per_forward, n)) for s in range(0, n, self.per_forward)]
+        self.todo = list(self.spans)
+
+    def skip_staged(self, done: set[int]) -> int:
+        """Drop the batches numbered in ``done``; returns the tokens they hold."""
+        self.todo = [span for i, span in enumerate(self.spans) if i not in done]
+        left = sum(stop - start for start, stop in self.todo)
+        return (self.tokens.n_seqs - left) * self.tokens.seq_len
+
+
+def use_pipeline(mode: str, device: str) -> bool:
+    """Whether ``--pipeline mode`` overlaps device and host work on ``device``."""
+    if mode not in PIPELINE_MODES:
+        raise UserError(f"--pipeline must be one of {', '.join(PIPELINE_MODES)}")
+    if mode == "auto":
+        return device.startswith("cuda")
+    return mode == "on"

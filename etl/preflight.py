@@ -14,15 +14,19 @@ import os
 import tempfile
 from pathlib import Path
 
-from etl.config import ExtractConfig, check_run_id, config_from_args
+from etl.config import (
+    MAX_RUN_TOKENS,
+    ExtractConfig,
+    RunOptions,
+    check_run_id,
+    config_from_args,
+    run_options_from_args,
+)
 from etl.errors import UserError
-from etl.model import check_model, resolve_device
-from etl.sources.corpus import expand_data_files, load_local_texts
+from etl.model import resolve_device
+from etl.model_files import check_model
+from etl.sources.local_files import expand_data_files, load_local_texts
 
-MAX_RUN_TOKENS = 20_000_000
-"""Largest run (in tokens) accepted without ``--allow-large``. For GPT-2 small a token gives
-182 rows (12 layers × 13 components, 25 residual points, 1 token row): 3.6 billion rows,
-about 15 GB of Parquet."""
 IOI_TOKENS_PER_PROMPT = 25
 """Tokens per IOI prompt in the size estimate (with BOS, GPT-2 gives the prompts 16 to 22
 tokens, and every prompt is padded to the longest)."""
@@ -84,27 +88,28 @@ def _reason(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def preflight(args) -> tuple[ExtractConfig, Path]:
-    """The run's config and warehouse folder from parsed ``python -m etl.extract`` arguments.
+def preflight(args) -> tuple[ExtractConfig, RunOptions]:
+    """The run's config and options from parsed ``python -m etl.extract`` arguments.
 
     Runs every check that needs no model, cheapest first; the warehouse folder is created
-    (it must be writable) and local data files are read (kept for the run, see
-    ``load_local_texts``).
+    (it must be writable; ``options.warehouse`` is its resolved path) and local data files
+    are read (kept for the run, see ``load_local_texts``).
 
     Raises:
         UserError: the first problem found.
     """
     config = config_from_args(args)
-    check_run_id(args.run_id)
-    check_size(config, args.allow_large)
-    resolve_device(args.device)
+    options = run_options_from_args(args)
+    check_run_id(options.run_id)
+    check_size(config, options.allow_large)
+    resolve_device(options.device)
     if config.dataset == "text":
         expand_data_files(config.data_files)
     context = check_model(config.model)
     if context is not None and config.dataset != "ioi" and config.seq_len > context:
         raise UserError(f"--seq-len {config.seq_len} is above the model's context of "
                         f"{context} tokens")
-    warehouse = check_warehouse(args.warehouse)
+    options.warehouse = str(check_warehouse(options.warehouse))
     if config.dataset == "text":
         load_local_texts(config.data_files)
-    return config, warehouse
+    return config, options

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from etl.sources.corpus import TokenSet
-from etl.warehouse import TOKENS_SCHEMA
+from etl.tables import TOKENS_SCHEMA
 
 
 class TokenStrings:

@@ -1,4 +1,5 @@
-"""The Parquet warehouse: table schemas, staged shard writing, atomic publishing.
+"""The Parquet warehouse: its layout, run ids, staged shard writing, atomic publishing
+(the tables' schemas are ``etl.tables``'s).
 
 Layout under the warehouse root (``--warehouse``, default ``data/warehouse``)::
 
@@ -18,12 +19,10 @@ Layout under the warehouse root (``--warehouse``, default ``data/warehouse``)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import threading
 import time
 import uuid
@@ -31,43 +30,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from etl.errors import UserError
+from etl.files import fault_point, sha256_of, write_json_atomically
+from etl.tables import DICTIONARY_COLUMNS, ROW_GROUP_ROWS, TABLES
 
-TABLES = ("component_entropy", "resid_entropy", "tokens")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MANIFEST = "manifest.json"
-
-COMPONENT_SCHEMA = pa.schema([
-    ("seq", pa.int32()), ("position", pa.int32()), ("layer", pa.int16()),
-    ("head", pa.int16()), ("kind", pa.string()),
-    ("entropy_diff", pa.float32()), ("entropy_marginal", pa.float32()),
-])
-RESID_SCHEMA = pa.schema([
-    ("seq", pa.int32()), ("position", pa.int32()), ("layer", pa.int16()),
-    ("point", pa.string()), ("entropy", pa.float32()),
-])
-TOKENS_SCHEMA = pa.schema([
-    ("seq", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
-    ("token", pa.string()), ("is_bos", pa.bool_()), ("is_pad", pa.bool_()),
-    ("role", pa.string()), ("variant", pa.string()), ("example", pa.int32()),
-])
-_KINDS = pa.array(["head", "mlp"])
-DICTIONARY_COLUMNS = ["seq", "layer", "head", "kind", "point", "token", "role", "variant",
-                      "is_bos", "is_pad"]
-"""Low-cardinality columns worth dictionary encoding; floats are not (it costs 3× the time
-for no gain on entropies)."""
-
-ROW_GROUP_ROWS = 1_000_000
-"""Rows per Parquet row group: DuckDB scans one row group per thread, so shards of a few
-million rows still spread over every core, while row groups stay large enough to compress
-well and to skip on statistics."""
-
-SCHEMAS = {"component_entropy": COMPONENT_SCHEMA, "resid_entropy": RESID_SCHEMA,
-           "tokens": TOKENS_SCHEMA}
 
 
 def validate_run_id(run_id: str) -> str:
@@ -88,95 +59,6 @@ def ensure_new_run(root: Path, run_id: str, overwrite: bool) -> None:
     if manifest_path(root, run_id).exists() and not overwrite:
         raise UserError(f"run {run_id!r} already exists in {str(root)!r}; pass --overwrite to "
                         "replace it or choose another --run-id")
-
-
-def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
-                    positions: np.ndarray) -> pa.Table:
-    """Rows of ``component_entropy`` for one batch, ordered by (layer, head, seq, position).
-
-    The table owns its memory (the inputs may be reused buffers).
-
-    Args:
-        diff: ``[T, L, H+1]`` float32 entropy diffs in nats (index H = MLP).
-        marginal: ``[T, L, H+1]`` float32 marginals in nats.
-        seqs: ``[T]`` sequence index of each token within the run.
-        positions: ``[T]`` position of each token.
-    """
-    n_tokens, n_layers, n_comp = diff.shape
-    n_heads = n_comp - 1
-    layer = np.repeat(np.arange(n_layers, dtype=np.int16), n_comp * n_tokens)
-    comp = np.tile(np.repeat(np.arange(n_comp, dtype=np.int16), n_tokens), n_layers)
-    is_mlp = comp == n_heads
-    kind = _KINDS.take(pa.array(is_mlp.astype(np.int8)))
-    return pa.table({
-        "seq": np.tile(seqs.astype(np.int32), n_layers * n_comp),
-        "position": np.tile(positions.astype(np.int32), n_layers * n_comp),
-        "layer": layer,
-        "head": pa.array(comp, mask=is_mlp),
-        "kind": kind,
-        "entropy_diff": np.array(diff.transpose(1, 2, 0), order="C").reshape(-1),
-        "entropy_marginal": np.array(marginal.transpose(1, 2, 0), order="C").reshape(-1),
-    }, schema=COMPONENT_SCHEMA)
-
-
-def resid_table(resid: np.ndarray, seqs: np.ndarray, positions: np.ndarray) -> pa.Table:
-    """Rows of ``resid_entropy`` for one batch, ordered by (point, seq, position); the table
-    owns its memory.
-
-    Args:
-        resid: ``[T, 2L+1]`` float32 lens entropies in nats: resid_pre 0, resid_mid 0, …,
-            final.
-        seqs, positions: ``[T]`` indices of each token.
-    """
-    n_tokens, n_points = resid.shape
-    n_layers = (n_points - 1) // 2
-    point_layer = np.repeat(np.arange(n_points) // 2, n_tokens)
-    point_kind = np.repeat(np.arange(n_points) % 2, n_tokens)
-    is_final = np.repeat(np.arange(n_points) == n_points - 1, n_tokens)
-    names = np.where(is_final, "final", np.where(point_kind == 0, "resid_pre", "resid_mid"))
-    return pa.table({
-        "seq": np.tile(seqs.astype(np.int32), n_points),
-        "position": np.tile(positions.astype(np.int32), n_points),
-        "layer": pa.array(np.minimum(point_layer, n_layers).astype(np.int16), mask=is_final),
-        "point": pa.array(names),
-        "entropy": np.array(resid.T, order="C").reshape(-1),
-    }, schema=RESID_SCHEMA)
-
-
-KILL_AT_ENV = "ENTROPY_WAREHOUSE_KILL_AT"
-"""Fault-injection hook for the crash tests: when this environment variable names a point
-(``shard:<table>:<batch>``, ``publish:moved``, ``publish:manifest``), the process kills
-itself with SIGKILL there."""
-
-
-def fault_point(name: str) -> None:
-    """SIGKILL this process at ``name`` when ``KILL_AT_ENV`` asks for it (tests only)."""
-    if os.environ.get(KILL_AT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of the file's bytes (the checksum manifests record per shard)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync'd, then ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 PLAN = "plan.json"
@@ -250,7 +132,7 @@ class RunWriter:
         else:
             self.generation = uuid.uuid4().hex[:8]
             if plan is not None:
-                _write_json_atomically(self.staging / PLAN, dict(
+                write_json_atomically(self.staging / PLAN, dict(
                     plan, generation=self.generation,
                     created_at=datetime.now(UTC).isoformat(timespec="seconds")))
 
@@ -389,7 +271,7 @@ class RunWriter:
         fault_point("publish:moved")
         path = manifest_path(self.root, self.run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomically(path, manifest)
+        write_json_atomically(path, manifest)
         fault_point("publish:manifest")
         for table in TABLES:
             listed = {s["file"] for s in shards[table]}

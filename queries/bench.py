@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from etl.errors import ArgumentParser, UserError
-from etl.warehouse import TOKENS_SCHEMA, RunWriter, component_table, resid_table
+from etl.tables import TOKENS_SCHEMA, component_table, resid_table
+from etl.warehouse import RunWriter
 
 N_LAYERS, N_HEADS, VOCAB = 12, 12, 50257
 SEQ_LEN = 500

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from etl.warehouse import TABLES, sha256_of
+from etl.files import sha256_of
+from etl.tables import TABLES
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ import numpy as np
 import etl
 from etl.checkpoint import gpt2_tokenizer
 from etl.sources.corpus import TokenSet
-from etl.warehouse import RunWriter, component_table, resid_table
+from etl.tables import component_table, resid_table
+from etl.warehouse import RunWriter
 
 BATCH, SEQ_LEN, LAYERS, HEADS, BATCHES = 8, 500, 12, 12, 6
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: an offline hub, a random-init tiny GPT-2 checkpoint and its bridge."""
+"""Shared fixtures: an offline hub, a random-init tiny GPT-2 checkpoint and its bridge, and
+warehouses of real extractions with that checkpoint (built once per test session)."""
 
 import os
 
@@ -35,3 +36,32 @@ def tokenizer():
     from etl.checkpoint import gpt2_tokenizer
 
     return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def build_warehouse(tiny_checkpoint, tmp_path_factory):
+    """``build_warehouse(name, *runs)``: a warehouse folder holding one extraction per
+    ``runs`` entry (``python -m etl.extract`` arguments, after the tiny checkpoint, CPU and
+    no progress bars), built once per session and name."""
+    from etl.extract import main as extract_main
+
+    built: dict = {}
+
+    def build(name: str, *runs: list[str]):
+        if name not in built:
+            root = tmp_path_factory.mktemp(name)
+            for args in runs:
+                assert extract_main(["--model", str(tiny_checkpoint), "--warehouse", str(root),
+                                     "--no-progress", "--device", "cpu", *args]) == 0, args
+            built[name] = (runs, root)
+        assert built[name][0] == runs, f"warehouse {name!r} was built with other runs"
+        return built[name][1]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def ioi_warehouse(build_warehouse):
+    """A warehouse with one run, ``ioi``: 4 IOI prompts, default lens and ablation."""
+    return build_warehouse("ioi-warehouse", ["--dataset", "ioi", "--n-prompts", "4",
+                                             "--run-id", "ioi"])

@@ -18,13 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import etl.extract
+import etl.runner
 from etl.errors import Terminated, UserError
 from etl.extract import main
 from etl.lens.measures import first_non_finite
 from etl.lens.types import BatchMeasures
 from etl.model import check_weights_finite
-from etl.sources import corpus
-from etl.sources.corpus import load_local_texts, pack_documents, tokenize_pieces
+from etl.sources import packing
+from etl.sources.local_files import load_local_texts
+from etl.sources.packing import pack_documents, tokenize_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -330,7 +332,7 @@ def test_bad_input_is_one_line_and_exit_2(name, args, expected, stage, tmp_path,
         def load_model(*a, **k):
             return model
         capsys.readouterr()  # what loading the shared model printed
-    monkeypatch.setattr(etl.extract, "load_model", load_model)
+    monkeypatch.setattr(etl.runner, "load_model", load_model)
     argv = ["--model", str(tiny_checkpoint), "--warehouse", str(tmp_path / "wh"),
             "--no-progress", "--device", "cpu", *args]
     assert main(argv) == 2
@@ -399,7 +401,7 @@ def test_a_damaged_pytorch_bin_is_one_line(tiny_checkpoint, tmp_path, capsys):
 
 def test_omitted_options_keep_their_defaults_and_the_warehouse_stays_clean(tmp_path,
                                                                          tiny_checkpoint):
-    from etl.config import ExtractConfig
+    from etl.config import ExtractConfig, RunOptions
     from etl.extract import build_parser
     from etl.preflight import preflight
 
@@ -409,13 +411,15 @@ def test_omitted_options_keep_their_defaults_and_the_warehouse_stays_clean(tmp_p
                            ("openwebtext", ["--seq-len", "64"])):
         args = build_parser().parse_args(["--model", model, "--dataset", dataset,
                                           "--warehouse", str(tmp_path / dataset), *extra])
-        config, root = preflight(args)
+        config, options = preflight(args)
+        root = Path(options.warehouse)
         want = ExtractConfig(model=model, dataset=dataset,
                              data_files=text if dataset == "text" else None,
                              seq_len=500 if dataset == "ioi" else 64)
         assert config == want and config.fingerprint() == want.fingerprint()
         assert (config.n_batches, config.n_prompts, config.ioi_variant) == (4, 100, "clean")
         assert root.is_dir() and not any(root.iterdir())
+        assert options == RunOptions(warehouse=str(root))
 
 
 # ---------------------------------------------------------------- signals and writes
@@ -454,7 +458,7 @@ def test_disk_full_while_writing_keeps_nothing_published(tmp_path, monkeypatch, 
         raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No "
                                     "space left on device")
 
-    monkeypatch.setattr(etl.extract, "load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(etl.runner, "load_model", lambda *a, **k: tiny_model)
     monkeypatch.setattr(pq, "write_table", full)
     assert main(_ioi_argv(tiny_checkpoint, tmp_path / "wh")) == 2
     line = _one_error_line(capsys)
@@ -580,7 +584,7 @@ CORPORA = {
 @pytest.mark.parametrize("name", sorted(CORPORA))
 @pytest.mark.parametrize("n_seqs,seq_len,seed", [(3, 16, 0), (50, 33, 420), (2, 200, 7)])
 def test_packing_is_unchanged_by_pieces(tokenizer, monkeypatch, name, n_seqs, seq_len, seed):
-    monkeypatch.setattr(corpus, "PIECE_CHARS", 40)  # every long document goes in pieces
+    monkeypatch.setattr(packing, "PIECE_CHARS", 40)  # every long document goes in pieces
     texts = CORPORA[name]
     packed = pack_documents(texts, tokenizer, n_seqs, seq_len, seed, source={})
     assert np.array_equal(packed.token_ids, _old_pack(texts, tokenizer, n_seqs, seq_len, seed))

@@ -12,23 +12,17 @@ from PIL import Image
 from analysis import charts
 from analysis.__main__ import main as analysis_main
 from analysis.render import CHARTS, build_chart, save_chart
-from etl.extract import main as extract_main
 from queries.db import connect
 
 
 @pytest.fixture(scope="module")
-def warehouse(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("charts-wh")
+def warehouse(build_warehouse, tmp_path_factory):
     text = tmp_path_factory.mktemp("charts-text")
     (text / "t.txt").write_text("A river runs through the old town, past the mill. " * 30)
-    common = ["--model", str(tiny_checkpoint), "--warehouse", str(root), "--no-progress",
-              "--device", "cpu"]
-    assert extract_main([*common, "--dataset", "ioi", "--n-prompts", "6",
-                         "--run-id", "ioi"]) == 0
-    assert extract_main([*common, "--dataset", "text", "--data-files", str(text / "t.txt"),
-                         "--n-batches", "1", "--batch-size", "2", "--seq-len", "32",
-                         "--run-id", "text"]) == 0
-    return root
+    return build_warehouse("charts-wh", ["--dataset", "ioi", "--n-prompts", "6", "--run-id", "ioi"],
+                           ["--dataset", "text", "--data-files", str(text / "t.txt"),
+                            "--n-batches", "1", "--batch-size", "2", "--seq-len", "32",
+                            "--run-id", "text"])
 
 
 @pytest.fixture(scope="module")

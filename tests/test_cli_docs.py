@@ -52,3 +52,26 @@ def test_every_analysis_option_has_help_and_is_in_readme():
         if action.option_strings and action.dest != "help":
             assert action.help, action.dest
             assert f"`{action.option_strings[0]}" in README, action.option_strings[0]
+
+
+def test_extract_flags_are_the_config_fields_and_the_readme_shows_their_defaults():
+    """One source of truth: each flag is a field of ExtractConfig or RunOptions, and the
+    README's flag table states that field's default."""
+    import re
+    from dataclasses import fields
+
+    from etl.config import ExtractConfig, RunOptions
+
+    section = README.split("### `python -m etl.extract`", 1)[1].split("\n### ", 1)[0]
+    table = {m.group(1): m.group(2).strip() for m in
+             re.finditer(r"^\| `(--[a-z-]+)[^|]*\|([^|]*)\|", section, re.M)}
+    flags = {a.option_strings[0]: a.dest for a in extract_parser()._actions
+             if a.option_strings and a.dest != "help"}
+    defaults = {f.name: f.default for cls in (ExtractConfig, RunOptions) for f in fields(cls)}
+    assert sorted(flags.values()) == sorted(defaults)
+    for flag, name in flags.items():
+        default, shown = defaults[name], table[flag]
+        if isinstance(default, bool):
+            assert shown == "off", flag  # every switch is off unless given
+        elif default is not None:
+            assert shown.strip("`").split(" ")[0] == str(default), (flag, shown, default)

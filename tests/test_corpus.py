@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.errors import UserError
-from etl.sources.corpus import expand_data_files, load_local_texts, pack_documents
+from etl.sources.local_files import expand_data_files, load_local_texts
+from etl.sources.packing import pack_documents
 
 
 @pytest.fixture()

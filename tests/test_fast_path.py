@@ -93,18 +93,6 @@ def test_derived_unembeddings_are_used_and_match_direct_ones(tiny_model):
                     measure_batch(acts, direct, options)) < 3e-5
 
 
-def test_etl_imports_without_warehouse_and_chart_libraries():
-    import subprocess
-    import sys
-
-    code = ("import sys\n"
-            "for name in ('duckdb', 'polars', 'altair'):\n"
-            "    sys.modules[name] = None\n"
-            "import etl.extract, etl.bench, etl.lens.baseline, etl.lens.fused_entropy, "
-            "etl.lens.kernels\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
 def test_one_pass_sum_entropy_kernel_equals_torch():
     from etl.lens.entropy import entropy_of_sum
     from etl.lens.fused_entropy import sum_entropy_fused

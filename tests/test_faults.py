@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from etl.warehouse import KILL_AT_ENV
+from etl.files import KILL_AT_ENV
 from queries.db import connect
 
 TEXT = "A sentence about entropy, heads and the tokens they read. " * 60
@@ -161,7 +161,7 @@ def test_interrupt_ends_in_one_line_and_the_run_resumes(tiny_checkpoint, corpus,
         time.sleep(0.02)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code
+    assert proc.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "whole" not in _visible_runs(tmp_path)

@@ -7,8 +7,6 @@ import altair as alt
 import polars as pl
 import pytest
 
-from etl.extract import main as extract_main
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -18,12 +16,8 @@ def _example() -> str:
 
 
 @pytest.fixture(scope="module")
-def warehouse(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("from-python")
-    assert extract_main(["--model", str(tiny_checkpoint), "--warehouse", str(root),
-                         "--no-progress", "--device", "cpu", "--dataset", "ioi",
-                         "--n-prompts", "4", "--run-id", "notebook"]) == 0
-    return root
+def warehouse(ioi_warehouse):
+    return ioi_warehouse
 
 
 def test_readme_example_runs_and_returns_frames_and_a_chart(warehouse):
@@ -31,7 +25,7 @@ def test_readme_example_runs_and_returns_frames_and_a_chart(warehouse):
     assert 'Warehouse("data/warehouse")' in code
     scope: dict = {}
     exec(compile(code.replace("data/warehouse", str(warehouse)), "README", "exec"), scope)
-    assert scope["run"] == "notebook"
+    assert scope["run"] == "ioi"
     assert isinstance(scope["top"], pl.DataFrame) and scope["top"].height == 5
     heads = scope["heads"]
     assert heads.height == 2 * 4  # gpt2-tiny: 2 layers × 4 heads
@@ -50,6 +44,20 @@ def test_errors_are_one_line_user_errors(warehouse):
     with pytest.raises(UserError, match="no parameter"):
         wh.query("top_heads", nope=1)
     with pytest.raises(UserError, match="compares two runs"):
-        wh.chart("run_comparison", "notebook")
+        wh.chart("run_comparison", "ioi")
     with pytest.raises(UserError, match="unknown chart"):
-        wh.chart("pie", "notebook")
+        wh.chart("pie", "ioi")
+
+
+def test_an_extraction_from_python(tiny_checkpoint, tmp_path):
+    """The README's ``ExtractRunner(ExtractConfig(...), RunOptions(...)).run()``."""
+    from etl.config import ExtractConfig, RunOptions
+    from etl.runner import ExtractRunner
+
+    config = ExtractConfig(model=str(tiny_checkpoint), dataset="ioi", n_prompts=2)
+    options = RunOptions(warehouse=str(tmp_path), device="cpu", progress=False)
+    result = ExtractRunner(config, options).run()
+    assert result.run_id == config.default_run_id()
+    assert result.manifest_path.is_file() and result.rows["tokens"] == result.n_tokens > 0
+    assert "ExtractRunner(ExtractConfig(model=..., dataset=...), RunOptions(warehouse=...))" \
+        in README.read_text(encoding="utf-8")

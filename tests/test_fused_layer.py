@@ -10,20 +10,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from etl.activations import MeanAccumulator, run_batch
-from etl.gpu_check import random_layer
+from etl.gpu_checks import random_layer
 from etl.lens import kernels
-from etl.lens.kernels import (
-    KernelConfig,
-    LayerInputs,
-    layer_entropies,
-    layer_entropies_reference,
-    lens_product,
-    n_slots,
-    pow2_scale,
-    split_f16,
-    split_operand,
-)
+from etl.lens.cache import HeadUnembedCache
+from etl.lens.fused_measures import SplitWeights
+from etl.lens.kernel_reference import layer_entropies_reference
+from etl.lens.kernels import KernelConfig, LayerInputs, layer_entropies, n_slots
 from etl.lens.measures import _use_fused, measure_batch
+from etl.lens.split_product import lens_product, pow2_scale, split_f16, split_operand
 from etl.lens.types import MeasureOptions
 from tests.reference import reference_measures
 
@@ -148,12 +142,17 @@ def test_measures_through_the_kernel_match_float64_and_the_torch_path(tiny_model
         acc.add(tiny_model.bridge, tokens, torch.ones_like(tokens, dtype=torch.bool))
         means = acc.means(torch.float32)
     weights = tiny_model.unembed_weights()
+    cache = HeadUnembedCache()
 
-    def run(fused):
+    def run(fused, cache=None):
         options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=16, fused=fused)
-        return measure_batch(acts, weights, options, means)
+        return measure_batch(acts, weights, options, means, cache)
 
-    fused, plain = run(True), run(False)
+    fused, plain = run(True, cache), run(False)
+    again = run(True, cache)  # the split weights come from the cache now
+    assert any(isinstance(value, SplitWeights) for value in cache.values())
+    for name in ("diff", "marginal", "resid"):
+        assert torch.equal(getattr(again, name), getattr(fused, name))
     diff, marg, resid = reference_measures(tiny_model.bridge, tokens, lens, ablation)
     shape = diff.shape
     for got in (fused, plain):

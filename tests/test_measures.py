@@ -6,8 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl.activations import MeanAccumulator, run_batch
+from etl.lens.cache import HeadUnembedCache
+from etl.lens.lenses import LENSES, FinalScaleLens, RecomputedLnLens, lens_type
 from etl.lens.measures import measure_batch
-from etl.lens.types import BatchActivations, MeasureOptions, UnembedWeights
+from etl.lens.types import LENS_MODES, BatchActivations, MeasureOptions, UnembedWeights
 from tests.reference import reference_measures
 
 PROMPTS = [
@@ -22,7 +24,7 @@ def tokens(tiny_model):
     return tiny_model.bridge.to_tokens(PROMPTS, prepend_bos=True)
 
 
-def _measure(model, tokens, lens, ablation, chunk_tokens=7, mask=None):
+def _measure(model, tokens, lens, ablation, chunk_tokens=7, mask=None, cache=None):
     acts = run_batch(model.bridge, tokens)
     means = None
     if ablation == "mean":
@@ -31,7 +33,7 @@ def _measure(model, tokens, lens, ablation, chunk_tokens=7, mask=None):
                 if mask is None else mask)
         means = acc.means(torch.float32)
     options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=chunk_tokens)
-    return measure_batch(acts, model.unembed_weights(), options, means)
+    return measure_batch(acts, model.unembed_weights(), options, means, cache)
 
 
 @pytest.mark.parametrize("lens", ["final-scale", "recomputed-ln"])
@@ -130,3 +132,38 @@ def test_entropies_lie_in_zero_to_log_vocab(seed, vocab, lens):
     assert out.resid.min() >= -1e-5 and out.resid.max() <= math.log(vocab) + 1e-4
     bound = math.log(vocab) + 1e-4
     assert out.diff.abs().max() <= bound and out.marginal.abs().max() <= bound
+
+
+def test_every_lens_mode_has_one_registered_class():
+    assert tuple(LENSES) == LENS_MODES
+    assert lens_type("final-scale") is FinalScaleLens
+    assert lens_type("recomputed") is RecomputedLnLens  # an earlier name
+    assert not FinalScaleLens.recomputes_ln and RecomputedLnLens.recomputes_ln
+    with pytest.raises(ValueError, match="lens must be one of"):
+        lens_type("tuned")
+
+
+def _equal(a, b):
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("diff", "marginal", "resid"))
+
+
+@pytest.mark.parametrize("lens", ["final-scale", "recomputed-ln"])
+def test_a_cache_changes_no_number(tiny_model, tokens, lens):
+    plain = _measure(tiny_model, tokens, lens, "mean")
+    cache = HeadUnembedCache()
+    first = _measure(tiny_model, tokens, lens, "mean", cache=cache)
+    assert len(cache.values()) > 0
+    again = _measure(tiny_model, tokens, lens, "mean", cache=cache)
+    small = HeadUnembedCache(limit_bytes=0)  # keeps b_O @ W_U only, no per-head products
+    tight = _measure(tiny_model, tokens, lens, "mean", cache=small)
+    assert len(small.values()) == 1
+    assert _equal(plain, first) and _equal(first, again) and _equal(first, tight)
+
+
+def test_a_cache_refuses_another_models_weights(tiny_model, tokens):
+    cache = HeadUnembedCache()
+    _measure(tiny_model, tokens[:1, :4], "final-scale", "zero", cache=cache)
+    acts, weights = _random_acts(0, n_tokens=3, n_layers=2, n_heads=2, d_head=3, d_model=8,
+                                 vocab=11)
+    with pytest.raises(ValueError, match="another model"):
+        measure_batch(acts, weights, MeasureOptions(), cache=cache)

@@ -14,8 +14,9 @@ from etl.extract import main as extract_main
 from etl.lens.types import BatchMeasures
 from etl.pipeline import LoopTiming, run_loop
 from etl.sources.corpus import TokenSet, ioi_token_set
+from etl.tables import component_table
 from etl.token_rows import TokenRows
-from etl.warehouse import RunWriter, component_table
+from etl.warehouse import RunWriter
 from queries.db import connect
 
 TEXT = "The warehouse keeps every number it is given, and the numbers keep coming. " * 40
@@ -274,16 +275,16 @@ def test_e2e_bench_reports_both_loops_and_checks_their_rows(tiny_checkpoint):
 
 def test_a_non_finite_measure_fails_the_run_naming_it(tiny_checkpoint, text_glob, tmp_path,
                                                       monkeypatch, capsys):
-    import etl.extract as extract_module
+    import etl.runner as runner_module
 
-    real = extract_module.measure_batch
+    real = runner_module.measure_batch
 
-    def poisoned(acts, weights, options, means=None):
-        out = real(acts, weights, options, means)
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
         out.marginal[5, 1, 2] = float("nan")
         return out
 
-    monkeypatch.setattr(extract_module, "measure_batch", poisoned)
+    monkeypatch.setattr(runner_module, "measure_batch", poisoned)
     code = _extract(tiny_checkpoint, tmp_path, "--data-files", text_glob, "--n-batches", "2",
                     "--batch-size", "2", "--seq-len", "24", "--run-id", "nan")
     err = capsys.readouterr().err.strip().splitlines()
@@ -334,6 +335,6 @@ def _empty_table(name):
     """No rows, with the schema of table ``name``."""
     import pyarrow as pa
 
-    from etl.warehouse import SCHEMAS
+    from etl.tables import SCHEMAS
 
     return pa.Table.from_pylist([], schema=SCHEMAS[name])

@@ -13,7 +13,6 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from etl.extract import main as extract_main
 from queries.cli import main as query_main
 from queries.db import connect, run_sql
 from queries.saved import saved_queries
@@ -24,12 +23,8 @@ NESTED_SQL = "select 1 as i, [1, 2] as l, {'a': 3, 'b': 'x'} as s, 'p' || chr(10
 
 
 @pytest.fixture(scope="module")
-def warehouse(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("conventions")
-    assert extract_main(["--model", str(tiny_checkpoint), "--dataset", "ioi", "--n-prompts",
-                         "4", "--device", "cpu", "--no-progress", "--warehouse", str(root),
-                         "--run-id", "ioi"]) == 0
-    return root
+def warehouse(ioi_warehouse):
+    return ioi_warehouse
 
 
 def expected(root, name):

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from etl.extract import main as extract_main
 from queries.cli import main as query_main
 from queries.db import connect
 from queries.saved import saved_queries
@@ -18,20 +17,17 @@ TOL = 1e-9
 
 
 @pytest.fixture(scope="module")
-def warehouse(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("golden")
+def warehouse(build_warehouse, tmp_path_factory):
     text_dir = tmp_path_factory.mktemp("golden-text")
     (text_dir / "a.txt").write_text("The cat sat on the mat and looked at the dog. " * 20)
     (text_dir / "b.txt").write_text("Numbers like 3, 5 and 8 are small; 1024 is not. " * 20)
-    common = ["--model", str(tiny_checkpoint), "--warehouse", str(root), "--no-progress",
-              "--device", "cpu"]
     text = ["--dataset", "text", "--data-files", str(text_dir / "*.txt"), "--n-batches", "2",
             "--batch-size", "2", "--seq-len", "20"]
-    assert extract_main([*common, "--dataset", "ioi", "--n-prompts", "4", "--ioi-variant",
-                         "both", "--run-id", "ioi"]) == 0
-    assert extract_main([*common, *text, "--run-id", "text-seed"]) == 0
-    assert extract_main([*common, *text, "--lens", "recomputed-ln", "--run-id", "text-lens"]) == 0
-    return root
+    return build_warehouse("golden",
+                           ["--dataset", "ioi", "--n-prompts", "4", "--ioi-variant", "both",
+                            "--run-id", "ioi"],
+                           [*text, "--run-id", "text-seed"],
+                           [*text, "--lens", "recomputed-ln", "--run-id", "text-lens"])
 
 
 def raw(root, table):

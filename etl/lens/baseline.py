@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from etl.lens.entropy import entropy_from_logits as _entropy
+from etl.lens.lenses import lens_type
 from etl.lens.types import (
     AblationMeans,
     BatchActivations,
@@ -34,7 +35,7 @@ def _ln(r: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _chunk(acts: BatchActivations, weights: UnembedWeights, options: MeasureOptions,
            means: AblationMeans | None, sl: slice):
-    recompute = options.recomputes_ln
+    recompute = lens_type(options.lens).recomputes_ln
     W_U, b_U, eps = weights.W_U, weights.b_U, weights.eps
     s = acts.final_scale[sl]  # [t, 1]
     logits = acts.logits[sl]

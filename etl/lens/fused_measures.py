@@ -5,7 +5,8 @@ scores every head's diff and marginal, ``resid_pre``, ``resid_mid`` (derived fro
 lenses and ``b_O``) and the MLP's marginal (its lens is ``lens(resid_pre[L+1]) −
 lens(resid_mid[L])``); the MLP's diff is ``H(lens(resid_pre[L+1])) − H(lens(resid_mid[L]))``.
 This needs the residual identities (``measures.residual_identities_hold``); the caller
-checks them. Definitions, shapes and units are those of ``etl.lens.measures`` (nats).
+checks them. Definitions, shapes and units are those of ``etl.lens.measures`` (nats); the
+lens mode's ``recomputes_ln`` (``etl.lens.lenses``) says which kernel inputs it takes.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ from dataclasses import dataclass
 
 import torch
 
+from etl.lens.cache import HeadUnembedCache
 from etl.lens.kernels import (
     LOG2E,
     ROW_ALIGN,
     KernelConfig,
     LayerInputs,
-    SplitOperand,
+    SplitHeads,
     layer_entropies,
-    lens_product,
     split_heads,
-    split_operand,
 )
-from etl.lens.measures import _center
-from etl.lens.measures import _inv_sigma as _inv_sigma_kept
+from etl.lens.layernorm import center
+from etl.lens.layernorm import inv_sigma as _inv_sigma_kept
+from etl.lens.lenses import lens_type
+from etl.lens.split_product import SplitOperand, lens_product, split_operand
+from etl.lens.types import AblationMeans, BatchActivations, BatchMeasures, UnembedWeights
 
 
 @dataclass
@@ -40,11 +43,8 @@ class SplitWeights:
     """``[L, V]`` float32 ``b_O[L] @ W_U · log2 e`` (centred ``b_O`` for the recomputed-ln lens)."""
     w_o: torch.Tensor
     """``[L, H, dh, d]`` float32 ``W_O`` (centred rows for the recomputed-ln lens)."""
-    heads: dict
-    """Layer → (hi, lo, scale) of ``W_O[L, h] @ W_U · log2 e`` (see
-    ``kernels.split_heads``), for the layers kept (all when they fit the cache limit)."""
-    keep_heads: bool
-    """Whether every layer's split head unembedding is kept between batches."""
+    centered: bool
+    """Whether ``W_O`` and ``b_O`` are centred (the lens recomputes LayerNorm statistics)."""
 
 
 def _inv_sigma(x_centered: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,26 +52,21 @@ def _inv_sigma(x_centered: torch.Tensor, eps: float) -> torch.Tensor:
     return _inv_sigma_kept(x_centered, eps)[..., 0]
 
 
-def split_weights(weights, centered: bool) -> SplitWeights:
-    """The fused path's weights for ``weights`` (an ``etl.lens.measures.UnembedWeights``), cached
-    in it per lens mode. Split head unembeddings take ``L·H·dh·V·4`` bytes (GPT-2 small:
-    1.9 GB) and are kept when that fits ``weights.cache_limit_bytes``."""
-    key = ("split", centered)
-    cache = weights._head_unembed
-    if key in cache:
-        return cache[key]
-    w_u = weights.W_U.float() * LOG2E
-    w_o = weights.W_O.float()
-    if centered:
-        w_o = _center(w_o)
-    b_o = weights.b_O.float()
-    bo_lens = (_center(b_o) if centered else b_o) @ w_u
-    n_layers, n_heads, d_head, _ = weights.W_O.shape
-    keep = n_layers * n_heads * d_head * weights.W_U.shape[1] * 4 <= weights.cache_limit_bytes
-    split = SplitWeights(w_u=split_operand(_pad_columns(w_u)), bo_lens=bo_lens, w_o=w_o,
-                         heads={}, keep_heads=keep)
-    cache[key] = split
-    return split
+def split_weights(weights: UnembedWeights, centered: bool,
+                  cache: HeadUnembedCache | None = None) -> SplitWeights:
+    """The fused path's weights for ``weights``, kept in ``cache`` per lens space (centred
+    or not) when given."""
+    def make() -> SplitWeights:
+        w_u = weights.W_U.float() * LOG2E
+        w_o = weights.W_O.float()
+        if centered:
+            w_o = center(w_o)
+        b_o = weights.b_O.float()
+        bo_lens = (center(b_o) if centered else b_o) @ w_u
+        return SplitWeights(w_u=split_operand(_pad_columns(w_u)), bo_lens=bo_lens, w_o=w_o,
+                            centered=centered)
+
+    return make() if cache is None else cache.get(("split", centered), make)
 
 
 def _pad_columns(x: torch.Tensor) -> torch.Tensor:
@@ -81,18 +76,21 @@ def _pad_columns(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
-def head_split(split: SplitWeights, w_u: torch.Tensor, layer: int):
-    """(hi, lo, scale) of layer ``layer``'s ``W_O[h] @ W_U · log2 e`` (``[H, dh, V]`` views
-    of row-padded tensors)."""
-    if layer in split.heads:
-        return split.heads[layer]
-    vocab = w_u.shape[1]
-    hi, lo, scale = split_heads(torch.einsum("hkd,dv->hkv", split.w_o[layer],
-                                             _pad_columns(w_u.float() * LOG2E)))
-    pair = hi[..., :vocab], lo[..., :vocab], scale
-    if split.keep_heads:
-        split.heads[layer] = pair
-    return pair
+def head_split(split: SplitWeights, weights: UnembedWeights, layer: int,
+               cache: HeadUnembedCache | None = None) -> SplitHeads:
+    """Layer ``layer``'s ``W_O[h] @ W_U · log2 e`` split (``[H, dh, V]`` views of row-padded
+    tensors), kept in ``cache`` when given and every layer's fits its limit (they take
+    ``L·H·dh·V·4`` bytes; GPT-2 small: 1.9 GB)."""
+    def make() -> SplitHeads:
+        vocab = weights.W_U.shape[1]
+        hi, lo, scale = split_heads(torch.einsum("hkd,dv->hkv", split.w_o[layer],
+                                                 _pad_columns(weights.W_U.float() * LOG2E)))
+        return SplitHeads(hi[..., :vocab], lo[..., :vocab], scale)
+
+    if cache is None:
+        return make()
+    return cache.get(("split heads", split.centered, layer), make,
+                     keep=cache.fits(weights, element_size=4))
 
 
 @dataclass
@@ -115,7 +113,7 @@ def _chunk_context(acts, weights, sl: slice, recomputed: bool) -> _Chunk:
     b_u = weights.b_U.float()
     if recomputed:
         u_final = _pad_columns((logits - b_u) * scale * LOG2E)[:, :vocab]
-        x_final = _center(acts.resid_mid[sl, -1].float() + acts.mlp_out[sl, -1].float())
+        x_final = center(acts.resid_mid[sl, -1].float() + acts.mlp_out[sl, -1].float())
         return _Chunk(inv_s, torch.ones_like(inv_s[:, 0]), u_final, u_final, x_final,
                       b_u * LOG2E)
     return _Chunk(inv_s, inv_s[:, 0], _pad_columns(logits * LOG2E)[:, :vocab],
@@ -125,7 +123,7 @@ def _chunk_context(acts, weights, sl: slice, recomputed: bool) -> _Chunk:
 def _lens_input(acts, sl: slice, layer: int, ctx: _Chunk) -> torch.Tensor:
     """``[t, d]`` resid_pre of ``layer`` as the lens sees it (scaled or centred)."""
     x = acts.resid_pre[sl, layer].float()
-    return _center(x) if ctx.x_final is not None else x * ctx.inv_s
+    return center(x) if ctx.x_final is not None else x * ctx.inv_s
 
 
 def _slot_scales(acts, sl, layer, ctx, split, z, z_abl, mlp_abl, eps) -> torch.Tensor:
@@ -134,74 +132,107 @@ def _slot_scales(acts, sl, layer, ctx, split, z, z_abl, mlp_abl, eps) -> torch.T
     w_o = split.w_o[layer]
     c = torch.einsum("thk,hkd->thd", z, w_o)
     c_abl = c if z_abl is z else torch.einsum("thk,hkd->thd", z_abl, w_o)
-    x_pre = _center(acts.resid_pre[sl, layer].float())
-    x_mid = _center(acts.resid_mid[sl, layer].float())
-    x_next = (_center(acts.resid_pre[sl, layer + 1].float()) if layer + 1 < n_layers
+    x_pre = center(acts.resid_pre[sl, layer].float())
+    x_mid = center(acts.resid_mid[sl, layer].float())
+    x_next = (center(acts.resid_pre[sl, layer + 1].float()) if layer + 1 < n_layers
               else ctx.x_final)
     cols = [_inv_sigma(x_pre[:, None] + c, eps), _inv_sigma(ctx.x_final[:, None] - c_abl, eps),
             _inv_sigma(x_pre, eps)[:, None], _inv_sigma(x_mid, eps)[:, None],
-            _inv_sigma(ctx.x_final - _center(mlp_abl), eps)[:, None]]
+            _inv_sigma(ctx.x_final - center(mlp_abl), eps)[:, None]]
     if layer + 1 == n_layers:
         cols.append(_inv_sigma(x_next, eps)[:, None])
     return torch.cat(cols, dim=1)
 
 
-def measure_chunk_fused(acts, weights, options, means, sl: slice, ent_final: torch.Tensor,
-                        out, config: KernelConfig | None = None,
-                        workspace: dict | None = None) -> None:
-    """Fill ``out.diff``, ``out.marginal`` and ``out.resid`` (a ``BatchMeasures``) for the
-    tokens ``sl``; ``ent_final`` is ``[t]`` H(final logits), already in ``out.resid[sl, -1]``.
-    """
-    recomputed = options.recomputes_ln
+@dataclass
+class _Run:
+    """One chunk's fused evaluation: what every layer reads."""
+
+    acts: BatchActivations
+    weights: UnembedWeights
+    means: AblationMeans | None
+    sl: slice
+    split: SplitWeights
+    ctx: _Chunk
+    cache: HeadUnembedCache | None
+    recomputed: bool
+    positions: torch.Tensor | None
+
+    def lens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``[t, V]`` row-scaled lens of ``x [t, d]``, ``[t]`` what undoes the scaling)."""
+        scaled, descale = lens_product(x, self.split.w_u)
+        return scaled[:, :self.ctx.mbase.shape[1]], descale
+
+
+def measure_chunk_fused(acts: BatchActivations, weights: UnembedWeights, options,
+                        means: AblationMeans | None, sl: slice, ent_final: torch.Tensor,
+                        cache: HeadUnembedCache | None = None,
+                        config: KernelConfig | None = None,
+                        workspace: dict | None = None) -> BatchMeasures:
+    """The measures of the tokens ``sl`` (``t`` of them) as a float32 ``BatchMeasures`` of
+    ``t`` tokens; ``ent_final`` is ``[t]`` H(final logits), ``means`` are read under mean
+    ablation (``options.ablation``), ``cache`` keeps the split weights between calls."""
+    recomputed = lens_type(options.lens).recomputes_ln
     mean = options.ablation == "mean"
-    split = split_weights(weights, centered=recomputed)
-    ctx = _chunk_context(acts, weights, sl, recomputed)
-    n_layers, n_heads = acts.z.shape[1], acts.z.shape[2]
-    positions = acts.positions[sl] if mean else None
+    split = split_weights(weights, centered=recomputed, cache=cache)
+    run = _Run(acts=acts, weights=weights, means=means if mean else None, sl=sl, split=split,
+               ctx=_chunk_context(acts, weights, sl, recomputed), cache=cache,
+               recomputed=recomputed, positions=acts.positions[sl] if mean else None)
     ws = workspace if workspace is not None else {}
-    vocab = ctx.mbase.shape[1]
-
-    def lens(x: torch.Tensor):
-        scaled, descale = lens_product(x, split.w_u)
-        return scaled[:, :vocab], descale
-
-    u, u_ds = lens(_lens_input(acts, sl, 0, ctx))
-    ones = torch.ones_like(ctx.mult)
-    prev_mid = None
+    n_layers = acts.z.shape[1]
+    u = run.lens(_lens_input(acts, sl, 0, run.ctx))
+    ones = torch.ones_like(run.ctx.mult)
+    slots = []
     for layer in range(n_layers):
-        last = layer + 1 == n_layers
-        u_next, un_ds = (ctx.u_last, ones) if last else lens(_lens_input(acts, sl, layer + 1,
-                                                                          ctx))
-        z = acts.z[sl, layer].float()
-        z_abl, mean_lens = z, None
-        mlp_abl = acts.mlp_out[sl, layer].float()
-        if mean:
-            z_abl = z - means.z[positions, layer].float()
-            mean_mlp = means.mlp_out[:, layer].float()
-            mlp_abl = mlp_abl - mean_mlp[positions]
-            scaled, ds = lens(_center(mean_mlp) if recomputed else mean_mlp)
-            mean_lens = scaled * ds[:, None]
-        scales = (_slot_scales(acts, sl, layer, ctx, split, z, z_abl, mlp_abl, weights.eps)
-                  if recomputed else None)
-        if not recomputed:
-            z, z_abl = z * ctx.inv_s[:, :, None], z_abl * ctx.inv_s[:, :, None]
-        w_hi, w_lo, w_scale = head_split(split, weights.W_U, layer)
-        ent = layer_entropies(LayerInputs(
-            u=u, u_descale=u_ds, u_next=u_next, u_next_descale=un_ds, mbase=ctx.mbase, z=z,
-            w_hi=w_hi, w_lo=w_lo, w_scale=w_scale,
-            bo=split.bo_lens[layer], bo_mult=ctx.mult, z_abl=z_abl if mean else None,
-            mean_lens=mean_lens, positions=positions, scales=scales, bias=ctx.bias,
-            is_last=last), config, ws)
-        h = n_heads
+        u_next = ((run.ctx.u_last, ones) if layer + 1 == n_layers
+                  else run.lens(_lens_input(acts, sl, layer + 1, run.ctx)))
+        slots.append(_layer_slots(run, layer, u, u_next, config, ws))
+        u = u_next
+    return _measures_from_slots(slots, ent_final, acts.z.shape[2])
+
+
+def _layer_slots(run: _Run, layer: int, u, u_next, config, ws) -> torch.Tensor:
+    """``[t, n_slots]`` the layer kernel's entropies of one layer (``u`` and ``u_next``:
+    (row-scaled lens, descale) of this and the next residual)."""
+    acts, sl, ctx = run.acts, run.sl, run.ctx
+    z = acts.z[sl, layer].float()
+    z_abl, mean_lens = z, None
+    mlp_abl = acts.mlp_out[sl, layer].float()
+    if run.means is not None:
+        z_abl = z - run.means.z[run.positions, layer].float()
+        mean_mlp = run.means.mlp_out[:, layer].float()
+        mlp_abl = mlp_abl - mean_mlp[run.positions]
+        scaled, ds = run.lens(center(mean_mlp) if run.recomputed else mean_mlp)
+        mean_lens = scaled * ds[:, None]
+    scales = None
+    if run.recomputed:
+        scales = _slot_scales(acts, sl, layer, ctx, run.split, z, z_abl, mlp_abl,
+                              run.weights.eps)
+    else:
+        z, z_abl = z * ctx.inv_s[:, :, None], z_abl * ctx.inv_s[:, :, None]
+    w = head_split(run.split, run.weights, layer, run.cache)
+    return layer_entropies(LayerInputs(
+        u=u[0], u_descale=u[1], u_next=u_next[0], u_next_descale=u_next[1], mbase=ctx.mbase,
+        z=z, w_hi=w.hi, w_lo=w.lo, w_scale=w.scale, bo=run.split.bo_lens[layer],
+        bo_mult=ctx.mult, z_abl=z_abl if run.means is not None else None,
+        mean_lens=mean_lens, positions=run.positions, scales=scales, bias=ctx.bias,
+        is_last=layer + 1 == acts.z.shape[1]), config, ws)
+
+
+def _measures_from_slots(slots: list[torch.Tensor], ent_final: torch.Tensor,
+                         n_heads: int) -> BatchMeasures:
+    """A chunk's measures from each layer's slot entropies (slot order: ``etl.lens.kernels``):
+    the MLP's diff is H(next resid_pre) − H(resid_mid), after the last layer H(final)."""
+    h = n_heads
+    diff, marginal, resid = [], [], []
+    for layer, ent in enumerate(slots):
         ent_pre, ent_mid = ent[:, 2 * h], ent[:, 2 * h + 1]
-        out.diff[sl, layer, :h] = ent[:, :h] - ent_pre[:, None]
-        out.marginal[sl, layer, :h] = ent_final[:, None] - ent[:, h:2 * h]
-        out.marginal[sl, layer, h] = ent_final - ent[:, 2 * h + 2]
-        out.resid[sl, 2 * layer] = ent_pre
-        out.resid[sl, 2 * layer + 1] = ent_mid
-        if prev_mid is not None:
-            out.diff[sl, layer - 1, h] = ent_pre - prev_mid
-        if last:
-            out.diff[sl, layer, h] = ent[:, 2 * h + 3] - ent_mid
-        prev_mid = ent_mid
-        u, u_ds = u_next, un_ds
+        ent_next = slots[layer + 1][:, 2 * h] if layer + 1 < len(slots) else ent[:, 2 * h + 3]
+        diff.append(torch.cat([ent[:, :h] - ent_pre[:, None], (ent_next - ent_mid)[:, None]],
+                              dim=1))
+        marginal.append(torch.cat([ent_final[:, None] - ent[:, h:2 * h],
+                                   (ent_final - ent[:, 2 * h + 2])[:, None]], dim=1))
+        resid += [ent_pre, ent_mid]
+    resid.append(ent_final)
+    return BatchMeasures(diff=torch.stack(diff, dim=1), marginal=torch.stack(marginal, dim=1),
+                         resid=torch.stack(resid, dim=1))

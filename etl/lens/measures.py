@@ -8,15 +8,19 @@ entropy.
 The computation never holds ``[tokens, components, vocab]``: it walks token chunks, then
 layers, then components, and keeps at most a handful of ``[chunk, V]`` tensors.
 Per-head logits go through the factored unembedding ``W_O[L, h] @ W_U``
-(``[dh, V]`` per head), computed once per layer and kept across batches when they fit.
+(``[dh, V]`` per head), computed once per layer and kept across batches in a
+``HeadUnembedCache`` when they fit. The lens modes are the classes of ``etl.lens.lenses``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from etl.lens.entropy import entropy_from_logits, entropy_of_sum
+from etl.lens.cache import HeadUnembedCache
+from etl.lens.entropy import entropy_from_logits
 from etl.lens.fused_entropy import triton_available
+from etl.lens.fused_measures import measure_chunk_fused
+from etl.lens.torch_measures import measure_chunk_torch
 from etl.lens.types import (
     AblationMeans,
     BatchActivations,
@@ -24,107 +28,6 @@ from etl.lens.types import (
     MeasureOptions,
     UnembedWeights,
 )
-
-
-def _center(x: torch.Tensor) -> torch.Tensor:
-    """Subtract the mean over the last (d_model) axis."""
-    return x - x.mean(dim=-1, keepdim=True)
-
-
-def _inv_sigma(x_centered: torch.Tensor, eps: float) -> torch.Tensor:
-    """``[..., 1]`` inverse LayerNorm scale of centred vectors ``[..., d]``."""
-    return torch.rsqrt(x_centered.pow(2).mean(dim=-1, keepdim=True) + eps)
-
-
-class _Lens:
-    """The lens of one batch: unembeds residuals and components, scores entropies.
-
-    With the ``final-scale`` lens unembedded vectors carry the final LayerNorm scale
-    (``(x / s) @ W_U``); with ``recomputed-ln`` they are centred and unscaled
-    (``centre(x) @ W_U``), and the scale of each sum is recomputed from its d_model-space
-    vector.
-    """
-
-    def __init__(self, weights: UnembedWeights, options: MeasureOptions):
-        self.weights = weights
-        self.recompute = options.recomputes_ln
-
-    def unembed(self, x: torch.Tensor, inv_s: torch.Tensor):
-        """``x [t, d]`` → (U ``[t, V]``, x in lens space ``[t, d]`` or None)."""
-        if self.recompute:
-            xc = _center(x)
-            return xc @ self.weights.W_U, xc
-        return (x * inv_s) @ self.weights.W_U, None
-
-    def space(self, x: torch.Tensor):
-        """``x`` as LayerNorm sees it (centred) in recomputed mode, else None."""
-        return _center(x) if self.recompute else None
-
-    def entropy(self, u: torch.Tensor, x_space):
-        """``[t]`` entropy of the lens of a residual whose unembedding is ``u``."""
-        if self.recompute:
-            return entropy_of_sum(u, scale=_inv_sigma(x_space, self.weights.eps),
-                                  bias=self.weights.b_U)
-        return entropy_from_logits(u)
-
-    def head(self, z_h: torch.Tensor, w_ou_h: torch.Tensor, w_o_h: torch.Tensor,
-             inv_s: torch.Tensor):
-        """Head output from ``z_h [t, dh]``: (U ``[t, V]``, output in lens space or None)."""
-        if self.recompute:
-            return z_h @ w_ou_h, z_h @ w_o_h
-        return (z_h * inv_s) @ w_ou_h, None
-
-    def diff(self, u_res, x_res, ent_res, u_c, c_vec):
-        """``[t]`` H(lens(resid + c)) − H(lens(resid))."""
-        if self.recompute:
-            scale = _inv_sigma(x_res + c_vec, self.weights.eps)
-            return entropy_of_sum(u_res, u_c, scale=scale, bias=self.weights.b_U) - ent_res
-        return entropy_of_sum(u_res, u_c) - ent_res
-
-    def marginal(self, final, u_c, c_vec):
-        """``[t]`` H(final logits) − H(final logits − lens(c))."""
-        logits, ent_final, u_final, x_final = final
-        if self.recompute:
-            scale = _inv_sigma(x_final - c_vec, self.weights.eps)
-            return ent_final - entropy_of_sum(u_final, u_c, sign=-1.0, scale=scale,
-                                              bias=self.weights.b_U)
-        return ent_final - entropy_of_sum(logits, u_c, sign=-1.0)
-
-
-def head_unembed(weights: UnembedWeights, layer: int,
-                 centered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head factored unembedding of one layer.
-
-    Args:
-        weights: the model's weights.
-        layer: which layer.
-        centered: centre the rows of ``W_O`` first (head outputs mean-free, as LayerNorm
-            sees them; what the recomputed-ln lens needs). In compatibility mode ``W_O`` is
-            already centred, so this changes nothing there.
-
-    Returns:
-        ``W_O[layer] @ W_U`` as ``[H, dh, V]`` and ``W_O[layer]`` as ``[H, dh, d]``, kept in
-        ``weights`` for later batches when they fit its cache limit.
-    """
-    key = (layer, centered)
-    if key in weights._head_unembed:
-        return weights._head_unembed[key]
-    w_o = _center(weights.W_O[layer]) if centered else weights.W_O[layer]
-    pair = torch.einsum("hkd,dv->hkv", w_o, weights.W_U), w_o
-    if weights.head_unembed_bytes() <= weights.cache_limit_bytes:
-        weights._head_unembed[key] = pair
-    return pair
-
-
-def _bias_unembed(weights: UnembedWeights, centered: bool) -> torch.Tensor | None:
-    """``b_O @ W_U`` per layer, ``[L, V]`` (centred ``b_O`` if asked), or None."""
-    if weights.b_O is None:
-        return None
-    key = ("b_O", centered)
-    if key not in weights._head_unembed:
-        b_o = _center(weights.b_O) if centered else weights.b_O
-        weights._head_unembed[key] = b_o @ weights.W_U
-    return weights._head_unembed[key]
 
 
 def residual_identities_hold(acts: BatchActivations, weights: UnembedWeights, sl: slice,
@@ -145,27 +48,12 @@ def residual_identities_hold(acts: BatchActivations, weights: UnembedWeights, sl
     return bool(max(err_attn, err_mlp) <= rtol * scale)
 
 
-def _final_context(acts: BatchActivations, ent_final, sl: slice, options, weights):
-    """Final logits of chunk ``sl``, their entropy ``ent_final [t]``, and (recomputed-ln lens)
-    the unscaled unembedding and centred direction of the final residual."""
-    logits = acts.logits[sl]
-    if not options.recomputes_ln:
-        return logits, ent_final, None, None
-    # logits = U_final / σ_final + b_U, so U_final is recovered without another matmul.
-    u_final = (logits - weights.b_U) * acts.final_scale[sl]
-    return logits, ent_final, u_final, _final_residual_direction(acts, sl)
-
-
-def _final_residual_direction(acts: BatchActivations, sl: slice) -> torch.Tensor:
-    """Centred final residual ``[t, d]``: resid_mid of the last layer + its MLP output."""
-    return _center(acts.resid_mid[sl, -1] + acts.mlp_out[sl, -1])
-
-
 def measure_batch(
     acts: BatchActivations,
     weights: UnembedWeights,
     options: MeasureOptions,
     means: AblationMeans | None = None,
+    cache: HeadUnembedCache | None = None,
 ) -> BatchMeasures:
     """Compute every diff, marginal and residual entropy of one batch.
 
@@ -182,32 +70,43 @@ def measure_batch(
         weights: unembedding and output weights.
         options: lens and ablation modes and the chunk size.
         means: per-position means; required when ``options.ablation == "mean"``.
+        cache: derived weights of this model kept between calls (one per model); None
+            keeps them for this call only.
 
     Returns:
         float32 measures in nats (see ``BatchMeasures`` for shapes).
     """
     if options.ablation == "mean" and means is None:
         raise ValueError("mean ablation needs per-position means")
-    n_tokens, n_layers, n_heads, _ = acts.z.shape
-    dev = acts.z.device
-    diff = torch.empty(n_tokens, n_layers, n_heads + 1, dtype=torch.float32, device=dev)
-    out = BatchMeasures(diff=diff, marginal=torch.empty_like(diff),
-                        resid=torch.empty(n_tokens, 2 * n_layers + 1, dtype=torch.float32,
-                                          device=dev))
+    cache = cache if cache is not None else HeadUnembedCache()
+    cache.check_weights(weights)
+    n_tokens = acts.z.shape[0]
+    out = _empty_measures(acts)
     fused = _use_fused(options, acts, weights)
+    chunk_means = means if options.ablation == "mean" else None
     workspace: dict = {}
     for start in range(0, n_tokens, options.chunk_tokens):
         sl = slice(start, min(start + options.chunk_tokens, n_tokens))
         ent_final = entropy_from_logits(acts.logits[sl])
-        out.resid[sl, -1] = ent_final
-        if fused and residual_identities_hold(acts, weights, sl):
-            from etl.lens.fused_measures import measure_chunk_fused
-
-            measure_chunk_fused(acts, weights, options, means, sl, ent_final, out,
-                                workspace=workspace)
+        derive = residual_identities_hold(acts, weights, sl)
+        if fused and derive:
+            chunk = measure_chunk_fused(acts, weights, options, chunk_means, sl, ent_final,
+                                        cache, workspace=workspace)
         else:
-            _measure_chunk_torch(acts, weights, options, means, sl, ent_final, out)
+            chunk = measure_chunk_torch(acts, weights, options.lens, chunk_means, sl,
+                                        ent_final, cache, derive)
+        out.diff[sl], out.marginal[sl], out.resid[sl] = chunk.diff, chunk.marginal, chunk.resid
     return out
+
+
+def _empty_measures(acts: BatchActivations) -> BatchMeasures:
+    """float32 ``BatchMeasures`` of the batch's shapes, to be filled chunk by chunk."""
+    n_tokens, n_layers, n_heads, _ = acts.z.shape
+    dev = acts.z.device
+    diff = torch.empty(n_tokens, n_layers, n_heads + 1, dtype=torch.float32, device=dev)
+    return BatchMeasures(diff=diff, marginal=torch.empty_like(diff),
+                         resid=torch.empty(n_tokens, 2 * n_layers + 1, dtype=torch.float32,
+                                           device=dev))
 
 
 def _use_fused(options: MeasureOptions, acts: BatchActivations,
@@ -221,60 +120,6 @@ def _use_fused(options: MeasureOptions, acts: BatchActivations,
         return (acts.z.device.type == "cuda" and acts.z.dtype == torch.float32
                 and triton_available(acts.z.device))
     return triton_available(acts.z.device)
-
-
-def _measure_chunk_torch(acts: BatchActivations, weights: UnembedWeights,
-                         options: MeasureOptions, means: AblationMeans | None, sl: slice,
-                         ent_final: torch.Tensor, out: BatchMeasures) -> None:
-    """One chunk through plain torch (any device, any dtype), into ``out``."""
-    diff, marginal, resid = out.diff, out.marginal, out.resid
-    n_layers, n_heads = acts.z.shape[1], acts.z.shape[2]
-    lens = _Lens(weights, options)
-    centered = options.recomputes_ln
-    mean_ablation = options.ablation == "mean" and means is not None
-    b_ou = _bias_unembed(weights, centered)
-    inv_s = 1.0 / acts.final_scale[sl]
-    final = _final_context(acts, ent_final, sl, options, weights)
-    derive = b_ou is not None and residual_identities_hold(acts, weights, sl)
-    u_pre, x_pre = lens.unembed(acts.resid_pre[sl, 0], inv_s)
-    for layer in range(n_layers):
-        w_ou, w_o = head_unembed(weights, layer, centered)
-        ent_pre = lens.entropy(u_pre, x_pre)
-        resid[sl, 2 * layer] = ent_pre
-        z = acts.z[sl, layer]
-        z_abl = z - means.z[acts.positions[sl], layer] if mean_ablation else z
-        u_mid = u_pre.clone() if derive else None
-        for h in range(n_heads):
-            u_h, c_h = lens.head(z[:, h], w_ou[h], w_o[h], inv_s)
-            diff[sl, layer, h] = lens.diff(u_pre, x_pre, ent_pre, u_h, c_h)
-            if u_mid is not None:
-                u_mid += u_h
-            if mean_ablation:
-                u_h, c_h = lens.head(z_abl[:, h], w_ou[h], w_o[h], inv_s)
-            marginal[sl, layer, h] = lens.marginal(final, u_h, c_h)
-        mid = acts.resid_mid[sl, layer]
-        if u_mid is not None:
-            u_mid += b_ou[layer] if centered else inv_s * b_ou[layer]
-            x_mid = lens.space(mid)
-        else:
-            u_mid, x_mid = lens.unembed(mid, inv_s)
-        ent_mid = lens.entropy(u_mid, x_mid)
-        resid[sl, 2 * layer + 1] = ent_mid
-        out_mlp = acts.mlp_out[sl, layer]
-        if layer + 1 < n_layers:
-            u_next, x_next = lens.unembed(acts.resid_pre[sl, layer + 1], inv_s)
-        else:
-            u_next = final[2] if centered else final[0] - weights.b_U
-            x_next = None
-        if derive:
-            u_m, c_m = u_next - u_mid, lens.space(out_mlp)
-        else:
-            u_m, c_m = lens.unembed(out_mlp, inv_s)
-        diff[sl, layer, n_heads] = lens.diff(u_mid, x_mid, ent_mid, u_m, c_m)
-        if mean_ablation:
-            u_m, c_m = lens.unembed(out_mlp - means.mlp_out[acts.positions[sl], layer], inv_s)
-        marginal[sl, layer, n_heads] = lens.marginal(final, u_m, c_m)
-        u_pre, x_pre = u_next, x_next
 
 
 def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:

@@ -4,14 +4,15 @@ activations and measures of a batch. Shapes use ``T`` tokens, ``L`` layers, ``H`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 LENS_MODES = ("final-scale", "recomputed-ln")
 """``final-scale``: every residual divided by the final LayerNorm scale of its token, then
 ``@ W_U`` (the original study's lens); ``recomputed-ln``: LayerNorm statistics recomputed for
-every residual the lens reads, ``b_U`` added."""
+every residual the lens reads, ``b_U`` added. Each mode is a class of ``etl.lens.lenses``
+(``LENSES``)."""
 LENS_ALIASES = {"seed": "final-scale", "recomputed": "recomputed-ln"}
 """Earlier names of the lens modes, still accepted (and shown under the new name)."""
 ABLATION_MODES = ("zero", "mean")
@@ -19,7 +20,8 @@ ABLATION_MODES = ("zero", "mean")
 
 @dataclass
 class UnembedWeights:
-    """Weights the lens needs, taken from a model in compatibility mode."""
+    """Weights the lens needs, taken from a model in compatibility mode (products derived
+    from them are kept in an ``etl.lens.cache.HeadUnembedCache``)."""
 
     W_U: torch.Tensor
     """``[d, V]`` unembedding (LayerNorm weights folded in, centred)."""
@@ -32,15 +34,6 @@ class UnembedWeights:
     b_O: torch.Tensor | None = None
     """``[L, d]`` attention output biases; with them, unembedded residuals are derived
     from each other instead of recomputed (see ``measure_batch``)."""
-    cache_limit_bytes: int = 3 * 2**30
-    """Keep every layer's ``W_O @ W_U`` between batches when they fit in this many bytes
-    (GPT-2 small: 1.9 GB in float32); otherwise recompute them for each batch."""
-    _head_unembed: dict = field(default_factory=dict, repr=False)
-
-    def head_unembed_bytes(self) -> int:
-        """Bytes that every layer's ``W_O @ W_U`` takes together."""
-        n_layers, n_heads, d_head, _ = self.W_O.shape
-        return n_layers * n_heads * d_head * self.W_U.shape[1] * self.W_U.element_size()
 
 
 @dataclass
@@ -110,11 +103,6 @@ class MeasureOptions:
             raise ValueError(f"ablation must be one of {ABLATION_MODES}, not {self.ablation!r}")
         if self.chunk_tokens < 1:
             raise ValueError("chunk_tokens must be at least 1")
-
-    @property
-    def recomputes_ln(self) -> bool:
-        """True for the ``recomputed-ln`` lens (LayerNorm statistics per residual, ``b_U``)."""
-        return self.lens == "recomputed-ln"
 
 
 def canonical_lens(name: str) -> str:

@@ -1,0 +1,45 @@
+"""File helpers of the warehouse writer: checksums, atomic JSON writes, and the
+fault-injection points the crash tests kill the process at."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+KILL_AT_ENV = "ENTROPY_WAREHOUSE_KILL_AT"
+"""Fault-injection hook for the crash tests: when this environment variable names a point
+(``shard:<table>:<batch>``, ``publish:moved``, ``publish:manifest``), the process kills
+itself with SIGKILL there."""
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process at ``name`` when ``KILL_AT_ENV`` asks for it (tests only)."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of the file's bytes (the checksum manifests record per shard)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync'd, then ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

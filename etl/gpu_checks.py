@@ -1,0 +1,223 @@
+"""The kernel parts of ``python -m etl.gpu_check`` (CUDA only): the machine's ceilings and the
+entropy stage's floors, every fused kernel against float64 on fresh random inputs, and each
+kernel configuration timed on one GPT-2-small layer. ``random_layer`` also feeds the
+interpreter tests of the layer kernel (tests/test_fused_layer.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+from etl.lens import split_product
+from etl.lens.kernel_reference import layer_entropies_reference
+from etl.lens.kernels import (
+    LOG2E,
+    ROW_ALIGN,
+    KernelConfig,
+    LayerInputs,
+    layer_entropies,
+    n_slots,
+    split_heads,
+)
+from etl.lens.split_product import lens_product, split_operand
+
+CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2)]
+LENS_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                (64, 256, 64, 4, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3)]
+SHAPE = {"layers": 12, "heads": 12, "d_head": 64, "d_model": 768, "vocab": 50257}
+
+
+def _bench(fn, reps: int = 10) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs timed with CUDA events (1 warm-up)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ceilings() -> dict:
+    """Measured copy bandwidth (bytes read + written per s) and float16 product rate."""
+    x = torch.randn(2**28, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    copy_ms = _bench(lambda: y.copy_(x))
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    mm_ms = _bench(lambda: a @ b)
+    props = torch.cuda.get_device_properties(0)
+    return {"copy_bytes_per_s": 2 * x.numel() * 4 / (copy_ms / 1e3),
+            "f16_flop_per_s": 2 * n**3 / (mm_ms / 1e3), "sms": props.multi_processor_count,
+            "exp_per_s_datasheet": 16 * props.multi_processor_count * 1.755e9}
+
+
+def floors(ceil: dict, mean: bool = False) -> dict:
+    """Per-token floors of the entropy stage for GPT-2 small."""
+    L, H, K, d, V = (SHAPE[k] for k in ("layers", "heads", "d_head", "d_model", "vocab"))
+    exps = V * (L * (2 * H + 3) + 2)
+    flops = 3 * 2 * V * (L * H * K * (2 if mean else 1) + L * d)
+    min_bytes = V * 4 + L * (3 * d + H * K) * 4
+    return {"exp_per_token": exps, "f16_flop_per_token": flops, "min_bytes_per_token": min_bytes,
+            "exp_bound_tokens_per_s": ceil["exp_per_s_datasheet"] / exps,
+            "flop_bound_tokens_per_s": ceil["f16_flop_per_s"] / flops,
+            "byte_bound_tokens_per_s": ceil["copy_bytes_per_s"] / min_bytes}
+
+
+def random_layer(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=False,
+                 generator=None, positions=7, device="cuda"):
+    """Random ``LayerInputs`` of realistic magnitudes (both lenses row-scaled, as
+    ``lens_product`` leaves them) and the unsplit weights they use."""
+    def r(*shape):
+        return torch.randn(*shape, device=device, generator=generator)
+
+    def u(*shape):
+        return torch.rand(*shape, device=device, generator=generator) + 0.5
+
+    w = r(n_heads, k, vocab) * (2.0 / math.sqrt(k))
+    w_hi, w_lo, w_scale = split_heads(w)
+    u_ds = u(n_tokens)
+    inputs = LayerInputs(
+        u=r(n_tokens, vocab) * 4 / u_ds[:, None], u_descale=u_ds,
+        u_next=r(n_tokens, vocab) * 32, u_next_descale=torch.full((n_tokens,), 0.125,
+                                                                  device=device),
+        mbase=r(n_tokens, vocab) * 4, z=r(n_tokens, n_heads, k), w_hi=w_hi, w_lo=w_lo,
+        w_scale=w_scale, bo=r(vocab) * 0.5, bo_mult=u(n_tokens),
+        z_abl=r(n_tokens, n_heads, k) if mean else None,
+        mean_lens=r(positions, vocab) if mean else None,
+        positions=(torch.randint(0, positions, (n_tokens,), device=device, generator=generator)
+                   if mean else None),
+        scales=u(n_tokens, n_slots(n_heads, last)) if scale else None,
+        bias=r(vocab) if scale else None, is_last=last)
+    return inputs, w
+
+
+def _poisoned_workspace(numel: int) -> dict:
+    nan = torch.full((numel,), float("nan"), device="cuda")
+    return {"numel": numel, "device": nan.device, "lse": nan, "ent": nan.clone()}
+
+
+def check_kernels(config: KernelConfig, seed: int) -> list[dict]:
+    """Every mode and odd size against float64; partial buffers poisoned with NaN."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rows = []
+    sizes = [(1, 1, 64, 50257), (37, 3, 24, 1001), (300, 12, 64, 50257), (129, 2, 64, 65)]
+    for n_tokens, n_heads, k, vocab in sizes:
+        for i, (scale, mean) in enumerate([(False, False), (True, False), (False, True),
+                                           (True, True)]):
+            last = (i + n_tokens) % 2 == 0
+            inputs, w = random_layer(n_tokens, n_heads, k, vocab, scale=scale, mean=mean,
+                                     last=last, generator=g)
+            ws = _poisoned_workspace(n_slots(n_heads, last) * 4096 * n_tokens)
+            got = layer_entropies(inputs, config, ws)
+            ref = layer_entropies_reference(inputs, w)
+            rows.append({"what": "layer kernel", "tokens": n_tokens, "heads": n_heads,
+                         "d_head": k, "vocab": vocab, "scale": scale, "mean": mean,
+                         "last": last, "finite": bool(torch.isfinite(got).all()),
+                         "max_abs_err": float((got.double() - ref).abs().max())})
+    for t, kdim, n in [(1, 768, 50257), (333, 768, 1001), (64, 64, 50257)]:
+        x = torch.randn(t, kdim, device="cuda", generator=g) * 3
+        wmat = torch.randn(kdim, n, device="cuda", generator=g) * 0.05
+        w_split = split_operand(wmat)
+        ref = x.double() @ wmat.double()
+        for method in ("triton", "cublas"):
+            scaled, ds = lens_product(x, w_split, method)
+            rel = float((scaled.double() * ds.double()[:, None] - ref).abs().max()
+                        / ref.abs().max())
+            rows.append({"what": f"lens product ({method})", "tokens": t, "d_head": kdim,
+                         "vocab": n, "finite": bool(torch.isfinite(scaled).all()),
+                         "max_rel_err": rel,
+                         "cublas_f16_to_f32": split_product.mm_out_dtype_used("cuda")})
+    from etl.lens.fused_entropy import sum_entropy_fused
+    for t, n in [(1, 50257), (77, 1001)]:
+        base = torch.randn(t, n, device="cuda", generator=g) * 4
+        got = sum_entropy_fused(base)
+        p = torch.softmax(base.double(), -1)
+        ref = -(p * torch.log_softmax(base.double(), -1)).sum(-1)
+        rows.append({"what": "one-pass sum kernel", "tokens": t, "vocab": n,
+                     "finite": bool(torch.isfinite(got).all()),
+                     "max_abs_err": float((got.double() - ref).abs().max())})
+    return rows
+
+
+def time_configs(n_tokens: int, seed: int) -> list[dict]:
+    """One GPT-2-small layer (final-scale lens, zero ablation) per configuration, and the lens
+    product, timed; each configuration's error on the first 64 tokens. Leaves the fastest
+    lens product configuration in ``split_product.LENS_CONFIG``."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    H, K, d, V = (SHAPE[k] for k in ("heads", "d_head", "d_model", "vocab"))
+    inputs, w = random_layer(n_tokens, H, K, V, generator=g)
+    x = torch.randn(n_tokens, d, device="cuda", generator=g)
+    pad = -V % ROW_ALIGN
+    w_split = split_operand(torch.nn.functional.pad(
+        torch.randn(d, V, device="cuda", generator=g) * 0.05 * LOG2E, (0, pad)))
+    rows = time_lens_products(x, w_split)
+    timed = [r for r in rows if r["method"] == "triton" and "lens_ms" in r]
+    best = min(timed, key=lambda r: r["lens_ms"])
+    split_product.LENS_CONFIG = best["lens_config"]
+    return rows + time_layer_configs(inputs, w, best["lens_ms"])
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def time_lens_products(x: torch.Tensor, w_split) -> list[dict]:
+    """``lens_product`` of ``x`` timed through cuBLAS and each ``LENS_CONFIGS`` entry."""
+    n_tokens, n_layers = x.shape[0], SHAPE["layers"]
+    rows = []
+    for cfg in [None] + LENS_CONFIGS:
+        method = "cublas" if cfg is None else "triton"
+        row = {"config": f"lens product ({method}{'' if cfg is None else f' {cfg}'})",
+               "method": method, "lens_config": cfg}
+        try:
+            if cfg is not None:
+                split_product.LENS_CONFIG = cfg
+            ms = _bench(lambda m=method: lens_product(x, w_split, m))
+            row.update(lens_ms=ms, tokens_per_s_12_layers=n_tokens / (n_layers * ms / 1e3))
+        except Exception as exc:
+            row["error"] = _error_text(exc)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def time_layer_configs(inputs: LayerInputs, w: torch.Tensor, lens_ms: float) -> list[dict]:
+    """The layer kernel timed in each of ``CONFIGS`` (with ``lens_ms`` per lens product),
+    its error checked against float64 on the first 64 tokens."""
+    n_tokens, n_layers = inputs.u.shape[0], SHAPE["layers"]
+    sample = replace(inputs, **{f: getattr(inputs, f)[:64] for f in
+                                ("u", "u_descale", "u_next", "u_next_descale", "mbase", "z",
+                                 "bo_mult")})
+    ref = layer_entropies_reference(sample, w)
+    rows = []
+    for i, config in enumerate(CONFIGS):
+        row = {"kernel": i, "config": f"{config.block_t}x{config.block_v} w{config.num_warps} "
+                         f"s{config.num_stages}"}
+        try:
+            ws: dict = {}
+            start = time.perf_counter()
+            layer_entropies(inputs, config, ws)
+            torch.cuda.synchronize()
+            row["first_call_s"] = round(time.perf_counter() - start, 2)
+            compiled = ws.get("kernel")
+            for attr in ("n_regs", "n_spills"):
+                row[attr] = getattr(compiled, attr, None)
+            ms = _bench(lambda c=config, ws=ws: layer_entropies(inputs, c, ws))
+            err = float((layer_entropies(sample, config).double() - ref).abs().max())
+            row.update(layer_ms=ms, lens_ms=lens_ms, max_abs_err=err,
+                       tokens_per_s_12_layers=n_tokens / (n_layers * (ms + lens_ms) / 1e3))
+        except Exception as exc:  # a configuration that fails to compile or run is reported
+            row["error"] = _error_text(exc)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows

@@ -1,0 +1,269 @@
+"""The ``measure_batch`` part of ``python -m etl.gpu_check`` (CUDA only): real activations of a
+checkpoint through the fused path in every lens × ablation mode, against the plain torch path
+and a float64 evaluation on a sample of tokens, with the stage's peak memory."""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import replace
+
+import torch
+
+from etl.lens import fused_measures as fm
+from etl.lens import split_product
+from etl.lens.cache import HeadUnembedCache
+from etl.lens.fused_measures import SplitWeights
+from etl.lens.kernel_reference import layer_entropies_reference
+from etl.lens.kernels import LOG2E, LayerInputs, SplitHeads, layer_entropies
+from etl.lens.split_product import lens_product
+
+MODES = [("final-scale", "zero"), ("recomputed-ln", "zero"), ("final-scale", "mean"),
+         ("recomputed-ln", "mean")]
+
+
+def _concat(parts):
+    from etl.lens.types import BatchActivations
+
+    return BatchActivations(**{k: torch.cat([getattr(p, k) for p in parts])
+                               for k in vars(parts[0])})
+
+
+def _slice(batch, n, dtype):
+    """The first ``n`` tokens of a ``BatchActivations`` or ``BatchMeasures``, floats as
+    ``dtype``."""
+    return type(batch)(**{k: (v[:n].to(dtype) if v.is_floating_point() else v[:n])
+                          for k, v in vars(batch).items()})
+
+
+def _cache_gib(cache: HeadUnembedCache) -> float:
+    """GiB of the split weights the fused path keeps in ``cache`` between batches."""
+    total = 0
+    for value in cache.values():
+        if isinstance(value, SplitWeights):
+            total += value.w_u.nbytes()
+        elif isinstance(value, SplitHeads):
+            total += sum(t.numel() * t.element_size() for t in value)
+    return total / 2**30
+
+
+def _err(a, b) -> float:
+    return max(float((getattr(a, k).double() - getattr(b, k).double()).abs().max())
+               for k in ("diff", "marginal", "resid"))
+
+
+def _errors_by_part(a, b) -> dict:
+    """Max abs error of each part of two ``BatchMeasures`` (heads, MLPs, residual points)."""
+    def e(x, y):
+        return float((x.double() - y.double()).abs().max())
+
+    return {"diff_heads": e(a.diff[..., :-1], b.diff[..., :-1]),
+            "diff_mlp": e(a.diff[..., -1], b.diff[..., -1]),
+            "marginal_heads": e(a.marginal[..., :-1], b.marginal[..., :-1]),
+            "marginal_mlp": e(a.marginal[..., -1], b.marginal[..., -1]),
+            "resid_pre": e(a.resid[:, 0:-1:2], b.resid[:, 0:-1:2]),
+            "resid_mid": e(a.resid[:, 1:-1:2], b.resid[:, 1:-1:2]),
+            "resid_final": e(a.resid[:, -1], b.resid[:, -1])}
+
+
+def diagnose_real(acts, weights, sample: int,
+                  cache: HeadUnembedCache | None = None) -> list[dict]:
+    """On real activations (final-scale lens, zero ablation): the lens product's error against
+    float64, and the layer kernel's error against float64 given the same inputs."""
+    sl = slice(0, sample)
+    split = fm.split_weights(weights, centered=False, cache=cache)
+    ctx = fm._chunk_context(acts, weights, sl, recomputed=False)
+    w_u = weights.W_U.double() * LOG2E
+    vocab = w_u.shape[1]
+    rows = []
+    for layer in (0, acts.z.shape[1] // 2, acts.z.shape[1] - 1):
+        x = fm._lens_input(acts, sl, layer, ctx)
+        scaled, ds = lens_product(x, split.w_u)
+        u = scaled[:, :vocab] * ds[:, None]
+        ref_u = x.double() @ w_u
+        last = layer + 1 == acts.z.shape[1]
+        if last:
+            un, un_ds = ctx.u_last, torch.ones_like(ds)
+        else:
+            nxt, un_ds = lens_product(fm._lens_input(acts, sl, layer + 1, ctx), split.w_u)
+            un = nxt[:, :vocab]
+        w_hi, w_lo, w_scale = fm.head_split(split, weights, layer, cache)
+        inputs = LayerInputs(
+            u=scaled[:, :vocab], u_descale=ds, u_next=un, u_next_descale=un_ds,
+            mbase=ctx.mbase, z=acts.z[sl, layer].float() * ctx.inv_s[:, :, None],
+            w_hi=w_hi, w_lo=w_lo, w_scale=w_scale, bo=split.bo_lens[layer], bo_mult=ctx.mult,
+            is_last=last)
+        w64 = torch.einsum("hkd,dv->hkv", weights.W_O[layer].double(), w_u)
+        got = layer_entropies(inputs)
+        ref = layer_entropies_reference(inputs, w64)
+        err = (got.double() - ref).abs().amax(0)
+        h = acts.z.shape[2]
+        rows.append({"what": "real layer", "layer": layer,
+                     "lens_abs_err_log2": float((u.double() - ref_u).abs().max()),
+                     "lens_max_abs_log2": float(ref_u.abs().max()),
+                     "kernel_err_heads_with": float(err[:h].max()),
+                     "kernel_err_heads_without": float(err[h:2 * h].max()),
+                     "kernel_err_pre_mid_mlp": float(err[2 * h:].max())})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _real_batch(model, n_tokens: int, seq_len: int):
+    """Activations of ``n_tokens`` random tokens (seed 0), the forward's seconds, and the
+    per-position means in float32 and float64."""
+    from etl.activations import MeanAccumulator, run_batch
+
+    g = torch.Generator().manual_seed(0)
+    n_seqs = max(1, n_tokens // seq_len)
+    tokens = torch.randint(0, model.cfg.d_vocab, (n_seqs, seq_len), generator=g)
+    tokens[:, 0] = model.tokenizer.bos_token_id or 0
+    tokens = tokens.cuda()
+    batch = 8
+    start = time.perf_counter()
+    acts = _concat([run_batch(model.bridge, tokens[i:i + batch])
+                    for i in range(0, n_seqs, batch)])
+    torch.cuda.synchronize()
+    forward_s = time.perf_counter() - start
+    acc = MeanAccumulator()
+    for i in range(0, n_seqs, batch):
+        part = tokens[i:i + batch]
+        acc.add(model.bridge, part, torch.ones_like(part, dtype=torch.bool))
+    return acts, forward_s, acc.means(torch.float32), acc.means(torch.float64)
+
+
+class _Stage:
+    """The stage's inputs: activations, means, weights and their caches (one per dtype)."""
+
+    def __init__(self, model, n_tokens: int, seq_len: int, sample: int):
+        from etl.bench import _weights_as
+
+        self.acts, self.forward_s, self.means32, self.means64 = _real_batch(
+            model, n_tokens, seq_len)
+        self.weights = model.unembed_weights()
+        self.weights64 = _weights_as(self.weights, torch.float64)
+        self.cache, self.cache64 = HeadUnembedCache(), HeadUnembedCache()
+        self.sample = sample
+
+    def measure(self, acts, options, means=None, f64: bool = False):
+        from etl.lens.measures import measure_batch
+
+        if f64:
+            return measure_batch(acts, self.weights64, options, means, self.cache64)
+        return measure_batch(acts, self.weights, options, means, self.cache)
+
+    def reference(self, options, mean: bool = False):
+        """float64 plain-torch measures of the sample tokens."""
+        return self.measure(_slice(self.acts, self.sample, torch.float64),
+                            replace(options, fused=False), self.means64 if mean else None,
+                            f64=True)
+
+
+def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: int,
+                  sample: int, chunks: list[int]) -> list[dict]:
+    """``measure_batch`` on real activations, every mode, fused vs plain torch."""
+    from etl.model import load_model
+
+    stage = _Stage(load_model(model_dir, device="cuda"), n_tokens, seq_len, sample)
+    n = stage.acts.z.shape[0]
+    rows = [{"what": "forward (TransformerLens, hooks)", "tokens": n,
+             "seconds": stage.forward_s, "tokens_per_s": n / stage.forward_s}]
+    try:
+        rows += diagnose_real(stage.acts, stage.weights, sample, stage.cache)
+    except Exception as exc:
+        traceback.print_exc()
+        rows.append({"what": "real layer", "error": _error_text(exc)})
+    chosen = split_product.LENS_METHOD
+    for lens, ablation in MODES:
+        for chunk in (chunks if (lens, ablation) == ("final-scale", "zero") else chunks[:1]):
+            rows.append(_time_mode(stage, lens, ablation, chunk, chosen))
+            print(json.dumps(rows[-1]), flush=True)
+    split_product.LENS_METHOD = chosen
+    rows += _lens_method_errors(stage, chosen)
+    rows.append(_plain_torch(stage, baseline_tokens))
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _time_mode(stage: _Stage, lens: str, ablation: str, chunk: int, method: str) -> dict:
+    """One lens × ablation mode through the fused path, timed, checked against float64."""
+    from etl.lens.types import MeasureOptions
+
+    acts, n = stage.acts, stage.acts.z.shape[0]
+    row = {"lens": lens, "ablation": ablation, "chunk_tokens": chunk, "tokens": n,
+           "lens_method": method}
+    split_product.LENS_METHOD = method
+    try:
+        options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=chunk)
+        means = stage.means32 if ablation == "mean" else None
+        stage.measure(_slice(acts, min(n, 1024), torch.float32), options, means)  # compile
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            got = stage.measure(acts, options, means)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+        row["weights_cache_gib"] = _cache_gib(stage.cache)
+        ref = stage.reference(options, mean=ablation == "mean")
+        got_sample = _slice(got, stage.sample, torch.float64)
+        row.update(seconds=min(times), tokens_per_s=n / min(times),
+                   stage_peak_gib=peak, max_abs_err=_err(got_sample, ref),
+                   err_by_part=_errors_by_part(got_sample, ref),
+                   finite=bool(all(torch.isfinite(getattr(got, k)).all()
+                                   for k in ("diff", "marginal", "resid"))))
+    except Exception as exc:
+        row["error"] = _error_text(exc)
+        traceback.print_exc()
+    return row
+
+
+def _lens_method_errors(stage: _Stage, chosen: str) -> list[dict]:
+    """The fused path's error (final-scale, zero) with each way of the lens product."""
+    from etl.lens.types import MeasureOptions
+
+    ref = stage.reference(MeasureOptions(chunk_tokens=1024))
+    rows = []
+    for method, exact in (("cublas", False), ("cublas", True), ("triton", False)):
+        split_product.LENS_METHOD = method
+        split_product._MM_OUT_DTYPE["cuda"] = not exact  # exact: the halves in float32 cuBLAS
+        try:
+            got = stage.measure(_slice(stage.acts, stage.sample, torch.float32),
+                                MeasureOptions(chunk_tokens=1024))
+            rows.append({"what": f"fused, lens {method}{' in float32' if exact else ''}",
+                         "lens": "final-scale", "ablation": "zero", "tokens": stage.sample,
+                         "max_abs_err": _err(got, ref), "err_by_part": _errors_by_part(got, ref)})
+        finally:
+            split_product._MM_OUT_DTYPE["cuda"] = True
+            split_product.LENS_METHOD = chosen
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _plain_torch(stage: _Stage, baseline_tokens: int) -> dict:
+    """The plain torch path (final-scale, zero) on ``baseline_tokens`` tokens, timed."""
+    from etl.lens.types import MeasureOptions
+
+    base = _slice(stage.acts, baseline_tokens, torch.float32)
+    options = MeasureOptions(chunk_tokens=1024, fused=False)
+    ref = stage.reference(options)
+    stage.measure(_slice(stage.acts, 64, torch.float32), options)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    plain = stage.measure(base, options)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    plain_sample = _slice(plain, stage.sample, torch.float64)
+    return {"lens": "final-scale", "ablation": "zero", "path": "plain torch (fused=False)",
+            "tokens": base.z.shape[0], "seconds": seconds,
+            "tokens_per_s": base.z.shape[0] / seconds,
+            "max_abs_err": _err(plain_sample, ref),
+            "err_by_part": _errors_by_part(plain_sample, ref)}

@@ -1,0 +1,70 @@
+"""The Hugging Face hub, asked at most once per process and briefly: when it does not
+answer, the process's clients read only their local cache (no retries)."""
+
+from __future__ import annotations
+
+HUB_PROBE_TIMEOUT_S = 3.0
+"""Seconds the one reachability request to the hub may take before it counts as offline."""
+
+
+_hub_reachable: bool | None = None
+
+
+def _go_offline() -> None:
+    """Switch this process's Hugging Face clients to their local cache (no requests)."""
+    import sys
+
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = True
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers, asked once per process.
+
+    One request with a ``HUB_PROBE_TIMEOUT_S`` timeout and no retries; any HTTP answer counts
+    as reachable. With ``HF_HUB_OFFLINE=1`` nothing is sent and the answer is False. When
+    the hub does not answer, the process's Hugging Face clients are switched to offline mode,
+    so that cached models and datasets load without the clients' retries.
+    """
+    global _hub_reachable
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if _hub_reachable is None:
+        from huggingface_hub import get_session  # the hub client's own, without its retries
+
+        try:
+            get_session().head(constants.ENDPOINT.rstrip("/") + "/api/models",
+                               timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+            _hub_reachable = True
+        except Exception:  # no answer at all: refused, timed out, bad proxy or endpoint
+            _hub_reachable = False
+    if not _hub_reachable:
+        _go_offline()
+    return _hub_reachable
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it came from) says the hub could not be reached
+    or that a file is neither cached nor allowed to be downloaded (offline mode)."""
+    import importlib
+
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    kinds: tuple[type, ...] = (LocalEntryNotFoundError, OfflineModeIsEnabled)
+    for module in ("httpx2", "httpx"):  # the hub client's HTTP library (by version)
+        try:
+            kinds += (importlib.import_module(module).TransportError,)
+        except (ImportError, AttributeError):
+            pass
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, kinds):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

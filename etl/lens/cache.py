@@ -1,0 +1,85 @@
+"""``HeadUnembedCache``: weights derived from one model's ``UnembedWeights``, kept between
+batches.
+
+It holds, per lens space (centred or not), the plain torch path's per-layer factored
+unembedding ``W_O[L] @ W_U`` (``[H, dh, V]``) with ``W_O[L]``, the per-layer ``b_O @ W_U``, and
+the fused path's float16-split weights (``etl.lens.fused_measures.SplitWeights``). Per-head
+products take ``L·H·dh·V`` numbers (GPT-2 small: 1.9 GB in float32); they are kept only when
+that fits ``limit_bytes``, and recomputed for every chunk otherwise.
+
+Make one cache per model and pass it to every ``measure_batch`` call of a run; without one
+(``cache=None``) ``measure_batch`` makes a fresh cache per call, so nothing is kept between
+calls. A cache refuses weights other than those it was first used with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from etl.lens.types import UnembedWeights
+
+DEFAULT_LIMIT_BYTES = 3 * 2**30
+"""Default ``limit_bytes``: every layer's ``W_O @ W_U`` of GPT-2 small fits in float32."""
+
+
+def _weights_key(weights: UnembedWeights):
+    """What tells one model's weights from another's: the unembedding's storage (``W_O`` and
+    ``b_O`` are stacked afresh by every ``LoadedModel.unembed_weights()`` call) and the
+    shapes, dtype and device of ``W_U`` and ``W_O``."""
+    w_u, w_o = weights.W_U, weights.W_O
+    return (w_u.data_ptr(), tuple(w_u.shape), tuple(w_o.shape), w_u.dtype, w_o.dtype,
+            w_u.device)
+
+
+def head_unembed_bytes(weights: UnembedWeights, element_size: int | None = None) -> int:
+    """Bytes that every layer's ``W_O @ W_U`` takes together, at ``element_size`` bytes per
+    number (default: that of ``W_U``)."""
+    n_layers, n_heads, d_head, _ = weights.W_O.shape
+    size = weights.W_U.element_size() if element_size is None else element_size
+    return n_layers * n_heads * d_head * weights.W_U.shape[1] * size
+
+
+class HeadUnembedCache:
+    """Derived unembedding weights of one model, kept between ``measure_batch`` calls.
+
+    Args:
+        limit_bytes: keep the per-head products ``W_O[L] @ W_U`` of every layer only when
+            together they fit in this many bytes (see ``fits``).
+    """
+
+    def __init__(self, limit_bytes: int = DEFAULT_LIMIT_BYTES):
+        self.limit_bytes = limit_bytes
+        self._entries: dict = {}
+        self._weights_key = None
+
+    def check_weights(self, weights: UnembedWeights) -> None:
+        """Remember the weights on first use; raise ``ValueError`` for other weights."""
+        key = _weights_key(weights)
+        if self._weights_key is None:
+            self._weights_key = key
+        elif key != self._weights_key:
+            raise ValueError("this HeadUnembedCache holds another model's weights: make one "
+                             "cache per model (and per dtype and device)")
+
+    def fits(self, weights: UnembedWeights, element_size: int | None = None) -> bool:
+        """Whether every layer's per-head products fit ``limit_bytes``."""
+        return head_unembed_bytes(weights, element_size) <= self.limit_bytes
+
+    def get(self, key, make: Callable[[], Any], keep: bool = True):
+        """The entry ``key``, made by ``make()`` when missing and stored when ``keep``."""
+        if key in self._entries:
+            return self._entries[key]
+        value = make()
+        if keep:
+            self._entries[key] = value
+        return value
+
+    def values(self) -> list:
+        """The entries held (for reports of their size)."""
+        return list(self._entries.values())
+
+    def clear(self) -> None:
+        """Drop every entry (and the weights they belong to)."""
+        self._entries.clear()
+        self._weights_key = None

@@ -1,0 +1,93 @@
+"""``RunWriter`` on its own: staging, aborting (kept for a resume, or discarded) and
+publishing, without a model."""
+
+import json
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from etl.tables import component_table, resid_table
+from etl.warehouse import RunWriter, manifest_path
+
+N_LAYERS, N_HEADS, SEQ_LEN = 2, 3, 4
+PLAN = {"run_id": "r", "config_fingerprint": "abc", "n_batches": 2}
+
+
+def _batch(writer: RunWriter, batch: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed + batch)
+    n_tok = SEQ_LEN
+    seqs, positions = np.full(n_tok, batch), np.arange(n_tok)
+    diff = rng.normal(size=(n_tok, N_LAYERS, N_HEADS + 1)).astype(np.float32)
+    marginal = rng.normal(size=(n_tok, N_LAYERS, N_HEADS + 1)).astype(np.float32)
+    resid = rng.normal(size=(n_tok, 2 * N_LAYERS + 1)).astype(np.float32)
+    writer.write("component_entropy", component_table(diff, marginal, seqs, positions), batch)
+    writer.write("resid_entropy", resid_table(resid, seqs, positions), batch)
+    writer.write("tokens", pa.table({"seq": seqs.astype(np.int32),
+                                     "position": positions.astype(np.int32)}), batch)
+
+
+def _staged(root) -> list[str]:
+    return sorted(p.relative_to(root / "_staging").as_posix()
+                  for p in (root / "_staging").rglob("*.parquet"))
+
+
+def test_abort_keeps_the_staged_batches_for_a_resume(tmp_path):
+    writer = RunWriter(tmp_path, "r", workers=2, plan=PLAN)
+    _batch(writer, 0)
+    writer.abort()
+    assert len(_staged(tmp_path)) == 3  # every table's shard of batch 0
+    assert not manifest_path(tmp_path, "r").exists()
+    again = RunWriter(tmp_path, "r", workers=2, plan=PLAN)
+    assert again.done_batches == {0}
+    _batch(again, 1)
+    again.flush()
+    path = again.publish({"run_id": "r"}, n_batches=2)
+    manifest = json.loads(path.read_text())
+    assert {len(manifest["shards"][t]) for t in manifest["shards"]} == {2}
+    assert not (tmp_path / "_staging" / "r").exists()
+
+
+def test_abort_without_keep_discards_the_staging_folder(tmp_path):
+    writer = RunWriter(tmp_path, "r", workers=2, plan=PLAN)
+    _batch(writer, 0)
+    writer.abort(keep=False)
+    assert not (tmp_path / "_staging" / "r").exists()
+    assert RunWriter(tmp_path, "r", workers=2, plan=PLAN).done_batches == set()
+
+
+def test_abort_drops_the_queued_shards_errors_and_publishes_nothing(tmp_path, monkeypatch):
+    writer = RunWriter(tmp_path, "r", workers=8, plan=PLAN)  # room for 16 queued shards
+
+    release = threading.Event()
+
+    def failing(*args, **kwargs):
+        release.wait(10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "_write_file", failing)
+    _batch(writer, 0)  # three shards queued, none finished yet
+    release.set()
+    writer.abort()  # the shards' own errors are not raised here: the run's error is
+    assert _staged(tmp_path) == []
+    assert not manifest_path(tmp_path, "r").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_shard_fails_the_flush(tmp_path, monkeypatch):
+    writer = RunWriter(tmp_path, "r", workers=8, plan=PLAN)
+
+    release = threading.Event()
+
+    def failing(*args, **kwargs):
+        release.wait(10)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer, "_write_file", failing)
+    _batch(writer, 0)
+    release.set()
+    with pytest.raises(OSError, match="Input/output error"):
+        writer.flush()
+    writer.abort()
+    assert not manifest_path(tmp_path, "r").exists()
