@@ -149,10 +149,11 @@ def test_measures_through_the_kernel_match_float64_and_the_torch_path(tiny_model
         return measure_batch(acts, weights, options, means, cache)
 
     fused, plain = run(True, cache), run(False)
-    again = run(True, cache)  # the split weights come from the cache now
-    assert any(isinstance(value, SplitWeights) for value in cache.values())
-    for name in ("diff", "marginal", "resid"):
-        assert torch.equal(getattr(again, name), getattr(fused, name))
+    if (lens, ablation) == ("final-scale", "zero"):  # once: the interpreter is slow
+        again = run(True, cache)  # the split weights come from the cache now
+        assert any(isinstance(value, SplitWeights) for value in cache.values())
+        for name in ("diff", "marginal", "resid"):
+            assert torch.equal(getattr(again, name), getattr(fused, name))
     diff, marg, resid = reference_measures(tiny_model.bridge, tokens, lens, ablation)
     shape = diff.shape
     for got in (fused, plain):

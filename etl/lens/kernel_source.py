@@ -63,34 +63,6 @@ if triton is not None:
         ds = tl.load(ds_ptr + rows, mask=row_ok, other=0.0)
         return x * ds[:, None] + pad[None, :]
 
-    @triton.jit
-    def _residual_slots(u, usum, mb, bias, pad, bo_ptr, bom_ptr, un_ptr, stride_un, unds_ptr,
-                        pos_ptr, ml_ptr, stride_ml, sc_ptr, lse_ptr, ent_ptr, rows, rows64,
-                        cols, ok, row_ok, col_ok, n_sl, H, pid_v, n_vt, T, is_last,
-                        HAS_SCALE: tl.constexpr, MEAN_ABL: tl.constexpr):
-        """The layer kernel's slots after the heads': resid_pre, resid_mid (``u`` + the heads'
-        sum ``usum`` + ``b_O``'s lens), the MLP's marginal and (last layer) the final lens."""
-        _emit(_scaled(u, sc_ptr, rows, row_ok, n_sl, 2 * H, bias, HAS_SCALE),
-              lse_ptr, ent_ptr, 2 * H, pid_v, n_vt, T, rows, row_ok)
-        bo = tl.load(bo_ptr + cols, mask=col_ok, other=0.0)
-        bo_mult = tl.load(bom_ptr + rows, mask=row_ok, other=0.0)
-        u_mid = u + usum + bo_mult[:, None] * bo[None, :]
-        _emit(_scaled(u_mid, sc_ptr, rows, row_ok, n_sl, 2 * H + 1, bias, HAS_SCALE),
-              lse_ptr, ent_ptr, 2 * H + 1, pid_v, n_vt, T, rows, row_ok)
-        un = _load_descaled(un_ptr, stride_un, unds_ptr, rows64, cols, ok, rows, row_ok,
-                            pad)
-        y = mb - (un - u_mid)  # the MLP's lens is what lies between resid_mid and the next
-        if MEAN_ABL:
-            pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
-            mean_mlp = tl.load(ml_ptr + pos.to(tl.int64)[:, None] * stride_ml + cols[None, :],
-                               mask=ok, other=0.0)
-            y += bo_mult[:, None] * mean_mlp
-        _emit(_scaled(y, sc_ptr, rows, row_ok, n_sl, 2 * H + 2, bias, HAS_SCALE),
-              lse_ptr, ent_ptr, 2 * H + 2, pid_v, n_vt, T, rows, row_ok)
-        if is_last != 0:
-            _emit(_scaled(un, sc_ptr, rows, row_ok, n_sl, 2 * H + 3, bias, HAS_SCALE),
-                  lse_ptr, ent_ptr, 2 * H + 3, pid_v, n_vt, T, rows, row_ok)
-
     @triton.jit(do_not_specialize=["T", "V", "H", "K", "n_vt", "n_sl", "is_last"])
     def _layer_kernel(u_ptr, uds_ptr, un_ptr, unds_ptr, mb_ptr, zh_ptr, zl_ptr, zds_ptr,
                       ah_ptr, al_ptr, ads_ptr, wh_ptr, wl_ptr, bo_ptr, bom_ptr, ml_ptr,
@@ -142,10 +114,26 @@ if triton is not None:
                 head = _dot3(a_hi, a_lo, w_hi, w_lo, UPCAST) * a_ds[:, None]
             _emit(_scaled(mb - head, sc_ptr, rows, row_ok, n_sl, H + h, bias, HAS_SCALE),
                   lse_ptr, ent_ptr, H + h, pid_v, n_vt, T, rows, row_ok)
-        _residual_slots(u, usum, mb, bias, pad, bo_ptr, bom_ptr, un_ptr, stride_un, unds_ptr,
-                        pos_ptr, ml_ptr, stride_ml, sc_ptr, lse_ptr, ent_ptr, rows, rows64, cols,
-                        ok, row_ok, col_ok, n_sl, H, pid_v, n_vt, T, is_last, HAS_SCALE,
-                        MEAN_ABL)
+        _emit(_scaled(u, sc_ptr, rows, row_ok, n_sl, 2 * H, bias, HAS_SCALE),
+              lse_ptr, ent_ptr, 2 * H, pid_v, n_vt, T, rows, row_ok)
+        bo = tl.load(bo_ptr + cols, mask=col_ok, other=0.0)
+        bo_mult = tl.load(bom_ptr + rows, mask=row_ok, other=0.0)
+        u_mid = u + usum + bo_mult[:, None] * bo[None, :]
+        _emit(_scaled(u_mid, sc_ptr, rows, row_ok, n_sl, 2 * H + 1, bias, HAS_SCALE),
+              lse_ptr, ent_ptr, 2 * H + 1, pid_v, n_vt, T, rows, row_ok)
+        un = _load_descaled(un_ptr, stride_un, unds_ptr, rows64, cols, ok, rows, row_ok,
+                            pad)
+        y = mb - (un - u_mid)  # the MLP's lens is what lies between resid_mid and the next
+        if MEAN_ABL:
+            pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
+            mean_mlp = tl.load(ml_ptr + pos.to(tl.int64)[:, None] * stride_ml + cols[None, :],
+                               mask=ok, other=0.0)
+            y += bo_mult[:, None] * mean_mlp
+        _emit(_scaled(y, sc_ptr, rows, row_ok, n_sl, 2 * H + 2, bias, HAS_SCALE),
+              lse_ptr, ent_ptr, 2 * H + 2, pid_v, n_vt, T, rows, row_ok)
+        if is_last != 0:
+            _emit(_scaled(un, sc_ptr, rows, row_ok, n_sl, 2 * H + 3, bias, HAS_SCALE),
+                  lse_ptr, ent_ptr, 2 * H + 3, pid_v, n_vt, T, rows, row_ok)
 
     @triton.jit(do_not_specialize=["M", "N", "K"])
     def _lens_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, out_ptr, M, N, K, stride_a, stride_b,
