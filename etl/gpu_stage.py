@@ -109,7 +109,6 @@ def diagnose_real(acts, weights, sample: int,
     return rows
 
 
-
 def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 

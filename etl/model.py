@@ -65,8 +65,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-
-
 def _hf_param_name(model, name: str) -> str:
     """The checkpoint's name of parameter ``name`` of a bridged model (the bridge wraps each
     module in ``_original_component`` and renames some, e.g. ``attn.o`` for ``c_proj``)."""

@@ -169,7 +169,6 @@ def n_slots(n_heads: int, is_last: bool) -> int:
     return 2 * n_heads + (4 if is_last else 3)
 
 
-
 def _check(inputs: LayerInputs) -> tuple[int, int, int, int]:
     n_tokens, vocab = inputs.u.shape
     _, n_heads, k = inputs.z.shape
