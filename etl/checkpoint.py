@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from etl.errors import ArgumentParser, UserError
+from etl.families import FAMILIES, random_family_model
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt2-tiny": Architecture(n_layer=2, n_head=4, n_embd=64, n_positions=256),
 }
 """Named architectures: GPT-2 small and medium shapes, and two small ones for tests."""
+FAMILY_ARCHITECTURES = tuple(f"{family}-tiny" for family in FAMILIES)
+"""Tiny random-init members of other decoder families (``etl.families``)."""
+
+
+def all_architectures() -> list[str]:
+    """Every ``--arch`` name, sorted."""
+    return sorted([*ARCHITECTURES, *FAMILY_ARCHITECTURES])
 
 LOGIT_STD = 3.0
 """Target spread of the logits: the token embedding gets std ``LOGIT_STD / sqrt(d_model)``
@@ -118,16 +126,19 @@ def write_checkpoint(arch_name: str, out: Path, seed: int = 0) -> Path:
     Returns:
         ``out``, a directory that ``--model`` accepts.
     """
-    if arch_name not in ARCHITECTURES:
+    if arch_name in ARCHITECTURES:
+        model = random_gpt2(ARCHITECTURES[arch_name], seed=seed)
+    elif arch_name in FAMILY_ARCHITECTURES:
+        model = random_family_model(arch_name.removesuffix("-tiny"), seed=seed)
+    else:
         raise UserError(f"unknown --arch {arch_name!r}; choose one of "
-                        f"{', '.join(sorted(ARCHITECTURES))}")
-    model = random_gpt2(ARCHITECTURES[arch_name], seed=seed)
+                        f"{', '.join(all_architectures())}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     gpt2_tokenizer().save_pretrained(out)
     (out / "RANDOM_INIT.txt").write_text(
         f"Random-init {arch_name} (seed {seed}) written by python -m etl.checkpoint.\n"
-        "Its entropies are for testing the pipeline and mean nothing about GPT-2.\n",
+        "Its entropies are for testing the pipeline and mean nothing about any real model.\n",
         encoding="utf-8")
     return out
 
@@ -136,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = ArgumentParser(
         prog="python -m etl.checkpoint",
-        description="Write a random-init GPT-2-family checkpoint with GPT-2's tokenizer, "
+        description="Write a random-init checkpoint with GPT-2's tokenizer, "
                     "for offline runs, tests and benchmarks.")
-    parser.add_argument("--arch", default="gpt2-small", choices=sorted(ARCHITECTURES),
-                        help="architecture (default: gpt2-small)")
+    parser.add_argument("--arch", default="gpt2-small", choices=all_architectures(),
+                        help="architecture: GPT-2 shapes, or a tiny member of another "
+                             "decoder family (default: gpt2-small)")
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     try:

@@ -47,10 +47,19 @@ class LoadedModel:
     def unembed_weights(self) -> UnembedWeights:
         """The weights the lens needs, detached, in the model's dtype and device."""
         b = self.bridge
-        return UnembedWeights(
-            W_U=b.W_U.detach(), b_U=b.b_U.detach(), W_O=b.W_O.detach(), eps=float(b.cfg.eps),
-            b_O=b.b_O.detach()
-        )
+        W_O = b.W_O.detach()
+        return UnembedWeights(W_U=b.W_U.detach(), b_U=b.b_U.detach(), W_O=W_O,
+                              eps=float(b.cfg.eps), b_O=output_biases(b, W_O))
+
+
+def output_biases(bridge, W_O: torch.Tensor) -> torch.Tensor:
+    """``[L, d]`` attention output biases; zeros for bias-free output projections (Llama,
+    Mistral, Gemma), whose bridge has no ``b_O``."""
+    try:
+        return bridge.b_O.detach()
+    except AttributeError:
+        n_layers, _, _, d_model = W_O.shape
+        return torch.zeros(n_layers, d_model, dtype=W_O.dtype, device=W_O.device)
 
 
 def resolve_device(device: str) -> str:
@@ -176,3 +185,25 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         "tokenizer": _tokenizer_identity(bridge.tokenizer),
     }
     return LoadedModel(bridge=bridge, name=name, identity=identity)
+
+
+def check_measurable(cfg, name: str, recomputes_ln: bool) -> None:
+    """Raise ``UserError`` (one line) when the measures are not defined for the model
+    ``name`` with TransformerLens config ``cfg``: parallel attention and MLP blocks (no
+    ``resid_mid``), no final normalisation (no scale for the lens), logit soft-capping, or
+    the ``recomputed-ln`` lens on an RMSNorm model."""
+    norm = str(getattr(cfg, "normalization_type", None))
+    problems = [
+        (getattr(cfg, "parallel_attn_mlp", False),
+         "has parallel attention and MLP blocks (GPT-NeoX/Pythia, GPT-J): there is no "
+         "resid_mid to measure the MLP against, and such blocks are not supported yet"),
+        (norm in ("None", ""), "has no final normalisation, so the lens has no scale"),
+        ((getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0,
+         "soft-caps its logits, which the lens does not model yet"),
+        (recomputes_ln and norm.startswith("RMS"),
+         "normalises with RMSNorm, but --lens recomputed-ln recomputes LayerNorm statistics; "
+         "use --lens final-scale"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise UserError(f"cannot measure model {name!r}: it {why}")

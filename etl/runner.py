@@ -22,9 +22,10 @@ from etl.activations import MeanAccumulator, run_batch
 from etl.config import ExtractConfig, RunOptions
 from etl.errors import UserError
 from etl.lens.cache import HeadUnembedCache
+from etl.lens.lenses import lens_type
 from etl.lens.measures import first_non_finite, measure_batch
 from etl.lens.types import AblationMeans, BatchMeasures, MeasureOptions
-from etl.model import LoadedModel, load_model, resolve_device
+from etl.model import LoadedModel, check_measurable, load_model, resolve_device
 from etl.pipeline import Batches, LoopTiming, run_loop, use_pipeline
 from etl.provenance import git_commit, package_versions
 from etl.runlock import RunLock
@@ -76,6 +77,8 @@ class ExtractRunner:
             texts = read_texts(self.config)
             model = self.model or load_model(self.config.model, device=self.device,
                                              dtype=getattr(torch, self.config.dtype))
+            check_measurable(model.cfg, self.config.model,
+                             lens_type(self.config.lens).recomputes_ln)
             tokens = self._tokens(model, texts)
             batches = Batches(tokens, self.config.sequences_per_forward(self.device,
                                                                         tokens.seq_len))

@@ -31,8 +31,10 @@ def reference_measures(bridge, tokens, lens="final-scale", ablation="zero", mask
     if mask is None:
         mask = torch.ones(tokens.shape, dtype=torch.bool)
 
-    def ln(r):
-        rc = r - r.mean(-1, keepdim=True)
+    rms = str(cfg.normalization_type).startswith("RMS")
+
+    def ln(r):  # the model's final normalisation, its weights folded into W_U
+        rc = r if rms else r - r.mean(-1, keepdim=True)
         return rc / torch.sqrt(rc.pow(2).mean(-1, keepdim=True) + eps)
 
     def lens_logits(r):
