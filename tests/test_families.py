@@ -71,3 +71,23 @@ def test_unmeasurable_models_are_refused_in_one_line(checkpoints, tmp_path, caps
     assert err.startswith("error: cannot measure model ") and err.count("\n") == 1, err
     assert why in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("changes,why", [
+    ({"normalization_type": None}, "no final normalisation"),
+    ({"output_logits_soft_cap": 30.0}, "soft-caps its logits"),
+    ({}, None),
+])
+def test_other_unmeasurable_configs_are_refused(changes, why):
+    from types import SimpleNamespace
+
+    from etl.errors import UserError
+    from etl.model import check_measurable
+
+    cfg = SimpleNamespace(**{"normalization_type": "LN", "parallel_attn_mlp": False,
+                             "output_logits_soft_cap": -1.0, **changes})
+    if why is None:
+        check_measurable(cfg, "m", recomputes_ln=True)  # GPT-2-like: measurable
+        return
+    with pytest.raises(UserError, match=why):
+        check_measurable(cfg, "m", recomputes_ln=False)
