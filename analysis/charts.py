@@ -137,18 +137,26 @@ def increase_heatmap(summary: pl.DataFrame) -> alt.FacetChart:
 
 
 def resid_steps(resid: pl.DataFrame) -> alt.LayerChart:
-    """Entropy change per layer from attention and from the MLP (``resid_summary`` rows)."""
-    base = alt.Chart().transform_fold(
-        ["attn_step", "mlp_step"], as_=["step_field", "step"],
-    ).transform_calculate(
-        source="datum.step_field == 'attn_step' ? 'attention (mid − pre)' "
-               ": 'MLP (next pre − mid)'",
+    """Entropy change per layer from attention and from the MLP (``resid_summary`` rows);
+    for parallel attention+MLP blocks, which have no ``resid_mid``, the whole block's step
+    (next pre − pre)."""
+    names = {"attn_step": "attention (mid − pre)", "mlp_step": "MLP (next pre − mid)",
+             "block_step": "parallel block (next pre − pre)"}
+    label = " : ".join(f"datum.step_field == '{field}' ? '{name}'"
+                       for field, name in list(names.items())[:-1])
+    base = alt.Chart().transform_calculate(
+        block_step="datum.mean_resid_mid == null && datum.mean_next != null "
+                   "? datum.mean_next - datum.mean_resid_pre : null",
+    ).transform_fold(
+        list(names), as_=["step_field", "step"],
+    ).transform_filter("isValid(datum.step)").transform_calculate(
+        source=f"{label} : '{names['block_step']}'",
     )
     lines = base.mark_line(point=True, strokeWidth=2).encode(
         x=alt.X("layer:O", title="layer", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("step:Q", title="change in lens entropy (nats)"),
-        color=alt.Color("source:N", title="step",
-                        sort=["attention (mid − pre)", "MLP (next pre − mid)"]),
+        color=alt.Color("source:N", title="step", sort=list(names.values()),
+                        legend=alt.Legend(labelLimit=260)),
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("source:N"),
                  alt.Tooltip("step:Q", format=".5f", title="step (nats)"),
                  alt.Tooltip("mean_resid_pre:Q", format=".4f", title="resid_pre (nats)"),

@@ -5,14 +5,18 @@ from __future__ import annotations
 import torch
 
 from etl.lens.types import AblationMeans, BatchActivations
+from etl.model import has_parallel_blocks
 
 
-def hook_names(n_layers: int) -> list[str]:
-    """Hook points cached for the measures, in the bridge's canonical names."""
-    names = ["ln_final.hook_scale"]
+def hook_names(n_layers: int, parallel: bool = False) -> list[str]:
+    """Hook points cached for the measures, in the bridge's canonical names; ``parallel``
+    blocks (attention and MLP both read ``resid_pre``) have no ``hook_resid_mid``."""
+    names = ["ln_final.hook_scale", f"blocks.{n_layers - 1}.hook_resid_post"]
     for layer in range(n_layers):
-        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
-                  f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z",
+                  f"blocks.{layer}.hook_mlp_out"]
+        if not parallel:
+            names.append(f"blocks.{layer}.hook_resid_mid")
     return names
 
 
@@ -30,19 +34,23 @@ def run_batch(bridge, tokens: torch.Tensor) -> BatchActivations:
         then position), in the model's dtype and on its device.
     """
     n_layers = bridge.cfg.n_layers
-    logits, cache = bridge.run_with_cache(tokens, names_filter=hook_names(n_layers))
+    parallel = has_parallel_blocks(bridge.cfg)
+    logits, cache = bridge.run_with_cache(tokens, names_filter=hook_names(n_layers, parallel))
     z = torch.stack([cache[f"blocks.{i}.attn.hook_z"] for i in range(n_layers)], dim=2)
     if z.dim() != 5:
         raise RuntimeError(f"expected hook_z as [batch, pos, heads, d_head], got {z.shape[2:]}")
     positions = torch.arange(tokens.shape[1], device=logits.device).repeat(tokens.shape[0])
+
+    def stacked(hook: str) -> torch.Tensor:  # [T, L, ...]
+        return _flat(torch.stack([cache[f"blocks.{i}.{hook}"] for i in range(n_layers)], dim=2))
+
+    resid_pre = stacked("hook_resid_pre")
     return BatchActivations(
-        resid_pre=_flat(torch.stack(
-            [cache[f"blocks.{i}.hook_resid_pre"] for i in range(n_layers)], dim=2)),
-        resid_mid=_flat(torch.stack(
-            [cache[f"blocks.{i}.hook_resid_mid"] for i in range(n_layers)], dim=2)),
+        resid_pre=resid_pre,
+        resid_mid=resid_pre if parallel else stacked("hook_resid_mid"),
         z=_flat(z),
-        mlp_out=_flat(torch.stack(
-            [cache[f"blocks.{i}.hook_mlp_out"] for i in range(n_layers)], dim=2)),
+        mlp_out=stacked("hook_mlp_out"),
+        resid_final=_flat(cache[f"blocks.{n_layers - 1}.hook_resid_post"]),
         final_scale=_flat(cache["ln_final.hook_scale"]),
         logits=_flat(logits),
         positions=positions,

@@ -11,11 +11,9 @@ from pathlib import Path
 
 from etl.errors import UserError
 from etl.lens.types import ABLATION_MODES, LENS_MODES, canonical_lens, default_chunk_tokens
+from etl.memory import CUDA_FORWARD_TOKENS, GPT2_SMALL, ModelSizes, forward_tokens
 from etl.model import DEFAULT_MODEL
 from etl.warehouse import validate_run_id
-
-CUDA_FORWARD_TOKENS = 16384
-"""Tokens per forward pass on CUDA when ``--forward-tokens`` is 0 (see BENCHMARKS.md)."""
 
 DATASETS = ("openwebtext", "ioi", "text")
 IOI_VARIANTS = ("clean", "abc", "both")
@@ -82,10 +80,11 @@ class ExtractConfig:
         choices=DTYPES))
     chunk_tokens: int = field(default=0, metadata=option(
         "tokens per entropy chunk; bounds memory to a few [chunk, vocab] tensors (0 = auto: "
-        "256 on CPU, 2048 on CUDA)"))
+        "256 on CPU, 2048 on CUDA, fewer for vocabularies larger than GPT-2's)"))
     forward_tokens: int = field(default=0, metadata=option(
         "tokens per forward pass, in whole sequences; results do not depend on it (0 = "
-        f"auto: --batch-size sequences on CPU, {CUDA_FORWARD_TOKENS} tokens on CUDA)"))
+        f"auto: --batch-size sequences on CPU, {CUDA_FORWARD_TOKENS} tokens on CUDA, fewer "
+        "for models whose logits and activations take more memory than GPT-2 small's)"))
 
     def __post_init__(self) -> None:
         self.lens = canonical_lens(self.lens)
@@ -115,17 +114,24 @@ class ExtractConfig:
             if not ok:
                 raise UserError(message)
 
-    def resolved_chunk_tokens(self, device: str) -> int:
-        """``chunk_tokens``, with 0 (auto) resolved for ``device``."""
-        return self.chunk_tokens or default_chunk_tokens(device)
+    def resolved_chunk_tokens(self, device: str, d_vocab: int | None = None) -> int:
+        """``chunk_tokens``, with 0 (auto) resolved for ``device`` and a vocabulary of
+        ``d_vocab`` entries (``default_chunk_tokens``)."""
+        if self.chunk_tokens:
+            return self.chunk_tokens
+        return default_chunk_tokens(device, *(() if d_vocab is None else (d_vocab,)))
 
-    def sequences_per_forward(self, device: str, seq_len: int) -> int:
-        """Sequences per forward pass for ``device`` and sequences of ``seq_len`` tokens."""
+    def sequences_per_forward(self, device: str, seq_len: int,
+                              sizes: ModelSizes | None = None) -> int:
+        """Sequences per forward pass for ``device``, sequences of ``seq_len`` tokens and a
+        model of ``sizes`` (default GPT-2 small's): ``--forward-tokens`` when set, else as
+        many as ``etl.memory.forward_tokens`` allows (on the CPU at most ``--batch-size``)."""
         if self.forward_tokens:
             return max(1, self.forward_tokens // seq_len)
+        budget = forward_tokens(sizes or GPT2_SMALL, cuda=device.startswith("cuda"))
         if device.startswith("cuda"):
-            return max(1, CUDA_FORWARD_TOKENS // seq_len)
-        return self.batch_size
+            return max(1, budget // seq_len)
+        return max(1, min(self.batch_size, budget // seq_len))
 
     def fingerprint(self) -> str:
         """8 hex digits over every field that changes the numbers."""

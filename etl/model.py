@@ -49,7 +49,29 @@ class LoadedModel:
         b = self.bridge
         W_O = b.W_O.detach()
         return UnembedWeights(W_U=b.W_U.detach(), b_U=b.b_U.detach(), W_O=W_O,
-                              eps=float(b.cfg.eps), b_O=output_biases(b, W_O))
+                              eps=float(b.cfg.eps), b_O=output_biases(b, W_O),
+                              rms_norm=uses_rms_norm(b.cfg))
+
+
+def uses_rms_norm(cfg) -> bool:
+    """Whether the model normalises with RMSNorm (``RMS``, or ``RMSPre`` once its weights are
+    folded) rather than LayerNorm."""
+    return str(getattr(cfg, "normalization_type", None)).startswith("RMS")
+
+
+def has_parallel_blocks(cfg) -> bool:
+    """Whether the model's attention and MLP both read ``resid_pre`` (GPT-NeoX/Pythia,
+    GPT-J): there is no ``resid_mid``, and the MLP's diff is measured against ``resid_pre``."""
+    return bool(getattr(cfg, "parallel_attn_mlp", False))
+
+
+def architecture_facts(cfg) -> dict:
+    """What reading a model's rows depends on: its final normalisation (``LayerNorm`` or
+    ``RMSNorm``), whether its blocks are parallel (no ``resid_mid``) and its key/value
+    heads (fewer than ``n_heads`` under grouped-query attention)."""
+    return {"normalization": "RMSNorm" if uses_rms_norm(cfg) else "LayerNorm",
+            "parallel_blocks": has_parallel_blocks(cfg),
+            "n_kv_heads": int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)}
 
 
 def output_biases(bridge, W_O: torch.Tensor) -> torch.Tensor:
@@ -181,29 +203,8 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         "d_head": cfg.d_head,
         "d_vocab": cfg.d_vocab,
         "n_ctx": cfg.n_ctx,
+        **architecture_facts(cfg),
         "weights_sha256": _weights_fingerprint(bridge),
         "tokenizer": _tokenizer_identity(bridge.tokenizer),
     }
     return LoadedModel(bridge=bridge, name=name, identity=identity)
-
-
-def check_measurable(cfg, name: str, recomputes_ln: bool) -> None:
-    """Raise ``UserError`` (one line) when the measures are not defined for the model
-    ``name`` with TransformerLens config ``cfg``: parallel attention and MLP blocks (no
-    ``resid_mid``), no final normalisation (no scale for the lens), logit soft-capping, or
-    the ``recomputed-ln`` lens on an RMSNorm model."""
-    norm = str(getattr(cfg, "normalization_type", None))
-    problems = [
-        (getattr(cfg, "parallel_attn_mlp", False),
-         "has parallel attention and MLP blocks (GPT-NeoX/Pythia, GPT-J): there is no "
-         "resid_mid to measure the MLP against, and such blocks are not supported yet"),
-        (norm in ("None", ""), "has no final normalisation, so the lens has no scale"),
-        ((getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0,
-         "soft-caps its logits, which the lens does not model yet"),
-        (recomputes_ln and norm.startswith("RMS"),
-         "normalises with RMSNorm, but --lens recomputed-ln recomputes LayerNorm statistics; "
-         "use --lens final-scale"),
-    ]
-    for bad, why in problems:
-        if bad:
-            raise UserError(f"cannot measure model {name!r}: it {why}")

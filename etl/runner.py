@@ -22,10 +22,11 @@ from etl.activations import MeanAccumulator, run_batch
 from etl.config import ExtractConfig, RunOptions
 from etl.errors import UserError
 from etl.lens.cache import HeadUnembedCache
-from etl.lens.lenses import lens_type
 from etl.lens.measures import first_non_finite, measure_batch
 from etl.lens.types import AblationMeans, BatchMeasures, MeasureOptions
-from etl.model import LoadedModel, check_measurable, load_model, resolve_device
+from etl.measurable import check_measurable, check_probe
+from etl.memory import ModelSizes
+from etl.model import LoadedModel, has_parallel_blocks, load_model, resolve_device
 from etl.pipeline import Batches, LoopTiming, run_loop, use_pipeline
 from etl.provenance import git_commit, package_versions
 from etl.runlock import RunLock
@@ -77,11 +78,11 @@ class ExtractRunner:
             texts = read_texts(self.config)
             model = self.model or load_model(self.config.model, device=self.device,
                                              dtype=getattr(torch, self.config.dtype))
-            check_measurable(model.cfg, self.config.model,
-                             lens_type(self.config.lens).recomputes_ln)
+            check_measurable(model.cfg, self.config.model)
+            check_probe(model, self.config.model)
             tokens = self._tokens(model, texts)
-            batches = Batches(tokens, self.config.sequences_per_forward(self.device,
-                                                                        tokens.seq_len))
+            batches = Batches(tokens, self.config.sequences_per_forward(
+                self.device, tokens.seq_len, ModelSizes.of(model.cfg)))
             # A writer that stages each batch; an interrupted run's batches are kept.
             writer, write_bar = self._writer(model, batches)
             try:
@@ -118,7 +119,8 @@ class ExtractRunner:
     def _rows_per_token(model: LoadedModel) -> int:
         """Rows each token adds over the three tables."""
         n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-        return n_layers * (n_heads + 1) + 2 * n_layers + 2
+        resid_points = (1 if has_parallel_blocks(model.cfg) else 2) * n_layers + 1
+        return n_layers * (n_heads + 1) + resid_points + 1
 
     def _writer(self, model: LoadedModel, batches: Batches) -> tuple[RunWriter, tqdm]:
         """The run's writer (resuming a staged run with the same plan) and its row bar."""
@@ -180,7 +182,8 @@ class ExtractRunner:
         weights = model.unembed_weights()
         cache = HeadUnembedCache()  # per-layer W_O @ W_U, kept between batches
         options = MeasureOptions(lens=self.config.lens, ablation=self.config.ablation,
-                                 chunk_tokens=self.config.resolved_chunk_tokens(self.device))
+                                 chunk_tokens=self.config.resolved_chunk_tokens(
+                                     self.device, int(model.cfg.d_vocab)))
 
         def compute(start: int, stop: int, mark) -> BatchMeasures:
             ids = torch.from_numpy(tokens.token_ids[start:stop]).to(self.device)
@@ -197,6 +200,7 @@ class ExtractRunner:
         tokens, per_forward = batches.tokens, batches.per_forward
         token_rows = TokenRows(tokens, model.tokenizer)
         seq_len = tokens.seq_len
+        with_mid = not has_parallel_blocks(model.cfg)  # parallel blocks have no resid_mid
 
         def publish(start: int, stop: int, arrays: dict) -> None:
             check_finite(arrays, start, stop)
@@ -205,7 +209,8 @@ class ExtractRunner:
             batch = start // per_forward
             writer.write("component_entropy", component_table(
                 arrays["diff"], arrays["marginal"], seqs, positions), batch)
-            writer.write("resid_entropy", resid_table(arrays["resid"], seqs, positions), batch)
+            writer.write("resid_entropy", resid_table(arrays["resid"], seqs, positions,
+                                                      with_mid=with_mid), batch)
             writer.write("tokens", token_rows.table(start, stop), batch)
             bar.update((stop - start) * seq_len)
 

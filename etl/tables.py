@@ -78,7 +78,8 @@ def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
     }, schema=COMPONENT_SCHEMA)
 
 
-def resid_table(resid: np.ndarray, seqs: np.ndarray, positions: np.ndarray) -> pa.Table:
+def resid_table(resid: np.ndarray, seqs: np.ndarray, positions: np.ndarray,
+                with_mid: bool = True) -> pa.Table:
     """Rows of ``resid_entropy`` for one batch, ordered by (point, seq, position); the table
     owns its memory.
 
@@ -86,17 +87,21 @@ def resid_table(resid: np.ndarray, seqs: np.ndarray, positions: np.ndarray) -> p
         resid: ``[T, 2L+1]`` float32 lens entropies in nats: resid_pre 0, resid_mid 0, …,
             final.
         seqs, positions: ``[T]`` indices of each token.
+        with_mid: write the resid_mid points; False for parallel attention+MLP blocks, which
+            have none (their columns of ``resid`` are then ignored).
     """
     n_tokens, n_points = resid.shape
     n_layers = (n_points - 1) // 2
-    point_layer = np.repeat(np.arange(n_points) // 2, n_tokens)
-    point_kind = np.repeat(np.arange(n_points) % 2, n_tokens)
-    is_final = np.repeat(np.arange(n_points) == n_points - 1, n_tokens)
+    kept = np.arange(n_points) if with_mid else np.r_[np.arange(0, n_points - 1, 2),
+                                                       n_points - 1]
+    point_layer = np.repeat(kept // 2, n_tokens)
+    point_kind = np.repeat(kept % 2, n_tokens)
+    is_final = np.repeat(kept == n_points - 1, n_tokens)
     names = np.where(is_final, "final", np.where(point_kind == 0, "resid_pre", "resid_mid"))
     return pa.table({
-        "seq": np.tile(seqs.astype(np.int32), n_points),
-        "position": np.tile(positions.astype(np.int32), n_points),
+        "seq": np.tile(seqs.astype(np.int32), len(kept)),
+        "position": np.tile(positions.astype(np.int32), len(kept)),
         "layer": pa.array(np.minimum(point_layer, n_layers).astype(np.int16), mask=is_final),
         "point": pa.array(names),
-        "entropy": np.array(resid.T, order="C").reshape(-1),
+        "entropy": np.array(resid[:, kept].T, order="C").reshape(-1),
     }, schema=RESID_SCHEMA)

@@ -17,7 +17,9 @@ def entropy64(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def reference_measures(bridge, tokens, lens="final-scale", ablation="zero", mask=None):
-    """Measures of ``tokens [batch, pos]`` as float64 arrays.
+    """Measures of ``tokens [batch, pos]`` as float64 arrays. The lens recomputes the
+    model's own final normalisation (LayerNorm or RMSNorm, with its epsilon); in parallel
+    blocks the MLP reads ``resid_pre``, which stands in for ``resid_mid``.
 
     Returns:
         ``(diff [B, P, L, H+1], marginal [B, P, L, H+1], resid [B, P, 2L+1])``.
@@ -32,6 +34,7 @@ def reference_measures(bridge, tokens, lens="final-scale", ablation="zero", mask
         mask = torch.ones(tokens.shape, dtype=torch.bool)
 
     rms = str(cfg.normalization_type).startswith("RMS")
+    parallel = bool(getattr(cfg, "parallel_attn_mlp", False))  # the MLP reads resid_pre
 
     def ln(r):  # the model's final normalisation, its weights folded into W_U
         rc = r if rms else r - r.mean(-1, keepdim=True)
@@ -61,7 +64,7 @@ def reference_measures(bridge, tokens, lens="final-scale", ablation="zero", mask
     resid = torch.zeros(B, P, 2 * n_layers + 1, dtype=torch.float64)
     for L in range(n_layers):
         pre = cache[f"blocks.{L}.hook_resid_pre"].double()
-        mid = cache[f"blocks.{L}.hook_resid_mid"].double()
+        mid = pre if parallel else cache[f"blocks.{L}.hook_resid_mid"].double()
         z = cache[f"blocks.{L}.attn.hook_z"].double()
         h_pre, h_mid = entropy64(lens_logits(pre)), entropy64(lens_logits(mid))
         resid[..., 2 * L], resid[..., 2 * L + 1] = h_pre, h_mid

@@ -1,76 +1,158 @@
-"""Other decoder families than GPT-2: tiny random-init Llama (grouped-query attention),
-Mistral, Qwen2 and Gemma run with the same commands and store rows equal to a float64
-computation from the TransformerLens cache; models the measures cannot define yet are
-refused in one line before anything is written."""
+"""Decoder families other than GPT-2: tiny random-init Pythia (parallel attention and MLP
+blocks), Llama (grouped-query attention), Mistral, Qwen2 and Gemma run with the same commands,
+under every lens and ablation, and store rows equal to a float64 computation from the
+TransformerLens cache; models the measures cannot define are refused in one line."""
 
 import numpy as np
 import pytest
 import torch
+import vl_convert
 
 from analysis.render import CHARTS, build_chart
 from etl.checkpoint import write_checkpoint
+from etl.config import ExtractConfig
 from etl.extract import main as extract_main
+from etl.lens.types import ABLATION_MODES, LENS_MODES
+from etl.runner import run_extract
 from queries.db import connect, run_sql
 from queries.saved import saved_queries
 from tests.reference import reference_measures
-from tests.test_extract_cli import _frame, _stored
+from tests.test_extract_cli import N_LAYERS, _frame, _stored
 
-RMS_FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+FAMILIES = ("pythia", "llama", "mistral", "qwen2", "gemma")
+"""Families besides GPT-2, whose every lens and ablation ``tests/test_measures.py`` checks."""
+FACTS = {  # normalisation, parallel blocks, key/value heads (of 4 query heads)
+    "gpt2": ("LayerNorm", False, 4), "pythia": ("LayerNorm", True, 4),
+    "llama": ("RMSNorm", False, 2), "mistral": ("RMSNorm", False, 2),
+    "qwen2": ("RMSNorm", False, 2), "gemma": ("RMSNorm", False, 1),
+}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("families")
-    return {family: write_checkpoint(f"{family}-tiny", root / family)
-            for family in (*RMS_FAMILIES, "pythia")}
+    return {"gpt2": tiny_checkpoint,
+            **{family: write_checkpoint(f"{family}-tiny", root / family)
+               for family in FAMILIES}}
 
 
-def _extract(checkpoint, root, *args):
-    return extract_main(["--model", str(checkpoint), "--warehouse", str(root), "--no-progress",
-                         "--device", "cpu", "--dataset", "ioi", "--n-prompts", "4", *args])
-
-
-@pytest.mark.parametrize("family,ablation", [*((f, "zero") for f in RMS_FAMILIES),
-                                             ("llama", "mean")])
-def test_rows_equal_the_float64_reference(checkpoints, tmp_path, family, ablation):
+@pytest.fixture(scope="module")
+def models(checkpoints, tiny_model):
     from etl.model import load_model
 
-    assert _extract(checkpoints[family], tmp_path, "--ablation", ablation, "--run-id", "r") == 0
-    toks = _frame(tmp_path, "select seq, position, token_id, is_pad from tokens "
-                            "order by seq, position")
+    return {family: tiny_model if family == "gpt2" else load_model(str(path))
+            for family, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory, checkpoints, models):
+    """One IOI run (2 prompts) of every family under every lens and ablation, and one of
+    GPT-2."""
+    root = tmp_path_factory.mktemp("family-runs")
+    combos = [(f, lens, ablation) for f in FAMILIES for lens in LENS_MODES
+              for ablation in ABLATION_MODES]
+    for family, lens, ablation in [*combos, ("gpt2", LENS_MODES[0], ABLATION_MODES[0])]:
+        config = ExtractConfig(model=str(checkpoints[family]), dataset="ioi", n_prompts=2,
+                               lens=lens, ablation=ablation)
+        run_extract(config, root, run_id=f"{family}-{lens}-{ablation}", device="cpu",
+                    progress=False, model=models[family])
+    return root
+
+
+def _tokens(root, run_id):
+    toks = _frame(root, f"select seq, position, token_id, is_pad from tokens "
+                        f"where run_id = '{run_id}' order by seq, position")
     n_seqs, seq_len = toks["seq"].max() + 1, toks["position"].max() + 1
     ids = torch.tensor(toks["token_id"].to_numpy().reshape(n_seqs, seq_len))
-    mask = torch.tensor(~toks["is_pad"].to_numpy().reshape(n_seqs, seq_len))
-    model = load_model(str(checkpoints[family]))
-    ref = reference_measures(model.bridge, ids, "final-scale", ablation, mask)
-    for got, want in zip(_stored(tmp_path, "r", n_seqs, seq_len), ref, strict=True):
+    return ids, torch.tensor(~toks["is_pad"].to_numpy().reshape(n_seqs, seq_len))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lens", LENS_MODES)
+@pytest.mark.parametrize("ablation", ABLATION_MODES)
+def test_rows_equal_the_float64_reference(warehouse, models, family, lens, ablation):
+    run_id = f"{family}-{lens}-{ablation}"
+    ids, mask = _tokens(warehouse, run_id)
+    ref = reference_measures(models[family].bridge, ids, lens, ablation, mask)
+    diff, marginal, resid = _stored(warehouse, run_id, *ids.shape)
+    parallel = FACTS[family][1]
+    if parallel:  # no resid_mid rows: the MLP reads resid_pre
+        assert np.isnan(resid[..., 1:-1:2]).all()
+        resid[..., 1:-1:2] = resid[..., 0:-1:2]
+    for got, want in ((diff, ref[0]), (marginal, ref[1]), (resid, ref[2])):
         assert not np.isnan(got).any()
         assert np.abs(got - want.numpy()).max() < 1e-4
-    assert float(ref[0].abs().max()) > 1e-3  # the heads do change the entropy
+    assert float(ref[0].abs().max()) > 1e-3  # the components do change the entropy
 
 
-def test_saved_queries_and_charts_work_on_a_llama_run(checkpoints, tmp_path):
-    assert _extract(checkpoints["llama"], tmp_path, "--run-id", "llama") == 0
-    con = connect(tmp_path, read_only=True)
+def test_parallel_blocks_measure_the_mlp_against_resid_pre(warehouse, models):
+    """On Pythia the MLP's diff is H(lens(resid_pre + mlp_out)) − H(lens(resid_pre)), which
+    differs from what a sequential reading (against resid_pre + attention) would give."""
+    from tests.reference import entropy64
+
+    run_id = "pythia-final-scale-zero"
+    ids, _ = _tokens(warehouse, run_id)
+    bridge = models["pythia"].bridge
+    _, cache = bridge.run_with_cache(ids)
+    W_U, s = bridge.W_U.double(), cache["ln_final.hook_scale"].double()
+    pre = cache["blocks.0.hook_resid_pre"].double()
+    mlp = cache["blocks.0.hook_mlp_out"].double()
+    attn = cache["blocks.0.hook_attn_out"].double()
+
+    def h(r):
+        return entropy64((r / s) @ W_U)
+
+    stored = _stored(warehouse, run_id, *ids.shape)[0][:, :, 0, -1]
+    against_pre = (h(pre + mlp) - h(pre)).detach().numpy()
+    against_mid = (h(pre + attn + mlp) - h(pre + attn)).detach().numpy()
+    assert np.abs(stored - against_pre).max() < 1e-4
+    assert np.abs(stored - against_mid).max() > 1e-3
+
+
+def test_the_runs_view_and_manifest_record_the_architecture(warehouse):
+    runs = _frame(warehouse, "select run_id, normalization, parallel_blocks, n_kv_heads, "
+                             "n_layers from runs order by run_id")
+    assert runs.height == len(FAMILIES) * len(LENS_MODES) * len(ABLATION_MODES) + 1
+    for row in runs.iter_rows(named=True):
+        family = row["run_id"].split("-")[0]
+        got = (row["normalization"], row["parallel_blocks"], row["n_kv_heads"])
+        assert got == FACTS[family], row
+    points = _frame(warehouse, """
+        select split_part(run_id, '-', 1) as family, count(distinct point) as n_points
+        from resid_entropy where layer is not null group by all order by family""")
+    assert dict(points.iter_rows()) == {f: 1 if parallel else 2
+                                        for f, (_, parallel, _) in FACTS.items()}
+    counts = _frame(warehouse, """
+        select count(*) filter (where point = 'resid_mid') as mid, count(*) as n
+        from resid_entropy where run_id = 'pythia-final-scale-zero'""").row(0)
+    n_tok = _frame(warehouse, "select n_tokens from runs "
+                              "where run_id = 'pythia-final-scale-zero'").item()
+    assert counts == (0, (N_LAYERS + 1) * n_tok)
+
+
+@pytest.mark.parametrize("family", ["pythia", "llama"])
+def test_saved_queries_and_charts_work(warehouse, family):
+    run_id = f"{family}-final-scale-zero"
+    con = connect(warehouse, read_only=True)
     for name, query in saved_queries().items():
-        if name != "compare_runs":  # needs two runs
-            assert run_sql(con, query.sql, query.bind({})).height > 0, name
-    chart, frame = build_chart(con, CHARTS["heatmap"], ["llama"])
-    assert frame.height == 2 * (4 + 1) and chart.to_dict()["facet"]  # 2 layers × (4 heads + MLP)
-
-
-@pytest.mark.parametrize("family,args,why", [
-    ("pythia", [], "parallel attention and MLP blocks"),
-    ("llama", ["--lens", "recomputed-ln"], "RMSNorm"),
-    ("gemma", ["--lens", "recomputed-ln"], "use --lens final-scale"),
-])
-def test_unmeasurable_models_are_refused_in_one_line(checkpoints, tmp_path, capsys, family,
-                                                     args, why):
-    assert _extract(checkpoints[family], tmp_path, *args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: cannot measure model ") and err.count("\n") == 1, err
-    assert why in err
-    assert not (tmp_path / "runs").exists()
+        params = {"run_a": run_id, "run_b": f"{family}-recomputed-ln-zero"} \
+            if name == "compare_runs" else {"run_id": run_id}
+        known = {param.name for param in query.params}
+        assert set(params) <= known, (name, known)
+        params = {k: v for k, v in params.items() if k in known}
+        assert run_sql(con, query.sql, query.bind(params)).height > 0, name
+    chart, frame = build_chart(con, CHARTS["resid_steps"], [run_id])
+    svg = vl_convert.vegalite_to_svg(chart.to_json())
+    series = ("attention (mid − pre)", "MLP (next pre − mid)", "parallel block (next pre − pre)")
+    shown = series[2:] if family == "pythia" else series[:2]  # parallel: no resid_mid
+    assert [name in svg for name in series] == [name in shown for name in series]
+    assert frame["mean_resid_mid"].is_null().all() == (family == "pythia")
+    for name, spec in CHARTS.items():  # every chart builds, from non-empty results
+        runs = [run_id, f"{family}-recomputed-ln-zero"][:spec.runs]
+        built, rows = build_chart(con, spec, runs)
+        assert rows.height > 0 and built.to_dict(), name
+    _, frame = build_chart(con, CHARTS["heatmap"], [run_id])
+    assert frame.height == 2 * (4 + 1)  # 2 layers × (4 heads + MLP)
 
 
 @pytest.mark.parametrize("changes,why", [
@@ -78,16 +160,102 @@ def test_unmeasurable_models_are_refused_in_one_line(checkpoints, tmp_path, caps
     ({"output_logits_soft_cap": 30.0}, "soft-caps its logits"),
     ({}, None),
 ])
-def test_other_unmeasurable_configs_are_refused(changes, why):
+def test_unmeasurable_configs_are_refused(changes, why):
     from types import SimpleNamespace
 
     from etl.errors import UserError
-    from etl.model import check_measurable
+    from etl.measurable import check_measurable
 
     cfg = SimpleNamespace(**{"normalization_type": "LN", "parallel_attn_mlp": False,
                              "output_logits_soft_cap": -1.0, **changes})
     if why is None:
-        check_measurable(cfg, "m", recomputes_ln=True)  # GPT-2-like: measurable
+        check_measurable(cfg, "m")  # GPT-2-like: measurable
         return
     with pytest.raises(UserError, match=why):
-        check_measurable(cfg, "m", recomputes_ln=False)
+        check_measurable(cfg, "m")
+
+
+def test_an_unmeasurable_checkpoint_ends_in_one_line(checkpoints, tmp_path, capsys,
+                                                     monkeypatch):
+    """The refusal comes after the model loads and before anything is written."""
+    import etl.runner
+
+    real = etl.runner.load_model
+
+    def soft_capped(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.cfg.output_logits_soft_cap = 30.0
+        return model
+
+    monkeypatch.setattr(etl.runner, "load_model", soft_capped)
+    code = extract_main(["--model", str(checkpoints["llama"]), "--warehouse", str(tmp_path),
+                         "--no-progress", "--device", "cpu", "--dataset", "ioi",
+                         "--n-prompts", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot measure model "), err
+    assert err.count("\n") == 1 and "soft-caps its logits" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.filterwarnings("ignore:BertArchitectureAdapter does not support fold_ln")
+def test_an_encoder_is_refused_in_one_line(tmp_path, capsys):
+    """BERT loads as a bridge and has every hook, but its logits come from an MLM head after
+    the final normalisation: the probe refuses it before anything is written."""
+    import transformers
+
+    from etl.checkpoint import gpt2_tokenizer
+
+    config = transformers.BertConfig(vocab_size=50257, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128,
+                                     max_position_embeddings=64)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
+    gpt2_tokenizer().save_pretrained(tmp_path / "bert")
+    code = extract_main(["--model", str(tmp_path / "bert"), "--warehouse",
+                         str(tmp_path / "wh"), "--no-progress", "--device", "cpu",
+                         "--dataset", "ioi", "--n-prompts", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot measure model ") and \
+        err.count("\n") == 1, err
+    assert "the logit lens does not describe it" in err
+    assert not (tmp_path / "wh" / "runs").exists()
+
+
+class _NonCausal:
+    """A decoder's bridge whose logits at position 0 also read the last token."""
+
+    def __init__(self, bridge):
+        self._bridge = bridge
+
+    def __getattr__(self, name):
+        return getattr(self._bridge, name)
+
+    def __call__(self, tokens):
+        logits = self._bridge(tokens)
+        logits[:, 0] += tokens[:, -1:].to(logits.dtype) * 1e-2
+        return logits
+
+
+def test_a_model_whose_logits_read_later_tokens_is_refused(models):
+    from dataclasses import replace
+
+    from etl.errors import UserError
+    from etl.measurable import check_probe
+
+    check_probe(models["llama"], "llama")  # a decoder passes
+    with pytest.raises(UserError, match="change with later tokens"):
+        check_probe(replace(models["llama"], bridge=_NonCausal(models["llama"].bridge)), "x")
+
+
+def test_integrity_checks_count_no_resid_mid_for_parallel_blocks(warehouse, tmp_path, capsys):
+    import shutil
+
+    from queries.cli import main as query_main
+    from tests.test_saved_queries import _rewrite_shard
+
+    assert query_main(["--warehouse", str(warehouse), "check"]) == 0
+    assert "5 passed, 0 failed" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    shutil.copytree(warehouse, bad)
+    _rewrite_shard(bad, "resid_entropy", "pythia-final-scale-zero", lambda t: t.slice(1))
+    assert query_main(["--warehouse", str(bad), "check"]) == 1
+    assert "FAIL row_counts" in capsys.readouterr().out

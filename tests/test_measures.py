@@ -99,7 +99,7 @@ def _random_acts(seed, n_tokens, n_layers, n_heads, d_head, d_model, vocab):
     acts = BatchActivations(
         resid_pre=centred(n_tokens, n_layers, d_model), resid_mid=resid_mid,
         z=torch.randn(n_tokens, n_layers, n_heads, d_head, generator=g), mlp_out=mlp,
-        final_scale=scale, logits=(final / scale) @ weights.W_U + weights.b_U,
+        resid_final=final, final_scale=scale, logits=(final / scale) @ weights.W_U + weights.b_U,
         positions=torch.zeros(n_tokens, dtype=torch.long))
     return acts, weights
 
@@ -158,6 +158,20 @@ def test_a_cache_changes_no_number(tiny_model, tokens, lens):
     tight = _measure(tiny_model, tokens, lens, "mean", cache=small)
     assert len(small.values()) == 1
     assert _equal(plain, first) and _equal(first, again) and _equal(first, tight)
+
+
+def test_a_cache_keeps_the_layers_that_fit_its_limit(tiny_model, tokens):
+    from etl.lens.cache import entry_bytes
+    from etl.lens.torch_measures import head_unembed
+
+    plain = _measure(tiny_model, tokens, "final-scale", "zero")
+    one_layer = entry_bytes(head_unembed(tiny_model.unembed_weights(), 0, centered=False))
+    assert one_layer >= 4 * 4 * 16 * 50257  # H·dh·V float32 numbers, and W_O[0]
+    cache = HeadUnembedCache(limit_bytes=one_layer + one_layer // 2)
+    bounded = _measure(tiny_model, tokens, "final-scale", "zero", cache=cache)
+    assert cache.bounded_bytes == one_layer  # layer 0 kept, layer 1 made for every chunk
+    assert len(cache.values()) == 2  # with b_O @ W_U
+    assert _equal(plain, bounded)
 
 
 def test_a_cache_refuses_another_models_weights(tiny_model, tokens):

@@ -27,9 +27,10 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return _entropy(logits, fused=False)
 
 
-def _ln(r: torch.Tensor, eps: float) -> torch.Tensor:
-    """Final LayerNorm without weights (folded into W_U): centre, divide by the scale."""
-    rc = r - r.mean(-1, keepdim=True)
+def _ln(r: torch.Tensor, eps: float, rms_norm: bool) -> torch.Tensor:
+    """Final normalisation without weights (folded into W_U): centre (LayerNorm only),
+    divide by the scale."""
+    rc = r if rms_norm else r - r.mean(-1, keepdim=True)
     return rc * torch.rsqrt(rc.pow(2).mean(-1, keepdim=True) + eps)
 
 
@@ -40,18 +41,19 @@ def _chunk(acts: BatchActivations, weights: UnembedWeights, options: MeasureOpti
     s = acts.final_scale[sl]  # [t, 1]
     logits = acts.logits[sl]
     n_layers = acts.z.shape[1]
-    resid_final = acts.resid_mid[sl, -1] + acts.mlp_out[sl, -1]
+    resid_final = acts.resid_final[sl]
+    rms = weights.rms_norm
 
     def lens(r: torch.Tensor) -> torch.Tensor:  # r: [t, ..., d]
         if recompute:
-            return _ln(r, eps) @ W_U + b_U
+            return _ln(r, eps, rms) @ W_U + b_U
         scale = s.reshape(s.shape[0], *([1] * (r.dim() - 1)))
         return (r / scale) @ W_U
 
     def ablated(c: torch.Tensor) -> torch.Tensor:  # c: [t, ..., d]
         if recompute:
             expand = resid_final.reshape(resid_final.shape[0], *([1] * (c.dim() - 2)), -1)
-            return _ln(expand - c, eps) @ W_U + b_U
+            return _ln(expand - c, eps, rms) @ W_U + b_U
         scale = s.reshape(s.shape[0], *([1] * (c.dim() - 1)))
         expand = logits.reshape(logits.shape[0], *([1] * (c.dim() - 2)), -1)
         return expand - (c / scale) @ W_U

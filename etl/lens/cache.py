@@ -4,8 +4,9 @@ batches.
 It holds, per lens space (centred or not), the plain torch path's per-layer factored
 unembedding ``W_O[L] @ W_U`` (``[H, dh, V]``) with ``W_O[L]``, the per-layer ``b_O @ W_U``, and
 the fused path's float16-split weights (``etl.lens.fused_measures.SplitWeights``). Per-head
-products take ``L·H·dh·V`` numbers (GPT-2 small: 1.9 GB in float32); they are kept only when
-that fits ``limit_bytes``, and recomputed for every chunk otherwise.
+products take ``L·H·dh·V`` numbers (GPT-2 small: 1.9 GB in float32; Llama 3 8B: 67 GB); they
+are kept layer by layer while together they fit ``limit_bytes``, and the layers that do not
+fit are recomputed for every chunk (one layer at a time: Llama 3 8B 2.1 GB).
 
 Make one cache per model and pass it to every ``measure_batch`` call of a run; without one
 (``cache=None``) ``measure_batch`` makes a fresh cache per call, so nothing is kept between
@@ -14,13 +15,35 @@ calls. A cache refuses weights other than those it was first used with.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from etl.lens.types import UnembedWeights
 
 DEFAULT_LIMIT_BYTES = 3 * 2**30
 """Default ``limit_bytes``: every layer's ``W_O @ W_U`` of GPT-2 small fits in float32."""
+
+
+def entry_bytes(value) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, a tuple or list, or a dataclass of them),
+    each counted once, by its own elements (a view of a weight counts its slice only)."""
+    sizes = {}
+
+    def visit(x) -> None:
+        if isinstance(x, torch.Tensor):
+            sizes[(x.data_ptr(), tuple(x.shape))] = x.numel() * x.element_size()
+        elif isinstance(x, tuple | list):
+            for item in x:
+                visit(item)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                visit(getattr(x, f.name))
+
+    visit(value)
+    return sum(sizes.values())
 
 
 def _weights_key(weights: UnembedWeights):
@@ -32,26 +55,20 @@ def _weights_key(weights: UnembedWeights):
             w_u.device)
 
 
-def head_unembed_bytes(weights: UnembedWeights, element_size: int | None = None) -> int:
-    """Bytes that every layer's ``W_O @ W_U`` takes together, at ``element_size`` bytes per
-    number (default: that of ``W_U``)."""
-    n_layers, n_heads, d_head, _ = weights.W_O.shape
-    size = weights.W_U.element_size() if element_size is None else element_size
-    return n_layers * n_heads * d_head * weights.W_U.shape[1] * size
-
-
 class HeadUnembedCache:
     """Derived unembedding weights of one model, kept between ``measure_batch`` calls.
 
     Args:
-        limit_bytes: keep the per-head products ``W_O[L] @ W_U`` of every layer only when
-            together they fit in this many bytes (see ``fits``).
+        limit_bytes: keep the per-head products ``W_O[L] @ W_U`` (``get_bounded``) only while
+            together they fit in this many bytes.
     """
 
     def __init__(self, limit_bytes: int = DEFAULT_LIMIT_BYTES):
         self.limit_bytes = limit_bytes
         self._entries: dict = {}
         self._weights_key = None
+        self.bounded_bytes = 0
+        """Bytes held by the entries kept under ``limit_bytes``."""
 
     def check_weights(self, weights: UnembedWeights) -> None:
         """Remember the weights on first use; raise ``ValueError`` for other weights."""
@@ -62,10 +79,6 @@ class HeadUnembedCache:
             raise ValueError("this HeadUnembedCache holds another model's weights: make one "
                              "cache per model (and per dtype and device)")
 
-    def fits(self, weights: UnembedWeights, element_size: int | None = None) -> bool:
-        """Whether every layer's per-head products fit ``limit_bytes``."""
-        return head_unembed_bytes(weights, element_size) <= self.limit_bytes
-
     def get(self, key, make: Callable[[], Any], keep: bool = True):
         """The entry ``key``, made by ``make()`` when missing and stored when ``keep``."""
         if key in self._entries:
@@ -73,6 +86,19 @@ class HeadUnembedCache:
         value = make()
         if keep:
             self._entries[key] = value
+        return value
+
+    def get_bounded(self, key, make: Callable[[], Any]):
+        """The entry ``key``, made by ``make()`` when missing and stored only while the
+        entries stored this way fit ``limit_bytes`` together (``entry_bytes``): with a large
+        vocabulary the first layers' products are kept and the others made again."""
+        if key in self._entries:
+            return self._entries[key]
+        value = make()
+        size = entry_bytes(value)
+        if self.bounded_bytes + size <= self.limit_bytes:
+            self._entries[key] = value
+            self.bounded_bytes += size
         return value
 
     def values(self) -> list:
@@ -83,3 +109,4 @@ class HeadUnembedCache:
         """Drop every entry (and the weights they belong to)."""
         self._entries.clear()
         self._weights_key = None
+        self.bounded_bytes = 0

@@ -25,7 +25,7 @@ from etl.lens.kernels import (
     layer_entropies,
     split_heads,
 )
-from etl.lens.layernorm import center
+from etl.lens.layernorm import center, norm_space
 from etl.lens.layernorm import inv_sigma as _inv_sigma_kept
 from etl.lens.lenses import lens_type
 from etl.lens.split_product import SplitOperand, lens_product, split_operand
@@ -40,16 +40,17 @@ class SplitWeights:
     """``[d, V']`` split ``W_U · log2 e``, columns padded (the right operand of
     ``lens_product``)."""
     bo_lens: torch.Tensor
-    """``[L, V]`` float32 ``b_O[L] @ W_U · log2 e`` (centred ``b_O`` for the recomputed-ln lens)."""
+    """``[L, V]`` float32 ``b_O[L] @ W_U · log2 e`` (centred ``b_O`` when ``centered``)."""
     w_o: torch.Tensor
-    """``[L, H, dh, d]`` float32 ``W_O`` (centred rows for the recomputed-ln lens)."""
+    """``[L, H, dh, d]`` float32 ``W_O`` (centred rows when ``centered``)."""
     centered: bool
-    """Whether ``W_O`` and ``b_O`` are centred (the lens recomputes LayerNorm statistics)."""
+    """Whether ``W_O`` and ``b_O`` are centred (the lens recomputes LayerNorm statistics,
+    ``Lens.centres``)."""
 
 
-def _inv_sigma(x_centered: torch.Tensor, eps: float) -> torch.Tensor:
-    """``[...]`` inverse LayerNorm scale of centred vectors ``[..., d]``."""
-    return _inv_sigma_kept(x_centered, eps)[..., 0]
+def _inv_sigma(x_normed: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[...]`` inverse normalisation scale of vectors ``[..., d]`` in its space."""
+    return _inv_sigma_kept(x_normed, eps)[..., 0]
 
 
 def split_weights(weights: UnembedWeights, centered: bool,
@@ -79,8 +80,8 @@ def _pad_columns(x: torch.Tensor) -> torch.Tensor:
 def head_split(split: SplitWeights, weights: UnembedWeights, layer: int,
                cache: HeadUnembedCache | None = None) -> SplitHeads:
     """Layer ``layer``'s ``W_O[h] @ W_U · log2 e`` split (``[H, dh, V]`` views of row-padded
-    tensors), kept in ``cache`` when given and every layer's fits its limit (they take
-    ``L·H·dh·V·4`` bytes; GPT-2 small: 1.9 GB)."""
+    tensors), kept in ``cache`` when given while the layers kept fit its limit (every
+    layer's take ``L·H·dh·V·4`` bytes; GPT-2 small: 1.9 GB)."""
     def make() -> SplitHeads:
         vocab = weights.W_U.shape[1]
         hi, lo, scale = split_heads(torch.einsum("hkd,dv->hkv", split.w_o[layer],
@@ -89,8 +90,7 @@ def head_split(split: SplitWeights, weights: UnembedWeights, layer: int,
 
     if cache is None:
         return make()
-    return cache.get(("split heads", split.centered, layer), make,
-                     keep=cache.fits(weights, element_size=4))
+    return cache.get_bounded(("split heads", split.centered, layer), make)
 
 
 @dataclass
@@ -101,8 +101,13 @@ class _Chunk:
     mult: torch.Tensor           # [t] multiplier of b_O's and means' lenses
     mbase: torch.Tensor          # [t, V] marginal base, log2 units
     u_last: torch.Tensor         # [t, V] lens of the final residual, log2 units
-    x_final: torch.Tensor | None  # [t, d] centred final residual (recomputed-ln lens)
+    x_final: torch.Tensor | None  # [t, d] final residual in the norm's space (recomputed-ln)
     bias: torch.Tensor | None    # [V] b_U in log2 units (recomputed-ln lens)
+    rms_norm: bool = False       # the model's normalisation is RMSNorm (no centring)
+
+    def space(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., d]`` in the normalisation's space (recomputed-ln lens)."""
+        return norm_space(x, self.rms_norm)
 
 
 def _chunk_context(acts, weights, sl: slice, recomputed: bool) -> _Chunk:
@@ -113,32 +118,34 @@ def _chunk_context(acts, weights, sl: slice, recomputed: bool) -> _Chunk:
     b_u = weights.b_U.float()
     if recomputed:
         u_final = _pad_columns((logits - b_u) * scale * LOG2E)[:, :vocab]
-        x_final = center(acts.resid_mid[sl, -1].float() + acts.mlp_out[sl, -1].float())
+        x_final = norm_space(acts.resid_final[sl].float(), weights.rms_norm)
         return _Chunk(inv_s, torch.ones_like(inv_s[:, 0]), u_final, u_final, x_final,
-                      b_u * LOG2E)
+                      b_u * LOG2E, weights.rms_norm)
     return _Chunk(inv_s, inv_s[:, 0], _pad_columns(logits * LOG2E)[:, :vocab],
                   _pad_columns((logits - b_u) * LOG2E)[:, :vocab], None, None)
 
 
 def _lens_input(acts, sl: slice, layer: int, ctx: _Chunk) -> torch.Tensor:
-    """``[t, d]`` resid_pre of ``layer`` as the lens sees it (scaled or centred)."""
+    """``[t, d]`` resid_pre of ``layer`` as the lens sees it (scaled, or in the
+    normalisation's space)."""
     x = acts.resid_pre[sl, layer].float()
-    return center(x) if ctx.x_final is not None else x * ctx.inv_s
+    return ctx.space(x) if ctx.x_final is not None else x * ctx.inv_s
 
 
 def _slot_scales(acts, sl, layer, ctx, split, z, z_abl, mlp_abl, eps) -> torch.Tensor:
-    """``[t, n_slots]`` inverse LayerNorm scale of every slot's residual (recomputed-ln lens)."""
+    """``[t, n_slots]`` inverse normalisation scale of every slot's residual (recomputed-ln
+    lens)."""
     n_layers = acts.z.shape[1]
     w_o = split.w_o[layer]
     c = torch.einsum("thk,hkd->thd", z, w_o)
     c_abl = c if z_abl is z else torch.einsum("thk,hkd->thd", z_abl, w_o)
-    x_pre = center(acts.resid_pre[sl, layer].float())
-    x_mid = center(acts.resid_mid[sl, layer].float())
-    x_next = (center(acts.resid_pre[sl, layer + 1].float()) if layer + 1 < n_layers
+    x_pre = ctx.space(acts.resid_pre[sl, layer].float())
+    x_mid = ctx.space(acts.resid_mid[sl, layer].float())
+    x_next = (ctx.space(acts.resid_pre[sl, layer + 1].float()) if layer + 1 < n_layers
               else ctx.x_final)
     cols = [_inv_sigma(x_pre[:, None] + c, eps), _inv_sigma(ctx.x_final[:, None] - c_abl, eps),
             _inv_sigma(x_pre, eps)[:, None], _inv_sigma(x_mid, eps)[:, None],
-            _inv_sigma(ctx.x_final - center(mlp_abl), eps)[:, None]]
+            _inv_sigma(ctx.x_final - ctx.space(mlp_abl), eps)[:, None]]
     if layer + 1 == n_layers:
         cols.append(_inv_sigma(x_next, eps)[:, None])
     return torch.cat(cols, dim=1)
@@ -174,7 +181,7 @@ def measure_chunk_fused(acts: BatchActivations, weights: UnembedWeights, options
     ablation (``options.ablation``), ``cache`` keeps the split weights between calls."""
     recomputed = lens_type(options.lens).recomputes_ln
     mean = options.ablation == "mean"
-    split = split_weights(weights, centered=recomputed, cache=cache)
+    split = split_weights(weights, centered=recomputed and not weights.rms_norm, cache=cache)
     run = _Run(acts=acts, weights=weights, means=means if mean else None, sl=sl, split=split,
                ctx=_chunk_context(acts, weights, sl, recomputed), cache=cache,
                recomputed=recomputed, positions=acts.positions[sl] if mean else None)
@@ -202,7 +209,7 @@ def _layer_slots(run: _Run, layer: int, u, u_next, config, ws) -> torch.Tensor:
         z_abl = z - run.means.z[run.positions, layer].float()
         mean_mlp = run.means.mlp_out[:, layer].float()
         mlp_abl = mlp_abl - mean_mlp[run.positions]
-        scaled, ds = run.lens(center(mean_mlp) if run.recomputed else mean_mlp)
+        scaled, ds = run.lens(run.ctx.space(mean_mlp) if run.recomputed else mean_mlp)
         mean_lens = scaled * ds[:, None]
     scales = None
     if run.recomputed:

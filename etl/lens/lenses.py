@@ -5,7 +5,7 @@ decorated with ``@register_lens`` (and its name to ``LENS_MODES``).
 A lens unembeds residuals and component outputs (``[t, d]`` → ``[t, V]``, ``t`` tokens of a
 chunk, ``d`` = d_model, ``V`` = vocabulary) and scores entropies (nats) of their sums. Each
 unembedding comes with the vector in the lens's d_model space, which a lens that recomputes
-LayerNorm statistics needs to rescale every sum (None for the others).
+normalisation statistics needs to rescale every sum (None for the others).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from etl.lens.entropy import entropy_from_logits, entropy_of_sum
-from etl.lens.layernorm import center, inv_sigma
+from etl.lens.layernorm import inv_sigma, norm_space
 from etl.lens.types import BatchActivations, UnembedWeights, canonical_lens
 
 
@@ -26,8 +26,8 @@ class Unembedded(NamedTuple):
     u: torch.Tensor
     """``[t, V]`` its unembedding (no bias, as the lens leaves it)."""
     x: torch.Tensor | None
-    """``[t, d]`` the vector as the lens's LayerNorm sees it (centred), or None when the lens
-    does not recompute LayerNorm statistics."""
+    """``[t, d]`` the vector as the lens's normalisation sees it (centred for LayerNorm), or
+    None when the lens does not recompute normalisation statistics."""
 
 
 class FinalContext(NamedTuple):
@@ -38,9 +38,9 @@ class FinalContext(NamedTuple):
     entropy: torch.Tensor
     """``[t]`` their entropy."""
     u: torch.Tensor | None
-    """``[t, V]`` the unscaled unembedding of the centred final residual (recomputed-ln)."""
+    """``[t, V]`` the unscaled unembedding of the final residual (recomputed-ln)."""
     x: torch.Tensor | None
-    """``[t, d]`` the centred final residual (recomputed-ln)."""
+    """``[t, d]`` the final residual in the normalisation's space (recomputed-ln)."""
 
 
 class Lens(ABC):
@@ -49,11 +49,18 @@ class Lens(ABC):
     name: ClassVar[str]
     """The mode's name in ``LENS_MODES``."""
     recomputes_ln: ClassVar[bool]
-    """Whether LayerNorm statistics are recomputed for every vector the lens reads; such a
-    lens unembeds centred vectors (``W_O`` and ``b_O`` centred too) and adds ``b_U``."""
+    """Whether the final normalisation's statistics are recomputed for every vector the lens
+    reads; such a lens unembeds vectors in the normalisation's space (centred, with ``W_O``
+    and ``b_O``, for LayerNorm) and adds ``b_U``."""
 
     def __init__(self, weights: UnembedWeights):
         self.weights = weights
+
+    @property
+    def centres(self) -> bool:
+        """Whether ``W_O`` and ``b_O`` are centred for this lens: it recomputes the
+        statistics of a LayerNorm (RMSNorm does not centre)."""
+        return self.recomputes_ln and not self.weights.rms_norm
 
     @abstractmethod
     def unembed(self, x: torch.Tensor, inv_s: torch.Tensor) -> Unembedded:
@@ -67,7 +74,7 @@ class Lens(ABC):
     def head(self, z_h: torch.Tensor, w_ou_h: torch.Tensor, w_o_h: torch.Tensor,
              inv_s: torch.Tensor) -> Unembedded:
         """A head's output from ``z_h [t, dh]``, ``w_ou_h = W_O[h] @ W_U [dh, V]`` and
-        ``w_o_h = W_O[h] [dh, d]`` (both centred when ``recomputes_ln``)."""
+        ``w_o_h = W_O[h] [dh, d]`` (both centred when ``centres``)."""
 
     @abstractmethod
     def entropy(self, res: Unembedded) -> torch.Tensor:
@@ -92,7 +99,7 @@ class Lens(ABC):
 
     @abstractmethod
     def bias_term(self, b_ou: torch.Tensor, inv_s: torch.Tensor) -> torch.Tensor:
-        """``b_O[L] @ W_U [V]`` (centred ``b_O`` when ``recomputes_ln``) as it adds to the
+        """``b_O[L] @ W_U [V]`` (centred ``b_O`` when ``centres``) as it adds to the
         unembedding of ``resid_mid`` (``[V]`` or ``[t, V]``)."""
 
 
@@ -166,24 +173,25 @@ class FinalScaleLens(Lens):
 
 @register_lens
 class RecomputedLnLens(Lens):
-    """LayerNorm statistics recomputed for every vector: unembeddings are of centred,
-    unscaled vectors (``centre(x) @ W_U``), and the scale of each sum is recomputed from its
-    d_model-space vector before ``b_U`` is added."""
+    """The final normalisation's statistics recomputed for every vector: unembeddings are of
+    unscaled vectors in the normalisation's space (``centre(x) @ W_U`` for LayerNorm,
+    ``x @ W_U`` for RMSNorm), and the scale of each sum is recomputed from its d_model-space
+    vector, with the model's epsilon, before ``b_U`` is added."""
 
     name = "recomputed-ln"
     recomputes_ln = True
 
     def unembed(self, x, inv_s):
-        """``centre(x) @ W_U`` and ``centre(x)``."""
-        xc = center(x)
-        return Unembedded(xc @ self.weights.W_U, xc)
+        """``n(x) @ W_U`` and ``n(x)``, ``n`` = ``space``."""
+        xn = self.space(x)
+        return Unembedded(xn @ self.weights.W_U, xn)
 
     def space(self, x):
-        """``centre(x)``."""
-        return center(x)
+        """``centre(x)`` under LayerNorm, ``x`` under RMSNorm."""
+        return norm_space(x, self.weights.rms_norm)
 
     def head(self, z_h, w_ou_h, w_o_h, inv_s):
-        """``z_h @ (W_O[h] @ W_U)`` and ``z_h @ W_O[h]`` (centred ``W_O``)."""
+        """``z_h @ (W_O[h] @ W_U)`` and ``z_h @ W_O[h]`` (``W_O`` centred under LayerNorm)."""
         return Unembedded(z_h @ w_ou_h, z_h @ w_o_h)
 
     def entropy(self, res):
@@ -203,21 +211,18 @@ class RecomputedLnLens(Lens):
                                               bias=self.weights.b_U)
 
     def final_context(self, acts, ent_final, sl):
-        """The final logits, their entropy, and the final residual unscaled and centred."""
+        """The final logits, their entropy, and the final residual unscaled, in the
+        normalisation's space."""
         logits = acts.logits[sl]
         # logits = U_final / σ_final + b_U, so U_final is recovered without another matmul.
         u_final = (logits - self.weights.b_U) * acts.final_scale[sl]
-        return FinalContext(logits, ent_final, u_final, final_residual_direction(acts, sl))
+        return FinalContext(logits, ent_final, u_final, self.space(acts.resid_final[sl]))
 
     def final_unembedded(self, final):
-        """The centred final residual and its unscaled unembedding."""
+        """The final residual in the normalisation's space and its unscaled unembedding."""
         return Unembedded(final.u, final.x)
 
     def bias_term(self, b_ou, inv_s):
-        """``centre(b_O) @ W_U``, unscaled."""
+        """``n(b_O) @ W_U``, unscaled."""
         return b_ou
 
-
-def final_residual_direction(acts: BatchActivations, sl: slice) -> torch.Tensor:
-    """Centred final residual ``[t, d]``: resid_mid of the last layer + its MLP output."""
-    return center(acts.resid_mid[sl, -1] + acts.mlp_out[sl, -1])

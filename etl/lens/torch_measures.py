@@ -27,10 +27,11 @@ def head_unembed(weights: UnembedWeights, layer: int, centered: bool = True,
         weights: the model's weights.
         layer: which layer.
         centered: centre the rows of ``W_O`` first (head outputs mean-free, as LayerNorm
-            sees them; what the recomputed-ln lens needs). In compatibility mode ``W_O`` is
-            already centred, so this changes nothing there.
-        cache: where to keep it for later chunks and batches (when every layer's fits the
-            cache's limit); None computes it.
+            sees them; what the recomputed-ln lens needs on a LayerNorm model). In
+            compatibility mode a LayerNorm model's ``W_O`` is already centred, so this
+            changes nothing there.
+        cache: where to keep it for later chunks and batches (while the layers kept fit
+            the cache's limit); None computes it.
 
     Returns:
         ``W_O[layer] @ W_U`` as ``[H, dh, V]`` and ``W_O[layer]`` as ``[H, dh, d]``.
@@ -41,7 +42,7 @@ def head_unembed(weights: UnembedWeights, layer: int, centered: bool = True,
 
     if cache is None:
         return make()
-    return cache.get(("head", layer, centered), make, keep=cache.fits(weights))
+    return cache.get_bounded(("head", layer, centered), make)
 
 
 def bias_unembed(weights: UnembedWeights, centered: bool,
@@ -73,7 +74,7 @@ class _Chunk:
     derive: bool
     """Derive resid_mid's and the MLP's lens from the others (residual identities hold)."""
     b_ou: torch.Tensor | None
-    """``[L, V]`` ``b_O @ W_U`` (centred ``b_O`` when the lens recomputes LayerNorm)."""
+    """``[L, V]`` ``b_O @ W_U`` (centred ``b_O`` when the lens centres, ``Lens.centres``)."""
     means: AblationMeans | None
     """Per-position means under mean ablation, else None."""
 
@@ -99,7 +100,7 @@ def measure_chunk_torch(acts: BatchActivations, weights: UnembedWeights, lens_na
     tokens in the activations' float dtype; ``ent_final`` is ``[t]`` H(final logits) and
     ``means`` are given under mean ablation only (else None)."""
     lens = make_lens(lens_name, weights)
-    b_ou = bias_unembed(weights, lens.recomputes_ln, cache)
+    b_ou = bias_unembed(weights, lens.centres, cache)
     ctx = _Chunk(acts=acts, weights=weights, lens=lens, cache=cache, sl=sl,
                  inv_s=1.0 / acts.final_scale[sl], final=lens.final_context(acts, ent_final, sl),
                  derive=derive and b_ou is not None, b_ou=b_ou, means=means)
@@ -142,7 +143,7 @@ def _heads(ctx: _Chunk, layer: int, pre: Unembedded, ent_pre: torch.Tensor):
     """Every head's diff and marginal (lists of ``[t]``), and ``lens(resid_pre) + Σ_h
     lens(head h)`` (``[t, V]``) when resid_mid's lens is derived (else None)."""
     lens = ctx.lens
-    w_ou, w_o = head_unembed(ctx.weights, layer, lens.recomputes_ln, ctx.cache)
+    w_ou, w_o = head_unembed(ctx.weights, layer, lens.centres, ctx.cache)
     z = ctx.acts.z[ctx.sl, layer]
     z_abl = (z - ctx.means.z[ctx.acts.positions[ctx.sl], layer] if ctx.means is not None
              else z)

@@ -10,8 +10,9 @@ import torch
 
 LENS_MODES = ("final-scale", "recomputed-ln")
 """``final-scale``: every residual divided by the final LayerNorm scale of its token, then
-``@ W_U`` (the original study's lens); ``recomputed-ln``: LayerNorm statistics recomputed for
-every residual the lens reads, ``b_U`` added. Each mode is a class of ``etl.lens.lenses``
+``@ W_U`` (the original study's lens); ``recomputed-ln``: the model's final normalisation
+(LayerNorm, or RMSNorm without centring) recomputed for every residual the lens reads,
+``b_U`` added. Each mode is a class of ``etl.lens.lenses``
 (``LENSES``)."""
 LENS_ALIASES = {"seed": "final-scale", "recomputed": "recomputed-ln"}
 """Earlier names of the lens modes, still accepted (and shown under the new name)."""
@@ -24,16 +25,19 @@ class UnembedWeights:
     from them are kept in an ``etl.lens.cache.HeadUnembedCache``)."""
 
     W_U: torch.Tensor
-    """``[d, V]`` unembedding (LayerNorm weights folded in, centred)."""
+    """``[d, V]`` unembedding (final normalisation weights folded in, centred)."""
     b_U: torch.Tensor
     """``[V]`` unembedding bias."""
     W_O: torch.Tensor
     """``[L, H, dh, d]`` per-head output projections."""
     eps: float
-    """LayerNorm epsilon, used when the lens recomputes LayerNorm statistics."""
+    """Epsilon of the final normalisation, used when the lens recomputes its statistics."""
     b_O: torch.Tensor | None = None
     """``[L, d]`` attention output biases; with them, unembedded residuals are derived
     from each other instead of recomputed (see ``measure_batch``)."""
+    rms_norm: bool = False
+    """The model normalises with RMSNorm (no centring): a lens that recomputes the final
+    normalisation recomputes RMS statistics of uncentred vectors, with ``eps``."""
 
 
 @dataclass
@@ -43,13 +47,17 @@ class BatchActivations:
     resid_pre: torch.Tensor
     """``[T, L, d]`` residual stream before each block (``blocks.L.hook_resid_pre``)."""
     resid_mid: torch.Tensor
-    """``[T, L, d]`` residual stream after attention (``blocks.L.hook_resid_mid``)."""
+    """``[T, L, d]`` the residual each MLP reads: after attention (``blocks.L.hook_resid_mid``)
+    in sequential blocks, ``resid_pre`` in parallel attention+MLP blocks (Pythia)."""
     z: torch.Tensor
     """``[T, L, H, dh]`` per-head attention outputs before ``W_O`` (``attn.hook_z``)."""
     mlp_out: torch.Tensor
     """``[T, L, d]`` MLP outputs (``blocks.L.hook_mlp_out``)."""
+    resid_final: torch.Tensor
+    """``[T, d]`` the final residual, before the final normalisation
+    (``blocks.{L-1}.hook_resid_post``)."""
     final_scale: torch.Tensor
-    """``[T, 1]`` final LayerNorm scale of each token (``ln_final.hook_scale``)."""
+    """``[T, 1]`` final normalisation scale of each token (``ln_final.hook_scale``)."""
     logits: torch.Tensor
     """``[T, V]`` the model's final logits (``b_U`` included)."""
     positions: torch.Tensor
@@ -84,7 +92,8 @@ class MeasureOptions:
 
     lens: str = "final-scale"
     """``final-scale``: ``(r / s_final) @ W_U`` as in the original study; ``recomputed-ln``:
-    LayerNorm statistics recomputed for every residual and ``b_U`` added (earlier names
+    the final normalisation (LayerNorm or RMSNorm) recomputed for every residual and ``b_U``
+    added (earlier names
     ``seed`` and ``recomputed`` are accepted)."""
     ablation: str = "zero"
     """``zero``: the marginal removes the component's output; ``mean``: it removes the
@@ -111,8 +120,19 @@ def canonical_lens(name: str) -> str:
     return LENS_ALIASES.get(name, name)
 
 
-def default_chunk_tokens(device: str | torch.device) -> int:
-    """Tokens per chunk when none is given: 2048 on CUDA (the fused path ran as fast as with
-    4096 on an H100, in half the memory: BENCHMARKS.md), 256 on the CPU (where 256-row
-    products keep the matrix units busy and blocked entropies stay in cache)."""
-    return 2048 if torch.device(device).type == "cuda" else 256
+CHUNK_VOCAB = 50257
+"""The vocabulary the default chunk sizes were measured with (GPT-2's)."""
+MIN_CHUNK_TOKENS = 16
+"""The smallest default chunk, whatever the vocabulary."""
+
+
+def default_chunk_tokens(device: str | torch.device, d_vocab: int = CHUNK_VOCAB) -> int:
+    """Tokens per chunk when none is given: for GPT-2's vocabulary 2048 on CUDA (the fused
+    path ran as fast as with 4096 on an H100, in half the memory: BENCHMARKS.md) and 256 on
+    the CPU (where 256-row products keep the matrix units busy and blocked entropies stay in
+    cache). Larger vocabularies get proportionally fewer tokens (at least
+    ``MIN_CHUNK_TOKENS``), so that a ``[chunk, V]`` float32 tensor stays within GPT-2's
+    412 MB on CUDA and 51 MB on the CPU: Llama 3 (128,256 entries) 802 / 100 tokens, Qwen2
+    (151,936) 677 / 84, Gemma (256,000) 402 / 50."""
+    base = 2048 if torch.device(device).type == "cuda" else 256
+    return max(MIN_CHUNK_TOKENS, min(base, base * CHUNK_VOCAB // max(1, d_vocab)))

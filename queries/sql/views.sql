@@ -15,14 +15,16 @@
 -- `.read` this file again to see runs completed since.
 --
 -- Views:
---   runs(run_id, created_at, model, dataset, lens, ablation, n_layers, n_heads, n_seqs,
---        seq_len, n_tokens, ...)            one row per complete run (its manifest)
+--   runs(run_id, created_at, model, dataset, lens, ablation, n_layers, n_heads,
+--        normalization, parallel_blocks, n_kv_heads, n_seqs, seq_len, n_tokens, ...)
+--                                           one row per complete run (its manifest)
 --   tokens(run_id, seq, position, token_id, token, is_bos, is_pad, role, variant, example)
 --   component_entropy(run_id, seq, position, layer, head, kind, entropy_diff,
 --        entropy_marginal)                  kind 'head' or 'mlp'; head is NULL for the MLP
 --   resid_entropy(run_id, seq, position, layer, point, entropy)
 --                                           point 'resid_pre', 'resid_mid' or 'final';
---                                           layer is NULL for 'final'
+--                                           layer is NULL for 'final'; no 'resid_mid'
+--                                           rows where runs.parallel_blocks
 -- Entropies are in nats; positive diffs and marginals increase entropy.
 
 set variable warehouse = coalesce(getvariable('warehouse'), 'data/warehouse');
@@ -128,6 +130,13 @@ select
     ablation,
     n_layers,
     n_heads,
+    -- architecture facts (NULL for runs recorded before they were; parallel blocks could
+    -- not be measured then): 'LayerNorm' or 'RMSNorm'; parallel attention+MLP blocks have
+    -- no resid_mid rows; n_kv_heads < n_heads under grouped-query attention
+    json_extract_string(to_json(model_identity), '$.normalization') as normalization,
+    coalesce(json_extract(to_json(model_identity), '$.parallel_blocks')::boolean, false)
+        as parallel_blocks,
+    json_extract(to_json(model_identity), '$.n_kv_heads')::bigint as n_kv_heads,
     n_seqs,
     seq_len,
     n_tokens,

@@ -1,6 +1,7 @@
 -- row_counts: runs whose row counts disagree with their manifest: component_entropy must
 -- have n_layers·(n_heads+1)·n_seqs·seq_len rows, resid_entropy (2·n_layers+1)·n_seqs·seq_len
--- and tokens n_seqs·seq_len. Empty = pass.
+-- ((n_layers+1)·n_seqs·seq_len for parallel blocks, which have no resid_mid) and tokens
+-- n_seqs·seq_len. Empty = pass.
 with
 
 component_counts as (
@@ -19,7 +20,8 @@ expected as (
     select
         run_id,
         n_layers * (n_heads + 1) * n_seqs * seq_len as component_expected,
-        (2 * n_layers + 1) * n_seqs * seq_len as resid_expected,
+        ((case when parallel_blocks then 1 else 2 end) * n_layers + 1) * n_seqs * seq_len
+            as resid_expected,
         n_seqs * seq_len as tokens_expected
     from runs
 ),

@@ -1,7 +1,9 @@
 -- resid_summary: mean logit-lens entropy (nats) at each residual point per run and layer, and
 -- the per-layer steps: attention (resid_mid − resid_pre) and MLP (next resid_pre − resid_mid;
 -- for the last layer, final − resid_mid), as in the study's line plot. Positive steps
--- increase entropy.
+-- increase entropy. Runs of parallel attention+MLP blocks (runs.parallel_blocks) have no
+-- resid_mid: mean_resid_mid, attn_step and mlp_step are NULL there, and the block's step is
+-- mean_next − mean_resid_pre.
 -- @param positions 'all' 'all' (BOS and padding included) or 'real' (excluded)
 -- @param run_id NULL one run id, or NULL for every run
 with
