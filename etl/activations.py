@@ -85,6 +85,25 @@ class MeanAccumulator:
             self.mlp_sum += mlp_sum
             self.count += count
 
+    def merge(self, other: MeanAccumulator) -> None:
+        """Add the sums of ``other`` (over other sequences of the same run) to these."""
+        if other.z_sum is None:
+            return
+        if self.z_sum is None:
+            self.z_sum, self.mlp_sum, self.count = other.z_sum, other.mlp_sum, other.count
+            return
+        self.z_sum += other.z_sum.to(self.z_sum.device)
+        self.mlp_sum += other.mlp_sum.to(self.mlp_sum.device)
+        self.count += other.count.to(self.count.device)
+
+    def to(self, device: str | torch.device) -> MeanAccumulator:
+        """These sums on ``device`` (to send them between processes)."""
+        moved = MeanAccumulator()
+        if self.z_sum is not None:
+            moved.z_sum, moved.mlp_sum, moved.count = (
+                t.to(device) for t in (self.z_sum, self.mlp_sum, self.count))
+        return moved
+
     def means(self, dtype: torch.dtype) -> AblationMeans:
         """Per-position means ``[P, ...]`` (zero where a position has no real token)."""
         if self.z_sum is None:

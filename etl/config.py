@@ -188,6 +188,17 @@ class RunOptions:
     allow_large: bool = field(default=False, metadata=option(
         f"allow a run above {MAX_RUN_TOKENS:,} tokens (estimated from the options before "
         "anything is read)"))
+    workers: int = field(default=1, metadata=option(
+        "processes that measure batches, each with its own copy of the model (one per GPU); "
+        "above 1 they run on Ray: a local instance started for the run, or the cluster at "
+        "--ray-address"))
+    ray_address: str | None = field(default=None, metadata=option(
+        "the Ray cluster for --workers (default: RAY_ADDRESS when set, else a local "
+        "instance)", metavar="ADDRESS"))
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise UserError("--workers must be at least 1")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, unset: tuple[str, ...] = ()) -> None:

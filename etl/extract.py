@@ -51,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             warehouse = args.warehouse
             config, options = preflight(args)
-            result = run_extract(config, options.warehouse, run_id=options.run_id,
-                                 overwrite=options.overwrite, device=options.device,
-                                 progress=options.progress, pipeline=options.pipeline,
-                                 restart=options.restart)
+            result = run_extract(config, options=options)
         except UserError as exc:
             print(f"error: {one_line(exc)}", file=sys.stderr)
             return exc.exit_code

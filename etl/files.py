@@ -11,13 +11,27 @@ from pathlib import Path
 
 KILL_AT_ENV = "ENTROPY_WAREHOUSE_KILL_AT"
 """Fault-injection hook for the crash tests: when this environment variable names a point
-(``shard:<table>:<batch>``, ``publish:moved``, ``publish:manifest``), the process kills
-itself with SIGKILL there."""
+(``shard:<table>:<batch>``, ``publish:moved``, ``publish:manifest``; on a ``--workers``
+worker ``worker:<first sequence of the batch>``, once, see ``KILL_ONCE_ENV``), the process
+kills itself with SIGKILL there."""
 
 
 def fault_point(name: str) -> None:
     """SIGKILL this process at ``name`` when ``KILL_AT_ENV`` asks for it (tests only)."""
     if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+KILL_ONCE_ENV = "ENTROPY_WAREHOUSE_KILL_ONCE"
+"""With ``KILL_AT_ENV``: a marker file; ``fault_point_once`` kills only while it is absent
+(and creates it first), so a restarted worker gets past the point."""
+
+
+def fault_point_once(name: str) -> None:
+    """SIGKILL this process at ``name`` once per marker file (``KILL_ONCE_ENV``; tests only)."""
+    marker = os.environ.get(KILL_ONCE_ENV)
+    if os.environ.get(KILL_AT_ENV) == name and marker and not os.path.exists(marker):
+        Path(marker).touch()
         os.kill(os.getpid(), signal.SIGKILL)
 
 

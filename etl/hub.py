@@ -68,3 +68,12 @@ def is_unreachable(exc: BaseException) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+def quiet_libraries() -> None:
+    """Hide the progress bars that transformers and datasets draw on their own."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()

@@ -102,7 +102,8 @@ def preflight(args) -> tuple[ExtractConfig, RunOptions]:
     options = run_options_from_args(args)
     check_run_id(options.run_id)
     check_size(config, options.allow_large)
-    resolve_device(options.device)
+    if options.workers == 1 or options.device != "cuda":  # else: the workers' GPUs
+        resolve_device(options.device)
     if config.dataset == "text":
         expand_data_files(config.data_files)
     context = check_model(config.model)

@@ -14,16 +14,16 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from etl.activations import MeanAccumulator, run_batch
+from etl.activations import MeanAccumulator
+from etl.batch_steps import compute_step, publish_step
 from etl.config import ExtractConfig, RunOptions
+from etl.distributed import measure_on_ray
 from etl.errors import UserError
-from etl.lens.cache import HeadUnembedCache
-from etl.lens.measures import first_non_finite, measure_batch
-from etl.lens.types import AblationMeans, BatchMeasures, MeasureOptions
+from etl.hub import quiet_libraries
+from etl.lens.types import AblationMeans
 from etl.measurable import check_measurable, check_probe
 from etl.memory import ModelSizes
 from etl.model import LoadedModel, has_parallel_blocks, load_model, resolve_device
@@ -32,8 +32,6 @@ from etl.provenance import git_commit, package_versions
 from etl.runlock import RunLock
 from etl.sources.corpus import TokenSet
 from etl.sources.dataset import Texts, build_tokens, read_texts
-from etl.tables import component_table, resid_table
-from etl.token_rows import TokenRows
 from etl.warehouse import RunWriter, ensure_new_run, validate_run_id
 
 
@@ -56,7 +54,9 @@ class ExtractRunner:
                  model: LoadedModel | None = None):
         self.config = config
         self.options = options or RunOptions()
-        self.device = resolve_device(self.options.device)
+        # --device cuda with workers names the workers' devices, which the driver may lack
+        remote_cuda = self.options.workers > 1 and self.options.device == "cuda"
+        self.device = "cuda" if remote_cuda else resolve_device(self.options.device)
         self.pipelined = use_pipeline(self.options.pipeline, self.device)
         self.warehouse = Path(self.options.warehouse)
         self.run_id = validate_run_id(self.options.run_id or config.default_run_id())
@@ -76,8 +76,10 @@ class ExtractRunner:
             ensure_new_run(self.warehouse, self.run_id, self.options.overwrite)
             # The data first: a missing dataset fails before the (slow) model load.
             texts = read_texts(self.config)
-            model = self.model or load_model(self.config.model, device=self.device,
-                                             dtype=getattr(torch, self.config.dtype))
+            # With workers the driver's model only tokenises, identifies and is probed.
+            model = self.model or load_model(
+                self.config.model, device="cpu" if self.options.workers > 1 else self.device,
+                dtype=getattr(torch, self.config.dtype))
             check_measurable(model.cfg, self.config.model)
             check_probe(model, self.config.model)
             tokens = self._tokens(model, texts)
@@ -89,7 +91,11 @@ class ExtractRunner:
                 resumed = batches.skip_staged(writer.done_batches)
                 write_bar.update(self._rows_per_token(model) * resumed)
                 # Measure the batches still to do and write their rows.
-                measured = self._measure_all(model, batches, writer, resumed)
+                if self.options.workers > 1:
+                    writer.flush()  # the workers stage into the writer's attempt
+                    measured = self._measure_on_workers(model, batches, writer, resumed)
+                else:
+                    measured = self._measure_all(model, batches, writer, resumed)
                 write_bar.close()
                 # Publish: one manifest names every shard, or nothing is published.
                 path = writer.publish(self._manifest(model, batches, writer, measured),
@@ -150,9 +156,9 @@ class ExtractRunner:
         bar = tqdm(total=tokens.n_seqs * tokens.seq_len, initial=resumed, unit="tok",
                    unit_scale=True, desc=f"extract {self.run_id}",
                    disable=not self.options.progress, position=0)
-        run_loop(batches.todo, self._compute_step(model, tokens, means),
-                 self._publish_step(model, batches, writer, bar), torch.device(self.device),
-                 self.pipelined, self.timing)
+        run_loop(batches.todo, compute_step(self.config, self.device, model, tokens, means),
+                 publish_step(model, tokens, batches.per_forward, writer, bar),
+                 torch.device(self.device), self.pipelined, self.timing)
         flush_started = time.perf_counter()
         writer.flush()
         done = time.perf_counter()
@@ -161,6 +167,16 @@ class ExtractRunner:
         computed = tokens.n_seqs * tokens.seq_len - resumed
         return Measured(seconds=seconds, mean_pass_s=mean_pass_s,
                         flush_s=done - flush_started,
+                        tokens_per_s=computed / seconds if seconds > 0 else float("inf"))
+
+    def _measure_on_workers(self, model: LoadedModel, batches: Batches, writer: RunWriter,
+                            resumed: int) -> Measured:
+        """Measure the batches still to do on ``--workers`` Ray workers
+        (``etl.distributed``), staging into ``writer``'s attempt."""
+        seconds, mean_pass_s = measure_on_ray(self.config, self.options, self.device,
+                                              self.run_id, batches, writer, resumed)
+        computed = batches.tokens.n_seqs * batches.tokens.seq_len - resumed
+        return Measured(seconds=seconds, mean_pass_s=mean_pass_s, flush_s=0.0,
                         tokens_per_s=computed / seconds if seconds > 0 else float("inf"))
 
     def _mean_pass(self, model: LoadedModel, batches: Batches) -> AblationMeans:
@@ -176,46 +192,6 @@ class ExtractRunner:
         bar.close()
         return accumulator.means(getattr(torch, self.config.dtype))
 
-    def _compute_step(self, model: LoadedModel, tokens: TokenSet,
-                      means: AblationMeans | None):
-        """The device step of a batch of sequences: forward pass, then every measure."""
-        weights = model.unembed_weights()
-        cache = HeadUnembedCache()  # per-layer W_O @ W_U, kept between batches
-        options = MeasureOptions(lens=self.config.lens, ablation=self.config.ablation,
-                                 chunk_tokens=self.config.resolved_chunk_tokens(
-                                     self.device, int(model.cfg.d_vocab)))
-
-        def compute(start: int, stop: int, mark) -> BatchMeasures:
-            ids = torch.from_numpy(tokens.token_ids[start:stop]).to(self.device)
-            acts = run_batch(model.bridge, ids)
-            mark()
-            with torch.inference_mode():
-                return measure_batch(acts, weights, options, means, cache=cache)
-
-        return compute
-
-    def _publish_step(self, model: LoadedModel, batches: Batches, writer: RunWriter, bar):
-        """The host step of a batch: check its measures, build its three tables and queue
-        them to the writer."""
-        tokens, per_forward = batches.tokens, batches.per_forward
-        token_rows = TokenRows(tokens, model.tokenizer)
-        seq_len = tokens.seq_len
-        with_mid = not has_parallel_blocks(model.cfg)  # parallel blocks have no resid_mid
-
-        def publish(start: int, stop: int, arrays: dict) -> None:
-            check_finite(arrays, start, stop)
-            seqs = np.repeat(np.arange(start, stop), seq_len)
-            positions = np.tile(np.arange(seq_len), stop - start)
-            batch = start // per_forward
-            writer.write("component_entropy", component_table(
-                arrays["diff"], arrays["marginal"], seqs, positions), batch)
-            writer.write("resid_entropy", resid_table(arrays["resid"], seqs, positions,
-                                                      with_mid=with_mid), batch)
-            writer.write("tokens", token_rows.table(start, stop), batch)
-            bar.update((stop - start) * seq_len)
-
-        return publish
-
     def _manifest(self, model: LoadedModel, batches: Batches, writer: RunWriter,
                   measured: Measured) -> dict:
         """The run's manifest: what was run, on what, how fast, and from which code."""
@@ -225,9 +201,10 @@ class ExtractRunner:
                       writer_busy_s=round(writer.busy_s, 3),
                       writer_waited_s=round(writer.waited_s, 3),
                       writer_workers=writer.workers, pipelined=self.pipelined,
+                      workers=self.options.workers,
                       sequences_per_forward=batches.per_forward,
                       batches_resumed=len(batches.spans) - len(batches.todo))
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda") and self.options.workers == 1:
             timing["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         return {
             "run_id": self.run_id, "created_at": self.created.isoformat(),
@@ -265,35 +242,21 @@ def check_context(seq_len: int, n_ctx: int) -> None:
         raise UserError(f"--seq-len {seq_len} is above the model's context of {n_ctx} tokens")
 
 
-def check_finite(arrays: dict, start: int, stop: int) -> None:
-    """Raise ``UserError`` naming the first non-finite measure of sequences ``start:stop``."""
-    found = first_non_finite(BatchMeasures(**arrays))
-    if found is not None:
-        raise UserError(f"non-finite value in sequences {start}–{stop - 1}: {found} (tokens "
-                        f"counted from sequence {start}, position 0); the model produced NaN "
-                        "or inf (check its weights and --dtype); nothing was published")
-
-
-def quiet_libraries() -> None:
-    """Hide the progress bars that transformers and datasets draw on their own."""
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-
-
-def run_extract(config: ExtractConfig, warehouse: Path, run_id: str | None = None,
-                overwrite: bool = False, device: str = "auto", progress: bool = True,
-                pipeline: str = "auto", model: LoadedModel | None = None,
-                restart: bool = False) -> RunResult:
-    """Run the extraction of ``config`` into ``warehouse`` (``ExtractRunner`` with these
-    options; see ``RunOptions`` for each).
+def run_extract(config: ExtractConfig, warehouse: Path | None = None,
+                run_id: str | None = None, overwrite: bool = False, device: str = "auto",
+                progress: bool = True, pipeline: str = "auto",
+                model: LoadedModel | None = None, restart: bool = False,
+                options: RunOptions | None = None) -> RunResult:
+    """Run the extraction of ``config`` (``ExtractRunner``) under ``options``, or, without
+    them, under ``RunOptions`` made of the other arguments (see ``RunOptions`` for each).
 
     Raises:
         UserError: bad input (see the README's error list); nothing is published then.
     """
-    options = RunOptions(device=device, pipeline=pipeline, warehouse=str(warehouse),
-                         run_id=run_id, overwrite=overwrite, restart=restart,
-                         progress=progress)
+    if options is None:
+        if warehouse is None:
+            raise TypeError("run_extract needs a warehouse or options")
+        options = RunOptions(device=device, pipeline=pipeline, warehouse=str(warehouse),
+                             run_id=run_id, overwrite=overwrite, restart=restart,
+                             progress=progress)
     return ExtractRunner(config, options, model).run()

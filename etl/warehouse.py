@@ -65,6 +65,22 @@ PLAN = "plan.json"
 _PLAN_VOLATILE = ("generation", "created_at")
 
 
+def shard_name(generation: str, index: int) -> str:
+    """The file name of shard ``index`` of an attempt (``generation``) of a run."""
+    return f"part-{generation}-{index:05d}.parquet"
+
+
+def write_shard(path: Path, data: pa.Table) -> None:
+    """Write ``data`` as the shard ``path``: zstd, dictionary-encoded low-cardinality
+    columns, ``ROW_GROUP_ROWS`` per row group, through a temporary name and then renamed, so
+    the shard is whole or absent (and writing it again replaces it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    columns = [c for c in DICTIONARY_COLUMNS if c in data.column_names]
+    pq.write_table(data, tmp, compression="zstd", use_dictionary=columns,
+                   row_group_size=ROW_GROUP_ROWS, write_statistics=True)
+    os.replace(tmp, path)
+
+
 class RunWriter:
     """Writes one run's shards to a staging folder on a pool of threads, then publishes.
 
@@ -152,7 +168,7 @@ class RunWriter:
         return data if isinstance(data, dict) else {}
 
     def _shard_name(self, index: int) -> str:
-        return f"part-{self.generation}-{index:05d}.parquet"
+        return shard_name(self.generation, index)
 
     def _recover(self) -> None:
         """Find the batches an interrupted attempt staged: drop temporary files, take back
@@ -214,11 +230,7 @@ class RunWriter:
 
     def _write_file(self, path: Path, data: pa.Table, table: str, index: int) -> None:
         started = time.perf_counter()
-        tmp = path.with_name(path.name + ".tmp")
-        columns = [c for c in DICTIONARY_COLUMNS if c in data.column_names]
-        pq.write_table(data, tmp, compression="zstd", use_dictionary=columns,
-                       row_group_size=ROW_GROUP_ROWS, write_statistics=True)
-        os.replace(tmp, path)
+        write_shard(path, data)
         fault_point(f"shard:{table}:{index}")
         with self._lock:
             self.busy_s += time.perf_counter() - started

@@ -275,16 +275,16 @@ def test_e2e_bench_reports_both_loops_and_checks_their_rows(tiny_checkpoint):
 
 def test_a_non_finite_measure_fails_the_run_naming_it(tiny_checkpoint, text_glob, tmp_path,
                                                       monkeypatch, capsys):
-    import etl.runner as runner_module
+    import etl.batch_steps as steps
 
-    real = runner_module.measure_batch
+    real = steps.measure_batch
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         out.marginal[5, 1, 2] = float("nan")
         return out
 
-    monkeypatch.setattr(runner_module, "measure_batch", poisoned)
+    monkeypatch.setattr(steps, "measure_batch", poisoned)
     code = _extract(tiny_checkpoint, tmp_path, "--data-files", text_glob, "--n-batches", "2",
                     "--batch-size", "2", "--seq-len", "24", "--run-id", "nan")
     err = capsys.readouterr().err.strip().splitlines()

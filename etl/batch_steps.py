@@ -1,0 +1,72 @@
+"""The two steps every batch of sequences goes through, in one process or on a worker: the
+device step (forward pass, then every measure) and the host step (check the measures, build
+the three tables, hand them to a writer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from etl.activations import run_batch
+from etl.config import ExtractConfig
+from etl.errors import UserError
+from etl.lens.cache import HeadUnembedCache
+from etl.lens.measures import first_non_finite, measure_batch
+from etl.lens.types import AblationMeans, BatchMeasures, MeasureOptions
+from etl.model import LoadedModel, has_parallel_blocks
+from etl.sources.corpus import TokenSet
+from etl.tables import component_table, resid_table
+from etl.token_rows import TokenRows
+
+
+def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens: TokenSet,
+                 means: AblationMeans | None):
+    """``compute(start, stop, mark) -> BatchMeasures``: the forward pass of sequences
+    ``start:stop`` on ``device`` (``mark()`` is called after it), then every measure; the
+    derived weights are kept between batches."""
+    weights = model.unembed_weights()
+    cache = HeadUnembedCache()  # per-layer W_O @ W_U, kept between batches
+    options = MeasureOptions(lens=config.lens, ablation=config.ablation,
+                             chunk_tokens=config.resolved_chunk_tokens(
+                                 device, int(model.cfg.d_vocab)))
+
+    def compute(start: int, stop: int, mark) -> BatchMeasures:
+        ids = torch.from_numpy(tokens.token_ids[start:stop]).to(device)
+        acts = run_batch(model.bridge, ids)
+        mark()
+        with torch.inference_mode():
+            return measure_batch(acts, weights, options, means, cache=cache)
+
+    return compute
+
+
+def publish_step(model: LoadedModel, tokens: TokenSet, per_forward: int, writer, bar):
+    """``publish(start, stop, arrays)``: check the measures of sequences ``start:stop``
+    (``arrays``: ``diff``, ``marginal``, ``resid`` as numpy), build their three tables and
+    ``writer.write`` them as shard ``start // per_forward``; ``bar.update`` counts tokens."""
+    token_rows = TokenRows(tokens, model.tokenizer)
+    seq_len = tokens.seq_len
+    with_mid = not has_parallel_blocks(model.cfg)  # parallel blocks have no resid_mid
+
+    def publish(start: int, stop: int, arrays: dict) -> None:
+        check_finite(arrays, start, stop)
+        seqs = np.repeat(np.arange(start, stop), seq_len)
+        positions = np.tile(np.arange(seq_len), stop - start)
+        batch = start // per_forward
+        writer.write("component_entropy", component_table(
+            arrays["diff"], arrays["marginal"], seqs, positions), batch)
+        writer.write("resid_entropy", resid_table(arrays["resid"], seqs, positions,
+                                                  with_mid=with_mid), batch)
+        writer.write("tokens", token_rows.table(start, stop), batch)
+        bar.update((stop - start) * seq_len)
+
+    return publish
+
+
+def check_finite(arrays: dict, start: int, stop: int) -> None:
+    """Raise ``UserError`` naming the first non-finite measure of sequences ``start:stop``."""
+    found = first_non_finite(BatchMeasures(**arrays))
+    if found is not None:
+        raise UserError(f"non-finite value in sequences {start}–{stop - 1}: {found} (tokens "
+                        f"counted from sequence {start}, position 0); the model produced NaN "
+                        "or inf (check its weights and --dtype); nothing was published")
