@@ -124,7 +124,9 @@ def measure_on_ray(config: ExtractConfig, options: RunOptions, device: str, run_
         staged, and the part of it spent on the mean pass.
 
     Raises:
-        UserError: Ray is not installed, or the cluster cannot be reached.
+        UserError: Ray is not installed, the cluster cannot be reached or has fewer
+            devices than workers, or a worker failed (its own one-line error, or one for a
+            worker that kept dying; the staged batches are kept for a resume).
     """
     ray = _ray()
     started_ray = _connect(ray, options)
@@ -210,7 +212,10 @@ def _means(ray, actors, batches, config: ExtractConfig):
     """Per-position means over the whole run: each worker sums every ``len(actors)``-th
     batch, and the sums are added in batch order (the same float64 sums as one process)."""
     spans, n = batches.spans, len(actors)
-    parts = ray.get([a.partial_sums.remote(spans[i::n]) for i, a in enumerate(actors)])
+    try:
+        parts = ray.get([a.partial_sums.remote(spans[i::n]) for i, a in enumerate(actors)])
+    except Exception as exc:  # a worker's error, raised here by Ray
+        raise worker_error(exc) from exc
     by_batch = sorted((i + k * n, acc) for i, part in enumerate(parts)
                       for k, acc in enumerate(part))
     total = MeanAccumulator()
