@@ -75,15 +75,18 @@ class MeanAccumulator:
         weight = mask.to(device=tokens.device, dtype=torch.float64)
         z = torch.stack([cache[n] for n in names[:n_layers]], dim=2).double()
         mlp = torch.stack([cache[n] for n in names[n_layers:]], dim=2).double()
-        z_sum = torch.einsum("bp,bplhk->plhk", weight, z)
-        mlp_sum = torch.einsum("bp,bpld->pld", weight, mlp)
-        count = weight.sum(0)
-        if self.z_sum is None:
-            self.z_sum, self.mlp_sum, self.count = z_sum, mlp_sum, count
-        else:
-            self.z_sum += z_sum
-            self.mlp_sum += mlp_sum
-            self.count += count
+        batch = MeanAccumulator()
+        batch.z_sum = torch.einsum("bp,bplhk->plhk", weight, z)
+        batch.mlp_sum = torch.einsum("bp,bpld->pld", weight, mlp)
+        batch.count = weight.sum(0)
+        self.merge(batch)
+
+    def add_sequences(self, bridge, tokens, start: int, stop: int, device: str) -> None:
+        """Add sequences ``start:stop`` of ``tokens`` (an ``etl.sources.corpus.TokenSet``),
+        their padding masked out, run on ``device``."""
+        ids = torch.from_numpy(tokens.token_ids[start:stop]).to(device)
+        mask = torch.from_numpy(~tokens.is_pad[start:stop]).to(device)
+        self.add(bridge, ids, mask)
 
     def merge(self, other: MeanAccumulator) -> None:
         """Add the sums of ``other`` (over other sequences of the same run) to these."""

@@ -10,7 +10,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from etl.errors import UserError
-from etl.lens.types import ABLATION_MODES, LENS_MODES, canonical_lens, default_chunk_tokens
+from etl.lens.types import (
+    ABLATION_MODES,
+    CHUNK_VOCAB,
+    LENS_MODES,
+    canonical_lens,
+    default_chunk_tokens,
+)
 from etl.memory import CUDA_FORWARD_TOKENS, GPT2_SMALL, ModelSizes, forward_tokens
 from etl.model import DEFAULT_MODEL
 from etl.warehouse import validate_run_id
@@ -117,9 +123,7 @@ class ExtractConfig:
     def resolved_chunk_tokens(self, device: str, d_vocab: int | None = None) -> int:
         """``chunk_tokens``, with 0 (auto) resolved for ``device`` and a vocabulary of
         ``d_vocab`` entries (``default_chunk_tokens``)."""
-        if self.chunk_tokens:
-            return self.chunk_tokens
-        return default_chunk_tokens(device, *(() if d_vocab is None else (d_vocab,)))
+        return self.chunk_tokens or default_chunk_tokens(device, d_vocab or CHUNK_VOCAB)
 
     def sequences_per_forward(self, device: str, seq_len: int,
                               sizes: ModelSizes | None = None) -> int:

@@ -63,13 +63,6 @@ class _ShardStager:
         self.rows[table] = data.num_rows
 
 
-class _NoBar:
-    """No progress bar: workers draw none."""
-
-    def update(self, n: int = 1) -> None:
-        """Nothing."""
-
-
 class BatchWorker:
     """One worker: its own model on its own device, measuring the batches it is given and
     staging their shards (run as a Ray actor; plain Python in tests)."""
@@ -83,7 +76,8 @@ class BatchWorker:
                                 dtype=getattr(torch, config.dtype))
         self.config, self.device, self.tokens = config, device, tokens
         self._stager = _ShardStager(target)
-        self._publish = publish_step(self.model, tokens, per_forward, self._stager, _NoBar())
+        self._publish = publish_step(self.model, tokens, per_forward, self._stager,
+                                     tqdm(disable=True))  # workers draw no progress bars
         self._computes: dict[bool, object] = {}
 
     def partial_sums(self, spans: list[tuple[int, int]]) -> list[MeanAccumulator]:
@@ -92,9 +86,7 @@ class BatchWorker:
         sums = []
         for start, stop in spans:
             accumulator = MeanAccumulator()
-            ids = torch.from_numpy(self.tokens.token_ids[start:stop]).to(self.device)
-            mask = torch.from_numpy(~self.tokens.is_pad[start:stop]).to(self.device)
-            accumulator.add(self.model.bridge, ids, mask)
+            accumulator.add_sequences(self.model.bridge, self.tokens, start, stop, self.device)
             sums.append(accumulator.to("cpu"))
         return sums
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from etl.errors import UserError
+from etl.lens.layernorm import norm_space
 from etl.model import LoadedModel, uses_rms_norm
 
 PROBE_TOKENS = 8
@@ -44,9 +45,7 @@ def check_probe(model: LoadedModel, name: str) -> None:
     probe = (torch.arange(1, PROBE_TOKENS + 1, device=device) * 7919 % n_vocab)[None]
     final = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
     logits, cache = bridge.run_with_cache(probe, names_filter=["ln_final.hook_scale", final])
-    resid = cache[final].double()
-    if not uses_rms_norm(cfg):
-        resid = resid - resid.mean(-1, keepdim=True)
+    resid = norm_space(cache[final].double(), uses_rms_norm(cfg))
     lens = (resid / cache["ln_final.hook_scale"].double()) @ bridge.W_U.double() \
         + bridge.b_U.double()
     gap = (lens - logits.double())

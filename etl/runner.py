@@ -185,10 +185,8 @@ class ExtractRunner:
         bar = tqdm(total=tokens.n_seqs * tokens.seq_len, unit="tok", unit_scale=True,
                    desc="mean pass", disable=not self.options.progress)
         for start, stop in batches.spans:
-            ids = torch.from_numpy(tokens.token_ids[start:stop]).to(self.device)
-            mask = torch.from_numpy(~tokens.is_pad[start:stop]).to(self.device)
-            accumulator.add(model.bridge, ids, mask)
-            bar.update(ids.numel())
+            accumulator.add_sequences(model.bridge, tokens, start, stop, self.device)
+            bar.update((stop - start) * tokens.seq_len)
         bar.close()
         return accumulator.means(getattr(torch, self.config.dtype))
 

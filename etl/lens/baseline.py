@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from etl.lens.entropy import entropy_from_logits as _entropy
+from etl.lens.layernorm import inv_sigma, norm_space
 from etl.lens.lenses import lens_type
 from etl.lens.types import (
     AblationMeans,
@@ -30,8 +31,8 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def _ln(r: torch.Tensor, eps: float, rms_norm: bool) -> torch.Tensor:
     """Final normalisation without weights (folded into W_U): centre (LayerNorm only),
     divide by the scale."""
-    rc = r if rms_norm else r - r.mean(-1, keepdim=True)
-    return rc * torch.rsqrt(rc.pow(2).mean(-1, keepdim=True) + eps)
+    rc = norm_space(r, rms_norm)
+    return rc * inv_sigma(rc, eps)
 
 
 def _chunk(acts: BatchActivations, weights: UnembedWeights, options: MeasureOptions,

@@ -125,9 +125,11 @@ def _layer(ctx: _Chunk, layer: int, pre: Unembedded) -> tuple[_Layer, Unembedded
     if u_mid is not None:
         u_mid += lens.bias_term(ctx.b_ou[layer], ctx.inv_s)
         mid = Unembedded(u_mid, lens.space(mid_resid))
+    elif acts.resid_mid is acts.resid_pre:  # parallel blocks: the MLP reads resid_pre
+        mid = pre
     else:
         mid = lens.unembed(mid_resid, ctx.inv_s)
-    ent_mid = lens.entropy(mid)
+    ent_mid = ent_pre if mid is pre else lens.entropy(mid)
     if layer + 1 < acts.z.shape[1]:
         nxt = lens.unembed(acts.resid_pre[sl, layer + 1], ctx.inv_s)
     else:
