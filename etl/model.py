@@ -136,7 +136,9 @@ def check_tokenizer(tokenizer, d_vocab: int, name: str) -> None:
 
 
 def _weights_fingerprint(bridge) -> str:
-    """sha256 over the first values of every parameter: cheap, stable, sensitive."""
+    """sha256 over the first values of every parameter: cheap, stable, sensitive. Taken
+    from the weights as loaded, before compatibility mode folds them: the folded values
+    depend on the number of threads that computed them."""
     digest = hashlib.sha256()
     for name, param in sorted(bridge.original_model.state_dict().items()):
         digest.update(name.encode())
@@ -191,6 +193,7 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         raise
     check_weights_finite(bridge.original_model, name)
     check_tokenizer(bridge.tokenizer, int(bridge.cfg.d_vocab), name)
+    weights_sha256 = _weights_fingerprint(bridge)
     bridge.enable_compatibility_mode()
     bridge.eval()
     cfg = bridge.cfg
@@ -204,7 +207,7 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         "d_vocab": cfg.d_vocab,
         "n_ctx": cfg.n_ctx,
         **architecture_facts(cfg),
-        "weights_sha256": _weights_fingerprint(bridge),
+        "weights_sha256": weights_sha256,
         "tokenizer": _tokenizer_identity(bridge.tokenizer),
     }
     return LoadedModel(bridge=bridge, name=name, identity=identity)

@@ -2,6 +2,7 @@
 cross-model comparison is an error that says so."""
 
 import pytest
+import torch
 
 from etl.checkpoint import Architecture, gpt2_tokenizer, random_gpt2, write_checkpoint
 from etl.extract import main as extract_main
@@ -76,3 +77,20 @@ def test_charts_compare_only_runs_of_one_model(mixed, tmp_path, capsys):
                           "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "runs of one model" in err[0]
+
+
+def test_the_weights_fingerprint_does_not_depend_on_the_thread_count(tiny_checkpoint):
+    """Runs of one checkpoint pair up (and resume) on machines with other thread counts:
+    compatibility mode's folded weights differ in their last bits between 1 and 3 threads,
+    so the fingerprint is taken before folding."""
+    from etl.model import load_model
+
+    threads = torch.get_num_threads()
+    identities = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            identities.append(load_model(str(tiny_checkpoint)).identity)
+    finally:
+        torch.set_num_threads(threads)
+    assert identities[0] == identities[1]
