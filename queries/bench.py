@@ -3,7 +3,9 @@
 A benchmark, not a test. It writes a synthetic run of GPT-2-small shape (12 layers, 12
 heads + MLP) with the project's own writer (``etl.warehouse.RunWriter``: same schemas,
 shards, zstd and manifest as a real run), with random entropy values, then times saved
-queries on it through the same views the CLI uses and prints rows, seconds and rows/s.
+queries on it through the same views the CLI uses and prints rows, seconds and rows/s,
+and the ratio to the same query with DuckDB's plain ``avg``/``stddev_samp`` in place of the
+order-independent ``stable_mean``/``stable_sd`` (timed in the same run).
 
     python -m queries.bench --warehouse /tmp/bench-warehouse --component-rows 100000000
 """
@@ -87,9 +89,28 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.parquet"))
 
 
-def time_queries(root: Path, names: list[str], repeats: int) -> list[dict]:
-    """Best-of-``repeats`` wall time of each saved query (defaults, all runs)."""
+def plain_aggregates(sql: str) -> str:
+    """``sql`` with DuckDB's own ``avg``/``stddev_samp`` in place of the order-independent
+    ``stable_mean``/``stable_sd`` (the baseline their cost is measured against)."""
+    return sql.replace("stable_mean(", "avg(").replace("stable_sd(", "stddev_samp(")
+
+
+def _best_time(root: Path, sql: str, params: dict, repeats: int) -> tuple[float, int]:
     from queries.db import connect, run_sql
+
+    best, rows = float("inf"), 0
+    for _ in range(repeats):
+        con = connect(root)
+        t0 = time.perf_counter()
+        rows = run_sql(con, sql, params).height
+        best = min(best, time.perf_counter() - t0)
+        con.close()
+    return best, rows
+
+
+def time_queries(root: Path, names: list[str], repeats: int) -> list[dict]:
+    """Best-of-``repeats`` wall time of each saved query (defaults, all runs), and of the
+    same query with plain aggregates (``plain_aggregates``), interleaved query by query."""
     from queries.saved import get_query
 
     results = []
@@ -97,15 +118,11 @@ def time_queries(root: Path, names: list[str], repeats: int) -> list[dict]:
         name, _, params_text = spec.partition(":")
         params = dict(p.split("=", 1) for p in params_text.split(",") if p)
         query = get_query(name)
-        best = float("inf")
-        rows = 0
-        for _ in range(repeats):
-            con = connect(root)
-            t0 = time.perf_counter()
-            rows = run_sql(con, query.sql, query.bind(params)).height
-            best = min(best, time.perf_counter() - t0)
-            con.close()
-        results.append({"query": spec, "seconds": round(best, 3), "result_rows": rows})
+        bound = query.bind(params)
+        seconds, rows = _best_time(root, query.sql, bound, repeats)
+        plain, _ = _best_time(root, plain_aggregates(query.sql), bound, repeats)
+        results.append({"query": spec, "seconds": round(seconds, 3), "result_rows": rows,
+                        "plain_seconds": round(plain, 3)})
     return results
 
 
@@ -147,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"  {r['query']:<32} {r['seconds']:8.3f} s  "
               f"{component_rows / r['seconds'] / 1e6:8.1f} M component rows/s  "
-              f"({r['result_rows']} result rows)")
+              f"({r['result_rows']} result rows); plain avg/stddev_samp "
+              f"{r['plain_seconds']:.3f} s: stable aggregates cost "
+              f"{r['seconds'] / r['plain_seconds']:.2f}x")
     return 0
 
 

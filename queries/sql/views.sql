@@ -214,3 +214,20 @@ create or replace macro earliest_run() as
 create or replace macro ci95_low(mean, sd, n) as mean - 1.96 * sd / sqrt(n);
 
 create or replace macro ci95_high(mean, sd, n) as mean + 1.96 * sd / sqrt(n);
+
+-- stable_mean(x), stable_sd(x): the mean and sample standard deviation of x (aggregates),
+-- the same to the last bit however the rows are split over threads and files. DuckDB's
+-- avg() and stddev_samp() add doubles in the order its threads happen to read the shards,
+-- so one query can differ in the last digits from one run to the next; these add fixed-point
+-- integers (x × 2^40, rounded: within 2^-41 of x, ample for entropies in nats), which is
+-- exact in 128 bits and so independent of the order. For |x| < 2,896 (entropies are below
+-- ln(vocabulary size)). stable_sd is NULL for fewer than 2 values, as stddev_samp is.
+create or replace macro fixed_point(x) as (x::double * 1099511627776)::bigint;
+
+create or replace macro stable_mean(x) as
+    sum(fixed_point(x)) / count(x) / 1099511627776;
+
+create or replace macro stable_sd(x) as
+    case when count(x) > 1 then sqrt(greatest(0,
+        (sum(fixed_point(x::double * x::double)) / 1099511627776
+         - (sum(fixed_point(x)) / 1099511627776) ** 2 / count(x)) / (count(x) - 1))) end;

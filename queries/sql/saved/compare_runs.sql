@@ -90,7 +90,7 @@ kept as (
 
 means as (
     select run_id, layer, head, kind, count(*) as n,
-           avg(entropy_diff) as mean_diff, avg(entropy_marginal) as mean_marginal
+           stable_mean(entropy_diff) as mean_diff, stable_mean(entropy_marginal) as mean_marginal
     from kept
     group by run_id, layer, head, kind
 ),

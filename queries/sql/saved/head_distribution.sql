@@ -38,7 +38,7 @@ per_head as (
         layer,
         head,
         count(*) as n,
-        avg(value) as mean,
+        stable_mean(value) as mean,
         min(value) as min,
         quantile_cont(value, [0.05, 0.25, 0.5, 0.75, 0.95]) as q,
         max(value) as max

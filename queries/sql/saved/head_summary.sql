@@ -34,10 +34,10 @@ stats as (
         head,
         kind,
         count(*) as n,
-        avg(entropy_diff) as mean_diff,
-        stddev_samp(entropy_diff) as sd_diff,
-        avg(entropy_marginal) as mean_marginal,
-        stddev_samp(entropy_marginal) as sd_marginal,
+        stable_mean(entropy_diff) as mean_diff,
+        stable_sd(entropy_diff) as sd_diff,
+        stable_mean(entropy_marginal) as mean_marginal,
+        stable_sd(entropy_marginal) as sd_marginal,
         avg((entropy_diff > 0)::double) as frac_increase_diff,
         avg((entropy_marginal > 0)::double) as frac_increase_marginal
     from kept

@@ -32,8 +32,8 @@ final as (
         c.kind,
         t.role,
         count(*) as n,
-        avg(c.entropy_diff) as mean_diff,
-        avg(c.entropy_marginal) as mean_marginal
+        stable_mean(c.entropy_diff) as mean_diff,
+        stable_mean(c.entropy_marginal) as mean_marginal
     from component_entropy as c
     join role_tokens as t using (run_id, seq, position)
     group by c.run_id, c.layer, c.head, c.kind, t.role

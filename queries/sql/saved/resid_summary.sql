@@ -30,7 +30,7 @@ kept as (
 ),
 
 point_means as (
-    select run_id, layer, point, count(*) as n, avg(entropy) as mean_entropy
+    select run_id, layer, point, count(*) as n, stable_mean(entropy) as mean_entropy
     from kept
     group by run_id, layer, point
 ),

@@ -27,7 +27,7 @@ top_head as (
     from component_entropy as c, settings as s
     where c.run_id = s.run_id and c.kind = 'head'
     group by c.layer, c.head
-    order by avg(c.entropy_diff) desc, c.layer, c.head
+    order by stable_mean(c.entropy_diff) desc, c.layer, c.head
     limit 1
 ),
 

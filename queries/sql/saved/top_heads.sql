@@ -43,7 +43,7 @@ kept as (
 ),
 
 per_head as (
-    select run_id, layer, head, count(*) as n, avg(value) as mean, stddev_samp(value) as sd
+    select run_id, layer, head, count(*) as n, stable_mean(value) as mean, stable_sd(value) as sd
     from kept
     group by run_id, layer, head
 ),
