@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from etl.extract import main as extract_main
 from etl.files import KILL_AT_ENV
 from queries.db import connect
 
@@ -55,6 +56,15 @@ def _run(cmd, **env):
     return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=300)
 
 
+def _run_here(cmd, capsys):
+    """``cmd`` (a ``_command``) run in this process: the runs that are not killed need no
+    process of their own, and skip the seconds of imports a new one costs."""
+    capsys.readouterr()
+    code = extract_main(cmd[3:])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(cmd, code, out, err)
+
+
 def _rows(root, run_id):
     con = connect(root)
     return {table: con.sql(f"select * exclude (run_id) from {table} where run_id = '{run_id}' "
@@ -91,7 +101,7 @@ def _manifest(root):
 
 
 def test_sigkill_at_each_point_then_the_same_command_resumes(tiny_checkpoint, corpus,
-                                                             reference, tmp_path):
+                                                             reference, tmp_path, capsys):
     cmd = _command(tiny_checkpoint, tmp_path, corpus, "whole")
     # mid-run, then while publishing (shards moved, manifest not yet written)
     for point in ("shard:resid_entropy:1", "publish:moved"):
@@ -109,7 +119,7 @@ def test_sigkill_at_each_point_then_the_same_command_resumes(tiny_checkpoint, co
         files = sorted(p.name for p in (tmp_path / table / "run_id=whole").glob("*"))
         assert files == sorted(s["file"] for s in manifest["shards"][table])
     # the leftovers of the published attempt are not reused by the next one
-    again = _run(cmd + ["--overwrite"])
+    again = _run_here(cmd + ["--overwrite"], capsys)
     assert again.returncode == 0, again.stderr
     assert _manifest(tmp_path)["timing"]["batches_resumed"] == 0
     assert _rows(tmp_path, "whole") == reference
@@ -117,14 +127,15 @@ def test_sigkill_at_each_point_then_the_same_command_resumes(tiny_checkpoint, co
 
 
 def test_other_settings_are_refused_and_restart_discards_partial_work(tiny_checkpoint, corpus,
-                                                                      reference, tmp_path):
+                                                                      reference, tmp_path,
+                                                                      capsys):
     cmd = _command(tiny_checkpoint, tmp_path, corpus, "whole")
     assert _run(cmd, **{KILL_AT_ENV: "shard:tokens:0"}).returncode == -signal.SIGKILL
-    other = _run(cmd + ["--seed", "7"])  # its rows must not be mixed with the staged ones
+    other = _run_here(cmd + ["--seed", "7"], capsys)  # not to be mixed with the staged rows
     assert other.returncode == 2
     lines = other.stderr.strip().splitlines()
     assert len(lines) == 1 and "partial run 'whole'" in lines[0] and "--restart" in lines[0]
-    done = _run(cmd + ["--restart"])
+    done = _run_here(cmd + ["--restart"], capsys)
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "runs" / "run_id=whole" / "manifest.json").read_text())
     assert manifest["timing"]["batches_resumed"] == 0
@@ -132,14 +143,14 @@ def test_other_settings_are_refused_and_restart_discards_partial_work(tiny_check
 
 
 def test_overwrite_killed_half_way_keeps_the_old_run_visible(tiny_checkpoint, corpus,
-                                                             reference, tmp_path):
+                                                             reference, tmp_path, capsys):
     root = tmp_path / "wh"
     shutil.copytree(REFERENCE_ROOT[0], root)
     new_cmd = _command(tiny_checkpoint, root, corpus, "whole", "--seed", "7", "--overwrite")
     killed = _run(new_cmd, **{KILL_AT_ENV: "publish:moved"})  # new shards beside the old
     assert killed.returncode == -signal.SIGKILL
     assert _rows(root, "whole") == reference  # the old run, whole, never a mix
-    done = _run(new_cmd)
+    done = _run_here(new_cmd, capsys)
     assert done.returncode == 0, done.stderr
     new_rows = _rows(root, "whole")
     assert new_rows != reference and len(new_rows["tokens"]) == len(reference["tokens"])
@@ -149,7 +160,7 @@ def test_overwrite_killed_half_way_keeps_the_old_run_visible(tiny_checkpoint, co
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_ends_in_one_line_and_the_run_resumes(tiny_checkpoint, corpus, reference,
-                                                        tmp_path, sig, code):
+                                                        tmp_path, sig, code, capsys):
     cmd = _command(tiny_checkpoint, tmp_path, corpus, "whole", n_batches=LONG)
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -166,7 +177,7 @@ def test_interrupt_ends_in_one_line_and_the_run_resumes(tiny_checkpoint, corpus,
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "whole" not in _visible_runs(tmp_path)
     if sig == signal.SIGTERM:  # resuming after SIGKILL is tested above; once more here
-        resumed = _run(cmd)
+        resumed = _run_here(cmd, capsys)
         assert resumed.returncode == 0, resumed.stderr
         manifest = json.loads((tmp_path / "runs" / "run_id=whole" / "manifest.json")
                               .read_text())
@@ -176,7 +187,7 @@ def test_interrupt_ends_in_one_line_and_the_run_resumes(tiny_checkpoint, corpus,
 
 
 def test_two_processes_on_one_run_id_one_proceeds(tiny_checkpoint, corpus, reference,
-                                                  tmp_path):
+                                                  tmp_path, capsys):
     cmd = _command(tiny_checkpoint, tmp_path, corpus, "whole", n_batches=LONG)
     first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -185,7 +196,7 @@ def test_two_processes_on_one_run_id_one_proceeds(tiny_checkpoint, corpus, refer
     while f'"pid": {first.pid}' not in (lock.read_text() if lock.exists() else ""):
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
-    second = _run(cmd)
+    second = _run_here(cmd, capsys)  # this process contends with the running one
     assert first.wait(timeout=300) == 0
     assert second.returncode == 2
     lines = second.stderr.strip().splitlines()
