@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from etl.errors import ArgumentParser, UserError
+from etl.storage import warehouse_root
 
 
 def build_parser():
@@ -23,7 +24,8 @@ def build_parser():
         description="Render the project's charts (built from saved queries) as "
                     "self-contained HTML, PNG and SVG, with an index.html.")
     parser.add_argument("--warehouse", default="data/warehouse",
-                        help="warehouse root (default data/warehouse)")
+                        help="warehouse root, a folder or s3://bucket/prefix (default "
+                             "data/warehouse)")
     parser.add_argument("--out", default="data/charts", help="output folder (default "
                         "data/charts)")
     parser.add_argument("--run", action="append", dest="runs", metavar="RUN_ID",
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         progress = None if args.no_progress else (
             lambda total: tqdm(total=total, desc="charts", unit="chart"))
         try:
-            written = render(Path(args.warehouse), out, runs=args.runs, formats=formats,
+            written = render(warehouse_root(args.warehouse), out, runs=args.runs, formats=formats,
                              only=args.charts, progress=progress)
         except OSError as exc:
             raise UserError(f"cannot write the charts to {str(out)!r}: "

@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
+from etl.storage import warehouse_root
 from queries.db import connect
 from queries.saved import get_query, saved_queries
 
@@ -32,7 +33,7 @@ class Warehouse:
     """
 
     def __init__(self, path: str | Path = "data/warehouse") -> None:
-        self.path = Path(path)
+        self.path = warehouse_root(path)
         self.con: duckdb.DuckDBPyConnection = connect(self.path)
         """The DuckDB connection with the views defined."""
 

@@ -179,7 +179,8 @@ class RunOptions:
     pipeline: str = field(default="auto", metadata=option(
         "overlap the next batch's device work with the previous batches' table building "
         "and writing (auto = on for CUDA)", choices=PIPELINE_MODES))
-    warehouse: str = field(default=DEFAULT_WAREHOUSE, metadata=option("warehouse root"))
+    warehouse: str = field(default=DEFAULT_WAREHOUSE, metadata=option(
+        "warehouse root: a folder or s3://bucket/prefix"))
     run_id: str | None = field(default=None, metadata=option(
         "run id (default: derived from the configuration)"))
     overwrite: bool = field(default=False, metadata=option(

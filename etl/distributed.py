@@ -10,10 +10,13 @@ staged, the driver alone publishes the run (one manifest, every shard checked), 
 all-or-nothing publish and the resume of an interrupted run are those of one process.
 
 A worker that dies is restarted by Ray (its model loaded again) and its batch retried: a
-shard is written to a temporary name and renamed, so a retried batch replaces its own
-files and no row is stored twice. Under mean ablation the per-position sums are computed
-by the workers over disjoint batches and added up by the driver before any batch is
-measured.
+shard is written whole or not at all (a temporary name and a rename locally, one upload in
+object storage), so a retried batch replaces its own files and no row is stored twice.
+Under mean ablation the per-position sums are computed by the workers over disjoint batches
+and added up by the driver before any batch is measured.
+
+In object storage (``--warehouse s3://...``) the workers write to the same staging prefix
+with the credentials and endpoint of their own environment (the ``AWS_*`` variables).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +36,7 @@ from etl.files import KILL_AT_ENV, KILL_ONCE_ENV, fault_point_once
 from etl.hub import quiet_libraries
 from etl.model import load_model
 from etl.sources.corpus import TokenSet
+from etl.storage import warehouse_root
 from etl.warehouse import shard_name, write_shard
 
 MAX_RESTARTS = 3
@@ -45,7 +48,7 @@ class StagingTarget:
     """Where a run's attempt stages its shards."""
 
     staging: str
-    """The run's staging folder (``<warehouse>/_staging/<run_id>``)."""
+    """The run's staging folder (``<warehouse>/_staging/<run_id>``), a path or URL."""
     generation: str
     """The attempt's generation, part of every shard's name."""
 
@@ -58,7 +61,8 @@ class _ShardStager:
         self.rows: dict[str, int] = {}
 
     def write(self, table: str, data, batch: int) -> None:
-        path = Path(self.target.staging) / table / shard_name(self.target.generation, batch)
+        folder = warehouse_root(self.target.staging) / table
+        path = folder / shard_name(self.target.generation, batch)
         write_shard(path, data)
         self.rows[table] = data.num_rows
 

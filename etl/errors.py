@@ -57,14 +57,17 @@ def sigterm_raises_terminated():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def write_failure(exc: OSError, warehouse) -> str:
-    """The one-line message for an ``OSError`` that ended a run writing to ``warehouse``."""
-    if exc.errno:
-        reason = os.strerror(exc.errno)
+def write_failure(exc: Exception, warehouse) -> str:
+    """The one-line message for an ``OSError`` (or an object-storage client's error) that
+    ended a run writing to ``warehouse``."""
+    code = getattr(exc, "errno", None)
+    if code:
+        reason = os.strerror(code)
     else:
-        reason = one_line(exc.strerror or str(exc)) or type(exc).__name__
+        reason = one_line(getattr(exc, "strerror", None) or str(exc)) or type(exc).__name__
     message = f"could not write the run to {warehouse}: {reason}; nothing was published"
-    if exc.errno in RESUMABLE_ERRNOS:
+    # a client error (an endpoint that stopped answering) passes like a full disk
+    if code in RESUMABLE_ERRNOS or not isinstance(exc, OSError):
         message += "; run the same command again to resume"
     return message
 

@@ -24,6 +24,7 @@ from etl.errors import (
 )
 from etl.preflight import preflight
 from etl.runner import RunResult, run_extract
+from etl.storage import storage_errors
 
 __all__ = ["build_parser", "main", "run_extract"]
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {what}; nothing was published; run the same command again to "
                   "resume", file=sys.stderr)
             return code
-        except OSError as exc:
+        except storage_errors() as exc:
             print(f"error: {write_failure(exc, warehouse)}", file=sys.stderr)
             return 2
     print(summary(result))

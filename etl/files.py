@@ -9,6 +9,8 @@ import os
 import signal
 from pathlib import Path
 
+from etl.storage import write_bytes_atomically
+
 KILL_AT_ENV = "ENTROPY_WAREHOUSE_KILL_AT"
 """Fault-injection hook for the crash tests: when this environment variable names a point
 (``shard:<table>:<batch>``, ``publish:moved``, ``publish:manifest``; on a ``--workers``
@@ -38,22 +40,15 @@ def fault_point_once(name: str) -> None:
 def sha256_of(path: Path) -> str:
     """Hex sha256 of the file's bytes (the checksum manifests record per shard)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (path.open("rb") if hasattr(path, "open") else open(path, "rb")) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync'd, then ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``data`` as indented JSON to ``path``, whole or not at all
+    (``storage.write_bytes_atomically``: a temporary file, fsync'd, then ``os.replace``
+    locally; one PUT in object storage)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    write_bytes_atomically(path, text.encode("utf-8"))

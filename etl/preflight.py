@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from etl.config import (
@@ -22,10 +23,11 @@ from etl.config import (
     config_from_args,
     run_options_from_args,
 )
-from etl.errors import UserError
+from etl.errors import UserError, first_line
 from etl.model import resolve_device
 from etl.model_files import check_model
 from etl.sources.local_files import expand_data_files, load_local_texts
+from etl.storage import is_remote, storage_errors, warehouse_root
 
 IOI_TOKENS_PER_PROMPT = 25
 """Tokens per IOI prompt in the size estimate (with BOS, GPT-2 gives the prompts 16 to 22
@@ -63,6 +65,10 @@ def check_warehouse(warehouse: str) -> Path:
     if not warehouse:
         raise UserError("--warehouse is empty; pass the warehouse folder, e.g. "
                         "--warehouse data/warehouse")
+    root = warehouse_root(warehouse)
+    if is_remote(root):
+        check_remote_warehouse(warehouse, root)
+        return root
     path = Path(warehouse).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"--warehouse {warehouse!r} is a file, not a folder; pass a folder")
@@ -81,6 +87,24 @@ def check_warehouse(warehouse: str) -> Path:
     return path
 
 
+def check_remote_warehouse(warehouse: str, root: Path) -> None:
+    """Prove that objects can be written under the object-storage ``root`` (and deleted):
+    the bucket exists, the endpoint answers and the credentials allow it.
+
+    Raises:
+        UserError: one line naming what failed.
+    """
+    probe = root / "_locks" / f".write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except storage_errors() as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        raise UserError(f"cannot write to --warehouse {warehouse!r}: {reason}; check "
+                        "that the bucket exists and the AWS_* credentials and "
+                        "AWS_ENDPOINT_URL") from exc
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
@@ -92,7 +116,7 @@ def preflight(args) -> tuple[ExtractConfig, RunOptions]:
     """The run's config and options from parsed ``python -m etl.extract`` arguments.
 
     Runs every check that needs no model, cheapest first; the warehouse folder is created
-    (it must be writable; ``options.warehouse`` is its resolved path) and local data files
+    (it must be writable; ``options.warehouse`` is its resolved path or URL) and local data files
     are read (kept for the run, see ``load_local_texts``).
 
     Raises:

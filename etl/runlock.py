@@ -1,8 +1,19 @@
-"""One extraction per run id at a time: an exclusive ``flock`` on ``_locks/<run_id>.lock``.
+"""One extraction per run id at a time.
 
-The kernel drops the lock when its holder exits, however it exits (SIGKILL included), so a
-killed extraction never leaves a run locked. The file keeps the holder's pid, host and start
-time, for the message that the next contender gets.
+In a local (or shared-filesystem) warehouse the lock is an exclusive ``flock`` on
+``_locks/<run_id>.lock``: the kernel drops it when its holder exits, however it exits
+(SIGKILL included), so a killed extraction never leaves a run locked.
+
+In object storage there is no ``flock``; the lock is a lease: the object
+``_locks/<run_id>.lock`` is created only if it is absent (a conditional PUT), and its holder
+rewrites it every ``stale_s / 6`` seconds. A lock whose last heartbeat is older than
+``stale_s`` seconds (``STALE_S``, or ``STALE_ENV``) belongs to a holder that died, and the
+next extraction takes it over.
+Before publishing, the holder checks that the lock is still its own (``confirm``), so of
+two extractions that took over the same stale lock at once only one publishes.
+
+Either lock file keeps the holder's pid, host and start time, for the message that the
+next contender gets.
 """
 
 from __future__ import annotations
@@ -11,21 +22,71 @@ import fcntl
 import json
 import os
 import platform
+import threading
+import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 from etl.errors import UserError
+from etl.storage import is_remote, storage_errors, warehouse_root
+
+STALE_S = 120.0
+"""How old an object-storage lock's heartbeat must be for the lock to be taken over (hosts'
+clocks are assumed to agree to well within this); the holder beats six times as often."""
+STALE_ENV = "ENTROPY_WAREHOUSE_LOCK_STALE_S"
+"""Overrides ``STALE_S`` (seconds): shorter lets a crashed run be resumed sooner, longer
+suits a storage with slow writes."""
 
 
-class RunLock:
-    """Holds the lock of ``run_id`` under the warehouse ``root`` until ``release``."""
+def stale_seconds() -> float:
+    """``STALE_S``, or the positive number of seconds ``STALE_ENV`` holds."""
+    text = os.environ.get(STALE_ENV)
+    try:
+        value = float(text) if text else STALE_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"{STALE_ENV}={text!r} is not a positive number of seconds")
+    return value
+
+
+def RunLock(root: Path, run_id: str, **lease_options):  # noqa: N802  (a class for callers)
+    """The lock of ``run_id`` in the warehouse ``root``: a ``FileLock`` for a local folder, a
+    ``LeaseLock`` in object storage (``lease_options``: its ``stale_s``)."""
+    root = warehouse_root(root)
+    if is_remote(root):
+        return LeaseLock(root, run_id, **lease_options)
+    return FileLock(root, run_id)
+
+
+def _holder_info(**extra) -> dict:
+    return dict({"pid": os.getpid(), "host": platform.node(),
+                 "since": datetime.now(UTC).isoformat(timespec="seconds")}, **extra)
+
+
+def _describe(info: dict) -> str:
+    try:
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (KeyError, TypeError):
+        return "holder unknown"
+
+
+def _busy(run_id: str, holder: str) -> UserError:
+    return UserError(f"run {run_id!r} is being written by another extraction ({holder}); "
+                     "wait for it to finish or choose another --run-id")
+
+
+class FileLock:
+    """Holds the ``flock`` of ``run_id`` under the local warehouse ``root`` until
+    ``release``."""
 
     def __init__(self, root: Path, run_id: str) -> None:
         self.path = Path(root) / "_locks" / f"{run_id}.lock"
         self.run_id = run_id
         self._fd: int | None = None
 
-    def acquire(self) -> RunLock:
+    def acquire(self) -> FileLock:
         """Take the lock, or raise ``UserError`` naming the process that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -34,18 +95,17 @@ class RunLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise UserError(
-                f"run {self.run_id!r} is being written by another extraction ({holder}); wait "
-                "for it to finish or choose another --run-id") from None
+            raise _busy(self.run_id, holder) from None
         except BaseException:
             os.close(fd)
             raise
-        info = {"pid": os.getpid(), "host": platform.node(),
-                "since": datetime.now(UTC).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
         self._fd = fd
         return self
+
+    def confirm(self) -> None:
+        """Nothing to check: a held ``flock`` cannot be lost."""
 
     def release(self) -> None:
         """Drop the lock (the file stays; it is reused by the next extraction)."""
@@ -54,7 +114,7 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -63,7 +123,101 @@ class RunLock:
 
 def _read_holder(fd: int) -> str:
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {info['pid']} on {info['host']} since {info['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
+        return _describe(json.loads(os.pread(fd, 4096, 0) or b"{}"))
+    except (OSError, ValueError):
         return "holder unknown"
+
+
+class LeaseLock:
+    """Holds the object-storage lease of ``run_id`` under ``root`` until ``release``, with a
+    heartbeat thread rewriting it every ``stale_s / 6`` seconds (``stale_s`` default:
+    ``stale_seconds()``)."""
+
+    def __init__(self, root: Path, run_id: str, stale_s: float | None = None) -> None:
+        self.path = root / "_locks" / f"{run_id}.lock"
+        self.run_id = run_id
+        self.stale_s = stale_s or stale_seconds()
+        self.heartbeat_s = self.stale_s / 6
+        self.token = uuid.uuid4().hex
+        self.lost: str | None = None
+        """Why the lease is no longer this holder's (taken over, deleted), else None."""
+        self._info = _holder_info(token=self.token)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps(dict(self._info, heartbeat=time.time())).encode()
+
+    def _read(self) -> dict | None:
+        try:  # one GET (an open file would fail when the holder rewrites the object)
+            info = json.loads(self.path.fs.cat_file(self.path.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # unreadable: treated as stale
+        return info if isinstance(info, dict) else {}
+
+    def acquire(self) -> LeaseLock:
+        """Take the lease (creating it, or taking over a stale one), or raise ``UserError``
+        naming the extraction that holds it."""
+        try:
+            self.path.fs.pipe_file(self.path.path, self._body(), mode="create")
+        except FileExistsError:
+            held = self._read()
+            if held is not None:
+                age = time.time() - float(held.get("heartbeat") or 0)
+                if age < self.stale_s:
+                    raise _busy(self.run_id, f"{_describe(held)}, last heartbeat "
+                                f"{age:.0f} s ago; a lock without one for "
+                                f"{self.stale_s:.0f} s is taken over") from None
+            self.path.write_bytes(self._body())  # a stale lease: take it over
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.run_id}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        """Rewrite the lease every ``heartbeat_s`` while it is still this holder's."""
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._check()
+                if self.lost:
+                    return
+                self.path.write_bytes(self._body())
+            except Exception:  # noqa: BLE001  a missed beat is retried; confirm() decides
+                continue
+
+    def _check(self) -> None:
+        held = self._read()
+        if held is None:
+            self.lost = "its lock was deleted"
+        elif held.get("token") != self.token:
+            self.lost = f"its lock was taken over by {_describe(held)}"
+
+    def confirm(self) -> None:
+        """Raise ``UserError`` when the lease is no longer this holder's (nothing may be
+        published then); called just before publishing."""
+        self._check()
+        if self.lost:
+            raise UserError(f"run {self.run_id!r} was not published: {self.lost} (this "
+                            f"extraction went {self.stale_s:.0f} s without a heartbeat); "
+                            "its staged batches are kept for the holder to use")
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lease if it is still this holder's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            try:
+                held = self._read()
+                if held is not None and held.get("token") == self.token:
+                    self.path.unlink()
+            except storage_errors():
+                pass  # the lease goes stale and the next extraction takes it over
+
+    def __enter__(self) -> LeaseLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

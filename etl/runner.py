@@ -32,6 +32,7 @@ from etl.provenance import git_commit, package_versions
 from etl.runlock import RunLock
 from etl.sources.corpus import TokenSet
 from etl.sources.dataset import Texts, build_tokens, read_texts
+from etl.storage import warehouse_root
 from etl.warehouse import RunWriter, ensure_new_run, validate_run_id
 
 
@@ -58,7 +59,7 @@ class ExtractRunner:
         remote_cuda = self.options.workers > 1 and self.options.device == "cuda"
         self.device = "cuda" if remote_cuda else resolve_device(self.options.device)
         self.pipelined = use_pipeline(self.options.pipeline, self.device)
-        self.warehouse = Path(self.options.warehouse)
+        self.warehouse = warehouse_root(self.options.warehouse)
         self.run_id = validate_run_id(self.options.run_id or config.default_run_id())
         self.model = model
         self.timing = LoopTiming()
@@ -72,7 +73,7 @@ class ExtractRunner:
         """
         if not self.options.progress:
             quiet_libraries()
-        with RunLock(self.warehouse, self.run_id):
+        with RunLock(self.warehouse, self.run_id) as lock:
             ensure_new_run(self.warehouse, self.run_id, self.options.overwrite)
             # The data first: a missing dataset fails before the (slow) model load.
             texts = read_texts(self.config)
@@ -98,6 +99,7 @@ class ExtractRunner:
                     measured = self._measure_all(model, batches, writer, resumed)
                 write_bar.close()
                 # Publish: one manifest names every shard, or nothing is published.
+                lock.confirm()
                 path = writer.publish(self._manifest(model, batches, writer, measured),
                                       n_batches=len(batches.spans))
             except BaseException:

@@ -15,6 +15,9 @@ Layout under the warehouse root (``--warehouse``, default ``data/warehouse``)::
 ``--overwrite`` replaces a run; the manifest lists the files that belong to the run.
 
 ``run_id`` is a hive partition key, so it is not stored inside the files.
+
+The root is a local folder or an ``s3://bucket/prefix`` URL; ``etl.storage`` holds the few
+operations that differ between the two.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -31,10 +33,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from etl.errors import UserError
 from etl.files import fault_point, sha256_of, write_json_atomically
+from etl.storage import (
+    make_dirs,
+    read_parquet_metadata,
+    remove_empty_dir,
+    remove_tree,
+    replace,
+    warehouse_root,
+    write_parquet,
+)
 from etl.tables import DICTIONARY_COLUMNS, ROW_GROUP_ROWS, TABLES
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -51,7 +61,7 @@ def validate_run_id(run_id: str) -> str:
 
 def manifest_path(root: Path, run_id: str) -> Path:
     """Where the manifest of ``run_id`` lives under the warehouse ``root``."""
-    return Path(root) / "runs" / f"run_id={run_id}" / MANIFEST
+    return warehouse_root(root) / "runs" / f"run_id={run_id}" / MANIFEST
 
 
 def ensure_new_run(root: Path, run_id: str, overwrite: bool) -> None:
@@ -72,13 +82,11 @@ def shard_name(generation: str, index: int) -> str:
 
 def write_shard(path: Path, data: pa.Table) -> None:
     """Write ``data`` as the shard ``path``: zstd, dictionary-encoded low-cardinality
-    columns, ``ROW_GROUP_ROWS`` per row group, through a temporary name and then renamed, so
-    the shard is whole or absent (and writing it again replaces it)."""
-    tmp = path.with_name(path.name + ".tmp")
+    columns, ``ROW_GROUP_ROWS`` per row group, whole or absent (``storage.write_parquet``),
+    so writing it again replaces it."""
     columns = [c for c in DICTIONARY_COLUMNS if c in data.column_names]
-    pq.write_table(data, tmp, compression="zstd", use_dictionary=columns,
-                   row_group_size=ROW_GROUP_ROWS, write_statistics=True)
-    os.replace(tmp, path)
+    write_parquet(path, data, compression="zstd", use_dictionary=columns,
+                  row_group_size=ROW_GROUP_ROWS, write_statistics=True)
 
 
 class RunWriter:
@@ -102,7 +110,7 @@ class RunWriter:
     def __init__(self, root: Path, run_id: str, overwrite: bool = False, on_written=None,
                  workers: int | None = None, plan: dict | None = None,
                  restart: bool = False):
-        self.root = Path(root)
+        self.root = warehouse_root(root)
         self.run_id = validate_run_id(run_id)
         self.staging = self.root / "_staging" / run_id
         self.on_written = on_written
@@ -130,7 +138,7 @@ class RunWriter:
         if old is not None and old["generation"] == published.get("generation"):
             old = None  # that attempt was published; what is left of it is stale
         if self.staging.exists() and (restart or plan is None or old is None):
-            shutil.rmtree(self.staging)
+            remove_tree(self.staging)
             old = None
         elif old is not None and plan is not None:
             changed = sorted(k for k in set(old) | set(plan) if k not in _PLAN_VOLATILE
@@ -141,7 +149,7 @@ class RunWriter:
                     f"settings ({', '.join(changed)} differ); pass --restart to discard it or "
                     "choose another --run-id")
         for table in TABLES:
-            (self.staging / table).mkdir(parents=True, exist_ok=True)
+            make_dirs(self.staging / table)
         if old is not None:
             self.generation = old["generation"]
             self._recover()
@@ -184,11 +192,11 @@ class RunWriter:
             keep = {s.get("file") for s in listed.get(table, []) if isinstance(s, dict)}
             for moved in partition.glob(prefix + "*.parquet"):
                 if moved.name not in keep:
-                    os.replace(moved, folder / moved.name)
+                    replace(moved, folder / moved.name)
             indices = set()
             for path in folder.glob(prefix + "*.parquet"):
                 try:
-                    pq.read_metadata(path)
+                    read_parquet_metadata(path)
                     indices.add(int(path.stem[len(prefix):]))
                 except (OSError, ValueError, pa.ArrowException):
                     path.unlink()
@@ -255,7 +263,7 @@ class RunWriter:
                                    f"{missing}); nothing was published")
         paths = [p for t in TABLES for p in found[t]]
         digests = dict(zip(paths, self._pool.map(sha256_of, paths), strict=True))
-        return {t: [{"file": p.name, "rows": pq.read_metadata(p).num_rows,
+        return {t: [{"file": p.name, "rows": read_parquet_metadata(p).num_rows,
                      "sha256": digests[p]} for p in found[t]] for t in TABLES}
 
     def publish(self, manifest: dict, n_batches: int | None = None) -> Path:
@@ -277,12 +285,12 @@ class RunWriter:
                         n_resid_rows=counts["resid_entropy"], n_token_rows=counts["tokens"])
         for table in TABLES:
             target = self.root / table / f"run_id={self.run_id}"
-            target.mkdir(parents=True, exist_ok=True)
+            make_dirs(target)
             for shard in shards[table]:
-                os.replace(self.staging / table / shard["file"], target / shard["file"])
+                replace(self.staging / table / shard["file"], target / shard["file"])
         fault_point("publish:moved")
         path = manifest_path(self.root, self.run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         write_json_atomically(path, manifest)
         fault_point("publish:manifest")
         for table in TABLES:
@@ -291,10 +299,8 @@ class RunWriter:
                 if stale.name not in listed:
                     stale.unlink()
         self.rows = counts
-        shutil.rmtree(self.staging, ignore_errors=True)
-        staging_root = self.root / "_staging"
-        if staging_root.exists() and not any(staging_root.iterdir()):
-            staging_root.rmdir()
+        remove_tree(self.staging)
+        remove_empty_dir(self.root / "_staging")
         return path
 
     def abort(self, keep: bool = True) -> None:
@@ -307,4 +313,4 @@ class RunWriter:
             future.exception()
         self._pending = []
         if not keep:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            remove_tree(self.staging)

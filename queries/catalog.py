@@ -5,6 +5,9 @@ A run is complete once ``runs/run_id=<id>/manifest.json`` exists. A manifest wit
 ``shards`` (schema version 2) lists the run's files per table, with their row counts and
 sha256; an older manifest (no ``shards``) means every ``*.parquet`` file in the run's
 partition folders. Any other file in a partition folder belongs to no run.
+
+The root is a local folder or an ``s3://`` URL (``etl.storage.warehouse_root``); paths
+are ``Path``s or ``UPath``s accordingly.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from etl.files import sha256_of
+from etl.storage import read_parquet_metadata, storage_errors, warehouse_root
 from etl.tables import TABLES
 
 
@@ -57,7 +60,7 @@ class Problem:
 
 def partition(root: Path, table: str, run_id: str) -> Path:
     """The partition folder of ``run_id`` in ``table``."""
-    return Path(root) / table / f"run_id={run_id}"
+    return warehouse_root(root) / table / f"run_id={run_id}"
 
 
 def _listed_shards(root: Path, run_id: str, shards: object) -> list[Shard]:
@@ -98,7 +101,7 @@ def read_run(root: Path, manifest: Path) -> Run:
 
 def read_runs(root: Path) -> list[Run]:
     """Every complete run under the warehouse ``root``, sorted by run id."""
-    root = Path(root)
+    root = warehouse_root(root)
     return [read_run(root, m) for m in sorted(root.glob("runs/*/manifest.json"))]
 
 
@@ -106,10 +109,10 @@ def footer_problem(shard: Shard) -> str | None:
     """Why ``shard`` is unusable, from a cheap look (exists, footer reads, footer row count
     equals the manifest's), or None."""
     try:
-        meta = pq.read_metadata(shard.path)
+        meta = read_parquet_metadata(shard.path)
     except FileNotFoundError:
         return "file is missing"
-    except (OSError, pa.ArrowException) as exc:
+    except (*storage_errors(), pa.ArrowException) as exc:
         return f"Parquet footer unreadable ({' '.join(str(exc).split())[:120]})"
     if shard.rows is not None and meta.num_rows != shard.rows:
         return f"footer has {meta.num_rows:,} rows, the manifest says {shard.rows:,}"
@@ -122,8 +125,8 @@ def digest_problem(shard: Shard) -> str | None:
         return None
     try:
         actual = sha256_of(shard.path)
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
+    except storage_errors() as exc:
+        return f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
     if actual != shard.sha256:
         return f"sha256 {actual[:12]}… differs from the manifest's {str(shard.sha256)[:12]}…"
     return None
@@ -148,11 +151,11 @@ def stray_files(root: Path, runs: list[Run]) -> list[Path]:
     """Parquet files in partition folders that no manifest lists (invisible to the views)."""
     listed = {s.path for run in runs for s in run.shards}
     return [path for table in TABLES
-            for path in sorted(Path(root).glob(f"{table}/*/*.parquet"))
+            for path in sorted(warehouse_root(root).glob(f"{table}/*/*.parquet"))
             if path not in listed]
 
 
 def partial_runs(root: Path) -> list[str]:
     """Run ids with a folder in ``_staging/``: being written, or left by a stopped run."""
-    staging = Path(root) / "_staging"
+    staging = warehouse_root(root) / "_staging"
     return sorted(p.name for p in staging.iterdir() if p.is_dir()) if staging.is_dir() else []

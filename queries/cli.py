@@ -27,6 +27,7 @@ from pathlib import Path
 import duckdb
 
 from etl.errors import ArgumentParser, UserError
+from etl.storage import absolute, is_remote, warehouse_root
 from queries.catalog import Run, partial_runs, run_problems, stray_files
 from queries.db import complete_runs, connect, init_sql, open_views, run_sql, sql_error, usable_runs
 from queries.output import FORMATS, check_output, output_format, render, write_result
@@ -53,7 +54,8 @@ def _add_param_arg(parser: argparse.ArgumentParser) -> None:
 
 def _add_warehouse_arg(parser: argparse.ArgumentParser, default=DEFAULT_WAREHOUSE) -> None:
     parser.add_argument("--warehouse", default=default,
-                        help=f"warehouse root (default {DEFAULT_WAREHOUSE}); before or after "
+                        help=f"warehouse root, a folder or s3://bucket/prefix (default "
+                             f"{DEFAULT_WAREHOUSE}); before or after "
                              "the command")
 
 
@@ -183,7 +185,7 @@ def _read_only_query(args: argparse.Namespace, sql: str, params: dict) -> int:
     ensure_select(sql)
     fmt = output_format(args.format, args.output)
     check_output(args.output, fmt)
-    con = connect(Path(args.warehouse), read_only=True)
+    con = connect(args.warehouse, read_only=True)
     frame = run_sql(con, sql, params)
     write_result(frame, fmt, args.output, args.max_rows)
     return 0
@@ -226,8 +228,8 @@ def check_files(root: Path, runs: list[Run]) -> tuple[list[Run], int]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    runs = complete_runs(Path(args.warehouse))
-    root = Path(args.warehouse).resolve()
+    runs = complete_runs(args.warehouse)
+    root = absolute(warehouse_root(args.warehouse))
     sound, n_bad = check_files(root, runs)
     if not sound:
         print("FAIL data tests: no run with sound files to test")
@@ -247,14 +249,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_shell(args: argparse.Namespace) -> int:
+    root = absolute(warehouse_root(args.warehouse))
+    if is_remote(root):
+        raise UserError(f"the duckdb shell cannot read {args.warehouse!r} (object storage is "
+                        "read through Python's fsspec, not a shell extension); use "
+                        "python -m queries sql or analysis.api.Warehouse instead")
     beside = Path(sys.executable).with_name("duckdb")
     exe = shutil.which("duckdb") or (str(beside) if beside.is_file() else None)
     if exe is None:
         raise UserError("the duckdb shell is not installed; pip install duckdb-cli (it comes "
                         "with the test extra)")
-    runs = usable_runs(complete_runs(Path(args.warehouse)))
+    runs = usable_runs(complete_runs(root))
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as init:
-        init.write(init_sql(Path(args.warehouse).resolve(), runs))
+        init.write(init_sql(root, runs))
     command = [exe, "-cmd", f'.read "{init.name}"']  # -init would announce the file
     if args.shell_command:
         command += ["-c", args.shell_command]

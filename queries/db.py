@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 
 from etl.errors import UserError
+from etl.storage import absolute, is_remote, warehouse_root
 from queries.catalog import TABLES, Run, read_runs, run_problems
 
 VIEWS_SQL = "sql/views.sql"
@@ -29,23 +30,24 @@ def views_sql() -> str:
 
 def has_runs(warehouse: Path) -> bool:
     """True when ``warehouse`` holds at least one complete run (a manifest)."""
-    return any(Path(warehouse).glob("runs/*/manifest.json"))
+    return any(warehouse_root(warehouse).glob("runs/*/manifest.json"))
 
 
 def complete_runs(warehouse: Path | str) -> list[Run]:
-    """The complete runs of ``warehouse`` (an absolute path is used for their files).
+    """The complete runs of ``warehouse`` (a folder or an ``s3://`` URL; an absolute path is
+    used for their files).
 
     Raises:
         UserError: the warehouse does not exist or holds no complete run.
     """
-    root = Path(warehouse)
+    root = warehouse_root(warehouse)
     if not root.is_dir():
         raise UserError(f"warehouse {str(root)!r} does not exist; write a run with "
                         "python -m etl.extract --warehouse DIR first")
     if not has_runs(root):
         raise UserError(f"warehouse {str(root)!r} has no complete run yet; write one with "
                         "python -m etl.extract --warehouse DIR")
-    return read_runs(root.resolve())
+    return read_runs(absolute(root))
 
 
 def usable_runs(runs: list[Run], warn: bool = True) -> list[Run]:
@@ -96,10 +98,11 @@ def init_sql(root: Path, runs: list[Run]) -> str:
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, root: Path) -> None:
-    """Make ``con`` read-only outside the warehouse: no file access except under ``root``,
-    no extension installs, and no way to change these settings back."""
+    """Make ``con`` read-only outside the warehouse: no file access except under ``root``
+    (a folder or an ``s3://`` prefix), no extension installs, and no way to change these
+    settings back."""
     con.execute("set allowed_directories = $dirs",
-                {"dirs": [str(Path(root).resolve()).rstrip("/") + "/"]})
+                {"dirs": [str(absolute(warehouse_root(root))).rstrip("/") + "/"]})
     con.execute("set enable_external_access = false")
     con.execute("set autoinstall_known_extensions = false")
     con.execute("set lock_configuration = true")
@@ -108,8 +111,11 @@ def lock_down(con: duckdb.DuckDBPyConnection, root: Path) -> None:
 def open_views(root: Path, runs: list[Run], read_only: bool = False
                ) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with the views over exactly the files of ``runs``
-    (locked down with ``lock_down`` when ``read_only``)."""
+    (locked down with ``lock_down`` when ``read_only``). An object-storage ``root`` is read
+    through its fsspec filesystem (``register_filesystem``; no DuckDB extension)."""
     con = duckdb.connect()
+    if is_remote(root):
+        con.register_filesystem(root.fs)
     try:
         for name, value in view_variables(root, runs).items():
             cast = "::varchar[]" if isinstance(value, list) else ""
@@ -134,7 +140,7 @@ def connect(warehouse: Path | str, read_only: bool = False) -> duckdb.DuckDBPyCo
         UserError: the warehouse does not exist, holds no complete run, or no usable one.
     """
     runs = complete_runs(warehouse)
-    root = Path(warehouse).resolve()
+    root = absolute(warehouse_root(warehouse))
     return open_views(root, usable_runs(runs), read_only=read_only)
 
 

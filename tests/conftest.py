@@ -65,3 +65,45 @@ def ioi_warehouse(build_warehouse):
     """A warehouse with one run, ``ioi``: 4 IOI prompts, default lens and ablation."""
     return build_warehouse("ioi-warehouse", ["--dataset", "ioi", "--n-prompts", "4",
                                              "--run-id", "ioi"])
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3-compatible server (moto) on 127.0.0.1 for one test module, with a bucket
+    ``bucket`` and the ``AWS_*`` variables pointing at it; stopped, and the variables put
+    back, after the module. Yields the endpoint URL."""
+    import logging
+    import socket
+    import urllib.request
+
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # moto keeps its buckets per Python process: start from none
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset",
+                                                  method="POST"), timeout=10).close()
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+             "AWS_ENDPOINT_URL")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("bucket")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        with socket.socket() as probe:  # nothing is left listening
+            assert probe.connect_ex((host, port)) != 0

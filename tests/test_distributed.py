@@ -1,5 +1,5 @@
 """``--workers N`` on a local Ray instance (2 CPU workers): the rows equal one process's, even
-when a worker is killed half-way; errors stay one line."""
+when a worker is killed half-way, and in object storage; errors stay one line."""
 
 import json
 import sys
@@ -10,14 +10,16 @@ from etl.config import ExtractConfig, RunOptions
 from etl.extract import main as extract_main
 from etl.files import KILL_AT_ENV, KILL_ONCE_ENV
 from etl.runner import ExtractRunner
+from etl.storage import warehouse_root
 from queries.db import connect
 
 TABLES = ("component_entropy", "resid_entropy", "tokens")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray instance with 2 CPUs for this module, stopped after it."""
+def ray_cluster(s3_server):
+    """A local Ray instance with 2 CPUs for this module, stopped after it (started after the
+    S3 server, so that its workers inherit the ``AWS_*`` variables)."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
@@ -52,18 +54,23 @@ def test_two_workers_store_the_rows_of_one_process_even_when_one_is_killed(
         ray_cluster, one_process, tiny_checkpoint, tmp_path, monkeypatch):
     """Under mean ablation (the sums split over the workers), one worker is SIGKILLed after
     measuring a batch and before staging it: Ray restarts it and retries the batch, and the
-    published rows are one process's."""
+    published rows are one process's. The warehouse is in object storage: the workers stage
+    their shards there and the driver publishes there (a local warehouse stages through the
+    same ``write_shard`` as a single process)."""
     marker = tmp_path / "killed"
     monkeypatch.setenv(KILL_AT_ENV, "worker:6")  # the batch of sequences 6 and 7
     monkeypatch.setenv(KILL_ONCE_ENV, str(marker))
-    result = _run(tiny_checkpoint, tmp_path / "wh", "mean", "mean", 2)
+    url = "s3://bucket/workers"
+    result = _run(tiny_checkpoint, url, "mean", "mean", 2)
     assert marker.exists()  # a worker did die there
+    assert str(result.manifest_path) == f"{url}/runs/run_id=mean/manifest.json"
     want = _rows(one_process, "mean")
-    assert _rows(tmp_path / "wh", "mean") == want and len(want["tokens"]) == result.n_tokens
+    assert _rows(url, "mean") == want and len(want["tokens"]) == result.n_tokens
     manifest = json.loads(result.manifest_path.read_text())
     assert len(manifest["shards"]["tokens"]) == 4  # 8 sequences, 2 per batch
     assert manifest["timing"]["workers"] == 2
-    assert not (tmp_path / "wh" / "_staging").exists()
+    root = warehouse_root(url)
+    assert not root.fs.find(f"{root.path}/_staging") and not root.fs.find(f"{root.path}/_locks")
 
 
 def test_workers_without_ray_end_in_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):

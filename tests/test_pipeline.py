@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from etl import storage as storage_module
 from etl import warehouse as warehouse_module
 from etl.extract import main as extract_main
 from etl.lens.types import BatchMeasures
@@ -169,7 +170,7 @@ def test_a_device_error_cancels_queued_host_work():
 
 def test_a_failed_shard_write_fails_the_run_then_the_run_resumes(tiny_checkpoint, text_glob,
                                                                  tmp_path, monkeypatch, capsys):
-    real = warehouse_module.pq.write_table
+    real = storage_module.pq.write_table
     calls = [0]
 
     def failing(table, where, **kwargs):
@@ -180,7 +181,7 @@ def test_a_failed_shard_write_fails_the_run_then_the_run_resumes(tiny_checkpoint
 
     args = ["--data-files", text_glob, "--n-batches", "3", "--batch-size", "2",
             "--seq-len", "24", "--pipeline", "on"]
-    monkeypatch.setattr(warehouse_module.pq, "write_table", failing)
+    monkeypatch.setattr(storage_module.pq, "write_table", failing)
     assert _extract(tiny_checkpoint, tmp_path, *args, "--run-id", "doomed") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "resume" in err[0]
@@ -202,7 +203,7 @@ def test_writer_raises_a_failed_shard_at_the_next_write(tmp_path, monkeypatch):
     def failing(table, where, **kwargs):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(warehouse_module.pq, "write_table", failing)
+    monkeypatch.setattr(storage_module.pq, "write_table", failing)
     writer = RunWriter(tmp_path, "w", workers=1)
     diff = np.zeros((4, 1, 2), np.float32)
     table = component_table(diff, diff, np.zeros(4), np.arange(4))

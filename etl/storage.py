@@ -1,0 +1,159 @@
+"""Where a warehouse lives: a local folder, or S3-compatible object storage
+(``s3://bucket/prefix``).
+
+A local warehouse is a ``pathlib.Path``; an object-storage one is a ``upath.UPath`` (the
+pathlib API over fsspec, here ``s3fs``), so the writer and the readers use one set of path
+operations. The operations that differ are here:
+
+- **whole or absent**: locally a file is written to a temporary name, fsync'd and renamed;
+  in object storage one PUT (or one multipart upload) makes the object appear whole, so it
+  is written under its final name;
+- **moves** are ``os.replace`` locally and a server-side copy then delete in object storage
+  (the destination appears whole);
+- object storage has no folders: ``make_dirs`` does nothing there, and a "folder" exists
+  while an object has its prefix.
+
+Credentials and the endpoint come from the usual AWS variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for MinIO, Ceph or a local server,
+``AWS_DEFAULT_REGION``) or ``~/.aws``, as for any boto client.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from etl.errors import UserError
+
+REMOTE_SCHEMES = ("s3",)
+"""URL schemes a warehouse may use besides a local folder."""
+S3_EXTRA = "pip install 'entropy-warehouse[s3]'"
+
+
+def is_remote(path: object) -> bool:
+    """True for an object-storage path (a ``UPath`` that is not a local ``Path``)."""
+    return hasattr(path, "fs") and not isinstance(path, Path)
+
+
+def scheme_of(spec: str) -> str | None:
+    """The URL scheme of ``spec`` (``"s3"`` for ``s3://bucket/x``), or None for a path."""
+    head, sep, _ = spec.partition("://")
+    return head.lower() if sep and head.isidentifier() else None
+
+
+def warehouse_root(spec: str | os.PathLike) -> Path:
+    """The warehouse root that ``spec`` names: a local folder (``~`` expanded) or an
+    ``s3://bucket/prefix`` URL, returned as a ``UPath`` that lists without a cache (other
+    processes write the same prefix).
+
+    Raises:
+        UserError: another scheme, or ``s3fs``/``universal-pathlib`` not installed.
+    """
+    if is_remote(spec):
+        return spec  # already a warehouse root
+    text = os.fspath(spec)
+    scheme = scheme_of(text)
+    if scheme in (None, "file"):
+        return Path(text.removeprefix("file://")).expanduser()
+    if scheme not in REMOTE_SCHEMES:
+        raise UserError(f"warehouse {text!r}: only local folders and s3://bucket/prefix URLs "
+                        "are supported")
+    try:
+        import s3fs  # noqa: F401  (checked here for a one-line message)
+        from upath import UPath
+    except ImportError as exc:
+        raise UserError(f"warehouse {text!r} needs the S3 packages ({exc.name} is missing): "
+                        f"{S3_EXTRA}") from None
+    if not text.partition("://")[2].strip("/"):
+        raise UserError(f"warehouse {text!r} names no bucket; pass s3://bucket/prefix")
+    return UPath(text.rstrip("/"), use_listings_cache=False)
+
+
+def absolute(path: Path) -> Path:
+    """``path`` made absolute (local paths resolved; URLs are already absolute)."""
+    return path if is_remote(path) else Path(path).resolve()
+
+
+def make_dirs(path: Path) -> None:
+    """Create the folder ``path`` and its parents (object storage has none to create)."""
+    if not is_remote(path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def replace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing it: ``os.replace`` locally (atomic), a server-side
+    copy then delete in object storage (``dst`` appears whole)."""
+    if is_remote(src):
+        src.fs.mv(src.path, dst.path)
+    else:
+        os.replace(src, dst)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete the folder ``path`` and everything under it; nothing when it is absent."""
+    if is_remote(path):
+        if path.exists():
+            path.fs.rm(path.path, recursive=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_empty_dir(path: Path) -> None:
+    """Delete the local folder ``path`` if it exists and is empty (object storage has no
+    folders: an empty prefix is already gone)."""
+    if not is_remote(path) and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one: locally
+    through a temporary file, fsync'd, then ``os.replace`` and an fsync of the folder; in
+    object storage with one PUT."""
+    if is_remote(path):
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_parquet(path: Path, data: pa.Table, **options) -> None:
+    """Write ``data`` as the Parquet file ``path`` (``options``: ``pq.write_table``'s), whole
+    or absent: locally through ``<name>.tmp`` and a rename, in object storage as one upload."""
+    if is_remote(path):
+        with path.open("wb") as f:
+            pq.write_table(data, f, **options)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(data, tmp, **options)
+    os.replace(tmp, path)
+
+
+def read_parquet_metadata(path: Path) -> pq.FileMetaData:
+    """The Parquet footer of ``path`` (raises ``FileNotFoundError`` when it is missing)."""
+    if is_remote(path):
+        with path.open("rb") as f:
+            return pq.read_metadata(f)
+    return pq.read_metadata(path)
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a failing storage raises: ``OSError``, and botocore's (an endpoint
+    that cannot be reached, bad credentials) when it is installed."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
