@@ -21,6 +21,7 @@ with the credentials and endpoint of their own environment (the ``AWS_*`` variab
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from etl.activations import MeanAccumulator
 from etl.batch_steps import compute_step, publish_step
 from etl.config import ExtractConfig, RunOptions
 from etl.errors import UserError
-from etl.files import KILL_AT_ENV, KILL_ONCE_ENV, fault_point_once
+from etl.files import KILL_AT_ENV, KILL_ONCE_ENV, fault_point, fault_point_once
 from etl.hub import quiet_libraries
 from etl.model import load_model
 from etl.sources.corpus import TokenSet
@@ -227,7 +228,7 @@ def _measure_batches(actors, batches, means_ref, bar) -> None:
     pool = ActorPool(actors)
     results = pool.map_unordered(lambda a, span: a.measure.remote(*span, means_ref),
                                  list(batches.todo))
-    while True:
+    for done in itertools.count(1):
         try:
             rows = next(results)
         except StopIteration:
@@ -237,6 +238,7 @@ def _measure_batches(actors, batches, means_ref, bar) -> None:
         if set(rows) != {"component_entropy", "resid_entropy", "tokens"}:
             raise RuntimeError(f"a worker staged {sorted(rows)}, not the three tables")
         bar.update(rows["tokens"])
+        fault_point(f"driver:{done}")
 
 
 def worker_error(exc: Exception) -> Exception:

@@ -13,9 +13,10 @@ from etl.storage import write_bytes_atomically
 
 KILL_AT_ENV = "ENTROPY_WAREHOUSE_KILL_AT"
 """Fault-injection hook for the crash tests: when this environment variable names a point
-(``shard:<table>:<batch>``, ``publish:moved``, ``publish:manifest``; on a ``--workers``
-worker ``worker:<first sequence of the batch>``, once, see ``KILL_ONCE_ENV``), the process
-kills itself with SIGKILL there."""
+(``shard:<table>:<batch>``, ``publish:moved``, ``publish:manifest``; with ``--workers``,
+``driver:<n>`` once the driver has received ``n`` staged batches, and on a worker
+``worker:<first sequence of the batch>``, once, see ``KILL_ONCE_ENV``), the process kills
+itself with SIGKILL there."""
 
 
 def fault_point(name: str) -> None:

@@ -1,14 +1,21 @@
-"""``--workers N`` on a local Ray instance (2 CPU workers): the rows equal one process's, even
-when a worker is killed half-way, and in object storage; errors stay one line."""
+"""``--workers N`` on a local Ray instance (2 CPU workers): the rows equal one process's, in
+object storage, even when the driver is killed and the run resumed, and when a worker is
+killed half-way; no Ray process outlives a run; errors stay one line."""
 
 import json
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from etl.config import ExtractConfig, RunOptions
+from etl.errors import UserError
 from etl.extract import main as extract_main
 from etl.files import KILL_AT_ENV, KILL_ONCE_ENV
+from etl.runlock import STALE_ENV
 from etl.runner import ExtractRunner
 from etl.storage import warehouse_root
 from queries.db import connect
@@ -16,16 +23,40 @@ from queries.db import connect
 TABLES = ("component_entropy", "resid_entropy", "tokens")
 
 
+RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+"""Ray's per-node agents: when their raylet is SIGKILLed they notice within seconds but then
+try to report it to the (dead) GCS and exit only when that times out, about a minute later.
+Ray's own behaviour; they hold no work and no data, so the checks leave them out."""
+
+
+def _ray_processes() -> set[int]:
+    """Pids of the Ray processes running on this machine (GCS, raylet, workers, helpers;
+    not ``RAY_AGENTS``)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if (b"site-packages/ray/" in cmdline or cmdline.startswith(b"ray::")) and \
+                not cmdline.startswith(RAY_AGENTS):
+            found.add(int(pid))
+    return found
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
-    """A local Ray instance with 2 CPUs for this module, stopped after it (started after the
-    S3 server, so that its workers inherit the ``AWS_*`` variables)."""
+    """A local Ray instance with 2 CPUs for this module, stopped after it, leaving no
+    process (started after the S3 server, so that its workers inherit the ``AWS_*``
+    variables)."""
     ray = pytest.importorskip("ray")
+    before = _ray_processes()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield ray
     ray.shutdown()
     assert not ray.is_initialized()
+    _wait_until_gone(before, "this module's Ray")
 
 
 def _run(checkpoint, root, run_id, ablation, workers, model=None):
@@ -50,26 +81,70 @@ def one_process(tmp_path_factory, tiny_checkpoint, tiny_model):
     return root
 
 
-def test_two_workers_store_the_rows_of_one_process_even_when_one_is_killed(
+def _wait_until_gone(before: set[int], what: str) -> None:
+    """Wait (up to 30 s) until no Ray process is running that was not in ``before``."""
+    deadline = time.monotonic() + 30
+    while left := _ray_processes() - before:
+        assert time.monotonic() < deadline, f"Ray processes left by {what}: {sorted(left)}"
+        time.sleep(0.5)
+
+
+def _staged_batches(root, run_id) -> dict[str, set[int]]:
+    """The batches staged per table, from the shard names ``part-<gen>-<batch>.parquet``."""
+    staged = {}
+    for table in TABLES:
+        names = root.fs.find(f"{root.path}/_staging/{run_id}/{table}")
+        staged[table] = {int(n.rsplit("-", 1)[1].split(".")[0]) for n in names
+                         if n.endswith(".parquet")}
+    return staged
+
+
+def test_a_killed_driver_leaves_no_ray_and_the_run_resumes_through_a_worker_death(
         ray_cluster, one_process, tiny_checkpoint, tmp_path, monkeypatch):
-    """Under mean ablation (the sums split over the workers), one worker is SIGKILLed after
-    measuring a batch and before staging it: Ray restarts it and retries the batch, and the
-    published rows are one process's. The warehouse is in object storage: the workers stage
-    their shards there and the driver publishes there (a local warehouse stages through the
-    same ``write_shard`` as a single process)."""
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_AT_ENV, "worker:6")  # the batch of sequences 6 and 7
-    monkeypatch.setenv(KILL_ONCE_ENV, str(marker))
+    """The command (the driver, with the local Ray instance it started) is SIGKILLed once a
+    worker has staged a batch: its Ray processes go with it and nothing is published. The same run
+    then resumes from the staged batches (on this module's Ray) once the dead driver's lease
+    is stale, and a worker is SIGKILLed
+    after measuring a batch and before staging it: Ray restarts it and retries the batch.
+    The published rows are one process's, under mean ablation (the sums split over the
+    workers), in object storage (the workers stage their shards there)."""
     url = "s3://bucket/workers"
+    root = warehouse_root(url)
+    before = _ray_processes()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"HF_HUB_OFFLINE": "1", KILL_AT_ENV: "driver:1",  # once a batch is staged
+                "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    driver = subprocess.run(
+        [sys.executable, "-m", "etl.extract", "--model", str(tiny_checkpoint), "--warehouse",
+         url, "--no-progress", "--device", "cpu", "--dataset", "ioi", "--n-prompts", "8",
+         "--batch-size", "2", "--ablation", "mean", "--run-id", "mean", "--workers", "2"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == -9, driver.stderr
+    _wait_until_gone(before, "the killed driver")
+    assert not root.fs.find(f"{root.path}/runs")
+    staged = _staged_batches(root, "mean")
+    assert set.intersection(*staged.values())  # at least the batch it was told of
+    todo = sorted(set(range(4)) - set.union(*staged.values()))
+    assert todo  # 2 workers: at most 2 batches were handed out before the driver died
+
+    # the dead driver's lease is fresh: the run is refused; once stale, it is taken over
+    with pytest.raises(UserError, match="being written by another extraction .* last "
+                                        "heartbeat"):
+        _run(tiny_checkpoint, url, "mean", "mean", 2)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_AT_ENV, f"worker:{2 * todo[-1]}")  # 2 sequences a batch
+    monkeypatch.setenv(KILL_ONCE_ENV, str(marker))
+    monkeypatch.setenv(STALE_ENV, "1")
+    time.sleep(1.1)
     result = _run(tiny_checkpoint, url, "mean", "mean", 2)
     assert marker.exists()  # a worker did die there
     assert str(result.manifest_path) == f"{url}/runs/run_id=mean/manifest.json"
     want = _rows(one_process, "mean")
     assert _rows(url, "mean") == want and len(want["tokens"]) == result.n_tokens
     manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["timing"]["batches_resumed"] == len(set.intersection(*staged.values()))
     assert len(manifest["shards"]["tokens"]) == 4  # 8 sequences, 2 per batch
     assert manifest["timing"]["workers"] == 2
-    root = warehouse_root(url)
     assert not root.fs.find(f"{root.path}/_staging") and not root.fs.find(f"{root.path}/_locks")
 
 

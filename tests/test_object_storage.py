@@ -1,11 +1,11 @@
 """A warehouse in S3-compatible object storage (``--warehouse s3://bucket/prefix``), against
 a moto server on 127.0.0.1 started and stopped by this module: an extraction writes rows
-equal to a local run's, a SIGKILLed extraction resumes there, the lease lock keeps one
-writer per run, queries and charts read it through fsspec, and its errors are one line."""
+equal to a local run's, the lease lock keeps one writer per run, queries and charts read it
+through fsspec, and its errors are one line. (A SIGKILLed extraction resumed there, with
+its lease taken over: ``test_distributed.py``.)"""
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -14,8 +14,7 @@ import pytest
 from analysis.__main__ import main as analysis_main
 from etl.errors import UserError
 from etl.extract import main as extract_main
-from etl.files import KILL_AT_ENV
-from etl.runlock import STALE_ENV, LeaseLock, RunLock
+from etl.runlock import LeaseLock, RunLock
 from etl.storage import warehouse_root
 from queries.cli import main as queries_main
 from queries.db import connect
@@ -76,37 +75,6 @@ def test_an_s3_warehouse_holds_the_rows_of_a_local_one_and_queries_and_charts_re
     index = (out / "index.html").read_text()
     assert "s3://bucket/wh" in index
     assert [p.name for p in out.glob("r/*.svg")] == ["heatmap.svg"]
-
-
-def test_a_killed_extraction_resumes_in_object_storage(s3_server, local_run, tiny_checkpoint,
-                                                       monkeypatch, capsys):
-    """SIGKILL after the second batch is staged: nothing is published and the lease stays;
-    the next run is refused while the lease is fresh, takes it over once it is stale, skips
-    the staged batches and publishes the local run's rows."""
-    url = "s3://bucket/killed"
-    env = dict(os.environ, **{KILL_AT_ENV: "shard:tokens:1"})
-    command = [sys.executable, "-m", "etl.extract", "--model", str(tiny_checkpoint),
-               "--warehouse", url, "--no-progress", "--device", "cpu", "--run-id", "r",
-               *IOI]
-    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr
-    keys = _keys("bucket/killed")
-    assert "bucket/killed/_locks/r.lock" in keys
-    assert not [k for k in keys if k.startswith("bucket/killed/runs/")]
-    assert [k for k in keys if "/_staging/r/tokens/part-" in k]
-
-    assert _extract(tiny_checkpoint, url, "r") == 2  # the dead holder's lease is fresh
-    err = capsys.readouterr().err
-    assert "is being written by another extraction" in err and "last heartbeat" in err, err
-
-    monkeypatch.setenv(STALE_ENV, "1")
-    time.sleep(1.1)
-    assert _extract(tiny_checkpoint, url, "r") == 0
-    manifest = json.loads(warehouse_root(url).joinpath(
-        "runs/run_id=r/manifest.json").read_text())
-    assert manifest["timing"]["batches_resumed"] == 2
-    assert _rows(url, "r") == _rows(local_run, "r")
-    assert not [k for k in _keys("bucket/killed") if "/_staging/" in k or "/_locks/" in k]
 
 
 def _lock_body(root, run_id):
