@@ -259,7 +259,7 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     if exe is None:
         raise UserError("the duckdb shell is not installed; pip install duckdb-cli (it comes "
                         "with the test extra)")
-    runs = usable_runs(complete_runs(root))
+    runs = usable_runs(complete_runs(args.warehouse))  # messages name the given path
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as init:
         init.write(init_sql(root, runs))
     command = [exe, "-cmd", f'.read "{init.name}"']  # -init would announce the file
