@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from etl.errors import ArgumentParser, UserError
-from etl.storage import warehouse_root
+from etl.errors import ArgumentParser, UserError, one_line
+from etl.storage import is_remote, storage_errors, warehouse_root
 
 
 def build_parser():
@@ -75,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         # the bar starts only once render() has checked its inputs and knows the total
         progress = None if args.no_progress else (
             lambda total: tqdm(total=total, desc="charts", unit="chart"))
+        root = warehouse_root(args.warehouse)
         try:
-            written = render(warehouse_root(args.warehouse), out, runs=args.runs, formats=formats,
-                             only=args.charts, progress=progress)
-        except OSError as exc:
-            raise UserError(f"cannot write the charts to {str(out)!r}: "
-                            f"{exc.strerror or ' '.join(str(exc).split())}") from exc
+            written = render(root, out, runs=args.runs, formats=formats, only=args.charts,
+                             progress=progress)
+        except storage_errors() as exc:
+            reason = getattr(exc, "strerror", None) or one_line(exc)
+            if is_remote(root):  # the error may come from reading the warehouse
+                raise UserError(f"cannot read {args.warehouse!r} or write the charts to "
+                                f"{str(out)!r}: {reason}") from exc
+            raise UserError(f"cannot write the charts to {str(out)!r}: {reason}") from exc
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import duckdb
 
-from etl.errors import ArgumentParser, UserError
-from etl.storage import absolute, is_remote, warehouse_root
+from etl.errors import ArgumentParser, UserError, one_line
+from etl.storage import absolute, is_remote, storage_errors, warehouse_root
 from queries.catalog import Run, partial_runs, run_problems, stray_files
 from queries.db import complete_runs, connect, init_sql, open_views, run_sql, sql_error, usable_runs
 from queries.output import FORMATS, check_output, output_format, render, write_result
@@ -285,3 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except BrokenPipeError:
         return 0
+    except storage_errors() as exc:  # an object store that stopped answering, a lost disk
+        print(f"error: could not read the warehouse or write the output: {one_line(exc)}",
+              file=sys.stderr)
+        return 2

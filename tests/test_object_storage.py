@@ -168,3 +168,26 @@ def test_reads_stay_inside_the_s3_warehouse(s3_server, local_run, tiny_checkpoin
         assert err.count("\n") == 1 and "disabled by configuration" in err, err
     assert queries_main(["shell", "--warehouse", url, "-c", "select 1"]) == 2
     assert "the duckdb shell cannot read 's3://bucket/confined'" in capsys.readouterr().err
+
+
+def test_an_endpoint_that_does_not_answer_is_one_line(s3_server, tiny_checkpoint, tmp_path,
+                                                     monkeypatch, capsys):
+    """Extraction, queries and charts against an endpoint where nothing listens: one line
+    each, exit 2 (botocore told to try once, not to back off for seconds)."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        calls = [lambda: _extract(tiny_checkpoint, "s3://bucket/wh", "r"),
+                 lambda: queries_main(["sql", "select 1", "--warehouse", "s3://bucket/wh"]),
+                 lambda: analysis_main(["--warehouse", "s3://bucket/wh", "--out",
+                                        str(tmp_path / "charts"), "--no-progress"])]
+        for call in calls:
+            capsys.readouterr()
+            assert call() == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "Could not connect to the endpoint URL" in err, err
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
