@@ -128,6 +128,14 @@ def _read_holder(fd: int) -> str:
         return "holder unknown"
 
 
+def _heartbeat(info: dict) -> float:
+    """The lease's last heartbeat (seconds since the epoch); 0 when it has none."""
+    try:
+        return float(info.get("heartbeat") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 class LeaseLock:
     """Holds the object-storage lease of ``run_id`` under ``root`` until ``release``, with a
     heartbeat thread rewriting it every ``stale_s / 6`` seconds (``stale_s`` default:
@@ -165,7 +173,7 @@ class LeaseLock:
         except FileExistsError:
             held = self._read()
             if held is not None:
-                age = time.time() - float(held.get("heartbeat") or 0)
+                age = time.time() - _heartbeat(held)
                 if age < self.stale_s:
                     raise _busy(self.run_id, f"{_describe(held)}, last heartbeat "
                                 f"{age:.0f} s ago; a lock without one for "

@@ -102,7 +102,7 @@ def test_the_lease_beats_and_a_stale_one_is_taken_over(s3_server):
     root = warehouse_root("s3://bucket/locks")
     lock = root / "_locks" / "y.lock"
     lock.write_text(json.dumps({"pid": 1, "host": "gone", "since": "then", "token": "dead",
-                                "heartbeat": time.time() - 10}))
+                                "heartbeat": "not a time"}))  # damaged: stale
     taker = LeaseLock(root, "y", stale_s=0.6).acquire()
     try:
         first = _lock_body(root, "y")
