@@ -191,3 +191,38 @@ def test_an_endpoint_that_does_not_answer_is_one_line(s3_server, tiny_checkpoint
             assert err.count("\n") == 1 and "Could not connect to the endpoint URL" in err, err
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_store_that_fails_mid_run_ends_in_one_line_and_the_run_resumes(
+        s3_server, local_run, tiny_checkpoint, monkeypatch, capsys):
+    """The fourth shard upload fails with a client error (the endpoint went away): one line
+    that says to resume, nothing published, the lease released and the staged shards kept;
+    the same command then resumes and publishes the local run's rows."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from etl import storage
+
+    real, calls = storage.pq.write_table, [0]
+
+    def failing(table, where, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise EndpointConnectionError(endpoint_url="http://gone:9000")
+        return real(table, where, **kwargs)
+
+    url = "s3://bucket/flaky"
+    monkeypatch.setattr(storage.pq, "write_table", failing)
+    capsys.readouterr()
+    assert _extract(tiny_checkpoint, url, "r") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Could not connect to the endpoint URL" in err and \
+        "run the same command again to resume" in err, err
+    keys = _keys("bucket/flaky")
+    assert not [k for k in keys if "/runs/" in k or "/_locks/" in k], keys
+    assert len([k for k in keys if "/_staging/r/" in k and k.endswith(".parquet")]) >= 3
+    monkeypatch.undo()
+    assert _extract(tiny_checkpoint, url, "r") == 0
+    manifest = json.loads(warehouse_root(url).joinpath(
+        "runs/run_id=r/manifest.json").read_text())
+    assert manifest["timing"]["batches_resumed"] >= 1
+    assert _rows(url, "r") == _rows(local_run, "r")
