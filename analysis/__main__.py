@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from etl.errors import ArgumentParser, UserError, one_line
-from etl.storage import is_remote, storage_errors, warehouse_root
+from etl.warehouse import DEFAULT_WAREHOUSE, Warehouse, storage_errors
 
 
 def build_parser():
@@ -23,9 +23,9 @@ def build_parser():
         prog="python -m analysis",
         description="Render the project's charts (built from saved queries) as "
                     "self-contained HTML, PNG and SVG, with an index.html.")
-    parser.add_argument("--warehouse", default="data/warehouse",
+    parser.add_argument("--warehouse", default=DEFAULT_WAREHOUSE,
                         help="warehouse root, a folder or s3://bucket/prefix (default "
-                             "data/warehouse)")
+                             f"{DEFAULT_WAREHOUSE})")
     parser.add_argument("--out", default="data/charts", help="output folder (default "
                         "data/charts)")
     parser.add_argument("--run", action="append", dest="runs", metavar="RUN_ID",
@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         # the bar starts only once render() has checked its inputs and knows the total
         progress = None if args.no_progress else (
             lambda total: tqdm(total=total, desc="charts", unit="chart"))
-        root = warehouse_root(args.warehouse)
+        warehouse = Warehouse(args.warehouse)
         try:
-            written = render(root, out, runs=args.runs, formats=formats, only=args.charts,
+            written = render(warehouse, out, runs=args.runs, formats=formats, only=args.charts,
                              progress=progress)
         except storage_errors() as exc:
             reason = getattr(exc, "strerror", None) or one_line(exc)
-            if is_remote(root):  # the error may come from reading the warehouse
+            if warehouse.remote:  # the error may come from reading the warehouse
                 raise UserError(f"cannot read {args.warehouse!r} or write the charts to "
                                 f"{str(out)!r}: {reason}") from exc
             raise UserError(f"cannot write the charts to {str(out)!r}: {reason}") from exc

@@ -19,22 +19,23 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from etl.storage import warehouse_root
+from etl import warehouse
 from queries.db import connect
 from queries.saved import get_query, saved_queries
 
 
-class Warehouse:
-    """The complete runs of a warehouse folder as DuckDB views (``runs``, ``tokens``,
-    ``component_entropy``, ``resid_entropy``), read when the object is made.
+class Warehouse(warehouse.Warehouse):
+    """A warehouse (``etl.warehouse.Warehouse``: a folder or an ``s3://`` prefix) opened for
+    reading: its complete runs as DuckDB views (``runs``, ``tokens``, ``component_entropy``,
+    ``resid_entropy``), read when the object is made.
 
     Raises:
         etl.errors.UserError: the folder does not exist or holds no complete run.
     """
 
-    def __init__(self, path: str | Path = "data/warehouse") -> None:
-        self.path = warehouse_root(path)
-        self.con: duckdb.DuckDBPyConnection = connect(self.path)
+    def __init__(self, path: str | Path = warehouse.DEFAULT_WAREHOUSE) -> None:
+        super().__init__(path)
+        self.con: duckdb.DuckDBPyConnection = connect(self)
         """The DuckDB connection with the views defined."""
 
     def sql(self, text: str, **params) -> pl.DataFrame:

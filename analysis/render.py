@@ -14,6 +14,7 @@ import polars as pl
 
 from analysis import charts, theme
 from etl.errors import UserError
+from etl.warehouse import Warehouse
 
 FORMATS = ("html", "png", "svg")
 
@@ -120,7 +121,7 @@ def run_table(con, runs: list[str]) -> list[dict]:
             for run in runs if run in rows]
 
 
-def render(warehouse: Path, out: Path, runs: list[str] | None = None,
+def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
            formats: tuple[str, ...] = FORMATS, only: list[str] | None = None,
            progress: Callable[[int], object] | None = None) -> list[Path]:
     """Render charts for ``runs`` (default: every complete run) into ``out``.
@@ -234,7 +235,7 @@ positive values increase entropy.</p>
 """)
 
 
-def write_index(out: Path, entries, formats: tuple[str, ...], warehouse: Path,
+def write_index(out: Path, entries, formats: tuple[str, ...], warehouse: Warehouse,
                 runs: list[dict] | None = None) -> Path:
     """``out/index.html``: a table of the runs, a table of contents, then every chart of
     this render as an image, linked to its HTML.

@@ -6,20 +6,16 @@ import argparse
 import hashlib
 import json
 import re
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from etl.errors import UserError
-from etl.lens.types import (
-    ABLATION_MODES,
-    CHUNK_VOCAB,
-    LENS_MODES,
-    canonical_lens,
-    default_chunk_tokens,
-)
-from etl.memory import CUDA_FORWARD_TOKENS, GPT2_SMALL, ModelSizes, forward_tokens
-from etl.model import DEFAULT_MODEL
-from etl.warehouse import validate_run_id
+from etl.lens.modes import ABLATION_MODES, LENS_MODES, canonical_lens
+from etl.lens.types import CHUNK_VOCAB, default_chunk_tokens
+from etl.model.loading import DEFAULT_MODEL
+from etl.model.memory import CUDA_FORWARD_TOKENS, GPT2_SMALL, ModelSizes, forward_tokens
+from etl.warehouse import DEFAULT_WAREHOUSE
 
 DATASETS = ("openwebtext", "ioi", "text")
 IOI_VARIANTS = ("clean", "abc", "both")
@@ -30,7 +26,6 @@ MAX_RUN_TOKENS = 20_000_000
 """Largest run (in tokens) accepted without ``--allow-large``. For GPT-2 small a token gives
 182 rows (12 layers × 13 components, 25 residual points, 1 token row): 3.6 billion rows,
 about 15 GB of Parquet."""
-DEFAULT_WAREHOUSE = "data/warehouse"
 PIPELINE_MODES = ("auto", "on", "off")
 
 DATASET_OPTIONS = {
@@ -159,16 +154,6 @@ class ExtractConfig:
         return "-".join([*parts, self.fingerprint()])
 
 
-def check_run_id(run_id: str | None) -> str | None:
-    """``run_id`` if it is None (derive one) or a valid id, else raise ``UserError``."""
-    if run_id is None:
-        return None
-    if run_id == "":
-        raise UserError("--run-id is empty: use 1–100 letters, digits, '.', '_' or '-', "
-                        "starting with a letter or digit (or leave it out for the derived id)")
-    return validate_run_id(run_id)
-
-
 @dataclass
 class RunOptions:
     """How and where a run is done; none of it changes the numbers. Each field is a flag,
@@ -213,6 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, unset: tuple[str, ...] =
     to None in the parser (so that a given flag can be told from one left out), and its
     help still names the dataclass default.
     """
+    types = typing.get_type_hints(cls)
     for f in fields(cls):
         meta = dict(f.metadata)
         flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
@@ -222,15 +208,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls, unset: tuple[str, ...] =
                                 action="store_false" if f.default else "store_true")
             continue
         default = None if f.name in unset else f.default
-        kind = meta.pop("type", _FIELD_TYPES.get(f.type, str))
+        kind = meta.pop("type", _argument_type(types[f.name]))
         shown = "" if f.default in (None, MISSING) else f"; default {f.default}"
         parser.add_argument(flag, dest=f.name, default=default, type=kind,
                             help=help_text + shown, **meta)
 
 
-_FIELD_TYPES = {"int": int, "str": str, "str | None": str}
-"""argparse types of the field annotations (strings under ``from __future__ import
-annotations``)."""
+def _argument_type(annotation) -> type:
+    """The argparse ``type`` of a field annotated ``annotation``: ``int`` or ``str``, also
+    when optional (``str | None``)."""
+    kinds = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
+    if len(kinds) != 1 or kinds[0] not in (int, str):
+        raise TypeError(f"no flag type for a field annotated {annotation!r}")
+    return kinds[0]
 
 
 def config_from_args(args) -> ExtractConfig:

@@ -5,7 +5,7 @@ attention head and the MLP, and the lens entropy at every residual point, and wr
 to ``component_entropy``, ``resid_entropy`` and ``tokens`` under ``--warehouse``, with a
 manifest in ``runs``. See the README for the definitions and the table schemas. The flags
 are the fields of ``ExtractConfig`` (what determines the numbers) and ``RunOptions`` (how
-and where the run is done); ``etl.runner.ExtractRunner`` does the work.
+and where the run is done); ``etl.run.runner.ExtractRunner`` does the work.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from etl.config import DATASET_OPTIONS, ExtractConfig, RunOptions, add_arguments
+from etl.config import (
+    DATASET_OPTIONS,
+    ExtractConfig,
+    RunOptions,
+    add_arguments,
+    config_from_args,
+    run_options_from_args,
+)
 from etl.errors import (
     ArgumentParser,
     Terminated,
@@ -22,9 +29,10 @@ from etl.errors import (
     sigterm_raises_terminated,
     write_failure,
 )
-from etl.preflight import preflight
-from etl.runner import RunResult, run_extract
-from etl.storage import storage_errors
+from etl.run.preflight import preflight
+from etl.run.resolved import resolve
+from etl.run.runner import RunResult, run_extract
+from etl.warehouse import storage_errors
 
 __all__ = ["build_parser", "main", "run_extract"]
 
@@ -51,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = build_parser().parse_args(argv)
             warehouse = args.warehouse
-            config, options = preflight(args)
-            result = run_extract(config, options=options)
+            config = config_from_args(args)
+            run = resolve(config, run_options_from_args(args))
+            warehouse = run.warehouse
+            result = run_extract(config, run, texts=preflight(config, run))
         except UserError as exc:
             print(f"error: {one_line(exc)}", file=sys.stderr)
             return exc.exit_code

@@ -22,8 +22,14 @@ import numpy as np
 import pyarrow as pa
 
 from etl.errors import ArgumentParser, UserError
-from etl.tables import TOKENS_SCHEMA, component_table, resid_table
-from etl.warehouse import RunWriter
+from etl.warehouse import (
+    SCHEMAS,
+    Manifest,
+    RunWriter,
+    Warehouse,
+    component_table,
+    resid_table,
+)
 
 N_LAYERS, N_HEADS, VOCAB = 12, 12, 50257
 SEQ_LEN = 500
@@ -40,10 +46,11 @@ def _tokens_table(start: int, stop: int, rng: np.random.Generator) -> pa.Table:
         "is_bos": positions == 0, "is_pad": np.zeros(n, dtype=bool),
         "role": pa.nulls(n, pa.string()), "variant": pa.nulls(n, pa.string()),
         "example": pa.nulls(n, pa.int32()),
-    }, schema=TOKENS_SCHEMA)
+    }, schema=SCHEMAS["tokens"])
 
 
-def write_synthetic_run(root: Path, run_id: str, component_rows: int, seed: int = 0) -> dict:
+def write_synthetic_run(warehouse: Warehouse, run_id: str, component_rows: int,
+                        seed: int = 0) -> Manifest:
     """Write a synthetic run with at least ``component_rows`` component rows.
 
     Returns:
@@ -52,7 +59,7 @@ def write_synthetic_run(root: Path, run_id: str, component_rows: int, seed: int 
     per_token = N_LAYERS * (N_HEADS + 1)
     n_seqs = -(-component_rows // (per_token * SEQ_LEN))
     rng = np.random.default_rng(seed)
-    writer = RunWriter(root, run_id, overwrite=True)
+    writer = RunWriter(warehouse.open_staging(run_id, overwrite=True))
     started = time.perf_counter()
     for start in range(0, n_seqs, SEQS_PER_SHARD):
         stop = min(start + SEQS_PER_SHARD, n_seqs)
@@ -67,22 +74,18 @@ def write_synthetic_run(root: Path, run_id: str, component_rows: int, seed: int 
         writer.write("tokens", _tokens_table(start, stop, rng))
         print(f"\rwrote {stop}/{n_seqs} sequences", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
+    writer.close()
     now = datetime.now(UTC).isoformat()
-    manifest = {
-        "run_id": run_id, "created_at": now, "completed_at": now, "schema_version": 1,
-        "model": "synthetic-gpt2-small-shape", "dataset": "synthetic", "lens": "final-scale",
-        "ablation": "zero", "n_layers": N_LAYERS, "n_heads": N_HEADS, "d_vocab": VOCAB,
-        "n_seqs": n_seqs, "seq_len": SEQ_LEN, "n_tokens": n_seqs * SEQ_LEN,
-        "n_component_rows": writer.rows["component_entropy"],
-        "n_resid_rows": writer.rows["resid_entropy"], "n_token_rows": writer.rows["tokens"],
-        "device": "none", "dtype": "float32",
-        "seconds": round(time.perf_counter() - started, 3), "tokens_per_s": None,
-        "timing": {}, "config": {"synthetic": True, "seed": seed}, "model_identity": {},
-        "dataset_fingerprint": None, "dataset_source": {"generator": "queries.bench"},
-        "packages": {}, "git_commit": None,
-    }
-    writer.publish(manifest)
-    return manifest
+    manifest = Manifest(
+        run_id=run_id, created_at=now, completed_at=now, model="synthetic-gpt2-small-shape",
+        dataset="synthetic", lens="final-scale", ablation="zero", n_layers=N_LAYERS,
+        n_heads=N_HEADS, d_vocab=VOCAB, n_seqs=n_seqs, seq_len=SEQ_LEN,
+        n_tokens=n_seqs * SEQ_LEN, device="none", dtype="float32",
+        seconds=round(time.perf_counter() - started, 3), tokens_per_s=0.0, timing={},
+        config={"synthetic": True, "seed": seed}, model_identity={},
+        dataset_fingerprint="", dataset_source={"generator": "queries.bench"}, packages={},
+        git_commit=None, host="")
+    return writer.staging.publish(manifest)
 
 
 def _size(path: Path) -> int:
@@ -95,12 +98,13 @@ def plain_aggregates(sql: str) -> str:
     return sql.replace("stable_mean(", "avg(").replace("stable_sd(", "stddev_samp(")
 
 
-def _best_time(root: Path, sql: str, params: dict, repeats: int) -> tuple[float, int]:
+def _best_time(warehouse: Warehouse, sql: str, params: dict,
+               repeats: int) -> tuple[float, int]:
     from queries.db import connect, run_sql
 
     best, rows = float("inf"), 0
     for _ in range(repeats):
-        con = connect(root)
+        con = connect(warehouse)
         t0 = time.perf_counter()
         rows = run_sql(con, sql, params).height
         best = min(best, time.perf_counter() - t0)
@@ -108,7 +112,7 @@ def _best_time(root: Path, sql: str, params: dict, repeats: int) -> tuple[float,
     return best, rows
 
 
-def time_queries(root: Path, names: list[str], repeats: int) -> list[dict]:
+def time_queries(warehouse: Warehouse, names: list[str], repeats: int) -> list[dict]:
     """Best-of-``repeats`` wall time of each saved query (defaults, all runs), and of the
     same query with plain aggregates (``plain_aggregates``), interleaved query by query."""
     from queries.saved import get_query
@@ -119,8 +123,8 @@ def time_queries(root: Path, names: list[str], repeats: int) -> list[dict]:
         params = dict(p.split("=", 1) for p in params_text.split(",") if p)
         query = get_query(name)
         bound = query.bind(params)
-        seconds, rows = _best_time(root, query.sql, bound, repeats)
-        plain, _ = _best_time(root, plain_aggregates(query.sql), bound, repeats)
+        seconds, rows = _best_time(warehouse, query.sql, bound, repeats)
+        plain, _ = _best_time(warehouse, plain_aggregates(query.sql), bound, repeats)
         results.append({"query": spec, "seconds": round(seconds, 3), "result_rows": rows,
                         "plain_seconds": round(plain, 3)})
     return results
@@ -142,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     try:
         args = parser.parse_args(argv)
-        manifest_path = args.warehouse / "runs" / "run_id=synthetic" / "manifest.json"
-        if manifest_path.exists() and json.loads(manifest_path.read_text())[
+        warehouse = Warehouse(args.warehouse)
+        path = warehouse.manifest_path("synthetic")
+        if path.exists() and json.loads(path.read_text())[
                 "n_component_rows"] >= args.component_rows:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(path.read_text())
         else:
-            manifest = write_synthetic_run(args.warehouse, "synthetic", args.component_rows)
-        results = time_queries(args.warehouse, args.queries, args.repeats)
+            manifest = write_synthetic_run(warehouse, "synthetic",
+                                           args.component_rows).to_json()
+        results = time_queries(warehouse, args.queries, args.repeats)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

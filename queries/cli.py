@@ -8,6 +8,7 @@ Subcommands:
     check                check every run's files against its manifest, then the data tests;
                          exit code 1 names the failing files and tests
     shell                the DuckDB shell with the views loaded
+    migrate              rewrite the manifests of runs written by earlier versions
 
 ``run`` and ``sql`` are read-only: they take SELECT statements only and cannot touch files
 outside the warehouse. ``shell`` is a full DuckDB session.
@@ -17,23 +18,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import duckdb
-
 from etl.errors import ArgumentParser, UserError, one_line
-from etl.storage import absolute, is_remote, storage_errors, warehouse_root
-from queries.catalog import Run, partial_runs, run_problems, stray_files
-from queries.db import complete_runs, connect, init_sql, open_views, run_sql, sql_error, usable_runs
-from queries.output import FORMATS, check_output, output_format, render, write_result
-from queries.saved import data_checks, get_query, saved_queries
-
-DEFAULT_WAREHOUSE = "data/warehouse"
+from etl.warehouse import DEFAULT_WAREHOUSE, Warehouse, storage_errors
+from queries.commands import COMMANDS
+from queries.output import FORMATS
 
 
 def _add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +102,7 @@ def _add_query_commands(sub) -> None:
 
 
 def _add_warehouse_commands(sub) -> None:
-    """The subcommands over the warehouse itself: check and shell."""
+    """The subcommands over the warehouse itself: check, shell and migrate."""
     sub.add_parser("check", help="check the runs' files and data (exit code 1 when one "
                                  "fails)",
                    description="Check that every file a run's manifest lists exists and "
@@ -127,159 +118,21 @@ def _add_warehouse_commands(sub) -> None:
                        help="run this SQL in the shell and exit (instead of an interactive "
                             "session)")
 
-
-def _split_params(items: list[str]) -> dict[str, str]:
-    params = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"\w+", name.strip()):
-            raise UserError(f"--param takes NAME=VALUE, not {item!r}")
-        params[name.strip()] = value
-    return params
-
-
-READ_ONLY = ("only SELECT statements are allowed here; use python -m queries shell for a "
-             "full DuckDB session")
-_EXPLAIN = re.compile(r"^\s*explain\s+(?:analyze\s+)?(?:\([^)]*\)\s*)?", re.IGNORECASE)
-
-
-def _statement_types(sql: str) -> list[tuple[duckdb.StatementType, str]]:
-    try:
-        return [(st.type, st.query) for st in duckdb.connect().extract_statements(sql)]
-    except duckdb.Error as exc:
-        raise sql_error(exc) from exc
-
-
-def ensure_select(sql: str) -> None:
-    """Raise ``UserError`` unless ``sql`` holds only SELECT statements (or EXPLAIN of one).
-
-    COPY, ATTACH, INSTALL, LOAD, CREATE, INSERT, PRAGMA, SET, EXPORT and the rest could
-    write files or change the session; they belong in ``python -m queries shell``."""
-    statements = _statement_types(sql)
-    if not statements:
-        raise UserError("no SQL statement given")
-    for kind, text in statements:
-        if kind == duckdb.StatementType.EXPLAIN:
-            inner = _statement_types(_EXPLAIN.sub("", text, count=1))
-            if [k for k, _ in inner] != [duckdb.StatementType.SELECT]:
-                raise UserError(READ_ONLY)
-        elif kind != duckdb.StatementType.SELECT:
-            raise UserError(READ_ONLY)
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    queries = saved_queries()
-    width = max(len(name) for name in queries)
-    for name, query in queries.items():
-        print(f"{name:<{width}}  {query.summary}")
-    return 0
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
-    sys.stdout.write(get_query(args.name).sql)
-    return 0
-
-
-def _read_only_query(args: argparse.Namespace, sql: str, params: dict) -> int:
-    """Check ``sql`` and the output first, then run it on a locked-down connection."""
-    ensure_select(sql)
-    fmt = output_format(args.format, args.output)
-    check_output(args.output, fmt)
-    con = connect(args.warehouse, read_only=True)
-    frame = run_sql(con, sql, params)
-    write_result(frame, fmt, args.output, args.max_rows)
-    return 0
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    query = get_query(args.name)
-    return _read_only_query(args, query.sql, query.bind(_split_params(args.param)))
-
-
-def _cmd_sql(args: argparse.Namespace) -> int:
-    return _read_only_query(args, args.query, _split_params(args.param))
-
-
-def run_checks(con: duckdb.DuckDBPyConnection) -> dict[str, object]:
-    """Run every data test; returns name → DataFrame of offending rows (empty = pass)."""
-    return {name: run_sql(con, check.sql) for name, check in data_checks().items()}
-
-
-def check_files(root: Path, runs: list[Run]) -> tuple[list[Run], int]:
-    """Print a FAIL line per bad file (missing, unreadable footer, row count or sha256 not as
-    in the manifest) and WARN lines for partial runs and stray files.
-
-    Returns:
-        The runs whose files are all sound, and the number of bad files.
-    """
-    problems = {run.run_id: run_problems(run, full=True) for run in runs}
-    bad = [p for found in problems.values() for p in found]
-    for problem in bad:
-        print(f"FAIL files: {problem}")
-    if not bad:
-        n_files = sum(len(run.shards) for run in runs)
-        print(f"PASS files: {n_files:,} files of {len(runs)} runs match their manifests")
-    for run_id in partial_runs(root):
-        print(f"WARN partial run {run_id}: run the same extract command again to resume it, "
-              "or pass --restart")
-    for path in stray_files(root, runs):
-        print(f"WARN stray file {path}: no manifest lists it, so no view reads it")
-    return [run for run in runs if not problems[run.run_id]], len(bad)
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    runs = complete_runs(args.warehouse)
-    root = absolute(warehouse_root(args.warehouse))
-    sound, n_bad = check_files(root, runs)
-    if not sound:
-        print("FAIL data tests: no run with sound files to test")
-        print(f"0 passed, {n_bad} bad files")
-        return 1
-    results = run_checks(open_views(root, sound, read_only=True))
-    failed = [name for name, frame in results.items() if frame.height]
-    for name, frame in results.items():
-        if frame.height:
-            print(f"FAIL {name}: {frame.height:,} offending rows")
-            sys.stdout.write(render(frame, "table", max_rows=5))
-        else:
-            print(f"PASS {name}")
-    tail = f", {n_bad} bad files" if n_bad else ""
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed{tail}")
-    return 1 if failed or n_bad else 0
-
-
-def _cmd_shell(args: argparse.Namespace) -> int:
-    root = absolute(warehouse_root(args.warehouse))
-    if is_remote(root):
-        raise UserError(f"the duckdb shell cannot read {args.warehouse!r} (object storage is "
-                        "read through Python's fsspec, not a shell extension); use "
-                        "python -m queries sql or analysis.api.Warehouse instead")
-    beside = Path(sys.executable).with_name("duckdb")
-    exe = shutil.which("duckdb") or (str(beside) if beside.is_file() else None)
-    if exe is None:
-        raise UserError("the duckdb shell is not installed; pip install duckdb-cli (it comes "
-                        "with the test extra)")
-    runs = usable_runs(complete_runs(args.warehouse))  # messages name the given path
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as init:
-        init.write(init_sql(root, runs))
-    command = [exe, "-cmd", f'.read "{init.name}"']  # -init would announce the file
-    if args.shell_command:
-        command += ["-c", args.shell_command]
-    try:
-        return subprocess.call(command)
-    finally:
-        Path(init.name).unlink(missing_ok=True)
-
-
-COMMANDS = {"list": _cmd_list, "show": _cmd_show, "run": _cmd_run, "sql": _cmd_sql,
-            "check": _cmd_check, "shell": _cmd_shell}
+    sub.add_parser("migrate", help="rewrite the manifests of runs written by earlier "
+                                   "versions",
+                   description="Rewrite, in place and one atomic write per run, the "
+                               "manifests that earlier versions wrote (schema 1, which "
+                               "listed no shards; the lens names seed and recomputed), so "
+                               "that the views read those runs again. Each run is migrated "
+                               "under its lock.")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for bad input)."""
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        warehouse = None if args.command in ("list", "show") else Warehouse(args.warehouse)
+        return COMMANDS[args.command](args, warehouse)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

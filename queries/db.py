@@ -11,13 +11,11 @@ from __future__ import annotations
 import re
 import sys
 from importlib import resources
-from pathlib import Path
 
 import duckdb
 
 from etl.errors import UserError
-from etl.storage import absolute, is_remote, warehouse_root
-from queries.catalog import TABLES, Run, read_runs, run_problems
+from etl.warehouse import TABLES, Run, Warehouse, complete_runs, run_problems
 
 VIEWS_SQL = "sql/views.sql"
 """The views and shared macros, relative to the ``queries`` package."""
@@ -26,28 +24,6 @@ VIEWS_SQL = "sql/views.sql"
 def views_sql() -> str:
     """The text of ``queries/sql/views.sql``."""
     return resources.files("queries").joinpath(VIEWS_SQL).read_text(encoding="utf-8")
-
-
-def has_runs(warehouse: Path) -> bool:
-    """True when ``warehouse`` holds at least one complete run (a manifest)."""
-    return any(warehouse_root(warehouse).glob("runs/*/manifest.json"))
-
-
-def complete_runs(warehouse: Path | str) -> list[Run]:
-    """The complete runs of ``warehouse`` (a folder or an ``s3://`` URL; an absolute path is
-    used for their files).
-
-    Raises:
-        UserError: the warehouse does not exist or holds no complete run.
-    """
-    root = warehouse_root(warehouse)
-    if not root.is_dir():
-        raise UserError(f"warehouse {str(root)!r} does not exist; write a run with "
-                        "python -m etl.extract --warehouse DIR first")
-    if not has_runs(root):
-        raise UserError(f"warehouse {str(root)!r} has no complete run yet; write one with "
-                        "python -m etl.extract --warehouse DIR")
-    return read_runs(absolute(root))
 
 
 def usable_runs(runs: list[Run], warn: bool = True) -> list[Run]:
@@ -63,19 +39,19 @@ def usable_runs(runs: list[Run], warn: bool = True) -> list[Run]:
         if not problems:
             good.append(run)
         elif warn:
-            print(f"warning: left out {problems[0]}; run python -m queries check",
-                  file=sys.stderr)
+            print(f"warning: left out {problems[0]}; run {problems[0].fix}", file=sys.stderr)
     if not good:
-        raise UserError(f"every run of the warehouse has a bad file (first: "
-                        f"{run_problems(runs[0])[0]}); run python -m queries check")
+        first = run_problems(runs[0])[0]
+        raise UserError(f"every run of the warehouse has a bad file (first: {first}); run "
+                        f"{first.fix}")
     return good
 
 
-def view_variables(root: Path, runs: list[Run]) -> dict[str, object]:
+def view_variables(warehouse: Warehouse, runs: list[Run]) -> dict[str, object]:
     """The DuckDB variables ``views.sql`` reads: the warehouse root, the manifests of
     ``runs`` and, per table, the shard files they list."""
     values: dict[str, object] = {
-        "warehouse": str(root),
+        "warehouse": str(warehouse.absolute_root),
         "manifest_files": [str(run.manifest) for run in runs],
     }
     for table in TABLES:
@@ -90,46 +66,46 @@ def _sql_literal(value: object) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def init_sql(root: Path, runs: list[Run]) -> str:
+def init_sql(warehouse: Warehouse, runs: list[Run]) -> str:
     """A script for the DuckDB shell: the variables of ``runs``, then ``views.sql``."""
     lines = [f"set variable {name} = {_sql_literal(value)};"
-             for name, value in view_variables(root, runs).items()]
+             for name, value in view_variables(warehouse, runs).items()]
     return "\n".join(lines) + "\n" + views_sql()
 
 
-def lock_down(con: duckdb.DuckDBPyConnection, root: Path) -> None:
-    """Make ``con`` read-only outside the warehouse: no file access except under ``root``
+def lock_down(con: duckdb.DuckDBPyConnection, warehouse: Warehouse) -> None:
+    """Make ``con`` read-only outside the warehouse: no file access except under its root
     (a folder or an ``s3://`` prefix), no extension installs, and no way to change these
     settings back."""
     con.execute("set allowed_directories = $dirs",
-                {"dirs": [str(absolute(warehouse_root(root))).rstrip("/") + "/"]})
+                {"dirs": [str(warehouse.absolute_root).rstrip("/") + "/"]})
     con.execute("set enable_external_access = false")
     con.execute("set autoinstall_known_extensions = false")
     con.execute("set lock_configuration = true")
 
 
-def open_views(root: Path, runs: list[Run], read_only: bool = False
+def open_views(warehouse: Warehouse, runs: list[Run], read_only: bool = False
                ) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with the views over exactly the files of ``runs``
-    (locked down with ``lock_down`` when ``read_only``). An object-storage ``root`` is read
-    through its fsspec filesystem (``register_filesystem``; no DuckDB extension)."""
+    (locked down with ``lock_down`` when ``read_only``). Object storage is read through its
+    fsspec filesystem (``register_filesystem``; no DuckDB extension)."""
     con = duckdb.connect()
-    if is_remote(root):
-        con.register_filesystem(root.fs)
+    if warehouse.remote:
+        con.register_filesystem(warehouse.root.fs)
     try:
-        for name, value in view_variables(root, runs).items():
+        for name, value in view_variables(warehouse, runs).items():
             cast = "::varchar[]" if isinstance(value, list) else ""
             con.execute(f"set variable {name} = $value{cast}", {"value": value})
         con.execute(views_sql())
     except duckdb.Error as exc:
-        raise UserError(f"could not open the views over {str(root)!r}: "
+        raise UserError(f"could not open the views over {str(warehouse)!r}: "
                         f"{str(exc).splitlines()[0]}") from exc
     if read_only:
-        lock_down(con, root)
+        lock_down(con, warehouse)
     return con
 
 
-def connect(warehouse: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(warehouse: Warehouse, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with ``runs``, ``tokens``, ``component_entropy`` and
     ``resid_entropy`` defined over the complete runs of ``warehouse``.
 
@@ -139,9 +115,7 @@ def connect(warehouse: Path | str, read_only: bool = False) -> duckdb.DuckDBPyCo
     Raises:
         UserError: the warehouse does not exist, holds no complete run, or no usable one.
     """
-    runs = complete_runs(warehouse)
-    root = absolute(warehouse_root(warehouse))
-    return open_views(root, usable_runs(runs), read_only=read_only)
+    return open_views(warehouse, usable_runs(complete_runs(warehouse)), read_only=read_only)
 
 
 def sql_error(exc: duckdb.Error) -> UserError:

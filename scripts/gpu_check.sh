@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in one go (a few minutes on an H100): install the carried wheels, write a
-# random-init GPT-2-small checkpoint, then `python -m etl.gpu_check`: every fused kernel against
+# random-init GPT-2-small checkpoint, then `python -m etl.bench.gpu_check`: every fused kernel against
 # float64 on fresh random inputs, each kernel configuration timed, and measure_batch on 32k
 # tokens in every mode against the plain torch path; then whole extractions of 100k tokens
 # (`python -m etl.bench --e2e`: sequential vs pipelined loop, forward sizes, rows vs the CPU
@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
     --format=csv | tee "$OUT/gpu.txt"
 python3 -m etl.checkpoint --arch gpt2-small --out /tmp/gpt2-small-random >/dev/null
 if [[ " ${GPU_CHECK_PARTS:-kernels e2e} " == *" kernels "* ]]; then
-    python3 -m etl.gpu_check --model /tmp/gpt2-small-random --out "$OUT/gpu_check.json" \
+    python3 -m etl.bench.gpu_check --model /tmp/gpt2-small-random --out "$OUT/gpu_check.json" \
         "$@" 2>&1 | tee "$OUT/gpu_check.log"
 fi
 if [[ " ${GPU_CHECK_PARTS:-kernels e2e} " == *" e2e "* ]]; then
@@ -28,10 +28,10 @@ if [[ " ${GPU_CHECK_PARTS:-kernels e2e} " == *" e2e "* ]]; then
     python3 -m etl.bench --e2e --device cuda --tokens 100000 --model /tmp/gpt2-small-random \
         --sweep "${GPU_CHECK_SWEEP:-4000,8000,32000}" --json > "$OUT/e2e.json" \
         2> >(tee "$OUT/e2e.log" >&2) || echo "e2e bench failed: see $OUT/e2e.log"
-    python3 -c 'import json, sys; from etl.bench_e2e import report
+    python3 -c 'import json, sys; from etl.bench.e2e import report
 print(report(json.load(open(sys.argv[1]))))' "$OUT/e2e.json" | tee "$OUT/e2e.txt" || true
     # The command line itself at its defaults (CUDA: pipelined, auto forward size).
-    python3 -c 'import sys; from etl.bench_e2e import write_corpus; from etl.checkpoint import gpt2_tokenizer
+    python3 -c 'import sys; from etl.bench.e2e import write_corpus; from etl.model.random_init import gpt2_tokenizer
 write_corpus(gpt2_tokenizer(), __import__("pathlib").Path(sys.argv[1]), 100_000)' /tmp/corpus
     python3 -m etl.extract --model /tmp/gpt2-small-random --dataset text \
         --data-files '/tmp/corpus/*.txt' --n-batches 25 --batch-size 8 --seq-len 500 \

@@ -2,11 +2,9 @@
 
 GPT-2-small shape (12 layers, 12 heads: 182 rows a token), 6 batches of 8 × 500 tokens
 (random entropies, Zipf-distributed token ids), through ``RunWriter`` with its default pool,
-best of 3. Runs against any commit of the project, to compare before and after:
+best of 3:
 
     python scripts/host_side_bench.py
-    git worktree add /tmp/before <commit>
-    PYTHONPATH=/tmp/before python scripts/host_side_bench.py
 """
 
 from __future__ import annotations
@@ -14,36 +12,22 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-import etl
-from etl.checkpoint import gpt2_tokenizer
+from etl.model.random_init import gpt2_tokenizer
 from etl.sources.corpus import TokenSet
-from etl.tables import component_table, resid_table
-from etl.warehouse import RunWriter
+from etl.warehouse import RunWriter, TokenRows, Warehouse, component_table, resid_table
 
 BATCH, SEQ_LEN, LAYERS, HEADS, BATCHES = 8, 500, 12, 12, 6
-
-
-def token_rows_builder(token_set: TokenSet, tokenizer):
-    """``(start, stop) -> pa.Table`` of the ``tokens`` rows, from whichever commit runs."""
-    if (Path(etl.__file__).parent / "token_rows.py").exists():
-        from etl.token_rows import TokenRows
-
-        return TokenRows(token_set, tokenizer).table
-    from etl.extract import tokens_table  # commits before the vectorised rows
-
-    return lambda start, stop: tokens_table(token_set, tokenizer, start, stop)
 
 
 def main() -> None:
     """Print the best of 3 rates: rows/s, per core, and tokens/s."""
     rng = np.random.default_rng(0)
     ids = rng.zipf(1.3, (BATCH * BATCHES, SEQ_LEN)) % 50257
-    tokens = token_rows_builder(TokenSet(token_ids=ids, is_pad=np.zeros_like(ids, bool)),
-                                gpt2_tokenizer())
+    tokens = TokenRows(TokenSet(token_ids=ids, is_pad=np.zeros_like(ids, bool)),
+                       gpt2_tokenizer()).table
     n = BATCH * SEQ_LEN
     diff = (rng.standard_normal((n, LAYERS, HEADS + 1)) * 0.05).astype(np.float32)
     marginal = (rng.standard_normal((n, LAYERS, HEADS + 1)) * 0.05).astype(np.float32)
@@ -51,7 +35,7 @@ def main() -> None:
     best, rows, workers = 0.0, 0, 0
     for _ in range(3):
         with tempfile.TemporaryDirectory() as tmp:
-            writer = RunWriter(Path(tmp), "host-side")
+            writer = RunWriter(Warehouse(tmp).open_staging("host-side"))
             workers = writer.workers
             start, rows = time.perf_counter(), 0
             for b in range(BATCHES):

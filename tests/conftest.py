@@ -17,7 +17,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A random-init gpt2-tiny checkpoint directory (2 layers, 4 heads, d_model 64)."""
-    from etl.checkpoint import write_checkpoint
+    from etl.model.random_init import write_checkpoint
 
     return write_checkpoint("gpt2-tiny", tmp_path_factory.mktemp("models") / "gpt2-tiny")
 
@@ -25,7 +25,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     """The tiny checkpoint loaded as a bridge in compatibility mode (float32, CPU)."""
-    from etl.model import load_model
+    from etl.model.loading import load_model
 
     return load_model(str(tiny_checkpoint), device="cpu")
 
@@ -33,7 +33,7 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def tokenizer():
     """GPT-2's tokenizer, built offline."""
-    from etl.checkpoint import gpt2_tokenizer
+    from etl.model.random_init import gpt2_tokenizer
 
     return gpt2_tokenizer()
 

@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import etl.extract
-import etl.runner
+import etl.run.runner
 from etl.errors import Terminated, UserError
 from etl.extract import main
 from etl.lens.measures import first_non_finite
 from etl.lens.types import BatchMeasures
-from etl.model import check_weights_finite
+from etl.model.loading import check_weights_finite
 from etl.sources import packing
 from etl.sources.local_files import load_local_texts
 from etl.sources.packing import pack_documents, tokenize_pieces
@@ -332,7 +332,7 @@ def test_bad_input_is_one_line_and_exit_2(name, args, expected, stage, tmp_path,
         def load_model(*a, **k):
             return model
         capsys.readouterr()  # what loading the shared model printed
-    monkeypatch.setattr(etl.runner, "load_model", load_model)
+    monkeypatch.setattr(etl.run.runner, "load_model", load_model)
     argv = ["--model", str(tiny_checkpoint), "--warehouse", str(tmp_path / "wh"),
             "--no-progress", "--device", "cpu", *args]
     assert main(argv) == 2
@@ -401,9 +401,10 @@ def test_a_damaged_pytorch_bin_is_one_line(tiny_checkpoint, tmp_path, capsys):
 
 def test_omitted_options_keep_their_defaults_and_the_warehouse_stays_clean(tmp_path,
                                                                          tiny_checkpoint):
-    from etl.config import ExtractConfig, RunOptions
+    from etl.config import ExtractConfig, RunOptions, config_from_args, run_options_from_args
     from etl.extract import build_parser
-    from etl.preflight import preflight
+    from etl.run.preflight import preflight
+    from etl.run.resolved import resolve
 
     model = str(tiny_checkpoint)
     text = str(_write(tmp_path / "story.txt", "Once upon a time. " * 50))
@@ -411,7 +412,8 @@ def test_omitted_options_keep_their_defaults_and_the_warehouse_stays_clean(tmp_p
                            ("openwebtext", ["--seq-len", "64"])):
         args = build_parser().parse_args(["--model", model, "--dataset", dataset,
                                           "--warehouse", str(tmp_path / dataset), *extra])
-        config, options = preflight(args)
+        config, options = config_from_args(args), run_options_from_args(args)
+        preflight(config, resolve(config, options))
         root = Path(options.warehouse)
         want = ExtractConfig(model=model, dataset=dataset,
                              data_files=text if dataset == "text" else None,
@@ -458,7 +460,7 @@ def test_disk_full_while_writing_keeps_nothing_published(tmp_path, monkeypatch, 
         raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No "
                                     "space left on device")
 
-    monkeypatch.setattr(etl.runner, "load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(etl.run.runner, "load_model", lambda *a, **k: tiny_model)
     monkeypatch.setattr(pq, "write_table", full)
     assert main(_ioi_argv(tiny_checkpoint, tmp_path / "wh")) == 2
     line = _one_error_line(capsys)

@@ -12,6 +12,7 @@ from PIL import Image
 from analysis import charts
 from analysis.__main__ import main as analysis_main
 from analysis.render import CHARTS, build_chart, save_chart
+from etl.warehouse import Warehouse
 from queries.db import connect
 
 
@@ -27,7 +28,7 @@ def warehouse(build_warehouse, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def con(warehouse):
-    return connect(warehouse)
+    return connect(Warehouse(warehouse))
 
 
 def runs_for(spec):

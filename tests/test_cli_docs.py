@@ -21,7 +21,7 @@ def _subparsers(parser):
 def test_every_query_subcommand_has_help_and_is_in_readme():
     sub = _subparsers(query_parser())
     helps = {a.dest: a.help for a in sub._choices_actions}
-    assert set(sub.choices) == {"list", "show", "run", "sql", "check", "shell"}
+    assert set(sub.choices) == {"list", "show", "run", "sql", "check", "shell", "migrate"}
     for name, parser in sub.choices.items():
         assert helps[name], name
         assert parser.description, name

@@ -14,10 +14,10 @@ import pytest
 from etl.config import ExtractConfig, RunOptions
 from etl.errors import UserError
 from etl.extract import main as extract_main
-from etl.files import KILL_AT_ENV, KILL_ONCE_ENV
-from etl.runlock import STALE_ENV
-from etl.runner import ExtractRunner
-from etl.storage import warehouse_root
+from etl.run.runner import ExtractRunner
+from etl.warehouse import Warehouse
+from etl.warehouse.files import KILL_AT_ENV, KILL_ONCE_ENV
+from etl.warehouse.lock import STALE_ENV
 from queries.db import connect
 
 TABLES = ("component_entropy", "resid_entropy", "tokens")
@@ -68,7 +68,7 @@ def _run(checkpoint, root, run_id, ablation, workers, model=None):
 
 
 def _rows(root, run_id):
-    con = connect(root, read_only=True)
+    con = connect(Warehouse(root), read_only=True)
     return {t: con.sql(f"select * exclude (run_id) from {t} where run_id = '{run_id}' "
                        "order by all").fetchall() for t in TABLES}
 
@@ -109,7 +109,7 @@ def test_a_killed_driver_leaves_no_ray_and_the_run_resumes_through_a_worker_deat
     The published rows are one process's, under mean ablation (the sums split over the
     workers), in object storage (the workers stage their shards there)."""
     url = "s3://bucket/workers"
-    root = warehouse_root(url)
+    root = Warehouse(url).root
     before = _ray_processes()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"HF_HUB_OFFLINE": "1", KILL_AT_ENV: "driver:1",  # once a batch is staged
@@ -164,8 +164,8 @@ def test_fewer_than_one_worker_is_refused(tmp_path, capsys):
 
 
 def test_a_workers_failure_is_one_line():
-    from etl.distributed import worker_error
     from etl.errors import UserError
+    from etl.run.ray_executor import worker_error
 
     class TaskError(Exception):  # how Ray hands back a worker's exception
         def __init__(self, cause):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from etl.extract import main as extract_main
+from etl.warehouse import Warehouse
 from queries.cli import main as query_main
 from queries.db import connect
 from tests.reference import reference_measures
@@ -35,7 +36,7 @@ def warehouse(tiny_checkpoint, tmp_path_factory):
 
 
 def _frame(root, sql):
-    return connect(root).sql(sql).pl()
+    return connect(Warehouse(root)).sql(sql).pl()
 
 
 def test_row_counts_are_exact(warehouse):

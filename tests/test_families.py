@@ -9,11 +9,12 @@ import torch
 import vl_convert
 
 from analysis.render import CHARTS, build_chart
-from etl.checkpoint import write_checkpoint
-from etl.config import ExtractConfig
+from etl.config import ExtractConfig, RunOptions
 from etl.extract import main as extract_main
 from etl.lens.types import ABLATION_MODES, LENS_MODES
-from etl.runner import run_extract
+from etl.model.random_init import write_checkpoint
+from etl.run.runner import run_extract
+from etl.warehouse import Warehouse
 from queries.db import connect, run_sql
 from queries.saved import saved_queries
 from tests.reference import reference_measures
@@ -38,7 +39,7 @@ def checkpoints(tmp_path_factory, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def models(checkpoints, tiny_model):
-    from etl.model import load_model
+    from etl.model.loading import load_model
 
     return {family: tiny_model if family == "gpt2" else load_model(str(path))
             for family, path in checkpoints.items()}
@@ -54,8 +55,9 @@ def warehouse(tmp_path_factory, checkpoints, models):
     for family, lens, ablation in [*combos, ("gpt2", LENS_MODES[0], ABLATION_MODES[0])]:
         config = ExtractConfig(model=str(checkpoints[family]), dataset="ioi", n_prompts=2,
                                lens=lens, ablation=ablation)
-        run_extract(config, root, run_id=f"{family}-{lens}-{ablation}", device="cpu",
-                    progress=False, model=models[family])
+        options = RunOptions(warehouse=str(root), run_id=f"{family}-{lens}-{ablation}",
+                             device="cpu", progress=False)
+        run_extract(config, options, model=models[family])
     return root
 
 
@@ -133,7 +135,7 @@ def test_the_runs_view_and_manifest_record_the_architecture(warehouse):
 @pytest.mark.parametrize("family", ["pythia", "llama"])
 def test_saved_queries_and_charts_work(warehouse, family):
     run_id = f"{family}-final-scale-zero"
-    con = connect(warehouse, read_only=True)
+    con = connect(Warehouse(warehouse), read_only=True)
     for name, query in saved_queries().items():
         params = {"run_a": run_id, "run_b": f"{family}-recomputed-ln-zero"} \
             if name == "compare_runs" else {"run_id": run_id}
@@ -164,7 +166,7 @@ def test_unmeasurable_configs_are_refused(changes, why):
     from types import SimpleNamespace
 
     from etl.errors import UserError
-    from etl.measurable import check_measurable
+    from etl.model.measurable import check_measurable
 
     cfg = SimpleNamespace(**{"normalization_type": "LN", "parallel_attn_mlp": False,
                              "output_logits_soft_cap": -1.0, **changes})
@@ -178,16 +180,16 @@ def test_unmeasurable_configs_are_refused(changes, why):
 def test_an_unmeasurable_checkpoint_ends_in_one_line(checkpoints, tmp_path, capsys,
                                                      monkeypatch):
     """The refusal comes after the model loads and before anything is written."""
-    import etl.runner
+    import etl.run.runner
 
-    real = etl.runner.load_model
+    real = etl.run.runner.load_model
 
     def soft_capped(*args, **kwargs):
         model = real(*args, **kwargs)
         model.cfg.output_logits_soft_cap = 30.0
         return model
 
-    monkeypatch.setattr(etl.runner, "load_model", soft_capped)
+    monkeypatch.setattr(etl.run.runner, "load_model", soft_capped)
     code = extract_main(["--model", str(checkpoints["llama"]), "--warehouse", str(tmp_path),
                          "--no-progress", "--device", "cpu", "--dataset", "ioi",
                          "--n-prompts", "4"])
@@ -203,7 +205,7 @@ def test_an_encoder_is_refused_in_one_line(tmp_path, capsys):
     the final normalisation: the probe refuses it before anything is written."""
     import transformers
 
-    from etl.checkpoint import gpt2_tokenizer
+    from etl.model.random_init import gpt2_tokenizer
 
     config = transformers.BertConfig(vocab_size=50257, hidden_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=128,
@@ -239,7 +241,7 @@ def test_a_model_whose_logits_read_later_tokens_is_refused(models):
     from dataclasses import replace
 
     from etl.errors import UserError
-    from etl.measurable import check_probe
+    from etl.model.measurable import check_probe
 
     check_probe(models["llama"], "llama")  # a decoder passes
     with pytest.raises(UserError, match="change with later tokens"):

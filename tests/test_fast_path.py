@@ -6,12 +6,12 @@ import pytest
 import torch
 import triton  # noqa: F401  (a test dependency: the kernel's logic is tested on the CPU)
 
-from etl.activations import MeanAccumulator, run_batch
-from etl.checkpoint import Architecture, gpt2_tokenizer, random_gpt2
 from etl.lens.baseline import study_measures
 from etl.lens.measures import measure_batch, residual_identities_hold
 from etl.lens.types import MeasureOptions
-from etl.model import load_model
+from etl.model.activations import MeanAccumulator, run_batch
+from etl.model.loading import load_model
+from etl.model.random_init import Architecture, gpt2_tokenizer, random_gpt2
 
 MODES = [("final-scale", "zero"), ("recomputed-ln", "zero"), ("final-scale", "mean"),
          ("recomputed-ln", "mean")]

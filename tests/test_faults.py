@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from etl.extract import main as extract_main
-from etl.files import KILL_AT_ENV
+from etl.warehouse import Warehouse
+from etl.warehouse.files import KILL_AT_ENV
 from queries.db import connect
 
 TEXT = "A sentence about entropy, heads and the tokens they read. " * 60
@@ -66,7 +67,7 @@ def _run_here(cmd, capsys):
 
 
 def _rows(root, run_id):
-    con = connect(root)
+    con = connect(Warehouse(root))
     return {table: con.sql(f"select * exclude (run_id) from {table} where run_id = '{run_id}' "
                            "order by all").fetchall()
             for table in ("component_entropy", "resid_entropy", "tokens")}
@@ -74,7 +75,7 @@ def _rows(root, run_id):
 
 def _visible_runs(root):
     try:
-        con = connect(root)
+        con = connect(Warehouse(root))
     except Exception:  # no complete run at all
         return set()
     runs = {r[0] for r in con.sql("select run_id from runs").fetchall()}

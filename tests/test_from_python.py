@@ -52,7 +52,7 @@ def test_errors_are_one_line_user_errors(warehouse):
 def test_an_extraction_from_python(tiny_checkpoint, tmp_path):
     """The README's ``ExtractRunner(ExtractConfig(...), RunOptions(...)).run()``."""
     from etl.config import ExtractConfig, RunOptions
-    from etl.runner import ExtractRunner
+    from etl.run.runner import ExtractRunner
 
     config = ExtractConfig(model=str(tiny_checkpoint), dataset="ioi", n_prompts=2)
     options = RunOptions(warehouse=str(tmp_path), device="cpu", progress=False)

@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from etl.activations import MeanAccumulator, run_batch
-from etl.gpu_checks import random_layer
+from etl.bench.gpu_kernels import random_layer
 from etl.lens import kernels
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.fused_measures import SplitWeights
@@ -19,6 +18,7 @@ from etl.lens.kernels import KernelConfig, LayerInputs, layer_entropies, n_slots
 from etl.lens.measures import _use_fused, measure_batch
 from etl.lens.split_product import lens_product, pow2_scale, split_f16, split_operand
 from etl.lens.types import MeasureOptions
+from etl.model.activations import MeanAccumulator, run_batch
 from tests.reference import reference_measures
 
 SMALL_TILES = KernelConfig(block_t=64, block_v=64, num_warps=4, num_stages=1,

@@ -8,7 +8,7 @@ from etl.config import ExtractConfig
 from etl.errors import UserError
 from etl.extract import build_parser
 from etl.lens.types import LENS_MODES, MeasureOptions, canonical_lens
-from etl.warehouse import validate_run_id
+from etl.warehouse import Warehouse, migrate, validate_run_id
 from queries.db import connect
 from tests.test_query_safety import write_run
 
@@ -69,6 +69,8 @@ def test_views_show_runs_written_under_the_earlier_names_by_the_new_ones(tmp_pat
     for run_id, lens in (("a", "seed"), ("b", "recomputed"), ("c", "final-scale"),
                          ("d", "recomputed-ln")):
         write_run(tmp_path, run_id, lens=lens)
-    rows = connect(tmp_path).sql("select run_id, lens from runs order by run_id").fetchall()
+    migrate(Warehouse(tmp_path))
+    con = connect(Warehouse(tmp_path))
+    rows = con.sql("select run_id, lens from runs order by run_id").fetchall()
     assert rows == [("a", "final-scale"), ("b", "recomputed-ln"), ("c", "final-scale"),
                     ("d", "recomputed-ln")]

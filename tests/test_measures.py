@@ -5,11 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl.activations import MeanAccumulator, run_batch
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.lenses import LENSES, FinalScaleLens, RecomputedLnLens, lens_type
 from etl.lens.measures import measure_batch
 from etl.lens.types import LENS_MODES, BatchActivations, MeasureOptions, UnembedWeights
+from etl.model.activations import MeanAccumulator, run_batch
 from tests.reference import reference_measures
 
 PROMPTS = [

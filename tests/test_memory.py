@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from etl.bench_memory import main as bench_main
+from etl.bench.memory import main as bench_main
 from etl.config import ExtractConfig
 from etl.lens.types import CHUNK_VOCAB, MIN_CHUNK_TOKENS, default_chunk_tokens
-from etl.memory import (
+from etl.model.memory import (
     CPU_FORWARD_TOKENS,
     CUDA_FORWARD_TOKENS,
     GPT2_SMALL,

@@ -14,8 +14,8 @@ import pytest
 from analysis.__main__ import main as analysis_main
 from etl.errors import UserError
 from etl.extract import main as extract_main
-from etl.runlock import LeaseLock, RunLock
-from etl.storage import warehouse_root
+from etl.warehouse import Warehouse
+from etl.warehouse.lock import LeaseLock
 from queries.cli import main as queries_main
 from queries.db import connect
 
@@ -30,13 +30,13 @@ def _extract(checkpoint, warehouse, run_id, *extra):
 
 
 def _rows(warehouse, run_id):
-    con = connect(warehouse, read_only=True)
+    con = connect(Warehouse(warehouse), read_only=True)
     return {t: con.sql(f"select * exclude (run_id) from {t} where run_id = '{run_id}' "
                        "order by all").fetchall() for t in TABLES}
 
 
 def _keys(prefix):
-    return sorted(warehouse_root(f"s3://{prefix}").fs.find(prefix))
+    return sorted(Warehouse(f"s3://{prefix}").root.fs.find(prefix))
 
 
 @pytest.fixture(scope="module")
@@ -83,27 +83,29 @@ def _lock_body(root, run_id):
 
 
 def test_the_lease_admits_one_holder_and_is_released(s3_server):
-    root = warehouse_root("s3://bucket/locks")
-    held = RunLock(root, "x")
+    warehouse = Warehouse("s3://bucket/locks")
+    root = warehouse.root
+    held = warehouse.lock("x")
     assert isinstance(held, LeaseLock)
     with held:
         with pytest.raises(UserError, match=r"being written by another extraction \(pid "
                                             rf"{os.getpid()} on .*last heartbeat \d+ s ago"):
-            RunLock(root, "x").acquire()
-        with RunLock(root, "other"):  # another run id is free
+            warehouse.lock("x").acquire()
+        with warehouse.lock("other"):  # another run id is free
             pass
         held.confirm()
     assert not (root / "_locks" / "x.lock").exists()
-    with RunLock(root, "x"):  # free again
+    with warehouse.lock("x"):  # free again
         pass
 
 
 def test_the_lease_beats_and_a_stale_one_is_taken_over(s3_server):
-    root = warehouse_root("s3://bucket/locks")
+    warehouse = Warehouse("s3://bucket/locks")
+    root = warehouse.root
     lock = root / "_locks" / "y.lock"
     lock.write_text(json.dumps({"pid": 1, "host": "gone", "since": "then", "token": "dead",
                                 "heartbeat": "not a time"}))  # damaged: stale
-    taker = LeaseLock(root, "y", stale_s=0.6).acquire()
+    taker = warehouse.lock("y", stale_s=0.6).acquire()
     try:
         first = _lock_body(root, "y")
         assert first["token"] == taker.token
@@ -116,8 +118,9 @@ def test_the_lease_beats_and_a_stale_one_is_taken_over(s3_server):
 
 
 def test_a_holder_whose_lease_was_taken_over_publishes_nothing(s3_server):
-    root = warehouse_root("s3://bucket/locks")
-    holder = LeaseLock(root, "z", stale_s=0.6).acquire()
+    warehouse = Warehouse("s3://bucket/locks")
+    root = warehouse.root
+    holder = warehouse.lock("z", stale_s=0.6).acquire()
     lock = root / "_locks" / "z.lock"
     # as another extraction does that found the lease stale (the holder stalled)
     other = dict(_lock_body(root, "z"), pid=2, host="elsewhere", token="other")
@@ -158,7 +161,7 @@ def test_reads_stay_inside_the_s3_warehouse(s3_server, local_run, tiny_checkpoin
     the bucket, not a local file; and the duckdb shell refuses object storage in one line."""
     url = "s3://bucket/confined"
     assert _extract(tiny_checkpoint, url, "r") == 0
-    outside = warehouse_root("s3://bucket/outside/secret.csv")
+    outside = Warehouse("s3://bucket/outside/secret.csv").root
     outside.write_text("a\n1\n")
     for query in ("select * from read_csv('s3://bucket/outside/secret.csv')",
                   f"select * from read_csv('{local_run}/runs/run_id=r/manifest.json')"):
@@ -200,7 +203,7 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_the_run_resumes(
     the same command then resumes and publishes the local run's rows."""
     from botocore.exceptions import EndpointConnectionError
 
-    from etl import storage
+    from etl.warehouse import storage
 
     real, calls = storage.pq.write_table, [0]
 
@@ -222,7 +225,6 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_the_run_resumes(
     assert len([k for k in keys if "/_staging/r/" in k and k.endswith(".parquet")]) >= 3
     monkeypatch.undo()
     assert _extract(tiny_checkpoint, url, "r") == 0
-    manifest = json.loads(warehouse_root(url).joinpath(
-        "runs/run_id=r/manifest.json").read_text())
+    manifest = json.loads(Warehouse(url).manifest_path("r").read_text())
     assert manifest["timing"]["batches_resumed"] >= 1
     assert _rows(url, "r") == _rows(local_run, "r")

@@ -149,14 +149,14 @@ def test_openwebtext_hub_unreachable(tmp_path, tiny_checkpoint):
 def test_missing_openwebtext_fails_before_the_model_loads(tmp_path, tiny_checkpoint,
                                                          monkeypatch, capsys):
     import etl.extract
-    import etl.runner
+    import etl.run.runner
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the dataset was read")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setattr(etl.runner, "load_model", no_load)
+    monkeypatch.setattr(etl.run.runner, "load_model", no_load)
     code = etl.extract.main(["--model", str(tiny_checkpoint), "--seq-len", "64",
                              "--warehouse", str(tmp_path / "wh"), "--no-progress"])
     assert code == 2

@@ -9,15 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from etl import storage as storage_module
-from etl import warehouse as warehouse_module
 from etl.extract import main as extract_main
 from etl.lens.types import BatchMeasures
-from etl.pipeline import LoopTiming, run_loop
+from etl.run.loop import LoopTiming, run_loop
 from etl.sources.corpus import TokenSet, ioi_token_set
-from etl.tables import component_table
-from etl.token_rows import TokenRows
-from etl.warehouse import RunWriter
+from etl.warehouse import RunWriter, Warehouse
+from etl.warehouse import staging as staging_module
+from etl.warehouse import storage as storage_module
+from etl.warehouse.tables import TokenRows, component_table
 from queries.db import connect
 
 TEXT = "The warehouse keeps every number it is given, and the numbers keep coming. " * 40
@@ -36,7 +35,7 @@ def _extract(checkpoint, root, *args):
 
 
 def _rows(root, run_id):
-    con = connect(root)
+    con = connect(Warehouse(root))
     out = {}
     for table in ("component_entropy", "resid_entropy", "tokens"):
         out[table] = con.sql(f"select * exclude (run_id) from {table} where run_id = "
@@ -204,7 +203,7 @@ def test_writer_raises_a_failed_shard_at_the_next_write(tmp_path, monkeypatch):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(storage_module.pq, "write_table", failing)
-    writer = RunWriter(tmp_path, "w", workers=1)
+    writer = RunWriter(Warehouse(tmp_path).open_staging("w"), workers=1)
     diff = np.zeros((4, 1, 2), np.float32)
     table = component_table(diff, diff, np.zeros(4), np.arange(4))
     with pytest.raises(OSError, match="Input/output"):
@@ -215,13 +214,13 @@ def test_writer_raises_a_failed_shard_at_the_next_write(tmp_path, monkeypatch):
 
 
 def test_shards_are_cut_into_row_groups(tmp_path, monkeypatch):
-    monkeypatch.setattr(warehouse_module, "ROW_GROUP_ROWS", 100)
-    writer = RunWriter(tmp_path, "rg", workers=2)
+    monkeypatch.setattr(staging_module, "ROW_GROUP_ROWS", 100)
+    writer = RunWriter(Warehouse(tmp_path).open_staging("rg"), workers=2)
     diff = np.random.default_rng(0).random((25, 2, 5), dtype=np.float32)
     table = component_table(diff, diff, np.zeros(25), np.arange(25))
     writer.write("component_entropy", table)
     writer.flush()
-    (shard,) = (writer.staging / "component_entropy").glob("*.parquet")
+    (shard,) = (writer.staging.folder / "component_entropy").glob("*.parquet")
     meta = pq.ParquetFile(shard).metadata
     assert meta.num_rows == 250 and meta.num_row_groups == 3
     assert writer.busy_s > 0
@@ -258,7 +257,7 @@ def test_token_rows_equal_a_row_by_row_reference(tokenizer):
 
 
 def test_e2e_bench_reports_both_loops_and_checks_their_rows(tiny_checkpoint):
-    from etl.bench_e2e import report, run_e2e
+    from etl.bench.e2e import report, run_e2e
 
     r = run_e2e(str(tiny_checkpoint), "cpu", 64, seq_len=16, batch_size=2, sweep=(16,))
     assert r["tokens"] == 64 and r["seq_len"] == 16
@@ -276,7 +275,7 @@ def test_e2e_bench_reports_both_loops_and_checks_their_rows(tiny_checkpoint):
 
 def test_a_non_finite_measure_fails_the_run_naming_it(tiny_checkpoint, text_glob, tmp_path,
                                                       monkeypatch, capsys):
-    import etl.batch_steps as steps
+    import etl.run.steps as steps
 
     real = steps.measure_batch
 
@@ -295,7 +294,7 @@ def test_a_non_finite_measure_fails_the_run_naming_it(tiny_checkpoint, text_glob
 
 
 def test_token_ids_beyond_the_model_vocabulary_are_one_line(tmp_path, text_glob, capsys):
-    from etl.checkpoint import Architecture, gpt2_tokenizer, random_gpt2
+    from etl.model.random_init import Architecture, gpt2_tokenizer, random_gpt2
 
     small = tmp_path / "small-vocab"
     arch = Architecture(n_layer=1, n_head=2, n_embd=16, n_positions=32)
@@ -313,29 +312,29 @@ def test_resume_drops_corrupt_and_half_written_staged_shards(tmp_path):
     plan = {"run_id": "r", "config_fingerprint": "x", "n_batches": 2}
     diff = np.random.default_rng(2).random((6, 1, 3), dtype=np.float32)
     table = component_table(diff, diff, np.zeros(6), np.arange(6))
-    writer = RunWriter(tmp_path, "r", workers=1, plan=plan)
+    writer = RunWriter(Warehouse(tmp_path).open_staging("r", plan), workers=1)
     for batch in (0, 1):
         for name in ("component_entropy", "resid_entropy", "tokens"):
             writer.write(name, table if name == "component_entropy" else
                          _empty_table(name), batch)
     writer.flush()
     writer.abort()
-    folder = writer.staging / "component_entropy"
-    bad = folder / f"part-{writer.generation}-00001.parquet"
+    folder = writer.staging.folder / "component_entropy"
+    bad = folder / f"part-{writer.staging.generation}-00001.parquet"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated on disk
     (folder / "part-x.parquet.tmp").write_bytes(b"half")  # a write the kill interrupted
-    again = RunWriter(tmp_path, "r", workers=1, plan=plan)
-    assert again.generation == writer.generation
-    assert again.done_batches == {0}
+    again = RunWriter(Warehouse(tmp_path).open_staging("r", plan), workers=1)
+    assert again.staging.generation == writer.staging.generation
+    assert again.staging.done_batches == {0}
     assert not bad.exists() and not list(folder.glob("*.tmp"))
     again.abort(keep=False)
-    assert not again.staging.exists()
+    assert not again.staging.folder.exists()
 
 
 def _empty_table(name):
     """No rows, with the schema of table ``name``."""
     import pyarrow as pa
 
-    from etl.tables import SCHEMAS
+    from etl.warehouse.tables import SCHEMAS
 
     return pa.Table.from_pylist([], schema=SCHEMAS[name])

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from etl.warehouse import Warehouse
 from queries.cli import main as query_main
 from queries.db import connect, run_sql
 from queries.saved import saved_queries
@@ -29,7 +30,7 @@ def warehouse(ioi_warehouse):
 
 def expected(root, name):
     query = saved_queries()[name]
-    return run_sql(connect(root, read_only=True), query.sql, query.bind({}))
+    return run_sql(connect(Warehouse(root), read_only=True), query.sql, query.bind({}))
 
 
 def one_line_error(capsys) -> str:

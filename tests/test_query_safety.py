@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from etl.warehouse import Warehouse, migrate
 from queries.cli import main as query_main
 from queries.db import connect
 
@@ -117,8 +118,9 @@ def one_line_error(capsys) -> str:
 
 @pytest.fixture()
 def warehouse(tmp_path):
-    """Run ``good`` (schema 2), run ``old`` (schema 1); run ``partial`` without a manifest,
-    a staged run, and a newer generation of ``good`` that its manifest does not list."""
+    """Run ``good`` (schema 2), run ``old`` (schema 1, migrated); run ``partial`` without a
+    manifest, a staged run, and a newer generation of ``good`` that its manifest does not
+    list."""
     root = tmp_path / "wh"
     write_run(root, "good", seed=0)
     write_run(root, "old", schema_version=1, seed=1)
@@ -127,13 +129,14 @@ def warehouse(tmp_path):
     staged = root / "_staging" / "partial" / "component_entropy"
     staged.mkdir(parents=True)
     shutil.copy(shard(root, "component_entropy", "partial"), staged / "part-g9-00000.parquet")
+    assert [run.run_id for run in migrate(Warehouse(root))] == ["old"]
     return root
 
 
 # 1. Views: complete runs only, listed files only --------------------------------------------
 
 def test_views_read_only_the_files_manifests_list(warehouse, capsys):
-    con = connect(warehouse)
+    con = connect(Warehouse(warehouse))
     per_run = {"component_entropy": N_LAYERS * (N_HEADS + 1) * N_SEQS * SEQ_LEN,
                "resid_entropy": (2 * N_LAYERS + 1) * N_SEQS * SEQ_LEN,
                "tokens": N_SEQS * SEQ_LEN}
@@ -153,16 +156,19 @@ def test_views_read_only_the_files_manifests_list(warehouse, capsys):
 
 
 def test_schema_1_run_reads_every_file_of_its_partition(warehouse):
-    extra = warehouse / "tokens" / "run_id=old" / "part-zz-00001.parquet"
-    pq.write_table(pq.read_table(shard(warehouse, "tokens", "old")), extra)
-    assert counts(connect(warehouse), "tokens")["old"] == 2 * N_SEQS * SEQ_LEN
+    write_run(warehouse, "older", schema_version=1, seed=4)
+    extra = warehouse / "tokens" / "run_id=older" / "part-zz-00001.parquet"
+    pq.write_table(pq.read_table(shard(warehouse, "tokens", "older")), extra)
+    migrate(Warehouse(warehouse))
+    assert counts(connect(Warehouse(warehouse)), "tokens")["older"] == 2 * N_SEQS * SEQ_LEN
 
 
 def test_a_table_without_files_is_an_empty_view_with_its_columns(tmp_path):
     root = tmp_path / "wh"
     write_run(root, "old", schema_version=1)
     shutil.rmtree(root / "resid_entropy")
-    con = connect(root)
+    migrate(Warehouse(root))
+    con = connect(Warehouse(root))
     assert scalar(con, "select count(*) from resid_entropy") == 0
     assert [(c[0], c[1]) for c in con.sql("describe resid_entropy").fetchall()] == [
         ("run_id", "VARCHAR"), ("seq", "INTEGER"), ("position", "INTEGER"),
@@ -325,7 +331,7 @@ def test_sql_cannot_read_or_write_outside_the_warehouse(warehouse, tmp_path, cap
                 f"select * from read_parquet('{warehouse}/../secret.csv')"]:
         assert query_main(["--warehouse", str(warehouse), "sql", sql]) == 2, sql
         assert "SQL error" in one_line_error(capsys)
-    con = connect(warehouse, read_only=True)
+    con = connect(Warehouse(warehouse), read_only=True)
     with pytest.raises(duckdb.Error):
         con.sql(f"copy (select 1) to '{tmp_path / 'out.csv'}'")
     with pytest.raises(duckdb.Error):

@@ -4,8 +4,9 @@ cross-model comparison is an error that says so."""
 import pytest
 import torch
 
-from etl.checkpoint import Architecture, gpt2_tokenizer, random_gpt2, write_checkpoint
 from etl.extract import main as extract_main
+from etl.model.random_init import Architecture, gpt2_tokenizer, random_gpt2, write_checkpoint
+from etl.warehouse import Warehouse
 from queries.cli import main as query_main
 from queries.db import connect
 from queries.saved import get_query
@@ -37,7 +38,7 @@ def mixed(tiny_checkpoint, tmp_path_factory):
 def _compare(root, **params):
     query = get_query("compare_runs")
     given = {k: str(v) for k, v in params.items()}
-    return connect(root).sql(query.sql, params=query.bind(given)).pl()
+    return connect(Warehouse(root)).sql(query.sql, params=query.bind(given)).pl()
 
 
 def test_default_pair_is_the_latest_run_of_the_same_model(mixed):
@@ -83,7 +84,7 @@ def test_the_weights_fingerprint_does_not_depend_on_the_thread_count(tiny_checkp
     """Runs of one checkpoint pair up (and resume) on machines with other thread counts:
     compatibility mode's folded weights differ in their last bits between 1 and 3 threads,
     so the fingerprint is taken before folding."""
-    from etl.model import load_model
+    from etl.model.loading import load_model
 
     threads = torch.get_num_threads()
     identities = []

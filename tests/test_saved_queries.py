@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from etl.warehouse import Warehouse
 from queries.cli import main as query_main
 from queries.db import connect, views_sql
 from queries.saved import saved_queries
@@ -43,7 +44,7 @@ def raw(root, table):
 
 
 def run_query(root, name, **params):
-    con = connect(root)
+    con = connect(Warehouse(root))
     query = saved_queries()[name]
     return con.sql(query.sql, params=query.bind({k: str(v) for k, v in params.items()})).pl()
 
@@ -235,7 +236,7 @@ def test_every_saved_query_gives_the_same_bytes_every_time(warehouse):
     """The shards are read by several threads in whatever order they finish; the means and
     standard deviations must not depend on it (DuckDB's own avg/stddev_samp did, in the
     last bits)."""
-    con = connect(warehouse)
+    con = connect(Warehouse(warehouse))
     con.execute("set threads = 4")
     for name, query in saved_queries().items():
         outputs = {con.sql(query.sql, params=query.bind()).pl().write_csv()

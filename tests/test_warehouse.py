@@ -1,5 +1,5 @@
-"""``RunWriter`` on its own: staging, aborting (kept for a resume, or discarded) and
-publishing, without a model."""
+"""``RunWriter`` and the staging area on their own: staging, aborting (kept for a resume, or
+discarded) and publishing, without a model."""
 
 import json
 import threading
@@ -8,11 +8,24 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from etl.tables import component_table, resid_table
-from etl.warehouse import RunWriter, manifest_path
+from etl.warehouse import Manifest, RunWriter, Warehouse, component_table, resid_table
 
 N_LAYERS, N_HEADS, SEQ_LEN = 2, 3, 4
 PLAN = {"run_id": "r", "config_fingerprint": "abc", "n_batches": 2}
+
+
+def _writer(root, run_id: str, workers: int, plan: dict | None = PLAN) -> RunWriter:
+    return RunWriter(Warehouse(root).open_staging(run_id, plan), workers=workers)
+
+
+def manifest_path(root, run_id: str):
+    return Warehouse(root).manifest_path(run_id)
+
+
+def bare_manifest(run_id: str) -> Manifest:
+    """A manifest with every field of what was run left empty."""
+    return Manifest(run_id, "", "", "", "", "", "", 0, 0, 0, 0, 0, 0, "", "", 0.0, 0.0, {},
+                    {}, {}, "", {}, {}, None, "")
 
 
 def _batch(writer: RunWriter, batch: int, seed: int = 0) -> None:
@@ -34,31 +47,31 @@ def _staged(root) -> list[str]:
 
 
 def test_abort_keeps_the_staged_batches_for_a_resume(tmp_path):
-    writer = RunWriter(tmp_path, "r", workers=2, plan=PLAN)
+    writer = _writer(tmp_path, "r", workers=2)
     _batch(writer, 0)
     writer.abort()
     assert len(_staged(tmp_path)) == 3  # every table's shard of batch 0
     assert not manifest_path(tmp_path, "r").exists()
-    again = RunWriter(tmp_path, "r", workers=2, plan=PLAN)
-    assert again.done_batches == {0}
+    again = _writer(tmp_path, "r", workers=2)
+    assert again.staging.done_batches == {0}
     _batch(again, 1)
-    again.flush()
-    path = again.publish({"run_id": "r"}, n_batches=2)
-    manifest = json.loads(path.read_text())
+    again.close()
+    again.staging.publish(bare_manifest("r"), n_batches=2)
+    manifest = json.loads(manifest_path(tmp_path, "r").read_text())
     assert {len(manifest["shards"][t]) for t in manifest["shards"]} == {2}
     assert not (tmp_path / "_staging" / "r").exists()
 
 
 def test_abort_without_keep_discards_the_staging_folder(tmp_path):
-    writer = RunWriter(tmp_path, "r", workers=2, plan=PLAN)
+    writer = _writer(tmp_path, "r", workers=2)
     _batch(writer, 0)
     writer.abort(keep=False)
     assert not (tmp_path / "_staging" / "r").exists()
-    assert RunWriter(tmp_path, "r", workers=2, plan=PLAN).done_batches == set()
+    assert _writer(tmp_path, "r", workers=2).staging.done_batches == set()
 
 
 def test_abort_drops_the_queued_shards_errors_and_publishes_nothing(tmp_path, monkeypatch):
-    writer = RunWriter(tmp_path, "r", workers=8, plan=PLAN)  # room for 16 queued shards
+    writer = _writer(tmp_path, "r", workers=8)  # room for 16 queued shards
 
     release = threading.Event()
 
@@ -76,7 +89,7 @@ def test_abort_drops_the_queued_shards_errors_and_publishes_nothing(tmp_path, mo
 
 
 def test_a_failed_shard_fails_the_flush(tmp_path, monkeypatch):
-    writer = RunWriter(tmp_path, "r", workers=8, plan=PLAN)
+    writer = _writer(tmp_path, "r", workers=8)
 
     release = threading.Event()
 

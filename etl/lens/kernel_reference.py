@@ -1,6 +1,6 @@
 """``layer_entropies_reference``: the fused layer kernel's computation
 (``etl.lens.kernels.layer_entropies``) in float64 torch, one ``[T, V]`` slot at a time; the
-oracle of the tests and of ``python -m etl.gpu_check``. Slot order and units as in
+oracle of the tests and of ``python -m etl.bench.gpu_check``. Slot order and units as in
 ``etl.lens.kernels``."""
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ the products ``z_h · (W_O[h] W_U)`` with d_head = 64 per logit):
 
 The device code is in ``etl.lens.kernel_source``. ``etl.lens.kernel_reference``'s
 ``layer_entropies_reference`` is the same computation in float64 torch: the oracle of the
-tests and of ``python -m etl.gpu_check``. Under ``TRITON_INTERPRET=1`` the kernels run on the CPU
-(products upcast to float32, since the interpreter's half-precision products are
+tests and of ``python -m etl.bench.gpu_check``. Under ``TRITON_INTERPRET=1`` the kernels run on
+the CPU (products upcast to float32, since the interpreter's half-precision products are
 unreliable).
 """
 
@@ -86,7 +86,7 @@ class KernelConfig:
 
 
 GPU_CONFIG = KernelConfig()
-"""The configuration used on GPUs (chosen by ``python -m etl.gpu_check``'s timings)."""
+"""The configuration used on GPUs (chosen by ``python -m etl.bench.gpu_check``'s timings)."""
 INTERPRETER_CONFIG = KernelConfig(block_t=64, block_v=8192, num_warps=4, num_stages=1)
 """Large vocabulary tiles keep Triton's CPU interpreter fast."""
 

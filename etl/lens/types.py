@@ -1,22 +1,14 @@
-"""The types the lens works with: the modes, the options, the weights it reads and the
+"""The types the lens works with: the options, the weights it reads and the
 activations and measures of a batch. Shapes use ``T`` tokens, ``L`` layers, ``H`` heads,
 ``d`` = d_model, ``dh`` = d_head, ``V`` = vocabulary; entropies are in nats."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-LENS_MODES = ("final-scale", "recomputed-ln")
-"""``final-scale``: every residual divided by the final LayerNorm scale of its token, then
-``@ W_U`` (the original study's lens); ``recomputed-ln``: the model's final normalisation
-(LayerNorm, or RMSNorm without centring) recomputed for every residual the lens reads,
-``b_U`` added. Each mode is a class of ``etl.lens.lenses``
-(``LENSES``)."""
-LENS_ALIASES = {"seed": "final-scale", "recomputed": "recomputed-ln"}
-"""Earlier names of the lens modes, still accepted (and shown under the new name)."""
-ABLATION_MODES = ("zero", "mean")
+from etl.lens.modes import ABLATION_MODES, LENS_MODES, canonical_lens
 
 
 @dataclass
@@ -38,6 +30,12 @@ class UnembedWeights:
     rms_norm: bool = False
     """The model normalises with RMSNorm (no centring): a lens that recomputes the final
     normalisation recomputes RMS statistics of uncentred vectors, with ``eps``."""
+
+    def as_dtype(self, dtype: torch.dtype) -> UnembedWeights:
+        """These weights in ``dtype`` (e.g. float64 for a reference computation)."""
+        return replace(self, W_U=self.W_U.to(dtype), b_U=self.b_U.to(dtype),
+                       W_O=self.W_O.to(dtype),
+                       b_O=None if self.b_O is None else self.b_O.to(dtype))
 
 
 @dataclass
@@ -112,12 +110,6 @@ class MeasureOptions:
             raise ValueError(f"ablation must be one of {ABLATION_MODES}, not {self.ablation!r}")
         if self.chunk_tokens < 1:
             raise ValueError("chunk_tokens must be at least 1")
-
-
-def canonical_lens(name: str) -> str:
-    """The lens mode called ``name``: an earlier name (``LENS_ALIASES``) gives the current one,
-    any other name is returned as it is (and checked by whoever uses it)."""
-    return LENS_ALIASES.get(name, name)
 
 
 CHUNK_VOCAB = 50257

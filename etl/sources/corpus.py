@@ -63,7 +63,7 @@ def load_openwebtext() -> list[str]:
     Raises:
         UserError: the dataset is not cached and the hub cannot be reached.
     """
-    from etl.hub import hub_reachable
+    from etl.model.hub import hub_reachable
 
     hub_reachable()  # switches the clients to the local cache when the hub does not answer
     import datasets

@@ -3,10 +3,14 @@ the model loads), then packed or generated with the model's tokenizer."""
 
 from __future__ import annotations
 
-from etl.config import ExtractConfig
+from typing import TYPE_CHECKING
+
 from etl.sources.corpus import OPENWEBTEXT_ID, TokenSet, ioi_token_set, load_openwebtext
 from etl.sources.local_files import load_local_texts
 from etl.sources.packing import pack_documents
+
+if TYPE_CHECKING:
+    from etl.config import ExtractConfig
 
 Texts = tuple[list[str], dict]
 """Documents and a description of where they came from (recorded in the manifest)."""

@@ -136,32 +136,20 @@ def _read_parquet(path: Path) -> list:
 READERS = {"text": _read_plain, "json": _read_json, "parquet": _read_parquet}
 
 
-_last_texts: dict = {}
-
-
 def load_local_texts(pattern: str) -> list[str]:
     """Documents from local files: a whole ``.txt``/``.md`` file is one document;
     ``.jsonl`` (one object per line), ``.json`` (JSON Lines, an array of objects or of
     strings, or one object) and ``.parquet`` give one document per row of their ``text``
     column. Null and empty values are skipped; any other non-string value is an error.
 
-    Files are read in the order JSON, Parquet, text, each kind sorted by path. The result
-    of the last call is kept (while the files are unchanged), so that a check before the
-    model load and the run itself read the files once.
+    Files are read in the order JSON, Parquet, text, each kind sorted by path.
 
     Raises:
         UserError: nothing matched, an unsupported suffix, an unreadable or malformed file,
             no ``text`` column, a non-string ``text`` value, or no text at all.
     """
-    files = expand_data_files(pattern)
-    try:
-        key = (pattern, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
-    except OSError as exc:
-        raise UserError(f"could not read --data-files {pattern!r}: {first_line(exc)}") from exc
-    if _last_texts.get("key") == key:
-        return list(_last_texts["texts"])
     by_kind: dict[str, list[Path]] = {}
-    for path in files:
+    for path in expand_data_files(pattern):
         by_kind.setdefault(TEXT_SUFFIXES[path.suffix.lower()], []).append(path)
     texts: list[str] = []
     for kind, paths in sorted(by_kind.items()):
@@ -169,6 +157,4 @@ def load_local_texts(pattern: str) -> list[str]:
             texts.extend(t for t in READERS[kind](path) if t)
     if not any(t.strip() for t in texts):
         raise UserError(f"--data-files {pattern!r} holds no text")
-    _last_texts.clear()
-    _last_texts.update(key=key, texts=texts)
-    return list(texts)
+    return texts

@@ -29,17 +29,19 @@
 
 set variable warehouse = coalesce(getvariable('warehouse'), 'data/warehouse');
 
--- The files to read, unless already set: every manifest, and the shards each lists.
+-- The files to read, unless already set: every manifest that lists its shards (a manifest
+-- written by an earlier version lists none until `python -m queries migrate` rewrites it),
+-- and the shards each lists.
 
 set variable manifest_files = coalesce(
     getvariable('manifest_files'),
-    (select coalesce(list(file order by file), []::varchar[])
-     from glob(getvariable('warehouse') || '/runs/*/manifest.json'))
+    (select coalesce(list(filename order by filename), []::varchar[])
+     from read_text(getvariable('warehouse') || '/runs/*/manifest.json')
+     where json_extract(content, '$.shards') is not null)
 );
 
--- manifest_shards(tbl): the files of table tbl that the manifests in manifest_files list:
--- their `shards` entries (schema version 2), or every *.parquet file of the run's partition
--- folder when a manifest has no `shards` (schema version 1).
+-- manifest_shards(tbl): the files of table tbl that the manifests in manifest_files list
+-- (their `shards` entries).
 create or replace macro manifest_shards(tbl) as table
     with manifests as (
         select regexp_extract(filename, '([^/]+)/manifest\.json$', 1) as folder,
@@ -49,20 +51,11 @@ create or replace macro manifest_shards(tbl) as table
     listed as (
         select folder, unnest(json_extract_string(shards, '$.' || tbl || '[*].file')) as name
         from manifests
-        where shards is not null
-    ),
-    globbed as (
-        select file, regexp_extract(file, '([^/]+)/[^/]+$', 1) as folder
-        from glob(getvariable('warehouse') || '/' || tbl || '/*/*.parquet')
     ),
     final as (
         select getvariable('warehouse') || '/' || tbl || '/' || folder || '/' || name as file
         from listed
         where name not like '%/%' and name not in ('', '.', '..')
-        union all
-        select file
-        from globbed
-        semi join (select folder from manifests where shards is null) using (folder)
     )
     select * from final;
 
@@ -124,9 +117,7 @@ select
     created_at::timestamptz as created_at,
     model,
     dataset,
-    -- runs written before the lens modes were renamed recorded 'seed' and 'recomputed'
-    case lens when 'seed' then 'final-scale' when 'recomputed' then 'recomputed-ln'
-              else lens end as lens,
+    lens,
     ablation,
     n_layers,
     n_heads,
@@ -197,6 +188,31 @@ create or replace macro excluded_positions(p) as table
     select run_id, seq, position
     from tokens
     where positions_param(p) = 'real' and (is_bos or is_pad);
+
+-- component_rows(positions, only_run): the component_entropy rows of run only_run (every
+-- run when NULL) at the positions that the convention positions keeps (see
+-- excluded_positions): what every per-component summary starts from.
+create or replace macro component_rows(positions, only_run) as table
+    select c.*
+    from component_entropy as c
+    anti join excluded_positions(positions) as x using (run_id, seq, position)
+    where only_run is null or c.run_id = only_run;
+
+-- resid_rows(positions, only_run): the same for resid_entropy.
+create or replace macro resid_rows(positions, only_run) as table
+    select r.*
+    from resid_entropy as r
+    anti join excluded_positions(positions) as x using (run_id, seq, position)
+    where only_run is null or r.run_id = only_run;
+
+-- head_values(positions, measure, only_run): the heads' rows of component_rows with the
+-- chosen measure ('diff' or 'marginal', see measure_param) as value.
+create or replace macro head_values(positions, measure, only_run) as table
+    select c.run_id, c.seq, c.position, c.layer, c.head,
+           case when measure_param(measure) = 'diff' then c.entropy_diff
+                else c.entropy_marginal end as value
+    from component_rows(positions, only_run) as c
+    where c.kind = 'head';
 
 -- latest_run(): the run_id of the latest complete run (by created_at, ties broken by the
 -- larger run_id), or NULL when there is none: the run a query's NULL run_id stands for.

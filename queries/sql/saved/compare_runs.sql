@@ -73,19 +73,10 @@ same_model as (
     join run_models as b on b.run_id = c.run_b
 ),
 
-excluded as (
-    select * from excluded_positions($positions::varchar)
-),
-
-chosen as (
-    select c.*
-    from component_entropy as c, same_model as s
-    where c.run_id in (s.run_a, s.run_b)
-),
-
 kept as (
-    select * from chosen
-    anti join excluded using (run_id, seq, position)
+    select c.*
+    from component_rows($positions::varchar, null) as c, same_model as s
+    where c.run_id in (s.run_a, s.run_b)
 ),
 
 means as (

@@ -15,21 +15,10 @@ settings as (
         positions_param($positions::varchar) as positions
 ),
 
-excluded as (
-    select * from excluded_positions($positions::varchar)
-),
-
-head_rows as (
-    select c.run_id, c.seq, c.position, c.layer, c.head,
-           case when s.measure = 'diff' then c.entropy_diff else c.entropy_marginal end
-               as value
-    from component_entropy as c, settings as s
-    where c.run_id = s.run_id and c.kind = 'head'
-),
-
 kept as (
-    select * from head_rows
-    anti join excluded using (run_id, seq, position)
+    select *
+    from head_values($positions::varchar, $measure::varchar,
+                     coalesce($run_id::varchar, latest_run()))
 ),
 
 per_head as (

@@ -6,25 +6,8 @@
 -- @param run_id NULL one run id, or NULL for every run
 with
 
-settings as (
-    select
-        positions_param($positions::varchar) as positions,
-        $run_id::varchar as run_id
-),
-
-excluded as (
-    select * from excluded_positions($positions::varchar)
-),
-
-counted as (
-    select c.*
-    from component_entropy as c, settings as s
-    where s.run_id is null or c.run_id = s.run_id
-),
-
 kept as (
-    select * from counted
-    anti join excluded using (run_id, seq, position)
+    select * from component_rows($positions::varchar, $run_id::varchar)
 ),
 
 stats as (

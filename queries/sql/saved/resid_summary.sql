@@ -8,25 +8,8 @@
 -- @param run_id NULL one run id, or NULL for every run
 with
 
-settings as (
-    select
-        positions_param($positions::varchar) as positions,
-        $run_id::varchar as run_id
-),
-
-excluded as (
-    select * from excluded_positions($positions::varchar)
-),
-
-chosen as (
-    select r.*
-    from resid_entropy as r, settings as s
-    where s.run_id is null or r.run_id = s.run_id
-),
-
 kept as (
-    select * from chosen
-    anti join excluded using (run_id, seq, position)
+    select * from resid_rows($positions::varchar, $run_id::varchar)
 ),
 
 point_means as (

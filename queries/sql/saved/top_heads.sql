@@ -23,23 +23,10 @@ chosen_runs as (
       and (s.dataset is null or r.dataset = s.dataset)
 ),
 
-excluded as (
-    select * from excluded_positions($positions::varchar)
-),
-
-head_rows as (
-    select c.run_id, c.seq, c.position, c.layer, c.head,
-           case when s.measure = 'diff' then c.entropy_diff else c.entropy_marginal end
-               as value
-    from component_entropy as c
-    join chosen_runs using (run_id)
-    cross join settings as s
-    where c.kind = 'head'
-),
-
 kept as (
-    select * from head_rows
-    anti join excluded using (run_id, seq, position)
+    select h.*
+    from head_values($positions::varchar, $measure::varchar, $run_id::varchar) as h
+    semi join chosen_runs using (run_id)
 ),
 
 per_head as (

@@ -1,13 +1,11 @@
-"""The Hugging Face hub, asked at most once per process and briefly: when it does not
-answer, the process's clients read only their local cache (no retries)."""
+"""The Hugging Face hub, asked briefly: when it does not answer, the process's clients are
+switched to their local cache (no retries), and it is not asked again."""
 
 from __future__ import annotations
 
 HUB_PROBE_TIMEOUT_S = 3.0
 """Seconds the one reachability request to the hub may take before it counts as offline."""
 
-
-_hub_reachable: bool | None = None
 
 
 def _go_offline() -> None:
@@ -23,30 +21,27 @@ def _go_offline() -> None:
 
 
 def hub_reachable() -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers, asked once per process.
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers.
 
     One request with a ``HUB_PROBE_TIMEOUT_S`` timeout and no retries; any HTTP answer counts
     as reachable. With ``HF_HUB_OFFLINE=1`` nothing is sent and the answer is False. When
-    the hub does not answer, the process's Hugging Face clients are switched to offline mode,
-    so that cached models and datasets load without the clients' retries.
+    the hub does not answer, the process's Hugging Face clients are switched to offline mode
+    (so that cached models and datasets load without the clients' retries), which also
+    answers every later call without a request.
     """
-    global _hub_reachable
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
-    if _hub_reachable is None:
-        from huggingface_hub import get_session  # the hub client's own, without its retries
+    from huggingface_hub import get_session  # the hub client's own, without its retries
 
-        try:
-            get_session().head(constants.ENDPOINT.rstrip("/") + "/api/models",
-                               timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
-            _hub_reachable = True
-        except Exception:  # no answer at all: refused, timed out, bad proxy or endpoint
-            _hub_reachable = False
-    if not _hub_reachable:
+    try:
+        get_session().head(constants.ENDPOINT.rstrip("/") + "/api/models",
+                           timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+        return True
+    except Exception:  # no answer at all: refused, timed out, bad proxy or endpoint
         _go_offline()
-    return _hub_reachable
+        return False
 
 
 def is_unreachable(exc: BaseException) -> bool:

@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from etl.storage import write_bytes_atomically
+from etl.warehouse.storage import write_bytes_atomically
 
 KILL_AT_ENV = "ENTROPY_WAREHOUSE_KILL_AT"
 """Fault-injection hook for the crash tests: when this environment variable names a point

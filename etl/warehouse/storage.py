@@ -1,4 +1,4 @@
-"""Where a warehouse lives: a local folder, or S3-compatible object storage
+"""The storage under a warehouse: a local folder, or S3-compatible object storage
 (``s3://bucket/prefix``).
 
 A local warehouse is a ``pathlib.Path``; an object-storage one is a ``upath.UPath`` (the
@@ -45,17 +45,14 @@ def scheme_of(spec: str) -> str | None:
     return head.lower() if sep and head.isidentifier() else None
 
 
-def warehouse_root(spec: str | os.PathLike) -> Path:
-    """The warehouse root that ``spec`` names: a local folder (``~`` expanded) or an
-    ``s3://bucket/prefix`` URL, returned as a ``UPath`` that lists without a cache (other
-    processes write the same prefix).
+def parse_root(text: str) -> Path:
+    """The root that the warehouse ``text`` names: a local folder (``~`` expanded) or an
+    ``s3://bucket/prefix`` URL, as a ``UPath`` that lists without a cache (other processes
+    write the same prefix). Only ``etl.warehouse.Warehouse`` calls it, once per command.
 
     Raises:
-        UserError: another scheme, or ``s3fs``/``universal-pathlib`` not installed.
+        UserError: another scheme, no bucket, or ``s3fs``/``universal-pathlib`` not installed.
     """
-    if is_remote(spec):
-        return spec  # already a warehouse root
-    text = os.fspath(spec)
     scheme = scheme_of(text)
     if scheme in (None, "file"):
         return Path(text.removeprefix("file://")).expanduser()

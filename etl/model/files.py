@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from etl.errors import UserError, first_line
-from etl.hub import hub_reachable
+from etl.model.hub import hub_reachable
 
 
 def looks_like_path(name: str) -> bool:

@@ -1,22 +1,26 @@
 """The two steps every batch of sequences goes through, in one process or on a worker: the
 device step (forward pass, then every measure) and the host step (check the measures, build
-the three tables, hand them to a writer)."""
+the three tables, write them as the batch's shards)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from etl.activations import run_batch
 from etl.config import ExtractConfig
 from etl.errors import UserError
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.measures import first_non_finite, measure_batch
 from etl.lens.types import AblationMeans, BatchMeasures, MeasureOptions
-from etl.model import LoadedModel, has_parallel_blocks
+from etl.model.activations import run_batch
+from etl.model.loading import LoadedModel, has_parallel_blocks
 from etl.sources.corpus import TokenSet
-from etl.tables import component_table, resid_table
-from etl.token_rows import TokenRows
+from etl.warehouse import TokenRows, component_table, resid_table
+
+Count = Callable[[int], None]
+"""A progress callback: ``n`` more tokens (or rows) done."""
 
 
 def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens: TokenSet,
@@ -40,27 +44,30 @@ def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens:
     return compute
 
 
-def publish_step(model: LoadedModel, tokens: TokenSet, per_forward: int, writer, bar):
-    """``publish(start, stop, arrays)``: check the measures of sequences ``start:stop``
+def write_step(model: LoadedModel, tokens: TokenSet, per_forward: int, shards,
+               on_tokens: Count | None = None):
+    """``write(start, stop, arrays)``: check the measures of sequences ``start:stop``
     (``arrays``: ``diff``, ``marginal``, ``resid`` as numpy), build their three tables and
-    ``writer.write`` them as shard ``start // per_forward``; ``bar.update`` counts tokens."""
+    ``shards.write`` them (a ``RunWriter`` or a ``StagingArea``) as shard
+    ``start // per_forward``; ``on_tokens(n)`` counts the tokens written."""
     token_rows = TokenRows(tokens, model.tokenizer)
     seq_len = tokens.seq_len
     with_mid = not has_parallel_blocks(model.cfg)  # parallel blocks have no resid_mid
 
-    def publish(start: int, stop: int, arrays: dict) -> None:
+    def write(start: int, stop: int, arrays: dict) -> None:
         check_finite(arrays, start, stop)
         seqs = np.repeat(np.arange(start, stop), seq_len)
         positions = np.tile(np.arange(seq_len), stop - start)
         batch = start // per_forward
-        writer.write("component_entropy", component_table(
+        shards.write("component_entropy", component_table(
             arrays["diff"], arrays["marginal"], seqs, positions), batch)
-        writer.write("resid_entropy", resid_table(arrays["resid"], seqs, positions,
+        shards.write("resid_entropy", resid_table(arrays["resid"], seqs, positions,
                                                   with_mid=with_mid), batch)
-        writer.write("tokens", token_rows.table(start, stop), batch)
-        bar.update((stop - start) * seq_len)
+        shards.write("tokens", token_rows.table(start, stop), batch)
+        if on_tokens is not None:
+            on_tokens((stop - start) * seq_len)
 
-    return publish
+    return write
 
 
 def check_finite(arrays: dict, start: int, stop: int) -> None:

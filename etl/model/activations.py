@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from etl.lens.types import AblationMeans, BatchActivations
-from etl.model import has_parallel_blocks
+from etl.model.loading import has_parallel_blocks
 
 
 def hook_names(n_layers: int, parallel: bool = False) -> list[str]:

@@ -1,6 +1,7 @@
-"""The ``measure_batch`` part of ``python -m etl.gpu_check`` (CUDA only): real activations of a
-checkpoint through the fused path in every lens × ablation mode, against the plain torch path
-and a float64 evaluation on a sample of tokens, with the stage's peak memory."""
+"""The ``measure_batch`` part of ``python -m etl.bench.gpu_check`` (CUDA only): real
+activations of a checkpoint through the fused path in every lens × ablation mode, against
+the plain torch path and a float64 evaluation on a sample of tokens, with the stage's peak
+memory."""
 
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def _error_text(exc: Exception) -> str:
 def _real_batch(model, n_tokens: int, seq_len: int):
     """Activations of ``n_tokens`` random tokens (seed 0), the forward's seconds, and the
     per-position means in float32 and float64."""
-    from etl.activations import MeanAccumulator, run_batch
+    from etl.model.activations import MeanAccumulator, run_batch
 
     g = torch.Generator().manual_seed(0)
     n_seqs = max(1, n_tokens // seq_len)
@@ -140,12 +141,11 @@ class _Stage:
     """The stage's inputs: activations, means, weights and their caches (one per dtype)."""
 
     def __init__(self, model, n_tokens: int, seq_len: int, sample: int):
-        from etl.bench import _weights_as
 
         self.acts, self.forward_s, self.means32, self.means64 = _real_batch(
             model, n_tokens, seq_len)
         self.weights = model.unembed_weights()
-        self.weights64 = _weights_as(self.weights, torch.float64)
+        self.weights64 = self.weights.as_dtype(torch.float64)
         self.cache, self.cache64 = HeadUnembedCache(), HeadUnembedCache()
         self.sample = sample
 
@@ -166,7 +166,7 @@ class _Stage:
 def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: int,
                   sample: int, chunks: list[int]) -> list[dict]:
     """``measure_batch`` on real activations, every mode, fused vs plain torch."""
-    from etl.model import load_model
+    from etl.model.loading import load_model
 
     stage = _Stage(load_model(model_dir, device="cuda"), n_tokens, seq_len, sample)
     n = stage.acts.z.shape[0]

@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from etl.activations import run_batch
-from etl.config import ExtractConfig
-from etl.extract import run_extract
+from etl.config import ExtractConfig, RunOptions
 from etl.lens.measures import measure_batch
 from etl.lens.types import MeasureOptions
-from etl.model import load_model
-from etl.tables import component_table, resid_table
-from etl.warehouse import manifest_path
+from etl.model.activations import run_batch
+from etl.model.loading import load_model
+from etl.run.runner import run_extract
+from etl.warehouse import Warehouse, component_table, read_runs, resid_table
 
 E2E_SEQ_LEN = 500
 
@@ -83,19 +82,17 @@ def forward_floor(model, tokens: torch.Tensor, device: str, reps: int = 5) -> di
             "hooked_over_plain": round(hooked / plain, 3)}
 
 
-def _connect(warehouse: Path, run_ids: list[str]):
+def _connect(warehouse: Warehouse, run_ids: list[str]):
     """An in-memory DuckDB connection with ``tokens``, ``component_entropy`` and
     ``resid_entropy`` over the files the manifests of ``run_ids`` list (``run_id`` from the
     hive partition). The benchmark reads its own runs here, not through ``queries``: the
     extraction side does not depend on the query side."""
     import duckdb
 
-    manifests = {r: json.loads(manifest_path(warehouse, r).read_text(encoding="utf-8"))
-                 for r in run_ids}
+    runs = [run for run in read_runs(warehouse) if run.run_id in run_ids]
     con = duckdb.connect()
     for table in ("tokens", "component_entropy", "resid_entropy"):
-        files = [str(Path(warehouse) / table / f"run_id={r}" / shard["file"])
-                 for r, manifest in manifests.items() for shard in manifest["shards"][table]]
+        files = [str(s.path) for run in runs for s in run.shards if s.table == table]
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         con.execute(f"create view {table} as select * from read_parquet([{listed}], "
                     "hive_partitioning = true)")
@@ -114,7 +111,7 @@ def _stored_arrays(con, run_id: str, where: str = "") -> dict[str, np.ndarray]:
             "resid": res["entropy"]}
 
 
-def cpu_rows_error(model_path: str, warehouse: Path, run_id: str, n_seqs: int,
+def cpu_rows_error(model_path: str, warehouse: Warehouse, run_id: str, n_seqs: int,
                    lens: str, ablation: str) -> float:
     """Max |stored − CPU path| in nats over the first ``n_seqs`` sequences of a run (zero
     ablation only: the mean needs the whole run)."""
@@ -146,13 +143,14 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _timed_run(config: ExtractConfig, root: Path, run_id: str, device: str, mode: str,
-               model) -> dict:
+def _timed_run(config: ExtractConfig, warehouse: Warehouse, run_id: str, device: str,
+               mode: str, model) -> dict:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    result = run_extract(config, root / "warehouse", run_id=run_id, device=device,
-                         progress=False, pipeline=mode, model=model)
+    options = RunOptions(device=device, pipeline=mode, warehouse=str(warehouse),
+                         run_id=run_id, progress=False)
+    result = run_extract(config, options, model=model)
     manifest = json.loads(result.manifest_path.read_text())
     timing = manifest["timing"]
     rows = sum(result.rows.values())
@@ -167,7 +165,8 @@ def _timed_run(config: ExtractConfig, root: Path, run_id: str, device: str, mode
     }
 
 
-def _loops_store_identical_rows(warehouse: Path, modes: tuple[str, ...]) -> bool | None:
+def _loops_store_identical_rows(warehouse: Warehouse,
+                                modes: tuple[str, ...]) -> bool | None:
     """Whether the runs of both loops stored the same rows (None unless both ran)."""
     if len(modes) != 2:
         return None
@@ -181,6 +180,14 @@ def _pipelined_over_sequential(runs: dict) -> float | None:
     if not {"on", "off"} <= set(runs):
         return None
     return round(runs["on"]["tokens_per_s"] / runs["off"]["tokens_per_s"], 3)
+
+
+def _floor_at(model, config: ExtractConfig, device: str, seq_len: int, n_seqs: int) -> dict:
+    """``forward_floor`` on one forward pass of random tokens, as ``config`` sizes it."""
+    per_forward = min(config.sequences_per_forward(device, seq_len), n_seqs)
+    sample = torch.randint(0, model.cfg.d_vocab, (per_forward, seq_len),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    return dict(forward_floor(model, sample, device), sequences=per_forward)
 
 
 def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "final-scale",
@@ -197,44 +204,37 @@ def run_e2e(model_path: str, device: str, n_tokens: int, lens: str = "final-scal
     n_seqs = n_batches * batch_size
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         root = Path(tmp)
+        warehouse = Warehouse(root / "warehouse")
         pattern = write_corpus(model.tokenizer, root / "corpus", n_seqs * seq_len)
         config = ExtractConfig(model=model_path, dataset="text", data_files=pattern,
                                n_batches=n_batches, batch_size=batch_size, seq_len=seq_len,
                                lens=lens, forward_tokens=forward_tokens)
-
-        def floor_at(cfg: ExtractConfig) -> dict:
-            per_forward = min(cfg.sequences_per_forward(device, seq_len), n_seqs)
-            sample = torch.randint(0, model.cfg.d_vocab, (per_forward, seq_len),
-                                   generator=torch.Generator().manual_seed(0)).to(device)
-            return dict(forward_floor(model, sample, device), sequences=per_forward)
-
-        floor = floor_at(config)
+        floor = _floor_at(model, config, device, seq_len, n_seqs)
         # Untimed warm-up (kernel compilation, allocator pools) so that no timed run pays it.
         warm = ExtractConfig(**{**vars(config), "n_batches": 1})
-        _timed_run(warm, root, "e2e-warm-up", device, modes[0], model)
-        runs = {mode: _timed_run(config, root, f"e2e-{mode}", device, mode, model)
+        _timed_run(warm, warehouse, "e2e-warm-up", device, modes[0], model)
+        runs = {mode: _timed_run(config, warehouse, f"e2e-{mode}", device, mode, model)
                 for mode in modes}
         swept = {}
         for size in sweep:
             cfg = ExtractConfig(**{**vars(config), "forward_tokens": size})
-            swept[str(size)] = {"forward_floor": floor_at(cfg),
-                                **_timed_run(cfg, root, f"e2e-sweep-{size}", device, "on",
+            swept[str(size)] = {"forward_floor": _floor_at(model, cfg, device, seq_len, n_seqs),
+                                **_timed_run(cfg, warehouse, f"e2e-sweep-{size}", device, "on",
                                              model)}
-        same = _loops_store_identical_rows(root / "warehouse", modes)
+        same = _loops_store_identical_rows(warehouse, modes)
         err = None
         if cpu_check_seqs:
             del model
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            err = cpu_rows_error(model_path, root / "warehouse", f"e2e-{modes[-1]}",
+            err = cpu_rows_error(model_path, warehouse, f"e2e-{modes[-1]}",
                                  min(cpu_check_seqs, n_seqs), lens, "zero")
     return {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "model": model_path, "tokens": n_seqs * seq_len, "seq_len": seq_len, "lens": lens,
         "sequences_per_forward": floor["sequences"], "forward_floor": floor, "runs": runs,
         "pipelined_over_sequential": _pipelined_over_sequential(runs),
-        "loops_store_identical_rows": same,
-        "sweep": swept,
+        "loops_store_identical_rows": same, "sweep": swept,
         "max_abs_err_vs_cpu_path": err, "cpu_check_sequences": cpu_check_seqs,
         "host_cores": len(os.sched_getaffinity(0)),
     }

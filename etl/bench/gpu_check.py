@@ -1,5 +1,5 @@
-"""``python -m etl.gpu_check``: check every fused kernel against float64 and time each variant
-on a CUDA GPU, in one run.
+"""``python -m etl.bench.gpu_check``: check every fused kernel against float64 and time each
+variant on a CUDA GPU, in one run.
 
 1. the machine's two ceilings, measured: a device-to-device copy (bytes read + written per
    second) and a large float16 product (FLOP/s), and the floors of the entropy stage per
@@ -15,8 +15,8 @@ on a CUDA GPU, in one run.
    against a float64 evaluation on a sample of tokens.
 
 A table per part, then one JSON line with every figure. Never run in tests: it needs a GPU.
-Parts 1–3 are ``etl.gpu_checks``, part 4 ``etl.gpu_stage``; this module is the command line
-and the report.
+Parts 1–3 are ``etl.bench.gpu_kernels``, part 4 ``etl.bench.gpu_stage``; this module is the
+command line and the report.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from etl.gpu_checks import CONFIGS, ceilings, check_kernels, floors, time_configs
+from etl.bench.gpu_kernels import CONFIGS, ceilings, check_kernels, floors, time_configs
 from etl.lens import kernels, split_product
 
 
@@ -46,7 +46,7 @@ def _table(title: str, rows: list[dict], keys: list[str]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m etl.gpu_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m etl.bench.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="GPT-2-small checkpoint directory (default: none; "
                         "the measure_batch part is skipped)")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                   "finite", "max_abs_err", "max_rel_err", "error"]), flush=True)
     _configs(result, args.layer_tokens)
     if args.model:
-        from etl.gpu_stage import measure_stage
+        from etl.bench.gpu_stage import measure_stage
 
         chunks = [int(c) for c in args.chunks.split(",")]
         result["stage"] = measure_stage(args.model, args.tokens, args.seq_len,

@@ -7,13 +7,12 @@ and the max abs error of each against a float64 reference on a sample of tokens.
     python -m etl.bench --device cpu
     python -m etl.bench --device cuda --tokens 4000 --json
 
-With ``--e2e`` it runs whole extractions instead (``etl.bench_e2e``): tokens to published
+With ``--e2e`` it runs whole extractions instead (``etl.bench.e2e``): tokens to published
 Parquet, sequential loop against pipelined loop.
 """
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import tempfile
@@ -23,27 +22,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from etl.activations import run_batch
-from etl.errors import ArgumentParser, UserError
 from etl.lens.baseline import study_measures
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.measures import measure_batch
 from etl.lens.types import (
-    LENS_MODES,
     BatchActivations,
     MeasureOptions,
     UnembedWeights,
-    canonical_lens,
     default_chunk_tokens,
 )
-from etl.model import load_model, resolve_device
-from etl.tables import component_table, resid_table
-from etl.warehouse import RunWriter
+from etl.model.activations import run_batch
+from etl.model.loading import load_model
+from etl.warehouse import RunWriter, Warehouse, component_table, resid_table
 
 DEFAULT_MODEL_DIR = Path("data/models/gpt2-small-random")
 
 
-def _phase(text: str) -> None:
+def phase(text: str) -> None:
     """One progress line on stderr (stdout keeps only the report or the JSON)."""
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
@@ -78,11 +73,6 @@ def _slice_acts(acts: BatchActivations, n: int, dtype: torch.dtype) -> BatchActi
                                for k, v in vars(acts).items()})
 
 
-def _weights_as(w: UnembedWeights, dtype: torch.dtype) -> UnembedWeights:
-    return UnembedWeights(W_U=w.W_U.to(dtype), b_U=w.b_U.to(dtype), W_O=w.W_O.to(dtype),
-                          eps=w.eps, b_O=None if w.b_O is None else w.b_O.to(dtype))
-
-
 def _max_err(got, ref) -> float:
     return max(float((getattr(got, k).double() - getattr(ref, k).double()).abs().max())
                for k in ("diff", "marginal", "resid"))
@@ -103,7 +93,7 @@ def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[floa
     from tqdm.auto import tqdm
 
     with tempfile.TemporaryDirectory() as tmp:
-        writer = RunWriter(Path(tmp), "bench")
+        writer = RunWriter(Warehouse(tmp).open_staging("bench"))
         start = time.perf_counter()
         for _ in tqdm(range(shards), desc="bench: Parquet shards", unit="shard", leave=False):
             comp = component_table(diff, marginal, seqs, positions)
@@ -117,12 +107,21 @@ def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[floa
     return seconds, rows
 
 
+def _writer_figures(measures, seq_len: int) -> dict:
+    """The writer's rate on its own (``_write_rate``) in rows/s and tokens/s."""
+    write_s, rows = _write_rate(measures, seq_len)
+    rows_per_token = measures.diff[0].numel() + measures.resid.shape[1]
+    return {"write_s": round(write_s, 4), "write_rows_per_s": round(rows / write_s),
+            "rows_per_token": rows_per_token,
+            "write_tokens_per_s": round(rows / write_s / rows_per_token)}
+
+
 def _sample_errors(acts: BatchActivations, weights: UnembedWeights, options: MeasureOptions,
                    cache: HeadUnembedCache, k: int) -> tuple[float, float]:
     """Max abs error of the project path and of the study's algorithm on the first ``k``
     tokens, against the study's algorithm in float64."""
     ref = study_measures(_slice_acts(acts, k, torch.float64),
-                         _weights_as(weights, torch.float64), options)
+                         weights.as_dtype(torch.float64), options)
     sample_fast = measure_batch(_slice_acts(acts, k, acts.z.dtype), weights, options,
                                 cache=cache)
     base = study_measures(_slice_acts(acts, k, acts.z.dtype), weights, options)
@@ -134,7 +133,7 @@ def _clock():
     start = time.perf_counter()
 
     def phase(text: str) -> None:
-        _phase(f"[{time.perf_counter() - start:7.1f} s] {text}")
+        phase(f"[{time.perf_counter() - start:7.1f} s] {text}")
 
     return phase
 
@@ -151,34 +150,33 @@ def _random_tokens(model, n_tokens: int, seq_len: int, device: str) -> torch.Ten
 def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample: int,
               lens: str, baseline_chunk: int | None, chunk_tokens: int | None) -> dict:
     """Run both paths on the same ``n_tokens`` random tokens; returns the figures."""
-    phase = _clock()
-    phase(f"loading {model_path} on {device}")
+    log = _clock()
+    log(f"loading {model_path} on {device}")
     model = load_model(model_path, device=device)
     tokens = _random_tokens(model, n_tokens, seq_len, device)
     weights = model.unembed_weights()
     cache = HeadUnembedCache()
     options = MeasureOptions(lens=lens, chunk_tokens=chunk_tokens or default_chunk_tokens(device))
     n = tokens.numel()
-    phase(f"forward pass ({n:,} tokens)")
+    log(f"forward pass ({n:,} tokens)")
     acts, forward_s, forward_peak = _timed(device, lambda: run_batch(model.bridge, tokens))
     # warm-up on a small slice (kernels, caches of W_O·W_U), not timed
-    phase("warm-up")
+    log("warm-up")
     warm = _slice_acts(acts, min(n, 8), acts.z.dtype)
     measure_batch(warm, weights, options, cache=cache)
-    phase("entropy, project path")
+    log("entropy, project path")
     fast, fast_s, fast_peak = _timed(device, lambda: measure_batch(acts, weights, options,
                                                                    cache=cache))
-    phase("entropy, study baseline" + (" (the slowest phase on CPU)"
+    log("entropy, study baseline" + (" (the slowest phase on CPU)"
                                          if device == "cpu" else ""))
     base, base_s, base_peak = _timed(
         device, lambda: study_measures(acts, weights, options, chunk_tokens=baseline_chunk))
-    phase("Parquet writer alone")
-    write_s, rows = _write_rate(fast, seq_len)
-    rows_per_token = (fast.diff[0].numel() + fast.resid.shape[1])
+    log("Parquet writer alone")
+    writer = _writer_figures(fast, seq_len)
     k = min(sample, n)
-    phase(f"errors against float64 on {k} tokens")
+    log(f"errors against float64 on {k} tokens")
     fast_err, base_err = _sample_errors(acts, weights, options, cache, k)
-    phase("done")
+    log("done")
     fast_tps = n / (forward_s + fast_s)
     base_tps = n / (forward_s + base_s)
     return {
@@ -189,10 +187,7 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
         "fast_entropy_s": round(fast_s, 4), "baseline_entropy_s": round(base_s, 4),
         "fast_tokens_per_s": round(fast_tps, 2), "baseline_tokens_per_s": round(base_tps, 2),
         "ratio": round(fast_tps / base_tps, 2),
-        "entropy_only_ratio": round(base_s / fast_s, 2),
-        "write_s": round(write_s, 4), "write_rows_per_s": round(rows / write_s),
-        "rows_per_token": rows_per_token,
-        "write_tokens_per_s": round(rows / write_s / rows_per_token),
+        "entropy_only_ratio": round(base_s / fast_s, 2), **writer,
         "peak_gib": {"forward": round(forward_peak, 2), "fast": round(fast_peak, 2),
                      "baseline": round(base_peak, 2)},
         "sample_tokens": k,
@@ -202,7 +197,8 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
     }
 
 
-def _report(r: dict) -> str:
+def report(r: dict) -> str:
+    """The figures of ``run_bench`` as a short table."""
     lines = [
         f"device {r['device']} · model {r['model']} · {r['tokens']:,} tokens "
         f"(seq_len {r['seq_len']}, lens {r['lens']})",
@@ -221,92 +217,3 @@ def _report(r: dict) -> str:
         f"{r['max_abs_err']:.2e} nats, baseline {r['baseline_max_abs_err']:.2e} nats",
     ]
     return "\n".join(lines)
-
-
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"--sweep takes comma-separated token counts, not {text!r}") from None
-    if any(v < 1 for v in sizes):
-        raise UserError("--sweep values must be at least 1")
-    return sizes
-
-
-def _parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m etl.bench",
-        description="Benchmark the project's entropy path against the study's algorithm on "
-                    "the same tokens, in one process.")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto = cuda when available (default auto)")
-    parser.add_argument("--tokens", type=int,
-                        help="tokens to run (default 128 on CPU, 4000 on CUDA)")
-    parser.add_argument("--seq-len", type=int, default=64,
-                        help="tokens per sequence (default 64; the CUDA default uses 500)")
-    parser.add_argument("--model", help="checkpoint directory (default: a random-init GPT-2 "
-                        f"small written to {DEFAULT_MODEL_DIR} if missing)")
-    parser.add_argument("--lens", default=LENS_MODES[0], choices=LENS_MODES,
-                        type=canonical_lens, help=f"lens mode (default {LENS_MODES[0]})")
-    parser.add_argument("--sample", type=int, default=16,
-                        help="tokens checked against float64 (default 16)")
-    parser.add_argument("--baseline-chunk", type=int,
-                        help="tokens per step for the study's algorithm (default: the whole "
-                             "batch at once, as the study did)")
-    parser.add_argument("--chunk-tokens", type=int,
-                        help="tokens per chunk for the project path (default 256 CPU, "
-                             "2048 CUDA)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--e2e", action="store_true",
-                        help="time whole extractions (tokens to published Parquet) through "
-                             "the sequential and the pipelined loop instead (default tokens: "
-                             "4,000 on CPU, 100,000 on CUDA)")
-    parser.add_argument("--forward-tokens", type=int, default=0,
-                        help="with --e2e: tokens per forward pass (default 0 = the "
-                             "extraction's auto)")
-    parser.add_argument("--sweep", default="",
-                        help="with --e2e: comma-separated tokens per forward pass to time "
-                             "through the pipelined loop as well, e.g. 4000,8000,32000")
-    parser.add_argument("--pipeline", choices=("both", "on", "off"), default="both",
-                        help="with --e2e: which loops to run (default both)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-        device = resolve_device(args.device)
-        model = args.model
-        if model is None:
-            if not (DEFAULT_MODEL_DIR / "config.json").exists():
-                from etl.checkpoint import write_checkpoint
-                _phase(f"writing a random-init GPT-2 small to {DEFAULT_MODEL_DIR}")
-                write_checkpoint("gpt2-small", DEFAULT_MODEL_DIR)
-            model = str(DEFAULT_MODEL_DIR)
-        if args.e2e:
-            from etl import bench_e2e
-
-            modes = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
-            _phase(f"whole extractions, loops {', '.join(modes)}")
-            result = bench_e2e.run_e2e(model, device, args.tokens or (
-                100_000 if device == "cuda" else 4000), lens=args.lens,
-                forward_tokens=args.forward_tokens, modes=modes,
-                sweep=_sizes(args.sweep))
-            print(json.dumps(result) if args.json else bench_e2e.report(result))
-            return 0
-        n_tokens = args.tokens or (4000 if device == "cuda" else 128)
-        seq_len = 500 if device == "cuda" and args.seq_len == 64 else args.seq_len
-        seq_len = min(seq_len, n_tokens)
-        result = run_bench(model, device, n_tokens, seq_len, args.sample, args.lens,
-                           args.baseline_chunk, args.chunk_tokens)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(result) if args.json else _report(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

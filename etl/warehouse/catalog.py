@@ -1,26 +1,29 @@
 """What the warehouse holds: its complete runs, the shard files their manifests list, and
 integrity checks of those files.
 
-A run is complete once ``runs/run_id=<id>/manifest.json`` exists. A manifest with
-``shards`` (schema version 2) lists the run's files per table, with their row counts and
-sha256; an older manifest (no ``shards``) means every ``*.parquet`` file in the run's
-partition folders. Any other file in a partition folder belongs to no run.
-
-The root is a local folder or an ``s3://`` URL (``etl.storage.warehouse_root``); paths
-are ``Path``s or ``UPath``s accordingly.
+A run is complete once ``runs/run_id=<id>/manifest.json`` exists; its manifest lists the
+run's files per table, with their row counts and sha256. Any other file in a partition
+folder belongs to no run. Paths are absolute (``Path``s, or ``UPath``s in object
+storage), as DuckDB is given them.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from etl.files import sha256_of
-from etl.storage import read_parquet_metadata, storage_errors, warehouse_root
-from etl.tables import TABLES
+from etl.errors import UserError
+from etl.warehouse.files import sha256_of
+from etl.warehouse.manifest import load_manifest
+from etl.warehouse.migration import MIGRATE, outdated
+from etl.warehouse.storage import read_parquet_metadata, storage_errors
+from etl.warehouse.tables import TABLES
+
+if TYPE_CHECKING:
+    from etl.warehouse.layout import Warehouse
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Shard:
     table: str
     path: Path
     rows: int | None = None
-    """Row count the manifest records (None: not recorded, schema version 1)."""
+    """Row count the manifest records (None: not recorded)."""
     sha256: str | None = None
     """Hex digest of the file's bytes the manifest records (None: not recorded)."""
 
@@ -43,7 +46,9 @@ class Run:
     manifest: Path
     shards: list[Shard] = field(default_factory=list)
     problem: str | None = None
-    """Why the manifest itself cannot be used (unreadable, malformed), else None."""
+    """Why the manifest itself cannot be used (unreadable, malformed, outdated), else None."""
+    fix: str = "python -m queries check"
+    """The command that tells more, or mends it."""
 
 
 @dataclass(frozen=True)
@@ -53,20 +58,18 @@ class Problem:
     run_id: str
     path: Path
     message: str
+    fix: str = "python -m queries check"
+    """The command that tells more about the problem, or mends it."""
 
     def __str__(self) -> str:
         return f"run {self.run_id}: {self.path}: {self.message}"
 
 
-def partition(root: Path, table: str, run_id: str) -> Path:
-    """The partition folder of ``run_id`` in ``table``."""
-    return warehouse_root(root) / table / f"run_id={run_id}"
-
-
-def _listed_shards(root: Path, run_id: str, shards: object) -> list[Shard]:
-    """The shards a schema-2 ``shards`` object lists; ``ValueError`` when malformed."""
+def _listed_shards(warehouse: Warehouse, run_id: str, shards: object) -> list[Shard]:
+    """The shards a manifest's ``shards`` object lists; ``ValueError`` when malformed."""
     if not isinstance(shards, dict):
         raise ValueError("its 'shards' is not an object")
+    root = warehouse.absolute_root
     listed = []
     for table in TABLES:
         for entry in shards.get(table, []):
@@ -74,35 +77,44 @@ def _listed_shards(root: Path, run_id: str, shards: object) -> list[Shard]:
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"it lists a bad {table} file name {name!r}")
             rows = entry.get("rows")
-            listed.append(Shard(table, partition(root, table, run_id) / name,
+            listed.append(Shard(table, warehouse.partition(table, run_id, root) / name,
                                 rows if isinstance(rows, int) else None, entry.get("sha256")))
     return listed
 
 
-def _globbed_shards(root: Path, run_id: str) -> list[Shard]:
-    """Every ``*.parquet`` file in the run's partition folders (schema version 1)."""
-    return [Shard(table, path) for table in TABLES
-            for path in sorted(partition(root, table, run_id).glob("*.parquet"))]
-
-
-def read_run(root: Path, manifest: Path) -> Run:
-    """The run whose manifest is ``manifest`` (its id is the folder's ``run_id=`` value)."""
-    run_id = manifest.parent.name.removeprefix("run_id=")
+def read_run(warehouse: Warehouse, manifest: Path) -> Run:
+    """The run whose manifest is ``manifest``; a manifest that cannot be used (unreadable,
+    malformed, or written by an earlier version) gives a run with a ``problem``."""
+    run_id = warehouse.run_id_of(manifest)
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("it is not a JSON object")
-        if "shards" in data:
-            return Run(run_id, manifest, _listed_shards(root, run_id, data["shards"]))
-        return Run(run_id, manifest, _globbed_shards(root, run_id))
+        data = load_manifest(manifest)
+        why = outdated(data)
+        if why:
+            return Run(run_id, manifest, problem=why, fix=MIGRATE)
+        return Run(run_id, manifest, _listed_shards(warehouse, run_id, data["shards"]))
     except (OSError, ValueError) as exc:
         return Run(run_id, manifest, problem=f"unusable manifest ({exc})")
 
 
-def read_runs(root: Path) -> list[Run]:
-    """Every complete run under the warehouse ``root``, sorted by run id."""
-    root = warehouse_root(root)
-    return [read_run(root, m) for m in sorted(root.glob("runs/*/manifest.json"))]
+def read_runs(warehouse: Warehouse) -> list[Run]:
+    """Every complete run of ``warehouse``, sorted by run id."""
+    return [read_run(warehouse, m) for m in warehouse.manifest_paths(warehouse.absolute_root)]
+
+
+def complete_runs(warehouse: Warehouse) -> list[Run]:
+    """The complete runs of ``warehouse`` (``read_runs``).
+
+    Raises:
+        UserError: the warehouse does not exist or holds no complete run.
+    """
+    if not warehouse.exists():
+        raise UserError(f"warehouse {str(warehouse)!r} does not exist; write a run with "
+                        "python -m etl.extract --warehouse DIR first")
+    runs = read_runs(warehouse)
+    if not runs:
+        raise UserError(f"warehouse {str(warehouse)!r} has no complete run yet; write one "
+                        "with python -m etl.extract --warehouse DIR")
+    return runs
 
 
 def footer_problem(shard: Shard) -> str | None:
@@ -136,7 +148,7 @@ def run_problems(run: Run, full: bool = False) -> list[Problem]:
     """The bad files of ``run``: the cheap footer checks, and with ``full`` the sha256 of
     every file too. A run stops at its first bad file unless ``full``."""
     if run.problem:
-        return [Problem(run.run_id, run.manifest, run.problem)]
+        return [Problem(run.run_id, run.manifest, run.problem, run.fix)]
     problems = []
     for shard in run.shards:
         message = footer_problem(shard) or (digest_problem(shard) if full else None)
@@ -147,15 +159,9 @@ def run_problems(run: Run, full: bool = False) -> list[Problem]:
     return problems
 
 
-def stray_files(root: Path, runs: list[Run]) -> list[Path]:
+def stray_files(warehouse: Warehouse, runs: list[Run]) -> list[Path]:
     """Parquet files in partition folders that no manifest lists (invisible to the views)."""
     listed = {s.path for run in runs for s in run.shards}
-    return [path for table in TABLES
-            for path in sorted(warehouse_root(root).glob(f"{table}/*/*.parquet"))
+    root = warehouse.absolute_root
+    return [path for table in TABLES for path in sorted(root.glob(f"{table}/*/*.parquet"))
             if path not in listed]
-
-
-def partial_runs(root: Path) -> list[str]:
-    """Run ids with a folder in ``_staging/``: being written, or left by a stopped run."""
-    staging = warehouse_root(root) / "_staging"
-    return sorted(p.name for p in staging.iterdir() if p.is_dir()) if staging.is_dir() else []

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from etl.errors import UserError
-from etl.storage import is_remote, storage_errors, warehouse_root
+from etl.warehouse.storage import storage_errors
 
 STALE_S = 120.0
 """How old an object-storage lock's heartbeat must be for the lock to be taken over (hosts'
@@ -51,15 +51,6 @@ def stale_seconds() -> float:
     return value
 
 
-def RunLock(root: Path, run_id: str, **lease_options):  # noqa: N802  (a class for callers)
-    """The lock of ``run_id`` in the warehouse ``root``: a ``FileLock`` for a local folder, a
-    ``LeaseLock`` in object storage (``lease_options``: its ``stale_s``)."""
-    root = warehouse_root(root)
-    if is_remote(root):
-        return LeaseLock(root, run_id, **lease_options)
-    return FileLock(root, run_id)
-
-
 def _holder_info(**extra) -> dict:
     return dict({"pid": os.getpid(), "host": platform.node(),
                  "since": datetime.now(UTC).isoformat(timespec="seconds")}, **extra)
@@ -78,11 +69,11 @@ def _busy(run_id: str, holder: str) -> UserError:
 
 
 class FileLock:
-    """Holds the ``flock`` of ``run_id`` under the local warehouse ``root`` until
+    """Holds the ``flock`` on the local file ``path`` (the lock of ``run_id``) until
     ``release``."""
 
-    def __init__(self, root: Path, run_id: str) -> None:
-        self.path = Path(root) / "_locks" / f"{run_id}.lock"
+    def __init__(self, path: Path, run_id: str) -> None:
+        self.path = Path(path)
         self.run_id = run_id
         self._fd: int | None = None
 
@@ -137,12 +128,12 @@ def _heartbeat(info: dict) -> float:
 
 
 class LeaseLock:
-    """Holds the object-storage lease of ``run_id`` under ``root`` until ``release``, with a
-    heartbeat thread rewriting it every ``stale_s / 6`` seconds (``stale_s`` default:
+    """Holds the object-storage lease ``path`` (the lock of ``run_id``) until ``release``,
+    with a heartbeat thread rewriting it every ``stale_s / 6`` seconds (``stale_s`` default:
     ``stale_seconds()``)."""
 
-    def __init__(self, root: Path, run_id: str, stale_s: float | None = None) -> None:
-        self.path = root / "_locks" / f"{run_id}.lock"
+    def __init__(self, path: Path, run_id: str, stale_s: float | None = None) -> None:
+        self.path = path
         self.run_id = run_id
         self.stale_s = stale_s or stale_seconds()
         self.heartbeat_s = self.stale_s / 6

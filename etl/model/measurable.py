@@ -9,7 +9,7 @@ import torch
 
 from etl.errors import UserError
 from etl.lens.layernorm import norm_space
-from etl.model import LoadedModel, uses_rms_norm
+from etl.model.loading import LoadedModel, uses_rms_norm
 
 PROBE_TOKENS = 8
 """Length of the probe sequence."""

@@ -11,14 +11,14 @@ import torch
 from safetensors import SafetensorError
 
 from etl.errors import UserError, first_line
-from etl.hub import is_unreachable
 from etl.lens.types import UnembedWeights
-from etl.model_files import (
+from etl.model.files import (
     MIN_VOCAB_FRACTION,
     check_model,
     looks_like_path,
     missing_model_message,
 )
+from etl.model.hub import is_unreachable
 
 DEFAULT_MODEL = "openai-community/gpt2"
 
@@ -82,18 +82,6 @@ def output_biases(bridge, W_O: torch.Tensor) -> torch.Tensor:
     except AttributeError:
         n_layers, _, _, d_model = W_O.shape
         return torch.zeros(n_layers, d_model, dtype=W_O.dtype, device=W_O.device)
-
-
-def resolve_device(device: str) -> str:
-    """Map ``auto|cpu|cuda`` to a torch device string (auto = cuda when available)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; "
-                        "use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"unknown --device {device!r}; use auto, cpu or cuda")
-    return device
 
 
 def _hf_param_name(model, name: str) -> str:
@@ -171,26 +159,11 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
             ``check_model``), a hub id is not in the local cache and cannot be downloaded,
             a weight is NaN or inf, or the tokenizer is not the model's (``check_tokenizer``).
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     local = looks_like_path(name)
     check_model(name)
     if local:
         name = str(Path(name).expanduser())
-    try:
-        bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
-    except (OSError, ConnectionError, ValueError, SafetensorError) as exc:
-        if local:
-            raise UserError(f"could not load the checkpoint in {name!r}: "
-                            f"{first_line(exc)}") from exc
-        raise UserError(missing_model_message(name)) from exc
-    except Exception as exc:
-        if local:  # e.g. a damaged pytorch_model.bin
-            raise UserError(f"could not load the checkpoint in {name!r} "
-                            f"({type(exc).__name__}: {first_line(exc)})") from exc
-        if is_unreachable(exc):
-            raise UserError(missing_model_message(name)) from exc
-        raise
+    bridge = _boot(name, local, device, dtype)
     check_weights_finite(bridge.original_model, name)
     check_tokenizer(bridge.tokenizer, int(bridge.cfg.d_vocab), name)
     weights_sha256 = _weights_fingerprint(bridge)
@@ -211,3 +184,23 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         "tokenizer": _tokenizer_identity(bridge.tokenizer),
     }
     return LoadedModel(bridge=bridge, name=name, identity=identity)
+
+
+def _boot(name: str, local: bool, device: str, dtype: torch.dtype):
+    """``TransformerBridge.boot_transformers``, its failures as one-line ``UserError``s."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+    except (OSError, ConnectionError, ValueError, SafetensorError) as exc:
+        if local:
+            raise UserError(f"could not load the checkpoint in {name!r}: "
+                            f"{first_line(exc)}") from exc
+        raise UserError(missing_model_message(name)) from exc
+    except Exception as exc:
+        if local:  # e.g. a damaged pytorch_model.bin
+            raise UserError(f"could not load the checkpoint in {name!r} "
+                            f"({type(exc).__name__}: {first_line(exc)})") from exc
+        if is_unreachable(exc):
+            raise UserError(missing_model_message(name)) from exc
+        raise

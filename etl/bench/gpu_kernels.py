@@ -1,4 +1,4 @@
-"""The kernel parts of ``python -m etl.gpu_check`` (CUDA only): the machine's ceilings and the
+"""The kernel parts of ``python -m etl.bench.gpu_check`` (CUDA only): the machine's ceilings and the
 entropy stage's floors, every fused kernel against float64 on fresh random inputs, and each
 kernel configuration timed on one GPT-2-small layer. ``random_layer`` also feeds the
 interpreter tests of the layer kernel (tests/test_fused_layer.py)."""

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from etl.config import PIPELINE_MODES
-from etl.errors import UserError
 from etl.lens.types import BatchMeasures
 from etl.sources.corpus import TokenSet
 
@@ -79,8 +77,8 @@ class _DeviceClock:
 
 
 @dataclass
-class StagedBatch:
-    """One batch's measures on their way to the host."""
+class HostBatch:
+    """One batch's measures on their way to the host (copied into pinned buffers on CUDA)."""
 
     start: int
     stop: int
@@ -93,7 +91,7 @@ class StagedBatch:
     slot: int = -1
 
 
-class HostStaging:
+class PinnedBuffers:
     """Pinned host buffers that device→host copies land in, reused round-robin.
 
     With ``slots`` buffers and at most ``slots - 1`` batches in flight, a buffer is never
@@ -115,12 +113,12 @@ class HostStaging:
             self._buffers[slot][name] = buf
         return buf[: like.numel()].view(like.shape)
 
-    def stage(self, start: int, stop: int, measures: BatchMeasures, marks: tuple) -> StagedBatch:
+    def copy(self, start: int, stop: int, measures: BatchMeasures, marks: tuple) -> HostBatch:
         """Queue the copies of ``measures`` (no wait on CUDA)."""
         tensors = {name: getattr(measures, name).to(torch.float32) for name in MEASURE_FIELDS}
         if not self.cuda:
             arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
-            return StagedBatch(start, stop, arrays, marks)
+            return HostBatch(start, stop, arrays, marks)
         slot = self._next
         self._next = (self._next + 1) % self.slots
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -133,12 +131,12 @@ class HostStaging:
                 hosts[name] = dst.numpy()
             copied = torch.cuda.Event()
             copied.record(self._stream)
-        return StagedBatch(start, stop, hosts, marks, copied, slot)
+        return HostBatch(start, stop, hosts, marks, copied, slot)
 
 
 def run_loop(spans: Iterable[tuple[int, int]],
              compute: Callable[[int, int, Callable[[], None]], BatchMeasures],
-             publish: Callable[[int, int, dict[str, np.ndarray]], None],
+             write: Callable[[int, int, dict[str, np.ndarray]], None],
              device: torch.device, pipelined: bool, timing: LoopTiming,
              depth: int = 2) -> None:
     """Run every span through the device then the host.
@@ -147,14 +145,14 @@ def run_loop(spans: Iterable[tuple[int, int]],
         spans: ``(start, stop)`` sequence ranges, one per forward pass, in order.
         compute: ``(start, stop, mark) -> BatchMeasures`` on the device; it calls ``mark()``
             once between its forward pass and its measures.
-        publish: ``(start, stop, arrays)`` on the host: builds and queues the batch's rows.
+        write: ``(start, stop, arrays)`` on the host: builds and queues the batch's rows.
             It is called in span order, from one thread, and must not keep ``arrays``.
         device: where ``compute`` runs.
         pipelined: overlap the host step of earlier batches with the device work.
         timing: accumulates busy and waiting time.
         depth: batches that may wait for the host before the device waits.
     """
-    loop = _Loop(compute, publish, torch.device(device), timing, depth)
+    loop = _Loop(compute, write, torch.device(device), timing, depth)
     if pipelined:
         loop.run_pipelined(spans)
     else:
@@ -165,23 +163,23 @@ def run_loop(spans: Iterable[tuple[int, int]],
 class _Loop:
     """The two steps of a batch (device, host) and the pipelined schedule of them."""
 
-    def __init__(self, compute, publish, device: torch.device, timing: LoopTiming,
+    def __init__(self, compute, write, device: torch.device, timing: LoopTiming,
                  depth: int) -> None:
-        self.compute, self.publish, self.timing, self.depth = compute, publish, timing, depth
+        self.compute, self.write, self.timing, self.depth = compute, write, timing, depth
         self.clock = _DeviceClock(device)
-        self.staging = HostStaging(device, slots=depth + 1)
+        self.buffers = PinnedBuffers(device, slots=depth + 1)
 
-    def device_step(self, start: int, stop: int) -> StagedBatch:
-        """Forward pass and measures of one span, staged for the host."""
+    def device_step(self, start: int, stop: int) -> HostBatch:
+        """Forward pass and measures of one span, on their way to the host."""
         marks = [self.clock.mark()]
         measures = self.compute(start, stop, lambda: marks.append(self.clock.mark()))
         marks.append(self.clock.mark())
         if len(marks) != 3:
             raise RuntimeError("compute must call mark() exactly once")
-        return self.staging.stage(start, stop, measures, tuple(marks))
+        return self.buffers.copy(start, stop, measures, tuple(marks))
 
-    def host_step(self, batch: StagedBatch) -> None:
-        """Wait for the batch's copy to the host, then publish its rows."""
+    def host_step(self, batch: HostBatch) -> None:
+        """Wait for the batch's copy to the host, then write its rows."""
         timing = self.timing
         if batch.copied is not None:
             waited = time.perf_counter()
@@ -191,7 +189,7 @@ class _Loop:
         timing.add("forward_s", self.clock.seconds(began, forwarded))
         timing.add("entropy_s", self.clock.seconds(forwarded, measured))
         started = time.perf_counter()
-        self.publish(batch.start, batch.stop, batch.arrays)
+        self.write(batch.start, batch.stop, batch.arrays)
         timing.add("host_s", time.perf_counter() - started)
         timing.add("batches", 1)
 
@@ -201,13 +199,13 @@ class _Loop:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-step") as host:
             try:
                 for start, stop in spans:
-                    staged = self.device_step(start, stop)
+                    copied = self.device_step(start, stop)
                     if len(pending) >= self.depth:
                         waited = time.perf_counter()
                         pending.pop(0).result()
                         self.timing.add("device_waited_on_host_s",
                                         time.perf_counter() - waited)
-                    pending.append(host.submit(self.host_step, staged))
+                    pending.append(host.submit(self.host_step, copied))
                 while pending:
                     pending.pop(0).result()
             except BaseException:
@@ -231,17 +229,8 @@ class Batches:
         self.spans = [(s, min(s + self.per_forward, n)) for s in range(0, n, self.per_forward)]
         self.todo = list(self.spans)
 
-    def skip_staged(self, done: set[int]) -> int:
+    def skip_done(self, done: set[int]) -> int:
         """Drop the batches numbered in ``done``; returns the tokens they hold."""
         self.todo = [span for i, span in enumerate(self.spans) if i not in done]
         left = sum(stop - start for start, stop in self.todo)
         return (self.tokens.n_seqs - left) * self.tokens.seq_len
-
-
-def use_pipeline(mode: str, device: str) -> bool:
-    """Whether ``--pipeline mode`` overlaps device and host work on ``device``."""
-    if mode not in PIPELINE_MODES:
-        raise UserError(f"--pipeline must be one of {', '.join(PIPELINE_MODES)}")
-    if mode == "auto":
-        return device.startswith("cuda")
-    return mode == "on"

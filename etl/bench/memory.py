@@ -4,7 +4,7 @@ fixed chunk size, in the same run.
 
 Usage::
 
-    python -m etl.bench_memory [--vocab 50257,128256,256000] [--tokens 1024] [--json]
+    python -m etl.bench.memory [--vocab 50257,128256,256000] [--tokens 1024] [--json]
 
 Each measurement runs ``measure_batch`` on random activations of a 2-layer model with a
 ``V``-entry vocabulary in a fresh process and reports the peak resident memory it added
@@ -88,7 +88,7 @@ def run(vocabs: list[int], tokens: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print one line (or JSON object) per vocabulary; 0 on success."""
-    parser = ArgumentParser(prog="python -m etl.bench_memory", description=__doc__.split(
+    parser = ArgumentParser(prog="python -m etl.bench.memory", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("--vocab", default="50257,128256,256000",
                         help="comma-separated vocabulary sizes (default: GPT-2, Llama 3, "

@@ -1,0 +1,30 @@
+"""The warehouse: one ``Warehouse`` object (a folder or an ``s3://`` prefix and its layout),
+the three tables' schemas and rows, the manifest, the run lock, the staging area and the
+writer that fills it, the catalog of complete runs, and the migration of old runs.
+
+``queries`` and ``analysis`` reach the extraction side only through this package (and
+``etl.errors``)."""
+
+from etl.warehouse.catalog import (
+    Problem,
+    Run,
+    Shard,
+    complete_runs,
+    read_runs,
+    run_problems,
+    stray_files,
+)
+from etl.warehouse.layout import DEFAULT_WAREHOUSE, Warehouse, validate_run_id
+from etl.warehouse.manifest import Manifest
+from etl.warehouse.migration import migrate
+from etl.warehouse.staging import StagingArea
+from etl.warehouse.storage import storage_errors
+from etl.warehouse.tables import SCHEMAS, TABLES, TokenRows, component_table, resid_table
+from etl.warehouse.writer import RunWriter
+
+__all__ = [
+    "DEFAULT_WAREHOUSE", "SCHEMAS", "TABLES", "Manifest", "Problem", "Run", "RunWriter",
+    "Shard", "StagingArea", "TokenRows", "Warehouse", "complete_runs", "component_table",
+    "migrate", "read_runs", "resid_table", "run_problems", "storage_errors", "stray_files",
+    "validate_run_id",
+]

@@ -1,0 +1,110 @@
+"""``python -m queries migrate``: rewrite the manifests that earlier versions wrote, in
+place, one atomic write per run, so that every other reader knows one form only.
+
+What changed since those versions:
+
+- **schema 1** manifests had no ``shards``: the run was every ``*.parquet`` file of its
+  partition folders. Migrated, they list those files with their row counts and sha256
+  (``schema_version`` 2), exactly as a run published today does.
+- the lens modes ``seed`` and ``recomputed`` are now ``final-scale`` and
+  ``recomputed-ln`` (``etl.lens.modes.LENS_ALIASES``).
+
+Until it is migrated, such a run is left out of the views with a warning that says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from etl.lens.modes import LENS_ALIASES
+from etl.warehouse.files import sha256_of, write_json_atomically
+from etl.warehouse.manifest import SCHEMA_VERSION, load_manifest
+from etl.warehouse.storage import read_parquet_metadata
+from etl.warehouse.tables import TABLES
+
+if TYPE_CHECKING:
+    from etl.warehouse.layout import Warehouse
+
+MIGRATE = "python -m queries migrate"
+"""The command that rewrites them."""
+
+
+def outdated(data: dict) -> str | None:
+    """Why the manifest ``data`` is in a form an earlier version wrote (and must be
+    migrated before it is read), or None."""
+    found = []
+    if "shards" not in data:
+        found.append(f"manifest schema {data.get('schema_version', 1)}")
+    if data.get("lens") in LENS_ALIASES:
+        found.append(f"lens name {data['lens']!r}")
+    if not found:
+        return None
+    return f"written by an earlier version ({', '.join(found)})"
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """One run whose manifest was rewritten, and what changed."""
+
+    run_id: str
+    changes: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"migrated run {self.run_id}: {'; '.join(self.changes)}"
+
+
+def _list_shards(warehouse: Warehouse, run_id: str) -> dict[str, list[dict]]:
+    """Every ``*.parquet`` file of the run's partitions, as a manifest lists its shards."""
+    shards = {}
+    for table in TABLES:
+        paths = sorted(warehouse.partition(table, run_id).glob("*.parquet"))
+        shards[table] = [{"file": p.name, "rows": read_parquet_metadata(p).num_rows,
+                          "sha256": sha256_of(p)} for p in paths]
+    return shards
+
+
+def migrated(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[str]]:
+    """The manifest ``data`` of ``run_id`` in today's form, and what changed."""
+    data, changes = dict(data), []
+    if "shards" not in data:
+        data["shards"] = _list_shards(warehouse, run_id)
+        n_files = sum(len(v) for v in data["shards"].values())
+        changes.append(f"schema {data.get('schema_version', 1)} → {SCHEMA_VERSION} "
+                       f"({n_files} files listed with their rows and sha256)")
+        data["schema_version"] = SCHEMA_VERSION
+        for table, key in (("component_entropy", "n_component_rows"),
+                           ("resid_entropy", "n_resid_rows"), ("tokens", "n_token_rows")):
+            data[key] = sum(s["rows"] for s in data["shards"][table])
+    old = data.get("lens")
+    if old in LENS_ALIASES:
+        data["lens"] = LENS_ALIASES[old]
+        if isinstance(data.get("config"), dict):
+            data["config"] = dict(data["config"], lens=data["lens"])
+        changes.append(f"lens {old!r} → {data['lens']!r}")
+    return data, changes
+
+
+def migrate(warehouse: Warehouse) -> list[Migrated]:
+    """Rewrite every manifest of ``warehouse`` that an earlier version wrote, each under
+    its run's lock and in one atomic write; returns the runs migrated (none: nothing was
+    to do).
+
+    Raises:
+        UserError: a run is being written by an extraction (its lock is held).
+        OSError: a manifest or shard cannot be read, or a manifest cannot be written.
+    """
+    done = []
+    for path in warehouse.manifest_paths():
+        run_id = warehouse.run_id_of(path)
+        try:
+            data = load_manifest(path)
+        except ValueError:
+            continue  # unusable, not old: python -m queries check reports it
+        if outdated(data) is None:
+            continue
+        with warehouse.lock(run_id):
+            data, changes = migrated(warehouse, run_id, load_manifest(path))
+            write_json_atomically(path, data)
+        done.append(Migrated(run_id, tuple(changes)))
+    return done

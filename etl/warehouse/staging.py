@@ -1,0 +1,218 @@
+"""The staging area of a run: ``_staging/<run_id>/<table>/part-<gen>-<batch>.parquet``, where
+one attempt (its ``generation``) writes every batch's shards, and from which it publishes
+the run.
+
+Resuming: with a ``plan`` (what determines the run's rows), the staging folder keeps the
+plan; a later attempt with an equal plan finds the batches already staged
+(``done_batches``) and the run goes on from there. A different plan is refused unless
+``restart`` discards the partial run.
+
+Publishing moves the shards beside any older generation of the run, replaces the manifest
+(listing exactly the new files) with one atomic write, then deletes the files it no longer
+lists. Readers that follow manifests see the old run or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from etl.errors import UserError
+from etl.warehouse.files import fault_point, sha256_of, write_json_atomically
+from etl.warehouse.manifest import Manifest, load_manifest
+from etl.warehouse.storage import (
+    make_dirs,
+    read_parquet_metadata,
+    remove_empty_dir,
+    remove_tree,
+    replace,
+    write_parquet,
+)
+from etl.warehouse.tables import DICTIONARY_COLUMNS, ROW_GROUP_ROWS, TABLES
+
+if TYPE_CHECKING:
+    from etl.warehouse.layout import Warehouse
+
+PLAN = "plan.json"
+_PLAN_VOLATILE = ("generation", "created_at")
+
+
+class StagingArea:
+    """Where one attempt at ``run_id`` stages its shards (``generation`` names them).
+
+    Made by ``open`` in the process that publishes; pickled to the workers that measure
+    batches, which write their shards with ``write`` exactly as the publishing process
+    would.
+    """
+
+    def __init__(self, warehouse: Warehouse, run_id: str, generation: str) -> None:
+        self.warehouse = warehouse
+        self.run_id = run_id
+        self.generation = generation
+        self.folder: Path = warehouse.staging_folder(run_id)
+        """``_staging/<run_id>``."""
+        self.done_batches: set[int] = set()
+        """Batches whose shards of every table an earlier, interrupted attempt with the same
+        plan staged (set by ``open``)."""
+
+    def __reduce__(self):
+        return type(self), (self.warehouse, self.run_id, self.generation)
+
+    @classmethod
+    def open(cls, warehouse: Warehouse, run_id: str, plan: dict | None = None,
+             overwrite: bool = False, restart: bool = False) -> StagingArea:
+        """The staging area of a new attempt at ``run_id``, or of the interrupted attempt
+        with an equal ``plan`` (its staged batches kept).
+
+        Raises:
+            UserError: ``run_id`` is a complete run and not ``overwrite``; a partial run
+                staged with another plan and no ``restart``.
+        """
+        warehouse.ensure_new_run(run_id, overwrite)
+        folder = warehouse.staging_folder(run_id)
+        old = _read_plan(folder)
+        if old is not None and old["generation"] == _published(warehouse, run_id).get(
+                "generation"):
+            old = None  # that attempt was published; what is left of it is stale
+        if folder.exists() and (restart or plan is None or old is None):
+            remove_tree(folder)
+            old = None
+        elif old is not None and plan is not None:
+            _check_same_plan(run_id, old, plan)
+        for table in TABLES:
+            make_dirs(folder / table)
+        if old is not None:
+            area = cls(warehouse, run_id, old["generation"])
+            area._recover()
+            return area
+        area = cls(warehouse, run_id, uuid.uuid4().hex[:8])
+        if plan is not None:
+            write_json_atomically(folder / PLAN, dict(
+                plan, generation=area.generation,
+                created_at=datetime.now(UTC).isoformat(timespec="seconds")))
+        return area
+
+    def _prefix(self) -> str:
+        return f"part-{self.generation}-"
+
+    def shard_path(self, table: str, batch: int) -> Path:
+        """The staged file of shard ``batch`` of ``table``."""
+        return self.folder / table / f"{self._prefix()}{batch:05d}.parquet"
+
+    def write(self, table: str, data: pa.Table, batch: int) -> None:
+        """Write ``data`` as shard ``batch`` of ``table``: zstd, dictionary-encoded
+        low-cardinality columns, ``ROW_GROUP_ROWS`` per row group, whole or absent (so
+        writing it again replaces it)."""
+        columns = [c for c in DICTIONARY_COLUMNS if c in data.column_names]
+        write_parquet(self.shard_path(table, batch), data, compression="zstd",
+                      use_dictionary=columns, row_group_size=ROW_GROUP_ROWS,
+                      write_statistics=True)
+        fault_point(f"shard:{table}:{batch}")
+
+    def _recover(self) -> None:
+        """Find the batches the interrupted attempt staged: drop temporary files, take back
+        shards it had already moved into the partitions, keep the shards whose footer
+        reads."""
+        prefix = self._prefix()
+        listed = _published(self.warehouse, self.run_id).get("shards") or {}
+        staged = {}
+        for table in TABLES:
+            folder = self.folder / table
+            for tmp in folder.glob("*.tmp"):
+                tmp.unlink()
+            keep = {s.get("file") for s in listed.get(table, []) if isinstance(s, dict)}
+            for moved in self.warehouse.partition(table, self.run_id).glob(prefix + "*.parquet"):
+                if moved.name not in keep:
+                    replace(moved, folder / moved.name)
+            indices = set()
+            for path in folder.glob(prefix + "*.parquet"):
+                try:
+                    read_parquet_metadata(path)
+                    indices.add(int(path.stem[len(prefix):]))
+                except (OSError, ValueError, pa.ArrowException):
+                    path.unlink()
+            staged[table] = indices
+        self.done_batches = set.intersection(*staged.values())
+
+    def staged_shards(self, n_batches: int | None = None) -> dict[str, list[dict]]:
+        """Every staged shard with its row count and sha256, per table.
+
+        Raises:
+            RuntimeError: a table lacks one of the batches ``0..n_batches-1`` (None: take
+                whatever is staged).
+        """
+        prefix = self._prefix()
+        found = {t: sorted((self.folder / t).glob(prefix + "*.parquet")) for t in TABLES}
+        for table, paths in found.items():
+            indices = [int(p.stem[len(prefix):]) for p in paths]
+            want = list(range(n_batches)) if n_batches is not None else indices
+            if indices != want:
+                missing = sorted(set(want) - set(indices))[:5]
+                raise RuntimeError(f"staged {table} shards are incomplete (missing batches "
+                                   f"{missing}); nothing was published")
+        paths = [p for t in TABLES for p in found[t]]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            digests = dict(zip(paths, pool.map(sha256_of, paths), strict=True))
+        return {t: [{"file": p.name, "rows": read_parquet_metadata(p).num_rows,
+                     "sha256": digests[p]} for p in found[t]] for t in TABLES}
+
+    def publish(self, manifest: Manifest, n_batches: int | None = None) -> Manifest:
+        """Publish the staged shards as the run: check them (``staged_shards``), move them
+        into place and replace the manifest, which gets their list; the staging folder is
+        removed. Returns the manifest as written."""
+        manifest = manifest.published(self.generation, self.staged_shards(n_batches))
+        for table in TABLES:
+            target = self.warehouse.partition(table, self.run_id)
+            make_dirs(target)
+            for shard in manifest.shards[table]:
+                replace(self.folder / table / shard["file"], target / shard["file"])
+        fault_point("publish:moved")
+        path = self.warehouse.manifest_path(self.run_id)
+        make_dirs(path.parent)
+        write_json_atomically(path, manifest.to_json())
+        fault_point("publish:manifest")
+        for table in TABLES:
+            listed = {s["file"] for s in manifest.shards[table]}
+            for stale in self.warehouse.partition(table, self.run_id).glob("*.parquet"):
+                if stale.name not in listed:
+                    stale.unlink()
+        self.remove()
+        return manifest
+
+    def remove(self) -> None:
+        """Delete the staging folder and everything staged in it."""
+        remove_tree(self.folder)
+        remove_empty_dir(self.warehouse.staging_root())
+
+
+def _read_plan(folder: Path) -> dict | None:
+    try:
+        plan = json.loads((folder / PLAN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return plan if isinstance(plan, dict) and plan.get("generation") else None
+
+
+def _published(warehouse: Warehouse, run_id: str) -> dict:
+    """The manifest of the published run ``run_id``, or ``{}``."""
+    try:
+        return load_manifest(warehouse.manifest_path(run_id))
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_same_plan(run_id: str, old: dict, plan: dict) -> None:
+    changed = sorted(k for k in set(old) | set(plan) if k not in _PLAN_VOLATILE
+                     and old.get(k) != plan.get(k))
+    if changed:
+        raise UserError(
+            f"the warehouse holds a partial run {run_id!r} made with other settings "
+            f"({', '.join(changed)} differ); pass --restart to discard it or choose another "
+            "--run-id")
