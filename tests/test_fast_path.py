@@ -2,6 +2,8 @@
 kernel (under TRITON_INTERPRET=1) against plain torch. The fused layer kernel has its own
 tests (test_fused_layer.py)."""
 
+import json
+
 import pytest
 import torch
 import triton  # noqa: F401  (a test dependency: the kernel's logic is tested on the CPU)
@@ -107,3 +109,22 @@ def test_one_pass_sum_entropy_kernel_equals_torch():
         got = sum_entropy_fused(base, delta, sign=-1.0, scale=scale, bias=bias, block_v=256)
         want = entropy_of_sum(base, delta, sign=-1.0, scale=scale, bias=bias)
         assert got.shape == (n_tokens,) and (got - want).abs().max() < 2e-5
+
+
+def test_the_entropy_bench_runs_both_paths_and_reports_them(tiny_checkpoint, capsys,
+                                                            monkeypatch):
+    """``python -m etl.bench`` on a few tokens: both paths, their ratio, errors vs float64
+    (the writer timed on 1,000 rows, not 2 million)."""
+    import functools
+
+    from etl.bench import entropy
+    from etl.bench.__main__ import main as bench_main
+
+    monkeypatch.setattr(entropy, "_write_rate", functools.partial(entropy._write_rate,
+                                                                  min_rows=1000))
+
+    assert bench_main(["--device", "cpu", "--model", str(tiny_checkpoint), "--tokens", "16",
+                       "--seq-len", "8", "--sample", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == 16 and report["ratio"] > 0 and report["write_rows_per_s"] > 0
+    assert report["max_abs_err"] < 1e-4 and report["baseline_max_abs_err"] < 1e-4

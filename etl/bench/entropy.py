@@ -1,14 +1,8 @@
-"""``python -m etl.bench``: the project's entropy path against the study's algorithm.
+"""The project's entropy path against the study's algorithm (``python -m etl.bench``).
 
-A benchmark, not a test: both run on the same tokens in one process. It prints tokens/s of
+A benchmark, not a test: both run on the same tokens in one process. It reports tokens/s of
 each, their ratio, the phase breakdown (forward, entropy, Parquet writing), peak memory,
 and the max abs error of each against a float64 reference on a sample of tokens.
-
-    python -m etl.bench --device cpu
-    python -m etl.bench --device cuda --tokens 4000 --json
-
-With ``--e2e`` it runs whole extractions instead (``etl.bench.e2e``): tokens to published
-Parquet, sequential loop against pipelined loop.
 """
 
 from __future__ import annotations
@@ -132,10 +126,10 @@ def _clock():
     """A progress printer that prefixes the seconds since it was made."""
     start = time.perf_counter()
 
-    def phase(text: str) -> None:
+    def log(text: str) -> None:
         phase(f"[{time.perf_counter() - start:7.1f} s] {text}")
 
-    return phase
+    return log
 
 
 def _random_tokens(model, n_tokens: int, seq_len: int, device: str) -> torch.Tensor:

@@ -7,9 +7,9 @@ probe), builds the same deterministic batches and opens the run's staging area (
 attempt, one ``generation``). Each worker is a Ray actor holding its own model on its own
 device; the driver hands it batches one at a time, with the staging area, and the worker
 writes that batch's three shards into it with ``StagingArea.write``, exactly as the single
-process's writer does. When every batch is
-staged, the driver alone publishes the run (one manifest, every shard checked), so the
-all-or-nothing publish and the resume of an interrupted run are those of one process.
+process's writer does. When every batch is staged, the driver alone publishes the run (one
+manifest, every shard checked), so the all-or-nothing publish and the resume of an
+interrupted run are those of one process.
 
 A worker that dies is restarted by Ray (its model loaded again) and its batch retried: a
 shard is written whole or not at all (a temporary name and a rename locally, one upload in

@@ -142,19 +142,21 @@ class StagingArea:
         self.done_batches = set.intersection(*staged.values())
 
     def staged_shards(self, n_batches: int | None = None) -> dict[str, list[dict]]:
-        """Every staged shard with its row count and sha256, per table.
+        """Every staged shard with its row count and sha256, per table: shards ``0 ..
+        n_batches-1`` of each (written by this process or by workers), or, with None,
+        whatever is staged.
 
         Raises:
-            RuntimeError: a table lacks one of the batches ``0..n_batches-1`` (None: take
-                whatever is staged).
+            RuntimeError: a table lacks one of the batches ``0..n_batches-1``.
         """
-        prefix = self._prefix()
-        found = {t: sorted((self.folder / t).glob(prefix + "*.parquet")) for t in TABLES}
-        for table, paths in found.items():
-            indices = [int(p.stem[len(prefix):]) for p in paths]
-            want = list(range(n_batches)) if n_batches is not None else indices
-            if indices != want:
-                missing = sorted(set(want) - set(indices))[:5]
+        found = {}
+        for table in TABLES:
+            if n_batches is None:
+                found[table] = sorted((self.folder / table).glob(self._prefix() + "*.parquet"))
+                continue
+            found[table] = [self.shard_path(table, i) for i in range(n_batches)]
+            missing = [i for i, path in enumerate(found[table]) if not path.exists()][:5]
+            if missing:
                 raise RuntimeError(f"staged {table} shards are incomplete (missing batches "
                                    f"{missing}); nothing was published")
         paths = [p for t in TABLES for p in found[t]]
