@@ -2,10 +2,15 @@
 one attempt (its ``generation``) writes every batch's shards, and from which it publishes
 the run.
 
+Each shard is written with its record (``<shard>.json``: the sha256 and row count of the
+bytes as they were encoded, before they reached the storage); the manifest takes its
+digests from the records, so ``queries check`` sees any later change to a file.
+
 Resuming: with a ``plan`` (what determines the run's rows), the staging folder keeps the
 plan; a later attempt with an equal plan finds the batches already staged
-(``done_batches``) and the run goes on from there. A different plan is refused unless
-``restart`` discards the partial run.
+(``done_batches``: every table's shard present and still matching its record; a shard
+without a record or changed since is deleted and measured again) and the run goes on from
+there. A different plan is refused unless ``restart`` discards the partial run.
 
 Publishing moves the shards beside any older generation of the run, replaces the manifest
 (listing exactly the new files) with one atomic write, then deletes the files it no longer
@@ -15,9 +20,7 @@ lists. Readers that follow manifests see the old run or the new one, never a mix
 from __future__ import annotations
 
 import json
-import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,10 +32,10 @@ from etl.warehouse.files import fault_point, sha256_of, write_json_atomically
 from etl.warehouse.manifest import Manifest, load_manifest
 from etl.warehouse.storage import (
     make_dirs,
-    read_parquet_metadata,
     remove_empty_dir,
     remove_tree,
     replace,
+    write_bytes_atomically,
     write_parquet,
 )
 from etl.warehouse.tables import DICTIONARY_COLUMNS, ROW_GROUP_ROWS, TABLES
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
     from etl.warehouse.layout import Warehouse
 
 PLAN = "plan.json"
+RECORD_SUFFIX = ".json"
+"""What a shard's record adds to its name: ``part-<gen>-<batch>.parquet.json``."""
 _PLAN_VOLATILE = ("generation", "created_at")
 
 
@@ -106,20 +111,29 @@ class StagingArea:
         """The staged file of shard ``batch`` of ``table``."""
         return self.folder / table / f"{self._prefix()}{batch:05d}.parquet"
 
+    def record_path(self, table: str, batch: int) -> Path:
+        """The record of shard ``batch`` of ``table``: its sha256 and row count, taken from
+        the bytes as they were written (``<shard>.json``)."""
+        shard = self.shard_path(table, batch)
+        return shard.with_name(shard.name + RECORD_SUFFIX)
+
     def write(self, table: str, data: pa.Table, batch: int) -> None:
         """Write ``data`` as shard ``batch`` of ``table``: zstd, dictionary-encoded
         low-cardinality columns, ``ROW_GROUP_ROWS`` per row group, whole or absent (so
-        writing it again replaces it)."""
+        writing it again replaces it); then its record (sha256 and rows)."""
         columns = [c for c in DICTIONARY_COLUMNS if c in data.column_names]
-        write_parquet(self.shard_path(table, batch), data, compression="zstd",
-                      use_dictionary=columns, row_group_size=ROW_GROUP_ROWS,
-                      write_statistics=True)
+        digest = write_parquet(self.shard_path(table, batch), data, compression="zstd",
+                               use_dictionary=columns, row_group_size=ROW_GROUP_ROWS,
+                               write_statistics=True)
         fault_point(f"shard:{table}:{batch}")
+        record = json.dumps({"sha256": digest, "rows": data.num_rows}).encode()
+        write_bytes_atomically(self.record_path(table, batch), record, durable=False)
 
     def _recover(self) -> None:
         """Find the batches the interrupted attempt staged: drop temporary files, take back
-        shards it had already moved into the partitions, keep the shards whose footer
-        reads."""
+        shards it had already moved into the partitions, and keep the shards whose bytes
+        still match the record written with them (a shard without a record, or changed
+        since, is deleted and measured again)."""
         prefix = self._prefix()
         listed = _published(self.warehouse, self.run_id).get("shards") or {}
         staged = {}
@@ -133,37 +147,55 @@ class StagingArea:
                     replace(moved, folder / moved.name)
             indices = set()
             for path in folder.glob(prefix + "*.parquet"):
-                try:
-                    read_parquet_metadata(path)
-                    indices.add(int(path.stem[len(prefix):]))
-                except (OSError, ValueError, pa.ArrowException):
+                batch = int(path.stem[len(prefix):])
+                if self._intact(table, batch):
+                    indices.add(batch)
+                else:
                     path.unlink()
             staged[table] = indices
         self.done_batches = set.intersection(*staged.values())
 
+    def _record(self, table: str, batch: int) -> dict | None:
+        """The record of a staged shard, or None when it is missing or unreadable."""
+        try:
+            record = json.loads(self.record_path(table, batch).read_bytes())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(record, dict) and isinstance(record.get("sha256"), str) \
+            and isinstance(record.get("rows"), int)
+        return record if ok else None
+
+    def _intact(self, table: str, batch: int) -> bool:
+        """Whether the staged shard's bytes are those its record was taken from."""
+        record = self._record(table, batch)
+        return record is not None and sha256_of(self.shard_path(table, batch)) == record["sha256"]
+
     def staged_shards(self, n_batches: int | None = None) -> dict[str, list[dict]]:
-        """Every staged shard with its row count and sha256, per table: shards ``0 ..
-        n_batches-1`` of each (written by this process or by workers), or, with None,
-        whatever is staged.
+        """Every staged shard with its row count and sha256 (from its record), per table:
+        shards ``0 .. n_batches-1`` of each (written by this process or by workers), or,
+        with None, whatever is staged.
 
         Raises:
             RuntimeError: a table lacks one of the batches ``0..n_batches-1``.
         """
+        prefix = self._prefix()
         found = {}
         for table in TABLES:
             if n_batches is None:
-                found[table] = sorted((self.folder / table).glob(self._prefix() + "*.parquet"))
-                continue
-            found[table] = [self.shard_path(table, i) for i in range(n_batches)]
-            missing = [i for i, path in enumerate(found[table]) if not path.exists()][:5]
+                batches = sorted(int(p.stem[len(prefix):])
+                                 for p in (self.folder / table).glob(prefix + "*.parquet"))
+            else:
+                batches = list(range(n_batches))
+            records = {i: self._record(table, i) for i in batches}
+            missing = [i for i, record in records.items() if record is None
+                       or not self.shard_path(table, i).exists()][:5]
             if missing:
                 raise RuntimeError(f"staged {table} shards are incomplete (missing batches "
                                    f"{missing}); nothing was published")
-        paths = [p for t in TABLES for p in found[t]]
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            digests = dict(zip(paths, pool.map(sha256_of, paths), strict=True))
-        return {t: [{"file": p.name, "rows": read_parquet_metadata(p).num_rows,
-                     "sha256": digests[p]} for p in found[t]] for t in TABLES}
+            found[table] = [{"file": self.shard_path(table, i).name,
+                             "rows": records[i]["rows"], "sha256": records[i]["sha256"]}
+                            for i in batches]
+        return found
 
     def publish(self, manifest: Manifest, n_batches: int | None = None) -> Manifest:
         """Publish the staged shards as the run: check them (``staged_shards``), move them

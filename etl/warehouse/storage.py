@@ -20,6 +20,7 @@ Credentials and the endpoint come from the usual AWS variables (``AWS_ACCESS_KEY
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -106,19 +107,22 @@ def remove_empty_dir(path: Path) -> None:
         path.rmdir()
 
 
-def write_bytes_atomically(path: Path, data: bytes) -> None:
+def write_bytes_atomically(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one: locally
-    through a temporary file, fsync'd, then ``os.replace`` and an fsync of the folder; in
-    object storage with one PUT."""
+    through a temporary file, then ``os.replace`` (with ``durable``, the file and its folder
+    fsync'd too); in object storage with one PUT."""
     if is_remote(path):
         path.write_bytes(data)
         return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -126,16 +130,20 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def write_parquet(path: Path, data: pa.Table, **options) -> None:
+def write_parquet(path: Path, data: pa.Table, **options) -> str:
     """Write ``data`` as the Parquet file ``path`` (``options``: ``pq.write_table``'s), whole
-    or absent: locally through ``<name>.tmp`` and a rename, in object storage as one upload."""
-    if is_remote(path):
-        with path.open("wb") as f:
-            pq.write_table(data, f, **options)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(data, tmp, **options)
-    os.replace(tmp, path)
+    or absent: encoded in memory, then locally through ``<name>.tmp`` and a rename, in object
+    storage as one upload.
+
+    Returns:
+        The hex sha256 of the bytes written: taken before they reach the disk, so that any
+        later change to the file shows.
+    """
+    sink = pa.BufferOutputStream()
+    pq.write_table(data, sink, **options)
+    body = memoryview(sink.getvalue())
+    write_bytes_atomically(path, body, durable=False)
+    return hashlib.sha256(body).hexdigest()
 
 
 def read_parquet_metadata(path: Path) -> pq.FileMetaData:
