@@ -20,7 +20,7 @@ import duckdb
 import polars as pl
 
 from etl import warehouse
-from queries.db import connect
+from queries.db import Views
 from queries.saved import get_query, saved_queries
 
 
@@ -35,12 +35,23 @@ class Warehouse(warehouse.Warehouse):
 
     def __init__(self, path: str | Path = warehouse.DEFAULT_WAREHOUSE) -> None:
         super().__init__(path)
-        self.con: duckdb.DuckDBPyConnection = connect(self)
+        self.views = Views(self)
+        """The views and the reads made through them (``queries.db.Views``)."""
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
         """The DuckDB connection with the views defined."""
+        return self.views.con
 
     def sql(self, text: str, **params) -> pl.DataFrame:
-        """Run ``text`` (``$name`` placeholders take ``params``) into a polars DataFrame."""
-        return self.con.sql(text, params=params or None).pl()
+        """Run ``text`` (``$name`` placeholders take ``params``) into a polars DataFrame; a
+        read that meets a run replaced meanwhile (``--overwrite``) is made again over the new
+        one.
+
+        Raises:
+            etl.errors.UserError: the SQL fails (one line).
+        """
+        return self.views.sql(text, params)
 
     def runs(self) -> pl.DataFrame:
         """One row per complete run, oldest first (its manifest's fields)."""
@@ -70,5 +81,5 @@ class Warehouse(warehouse.Warehouse):
         runs = [run] if spec.runs == 1 else [run, other]
         if None in runs:
             raise UserError(f"chart {name!r} compares two runs: pass other=RUN_ID")
-        chart, _ = build_chart(self.con, spec, runs)
+        chart, _ = build_chart(self.views, spec, runs)
         return chart

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import altair as alt
 import jinja2
@@ -15,6 +16,9 @@ import polars as pl
 from analysis import charts, theme
 from etl.errors import UserError
 from etl.warehouse import Warehouse
+
+if TYPE_CHECKING:
+    from queries.db import Views
 
 FORMATS = ("html", "png", "svg")
 
@@ -55,19 +59,18 @@ CHARTS: dict[str, ChartSpec] = {spec.name: spec for spec in [
 ]}
 
 
-def chart_frame(con, spec: ChartSpec, runs: list[str]) -> pl.DataFrame:
+def chart_frame(views: Views, spec: ChartSpec, runs: list[str]) -> pl.DataFrame:
     """The saved query's result that ``spec`` is drawn from, for ``runs``."""
-    from queries.db import run_sql
     from queries.saved import get_query
 
     query = get_query(spec.query)
-    return run_sql(con, query.sql, query.bind(spec.params(runs)))
+    return views.sql(query.sql, query.bind(spec.params(runs)))
 
 
-def build_chart(con, spec: ChartSpec, runs: list[str]):
+def build_chart(views: Views, spec: ChartSpec, runs: list[str]):
     """The chart ``spec`` for ``runs`` (theme applied), and the frame it shows."""
     theme.enable()
-    frame = chart_frame(con, spec, runs)
+    frame = chart_frame(views, spec, runs)
     return spec.build(frame), frame
 
 
@@ -137,10 +140,11 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
     Raises:
         UserError: unknown chart, format or run, or a warehouse without runs.
     """
-    from queries.db import connect
+    from queries.db import Views
 
     names = _chart_names(formats, only)
-    con = connect(warehouse)
+    views = Views(warehouse)
+    con = views.con  # the runs' facts: manifests, which a publish replaces whole
     available = complete_runs(con)
     runs = runs or available
     missing = [r for r in runs if r not in available]
@@ -153,7 +157,7 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
     if only and all(CHARTS[n].runs == 2 for n in names) and not jobs:
         raise UserError(f"run_comparison compares runs of one model, and no other run given is "
                         f"of {runs[0]!r}'s model; pass two runs of one model")
-    written, entries = _save_charts(con, jobs, out, formats, progress)
+    written, entries = _save_charts(views, jobs, out, formats, progress)
     written.append(write_index(out, entries, formats, warehouse, run_table(con, runs)))
     return written
 
@@ -171,7 +175,7 @@ def _chart_names(formats: tuple[str, ...], only: list[str] | None) -> list[str]:
     return names
 
 
-def _save_charts(con, jobs: list, out: Path, formats: tuple[str, ...],
+def _save_charts(views: Views, jobs: list, out: Path, formats: tuple[str, ...],
                  progress: Callable[[int], object] | None) -> tuple[list[Path], list]:
     """Build and save the chart of every job; the files written, and the index entries
     ``(spec, runs, rel, n_rows)``."""
@@ -180,7 +184,7 @@ def _save_charts(con, jobs: list, out: Path, formats: tuple[str, ...],
     bar = progress(len(jobs)) if progress is not None else None
     try:
         for spec, job_runs, rel in jobs:
-            chart, frame = build_chart(con, spec, job_runs)
+            chart, frame = build_chart(views, spec, job_runs)
             written += save_chart(chart, out / rel, formats)
             entries.append((spec, job_runs, rel, frame.height))
             if bar is not None:

@@ -15,7 +15,15 @@ from importlib import resources
 import duckdb
 
 from etl.errors import UserError
-from etl.warehouse import TABLES, Run, Warehouse, complete_runs, run_problems
+from etl.warehouse import (
+    TABLES,
+    Problem,
+    Run,
+    Warehouse,
+    complete_runs,
+    read_run,
+    run_problems,
+)
 
 VIEWS_SQL = "sql/views.sql"
 """The views and shared macros, relative to the ``queries`` package."""
@@ -26,24 +34,49 @@ def views_sql() -> str:
     return resources.files("queries").joinpath(VIEWS_SQL).read_text(encoding="utf-8")
 
 
-def usable_runs(runs: list[Run], warn: bool = True) -> list[Run]:
+REREAD_ATTEMPTS = 5
+"""How many times a read that meets a file replaced by a concurrent publish (an
+``--overwrite``) reads the manifests again before it gives up."""
+
+
+class FilesReplaced(UserError):
+    """A file the views were to read is gone: a publish replaced its run meanwhile."""
+
+
+def settled(warehouse: Warehouse, run: Run) -> tuple[Run, list[Problem]]:
+    """``run`` and its bad files (``run_problems``); when it has some and its manifest has
+    changed since it was read (a publish replaced the run meanwhile and deleted the old
+    files), the run read again, up to ``REREAD_ATTEMPTS`` times."""
+    problems = run_problems(run)
+    for _ in range(REREAD_ATTEMPTS):
+        if not problems:
+            break
+        again = read_run(warehouse, run.manifest)
+        if (again.shards, again.problem) == (run.shards, run.problem):
+            break
+        run, problems = again, run_problems(again)
+    return run, problems
+
+
+def usable_runs(warehouse: Warehouse, runs: list[Run]) -> list[Run]:
     """The runs whose files pass the cheap check (exist, footer readable, row counts as in
-    the manifest). Each run left out gets one warning line on stderr.
+    the manifest), each as ``settled`` reads it. Each run left out gets one warning line on
+    stderr.
 
     Raises:
         UserError: no run is usable.
     """
-    good = []
-    for run in runs:
-        problems = run_problems(run)
+    good, bad = [], []
+    for listed in runs:
+        run, problems = settled(warehouse, listed)
         if not problems:
             good.append(run)
-        elif warn:
+        else:
+            bad.append(problems[0])
             print(f"warning: left out {problems[0]}; run {problems[0].fix}", file=sys.stderr)
     if not good:
-        first = run_problems(runs[0])[0]
-        raise UserError(f"every run of the warehouse has a bad file (first: {first}); run "
-                        f"{first.fix}")
+        raise UserError(f"every run of the warehouse has a bad file (first: {bad[0]}); run "
+                        f"{bad[0].fix}")
     return good
 
 
@@ -98,8 +131,9 @@ def open_views(warehouse: Warehouse, runs: list[Run], read_only: bool = False
             con.execute(f"set variable {name} = $value{cast}", {"value": value})
         con.execute(views_sql())
     except duckdb.Error as exc:
-        raise UserError(f"could not open the views over {str(warehouse)!r}: "
-                        f"{str(exc).splitlines()[0]}") from exc
+        error = FilesReplaced if _replaced(exc) else UserError
+        raise error(f"could not open the views over {str(warehouse)!r}: "
+                    f"{str(exc).splitlines()[0]}") from exc
     if read_only:
         lock_down(con, warehouse)
     return con
@@ -110,12 +144,55 @@ def connect(warehouse: Warehouse, read_only: bool = False) -> duckdb.DuckDBPyCon
     ``resid_entropy`` defined over the complete runs of ``warehouse``.
 
     Only the files the manifests list are read. A run with a missing or unreadable file is
-    left out, with a warning on stderr. ``read_only``: see ``lock_down``.
+    left out, with a warning on stderr. ``read_only``: see ``lock_down``. A run published
+    again while the views are opened (its old files deleted) is read again.
 
     Raises:
         UserError: the warehouse does not exist, holds no complete run, or no usable one.
     """
-    return open_views(warehouse, usable_runs(complete_runs(warehouse)), read_only=read_only)
+    for attempt in range(1, REREAD_ATTEMPTS + 1):
+        try:
+            return open_views(warehouse, usable_runs(warehouse, complete_runs(warehouse)),
+                              read_only=read_only)
+        except FilesReplaced:
+            if attempt == REREAD_ATTEMPTS:
+                raise
+
+
+def _replaced(exc: duckdb.Error) -> bool:
+    """Whether ``exc`` says a file the views list is gone (a concurrent publish deleted it)."""
+    text = str(exc)
+    return isinstance(exc, duckdb.IOException) and any(
+        sign in text for sign in ("No files found", "No such file", "FileNotFound"))
+
+
+class Views:
+    """The views over the complete runs of ``warehouse`` (``connect``) and the reads made
+    through them. A read that meets a file deleted under it (an ``--overwrite`` published
+    the run again meanwhile) opens the views over the manifests anew and runs again, so it
+    returns the old run or the new one, never an error or a mix."""
+
+    def __init__(self, warehouse: Warehouse, read_only: bool = False) -> None:
+        self.warehouse = warehouse
+        self.read_only = read_only
+        self.con: duckdb.DuckDBPyConnection = connect(warehouse, read_only=read_only)
+        """The connection the views are defined on (replaced when they are opened anew)."""
+
+    def sql(self, query: str, params: dict | None = None):
+        """Run ``query`` with ``$name`` ``params``; a polars DataFrame, or one-line UserError
+        (``run_sql``)."""
+        for attempt in range(1, REREAD_ATTEMPTS + 1):
+            try:
+                return _frame(self.con, query, params)
+            except duckdb.Error as exc:
+                if not _replaced(exc) or attempt == REREAD_ATTEMPTS:
+                    raise sql_error(exc) from exc
+            self.reopen()
+
+    def reopen(self) -> None:
+        """Define the views anew over the manifests as they are now."""
+        self.con.close()
+        self.con = connect(self.warehouse, read_only=self.read_only)
 
 
 def sql_error(exc: duckdb.Error) -> UserError:
@@ -133,12 +210,16 @@ def sql_error(exc: duckdb.Error) -> UserError:
     return UserError(f"SQL error: {text}")
 
 
+def _frame(con: duckdb.DuckDBPyConnection, query: str, params: dict | None):
+    relation = con.sql(query, params=params or None)
+    if relation is None:
+        raise UserError("the statement returned no result (use a SELECT)")
+    return relation.pl()
+
+
 def run_sql(con: duckdb.DuckDBPyConnection, query: str, params: dict | None = None):
     """Run ``query`` with ``$name`` ``params``; a polars DataFrame, or one-line UserError."""
     try:
-        relation = con.sql(query, params=params or None)
-        if relation is None:
-            raise UserError("the statement returned no result (use a SELECT)")
-        return relation.pl()
+        return _frame(con, query, params)
     except duckdb.Error as exc:
         raise sql_error(exc) from exc

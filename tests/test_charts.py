@@ -13,7 +13,7 @@ from analysis import charts
 from analysis.__main__ import main as analysis_main
 from analysis.render import CHARTS, build_chart, save_chart
 from etl.warehouse import Warehouse
-from queries.db import connect
+from queries.db import Views
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def warehouse(build_warehouse, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def con(warehouse):
-    return connect(Warehouse(warehouse))
+def views(warehouse):
+    return Views(Warehouse(warehouse))
 
 
 def runs_for(spec):
@@ -48,9 +48,9 @@ def clean(rows):
 
 
 @pytest.mark.parametrize("name", list(CHARTS))
-def test_chart_data_is_the_saved_query_result(con, name):
+def test_chart_data_is_the_saved_query_result(views, name):
     spec = CHARTS[name]
-    chart, frame = build_chart(con, spec, runs_for(spec))
+    chart, frame = build_chart(views, spec, runs_for(spec))
     d = chart.to_dict()
     assert frame.height > 0
     assert clean(spec_values(d)) == clean(frame.to_dicts())
@@ -59,13 +59,13 @@ def test_chart_data_is_the_saved_query_result(con, name):
     assert d["config"]["font"].startswith("DejaVu Sans")  # the project theme
 
 
-def _heat_spec(con, name):
-    chart, frame = build_chart(con, CHARTS[name], ["ioi"])
+def _heat_spec(views, name):
+    chart, frame = build_chart(views, CHARTS[name], ["ioi"])
     return chart.to_dict(), frame
 
 
-def test_main_heatmap_facets_measures_with_symmetric_diverging_scale(con):
-    d, frame = _heat_spec(con, "heatmap")
+def test_main_heatmap_facets_measures_with_symmetric_diverging_scale(views):
+    d, frame = _heat_spec(views, "heatmap")
     assert d["facet"]["column"]["field"] == "measure"
     assert d["facet"]["column"]["sort"] == ["diff", "marginal"]
     enc = d["spec"]["encoding"]
@@ -82,8 +82,8 @@ def test_main_heatmap_facets_measures_with_symmetric_diverging_scale(con):
     assert folds[0]["fold"] == ["mean_diff", "mean_marginal"]
 
 
-def test_head_heatmap_drops_mlp_and_uses_its_own_scale(con):
-    d, frame = _heat_spec(con, "heatmap_heads")
+def test_head_heatmap_drops_mlp_and_uses_its_own_scale(views):
+    d, frame = _heat_spec(views, "heatmap_heads")
     heads = frame.filter(frame["kind"] == "head")
     limit = max(abs(v) for v in heads["mean_diff"].to_list() + heads["mean_marginal"].to_list())
     enc = d["spec"]["encoding"]
@@ -92,8 +92,8 @@ def test_head_heatmap_drops_mlp_and_uses_its_own_scale(con):
     assert {"filter": "datum.kind == 'head'"} in d["transform"]
 
 
-def test_increase_heatmap_masks_non_positive_cells(con):
-    d, frame = _heat_spec(con, "heatmap_increases")
+def test_increase_heatmap_masks_non_positive_cells(views):
+    d, frame = _heat_spec(views, "heatmap_increases")
     assert {"filter": "datum.mean > 0"} in d["transform"]
     scale = d["spec"]["encoding"]["color"]["scale"]
     values = frame["mean_diff"].to_list() + frame["mean_marginal"].to_list()
@@ -150,13 +150,13 @@ def test_heatmap_columns_are_sorted_after_measure_is_computed(name):
         raise AssertionError("no column sort index in the compiled spec")
 
 
-def test_resid_and_comparison_encodings(con):
-    resid, _ = build_chart(con, CHARTS["resid_steps"], ["ioi"])
+def test_resid_and_comparison_encodings(views):
+    resid, _ = build_chart(views, CHARTS["resid_steps"], ["ioi"])
     layers = resid.to_dict()["layer"]
     line = [layer for layer in layers if layer.get("mark", {}).get("type") == "line"][0]
     assert line["encoding"]["x"]["field"] == "layer"
     assert line["encoding"]["color"]["field"] == "source"
-    comparison, frame = build_chart(con, CHARTS["run_comparison"], ["ioi", "text"])
+    comparison, frame = build_chart(views, CHARTS["run_comparison"], ["ioi", "text"])
     layers = comparison.to_dict()["layer"]
     points = [layer for layer in layers if layer.get("mark", {}).get("type") == "circle"][0]
     assert points["encoding"]["x"]["field"] == "mean_diff_a"
@@ -212,9 +212,9 @@ def _png_size(path):
 
 
 @pytest.mark.parametrize("name", list(CHARTS))
-def test_each_chart_renders_to_png_svg_and_offline_html(con, tmp_path, name):
+def test_each_chart_renders_to_png_svg_and_offline_html(views, tmp_path, name):
     spec = CHARTS[name]
-    chart, _ = build_chart(con, spec, runs_for(spec))
+    chart, _ = build_chart(views, spec, runs_for(spec))
     files = save_chart(chart, tmp_path / name, ("html", "png", "svg"))
     html_file, png, svg = files
     width, height = _png_size(png)

@@ -15,7 +15,7 @@ from etl.lens.types import ABLATION_MODES, LENS_MODES
 from etl.model.random_init import write_checkpoint
 from etl.run.runner import run_extract
 from etl.warehouse import Warehouse
-from queries.db import connect, run_sql
+from queries.db import Views
 from queries.saved import saved_queries
 from tests.reference import reference_measures
 from tests.test_extract_cli import N_LAYERS, _frame, _stored
@@ -135,15 +135,15 @@ def test_the_runs_view_and_manifest_record_the_architecture(warehouse):
 @pytest.mark.parametrize("family", ["pythia", "llama"])
 def test_saved_queries_and_charts_work(warehouse, family):
     run_id = f"{family}-final-scale-zero"
-    con = connect(Warehouse(warehouse), read_only=True)
+    views = Views(Warehouse(warehouse), read_only=True)
     for name, query in saved_queries().items():
         params = {"run_a": run_id, "run_b": f"{family}-recomputed-ln-zero"} \
             if name == "compare_runs" else {"run_id": run_id}
         known = {param.name for param in query.params}
         assert set(params) <= known, (name, known)
         params = {k: v for k, v in params.items() if k in known}
-        assert run_sql(con, query.sql, query.bind(params)).height > 0, name
-    chart, frame = build_chart(con, CHARTS["resid_steps"], [run_id])
+        assert views.sql(query.sql, query.bind(params)).height > 0, name
+    chart, frame = build_chart(views, CHARTS["resid_steps"], [run_id])
     svg = vl_convert.vegalite_to_svg(chart.to_json())
     series = ("attention (mid − pre)", "MLP (next pre − mid)", "parallel block (next pre − pre)")
     shown = series[2:] if family == "pythia" else series[:2]  # parallel: no resid_mid
@@ -151,9 +151,9 @@ def test_saved_queries_and_charts_work(warehouse, family):
     assert frame["mean_resid_mid"].is_null().all() == (family == "pythia")
     for name, spec in CHARTS.items():  # every chart builds, from non-empty results
         runs = [run_id, f"{family}-recomputed-ln-zero"][:spec.runs]
-        built, rows = build_chart(con, spec, runs)
+        built, rows = build_chart(views, spec, runs)
         assert rows.height > 0 and built.to_dict(), name
-    _, frame = build_chart(con, CHARTS["heatmap"], [run_id])
+    _, frame = build_chart(views, CHARTS["heatmap"], [run_id])
     assert frame.height == 2 * (4 + 1)  # 2 layers × (4 heads + MLP)
 
 

@@ -6,10 +6,18 @@ import hashlib
 import json
 import signal
 
-from etl.warehouse import Warehouse
+from analysis.api import Warehouse as AnalysisWarehouse
+from etl.warehouse import RunWriter, Warehouse, complete_runs
 from etl.warehouse.files import KILL_AT_ENV
 from queries.cli import main as queries_main
-from tests.test_faults import _command, _rows, _run, _run_here, corpus, reference  # noqa: F401
+from queries.db import usable_runs
+from scripts.overwrite_race import main as race_main
+from tests import test_faults
+from tests.test_faults import _command, _rows, _run, _run_here
+from tests.test_warehouse import _batch, bare_manifest
+
+corpus = test_faults.corpus  # the same fixtures: a small corpus, an uninterrupted run's rows
+reference = test_faults.reference
 
 TABLES = ("component_entropy", "resid_entropy", "tokens")
 
@@ -61,3 +69,45 @@ def test_a_staged_shard_without_its_record_is_measured_again(tiny_checkpoint, co
     manifest = json.loads(Warehouse(tmp_path).manifest_path("whole").read_text())
     assert manifest["timing"]["batches_resumed"] == 1
     assert _rows(tmp_path, "whole") == reference
+
+
+def _publish(root, run_id: str, seed: int) -> None:
+    """Publish ``run_id`` (a new generation, its old files deleted) with rows from ``seed``."""
+    writer = RunWriter(Warehouse(root).open_staging(run_id, overwrite=True), workers=1)
+    for batch in range(2):
+        _batch(writer, batch, seed)
+    writer.close()
+    writer.staging.publish(bare_manifest(run_id), n_batches=2)
+
+
+SUM = "select count(*) as n, sum(entropy_diff) as total from component_entropy"
+
+
+def test_a_read_made_before_a_publish_reads_the_new_run_after_it(tmp_path):
+    """The views were opened over the old generation; publishing deletes its files; the next
+    read is made again over the new one instead of failing."""
+    _publish(tmp_path, "r", seed=0)
+    wh = AnalysisWarehouse(tmp_path)
+    old = wh.sql(SUM).row(0)
+    _publish(tmp_path, "r", seed=1)
+    new = AnalysisWarehouse(tmp_path).sql(SUM).row(0)
+    assert new != old
+    assert wh.sql(SUM).row(0) == new
+
+
+def test_runs_listed_before_a_publish_are_read_again_not_left_out(tmp_path, capsys):
+    _publish(tmp_path, "r", seed=0)
+    warehouse = Warehouse(tmp_path)
+    listed = complete_runs(warehouse)
+    _publish(tmp_path, "r", seed=1)
+    usable = usable_runs(warehouse, listed)
+    assert [run.shards for run in usable] == [run.shards for run in complete_runs(warehouse)]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_reads_racing_a_killed_and_restarted_overwrite_never_fail(tiny_checkpoint, capsys):
+    """``scripts/overwrite_race.py`` with 2 attempts (the README's figure is from 20)."""
+    code = race_main(["--model", str(tiny_checkpoint), "--attempts", "2"])
+    counts = json.loads(capsys.readouterr().out)
+    assert code == 0 and counts["failures"] == 0, counts
+    assert counts["reads"] >= 20 and counts["publishes"] >= 1

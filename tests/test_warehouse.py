@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from etl.warehouse import Manifest, RunWriter, Warehouse, component_table, resid_table
+from etl.warehouse.tables import TOKENS_SCHEMA
 
 N_LAYERS, N_HEADS, SEQ_LEN = 2, 3, 4
 PLAN = {"run_id": "r", "config_fingerprint": "abc", "n_batches": 2}
@@ -37,8 +38,11 @@ def _batch(writer: RunWriter, batch: int, seed: int = 0) -> None:
     resid = rng.normal(size=(n_tok, 2 * N_LAYERS + 1)).astype(np.float32)
     writer.write("component_entropy", component_table(diff, marginal, seqs, positions), batch)
     writer.write("resid_entropy", resid_table(resid, seqs, positions), batch)
-    writer.write("tokens", pa.table({"seq": seqs.astype(np.int32),
-                                     "position": positions.astype(np.int32)}), batch)
+    known = {"seq": pa.array(seqs, pa.int32()), "position": pa.array(positions, pa.int32()),
+             "token_id": pa.array(positions, pa.int32())}
+    tokens = pa.Table.from_arrays([known.get(f.name, pa.nulls(n_tok, f.type))
+                                   for f in TOKENS_SCHEMA], schema=TOKENS_SCHEMA)
+    writer.write("tokens", tokens, batch)
 
 
 def _staged(root) -> list[str]:

@@ -10,6 +10,7 @@ from etl.warehouse.catalog import (
     Run,
     Shard,
     complete_runs,
+    read_run,
     read_runs,
     run_problems,
     stray_files,
@@ -25,6 +26,6 @@ from etl.warehouse.writer import RunWriter
 __all__ = [
     "DEFAULT_WAREHOUSE", "SCHEMAS", "TABLES", "Manifest", "Problem", "Run", "RunWriter",
     "Shard", "StagingArea", "TokenRows", "Warehouse", "complete_runs", "component_table",
-    "migrate", "read_runs", "resid_table", "run_problems", "storage_errors", "stray_files",
-    "validate_run_id",
+    "migrate", "read_run", "read_runs", "resid_table", "run_problems", "storage_errors",
+    "stray_files", "validate_run_id",
 ]
