@@ -66,8 +66,9 @@ def write_failure(exc: Exception, warehouse) -> str:
     else:
         reason = one_line(getattr(exc, "strerror", None) or str(exc)) or type(exc).__name__
     message = f"could not write the run to {warehouse}: {reason}; nothing was published"
-    # a client error (an endpoint that stopped answering) passes like a full disk
-    if code in RESUMABLE_ERRNOS or not isinstance(exc, OSError):
+    # an error without errno (an object-storage client's, a timeout: an endpoint that
+    # stopped answering) passes like a full disk
+    if code in RESUMABLE_ERRNOS or not code:
         message += "; run the same command again to resume"
     return message
 

@@ -203,11 +203,15 @@ class LeaseLock:
                             "its staged batches are kept for the holder to use")
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still this holder's."""
+        """Stop the heartbeat and delete the lease if it is still this holder's. A beat
+        still waiting on the storage after ``heartbeat_s`` is left behind (a daemon thread:
+        it keeps nothing alive), and so is the lease, which goes stale."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._thread.join(timeout=self.heartbeat_s)
+            stuck, self._thread = self._thread.is_alive(), None
+            if stuck:
+                return
             try:
                 held = self._read()
                 if held is not None and held.get("token") == self.token:

@@ -156,10 +156,11 @@ class StagingArea:
         self.done_batches = set.intersection(*staged.values())
 
     def _record(self, table: str, batch: int) -> dict | None:
-        """The record of a staged shard, or None when it is missing or unreadable."""
+        """The record of a staged shard, or None when it is missing or unreadable (a
+        storage that fails raises)."""
         try:
             record = json.loads(self.record_path(table, batch).read_bytes())
-        except (OSError, ValueError):
+        except (FileNotFoundError, ValueError):
             return None
         ok = isinstance(record, dict) and isinstance(record.get("sha256"), str) \
             and isinstance(record.get("rows"), int)
@@ -171,9 +172,9 @@ class StagingArea:
         return record is not None and sha256_of(self.shard_path(table, batch)) == record["sha256"]
 
     def staged_shards(self, n_batches: int | None = None) -> dict[str, list[dict]]:
-        """Every staged shard with its row count and sha256 (from its record), per table:
-        shards ``0 .. n_batches-1`` of each (written by this process or by workers), or,
-        with None, whatever is staged.
+        """Every staged shard with its row count and sha256 (from its record, which is
+        written after the shard), per table: shards ``0 .. n_batches-1`` of each (written by
+        this process or by workers), or, with None, whatever is staged.
 
         Raises:
             RuntimeError: a table lacks one of the batches ``0..n_batches-1``.
@@ -187,8 +188,7 @@ class StagingArea:
             else:
                 batches = list(range(n_batches))
             records = {i: self._record(table, i) for i in batches}
-            missing = [i for i, record in records.items() if record is None
-                       or not self.shard_path(table, i).exists()][:5]
+            missing = [i for i, record in records.items() if record is None][:5]
             if missing:
                 raise RuntimeError(f"staged {table} shards are incomplete (missing batches "
                                    f"{missing}); nothing was published")

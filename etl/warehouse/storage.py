@@ -68,7 +68,36 @@ def parse_root(text: str) -> Path:
                         f"{S3_EXTRA}") from None
     if not text.partition("://")[2].strip("/"):
         raise UserError(f"warehouse {text!r} names no bucket; pass s3://bucket/prefix")
-    return UPath(text.rstrip("/"), use_listings_cache=False)
+    return UPath(text.rstrip("/"), **s3_options())
+
+
+TIMEOUT_ENV = "ENTROPY_WAREHOUSE_STORAGE_TIMEOUT_S"
+"""Seconds one object-storage request may wait for the endpoint: to connect, and for each
+read of its answer (default ``TIMEOUT_S``)."""
+TIMEOUT_S = 10.0
+
+
+def s3_options() -> dict:
+    """The ``s3fs`` options of an object-storage warehouse: listings never cached (other
+    processes write the same prefix), and a bounded wait: one try per request in botocore,
+    which gives up after ``TIMEOUT_ENV`` seconds without an answer; ``s3fs`` tries a request
+    that timed out 5 times in all, backing off (under 2 s in all). An endpoint that stops
+    answering fails the command in one line after about 5 × the timeout, instead of hanging
+    it; one that refuses connections fails at once.
+
+    Raises:
+        UserError: ``TIMEOUT_ENV`` is not a positive number.
+    """
+    text = os.environ.get(TIMEOUT_ENV)
+    try:
+        timeout = float(text) if text else TIMEOUT_S
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        raise UserError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds")
+    return {"use_listings_cache": False,
+            "config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                              "retries": {"max_attempts": 1}}}
 
 
 def absolute(path: Path) -> Path:
