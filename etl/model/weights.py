@@ -1,0 +1,86 @@
+"""Whether a local checkpoint's weight files hold exactly the tensors its ``config.json``
+describes: transformers fills a missing tensor with random values (and drops an unexpected
+one) with no more than a warning, and a run would measure them as if they were the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from etl.errors import UserError
+
+
+def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor in the weight files of the checkpoint ``folder``
+    (``model.safetensors``, its sharded index, or ``pytorch_model.bin``), read from their
+    headers (a ``.bin`` is memory-mapped, not read)."""
+    files = []
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        files.append(folder / "model.safetensors")
+    elif index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files.extend(folder / shard for shard in sorted(set(weight_map.values())))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    if not files and (folder / "pytorch_model.bin").is_file():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", mmap=True,
+                           weights_only=True)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return shapes
+
+
+def expected_shapes(model) -> tuple[dict[str, tuple[int, ...]], dict[str, set[str]]]:
+    """Name → shape of every tensor a checkpoint of ``model`` (a transformers model: its
+    class and config) must hold, and for each, the names tied to it (one tensor stored once).
+
+    Read off a skeleton of the model built on the meta device (no memory, no values): the
+    loaded model's own modules are wrapped and renamed by the bridge."""
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    groups: dict[int, set[str]] = {}
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), set()).add(name)
+    return shapes, {name: group for group in groups.values() for name in group}
+
+
+def weight_problems(model, stored: dict[str, tuple[int, ...]]) -> list[str]:
+    """What differs between the tensors ``model`` (a transformers model: its class and
+    config) needs and the ``stored`` ones: each tensor missing from the files (unless one
+    tied to it is there), each the files hold that the model has no place for (unless
+    transformers ignores it by design, e.g. GPT-2's ``attn.bias`` masks), and each of
+    another shape, each kind sorted by name. Stored names may lack the base model's prefix
+    (``transformer.``)."""
+    shapes, tied = expected_shapes(model)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    stored = {k if k in shapes or prefix + k not in shapes else prefix + k: v
+              for k, v in stored.items()}
+    ignored = [re.compile(rf"(^|\.){p}$") for p in  # whole names: attn.bias, not c_attn.bias
+               getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    problems = [f"{k} is missing" for k in sorted(shapes)
+                if k not in stored and not tied.get(k, set()) & stored.keys()]
+    problems += [f"{k} has no place in the model" for k in sorted(stored)
+                 if k not in shapes and not any(p.search(k) for p in ignored)]
+    problems += [f"{k} is {list(stored[k])}, the config says {list(shapes[k])}"
+                 for k in sorted(stored) if k in shapes and shapes[k] != stored[k]]
+    return problems
+
+
+def check_weights_complete(model, folder: Path, name: str) -> None:
+    """Raise ``UserError`` naming the first tensor of ``weight_problems``."""
+    problems = weight_problems(model, stored_shapes(folder))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"the weights of {name!r} do not match its config.json: "
+                        f"{problems[0]}{more}; nothing was measured (the model would run with "
+                        "random values in its place): copy the checkpoint again or fix its "
+                        "config.json")
