@@ -13,6 +13,7 @@ from etl.warehouse.tables import TOKENS_SCHEMA
 
 N_LAYERS, N_HEADS, SEQ_LEN = 2, 3, 4
 PLAN = {"run_id": "r", "config_fingerprint": "abc", "n_batches": 2}
+WHEN = "2026-01-01T00:00:00+00:00"
 
 
 def _writer(root, run_id: str, workers: int, plan: dict | None = PLAN) -> RunWriter:
@@ -25,7 +26,7 @@ def manifest_path(root, run_id: str):
 
 def bare_manifest(run_id: str) -> Manifest:
     """A manifest with every field of what was run left empty."""
-    return Manifest(run_id, "", "", "", "", "", "", 0, 0, 0, 0, 0, 0, "", "", 0.0, 0.0, {},
+    return Manifest(run_id, WHEN, WHEN, "", "", "", "", 0, 0, 0, 0, 0, 0, "", "", 0.0, 0.0, {},
                     {}, {}, "", {}, {}, None, "")
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from etl.errors import UserError
 from etl.warehouse.files import sha256_of
-from etl.warehouse.manifest import load_manifest
+from etl.warehouse.manifest import load_manifest, manifest_problem
 from etl.warehouse.migration import MIGRATE, outdated
 from etl.warehouse.storage import read_parquet_metadata, storage_errors
 from etl.warehouse.tables import TABLES
@@ -76,21 +76,30 @@ def _listed_shards(warehouse: Warehouse, run_id: str, shards: object) -> list[Sh
             name = entry.get("file") if isinstance(entry, dict) else None
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"it lists a bad {table} file name {name!r}")
+            path = warehouse.partition(table, run_id, root) / name
+            if not warehouse.remote and path.resolve() != path:
+                raise ValueError(f"its {table} file {name!r} is reached through a symbolic "
+                                 "link, to a place outside its own partition")
             rows = entry.get("rows")
-            listed.append(Shard(table, warehouse.partition(table, run_id, root) / name,
-                                rows if isinstance(rows, int) else None, entry.get("sha256")))
+            listed.append(Shard(table, path, rows if isinstance(rows, int) else None,
+                                entry.get("sha256")))
     return listed
 
 
 def read_run(warehouse: Warehouse, manifest: Path) -> Run:
     """The run whose manifest is ``manifest``; a manifest that cannot be used (unreadable,
-    malformed, or written by an earlier version) gives a run with a ``problem``."""
+    too large, not what ``Manifest`` declares (``manifest_problem``), listing a file reached
+    through a symbolic link, or written by an earlier version) gives a run with a
+    ``problem``."""
     run_id = warehouse.run_id_of(manifest)
     try:
         data = load_manifest(manifest)
         why = outdated(data)
         if why:
             return Run(run_id, manifest, problem=why, fix=MIGRATE)
+        why = manifest_problem(data, run_id)
+        if why:
+            raise ValueError(why)
         return Run(run_id, manifest, _listed_shards(warehouse, run_id, data["shards"]))
     except (OSError, ValueError) as exc:
         return Run(run_id, manifest, problem=f"unusable manifest ({exc})")

@@ -6,8 +6,12 @@ publishing. The ``runs`` view shows these fields as columns (``queries/sql/views
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime
 from pathlib import Path
+
+from etl.warehouse.tables import TABLES
 
 SCHEMA_VERSION = 2
 """The manifest's layout: version 2 lists the run's files under ``shards``. Older
@@ -78,14 +82,93 @@ class Manifest:
         return asdict(self)
 
 
+MAX_MANIFEST_BYTES = 8 << 20
+"""The largest manifest read (8 MiB: about 60,000 shards); DuckDB reads JSON objects of at
+most 16 MB."""
+
+
 def load_manifest(path: Path) -> dict:
     """The JSON object of the manifest file ``path``.
 
     Raises:
         OSError: it cannot be read (``FileNotFoundError`` when it is missing).
-        ValueError: it is not JSON, or not a JSON object.
+        ValueError: it is larger than ``MAX_MANIFEST_BYTES``, not JSON, or not a JSON
+            object.
     """
-    data = json.loads(path.read_text(encoding="utf-8"))
+    with path.open("rb") as f:
+        text = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"it is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+    data = json.loads(text.decode("utf-8"))
     if not isinstance(data, dict):
         raise ValueError("it is not a JSON object")
     return data
+
+
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,),
+          "str | None": (str, type(None))}
+"""The JSON types each annotation of ``Manifest`` admits (bool is never a number)."""
+REQUIRED = ("run_id", "created_at", "model", "dataset", "lens", "ablation", "n_layers",
+            "n_heads")
+"""The fields every reader relies on; any other may be absent or null (not recorded)."""
+_TIMES = ("created_at", "completed_at")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ISO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?"
+                       r"(Z|[+-]\d{2}(:?\d{2})?)?$")
+
+
+def manifest_problem(data: dict, run_id: str) -> str | None:
+    """What makes the manifest ``data`` of run ``run_id`` unusable, checked against
+    ``Manifest``: a ``REQUIRED`` field missing, a field of another type, another run's id, a
+    time that is not ISO 8601, a table without its ``shards`` list, or a shard entry that is
+    malformed or listed twice; None when it is sound."""
+    for spec in fields(Manifest):
+        value = data.get(spec.name)
+        if value is None:
+            if spec.name in REQUIRED:
+                return f"its field {spec.name!r} is missing"
+            continue
+        if isinstance(value, bool) or not isinstance(value, _TYPES[spec.type]):
+            return f"its field {spec.name!r} is {_shown(value)}, not of type {spec.type}"
+    if data["run_id"] != run_id:
+        return f"it is the manifest of run {_shown(data['run_id'])}"
+    for name in _TIMES:
+        if data.get(name) is not None and not _is_time(data[name]):
+            return f"its field {name!r} is {_shown(data[name])}, not an ISO 8601 time"
+    return _shards_problem(data.get("shards") or {})
+
+
+def _is_time(text: str) -> bool:
+    """Whether ``text`` is a date and time as ISO 8601 writes it (what DuckDB reads too)."""
+    if not _ISO_TIME.match(text):
+        return False
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _shards_problem(shards: dict) -> str | None:
+    for table in TABLES:
+        entries = shards.get(table)
+        if not isinstance(entries, list):
+            return f"it lists no {table} shards"
+        names = set()
+        for entry in entries:
+            ok = isinstance(entry, dict) and isinstance(entry.get("file"), str) \
+                and isinstance(entry.get("rows"), int) and not isinstance(entry["rows"], bool) \
+                and entry["rows"] >= 0 and isinstance(entry.get("sha256"), str) \
+                and _SHA256.match(entry["sha256"])
+            if not ok:
+                return f"it lists a malformed {table} shard {_shown(entry)}"
+            if entry["file"] in names:
+                return f"it lists the {table} shard {entry['file']!r} twice"
+            names.add(entry["file"])
+    return None
+
+
+def _shown(value: object) -> str:
+    """``value`` as JSON, cut to 60 characters."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
