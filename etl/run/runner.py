@@ -30,7 +30,7 @@ from etl.run.provenance import git_commit, package_versions
 from etl.run.resolved import ResolvedOptions, resolve
 from etl.sources.corpus import TokenSet
 from etl.sources.dataset import Texts, build_tokens, read_texts
-from etl.warehouse import Manifest, StagingArea
+from etl.warehouse import Manifest, StagingArea, storage_errors
 
 
 @dataclass
@@ -82,30 +82,43 @@ class ExtractRunner:
         if not run.progress:
             quiet_libraries()
         with run.warehouse.lock(run.run_id) as lock, executor_for(config, run) as executor:
-            run.warehouse.ensure_new_run(run.run_id, run.overwrite)
-            # The data first: a missing dataset fails before the (slow) model load.
-            texts = self.texts if self.texts is not None else read_texts(config)
-            model = self.model or load_model(config.model, device=executor.model_device,
-                                             dtype=getattr(torch, config.dtype))
-            check_measurable(model.cfg, config.model)
-            check_probe(model, config.model)
-            tokens = self._tokens(model, texts)
-            batches = Batches(tokens, config.sequences_per_forward(
-                run.device, tokens.seq_len, ModelSizes.of(model.cfg)))
-            # A staging area for this attempt; an interrupted run's batches are kept.
-            staging = run.warehouse.open_staging(run.run_id, self._plan(model, batches),
-                                                 overwrite=run.overwrite, restart=run.restart)
-            resumed = batches.skip_done(staging.done_batches)
-            measured = self._measure(executor, model, batches, staging, resumed)
-            # Publish: one manifest names every shard, or nothing is published.
-            lock.confirm()
-            manifest = staging.publish(self._manifest(model, batches, measured),
-                                       n_batches=len(batches.spans))
+            try:
+                manifest, measured, tokens = self._run_locked(lock, executor)
+            except storage_errors() as exc:
+                lost = lock.lost_error()  # e.g. another extraction removed what was staged
+                if lost is not None:
+                    raise lost from exc
+                raise
         return RunResult(
             run_id=run.run_id, manifest_path=run.warehouse.manifest_path(run.run_id),
             rows={"component_entropy": manifest.n_component_rows,
                   "resid_entropy": manifest.n_resid_rows, "tokens": manifest.n_token_rows},
             n_tokens=tokens.n_seqs * tokens.seq_len, tokens_per_s=measured.tokens_per_s)
+
+    def _run_locked(self, lock, executor) -> tuple[Manifest, Measured, TokenSet]:
+        """What ``run`` does under the run's ``lock``; returns the manifest published, what
+        was measured and the tokens."""
+        run, config = self.run_options, self.config
+        run.warehouse.ensure_new_run(run.run_id, run.overwrite)
+        # The data first: a missing dataset fails before the (slow) model load.
+        texts = self.texts if self.texts is not None else read_texts(config)
+        model = self.model or load_model(config.model, device=executor.model_device,
+                                         dtype=getattr(torch, config.dtype))
+        check_measurable(model.cfg, config.model)
+        check_probe(model, config.model)
+        tokens = self._tokens(model, texts)
+        batches = Batches(tokens, config.sequences_per_forward(
+            run.device, tokens.seq_len, ModelSizes.of(model.cfg)))
+        # A staging area for this attempt; an interrupted run's batches are kept.
+        staging = run.warehouse.open_staging(run.run_id, self._plan(model, batches),
+                                             overwrite=run.overwrite, restart=run.restart)
+        resumed = batches.skip_done(staging.done_batches)
+        measured = self._measure(executor, model, batches, staging, resumed)
+        # Publish: one manifest names every shard, or nothing is published.
+        lock.confirm()
+        manifest = staging.publish(self._manifest(model, batches, measured),
+                                   n_batches=len(batches.spans))
+        return manifest, measured, tokens
 
     def _tokens(self, model: LoadedModel, texts: Texts | None) -> TokenSet:
         """The run's token sequences, checked against the model's context and vocabulary."""

@@ -80,23 +80,53 @@ class FileLock:
     def acquire(self) -> FileLock:
         """Take the lock, or raise ``UserError`` naming the process that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise _busy(self.run_id, holder) from None
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _wait_for_holder(fd)
+                os.close(fd)
+                raise _busy(self.run_id, holder) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            if self._lost() is None:
+                break
+            self.release()  # the file was deleted or replaced before it was locked: again
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
-        self._fd = fd
         return self
 
+    def _lost(self) -> str | None:
+        """Why the locked file is no longer the one at ``path`` (deleted or replaced: a
+        second extraction can then lock the new one), else None."""
+        held = os.fstat(self._fd)
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            return f"its lock file {str(self.path)!r} was deleted or replaced while it ran"
+        return None
+
+    def lost_error(self) -> UserError | None:
+        """The error to end the run with when the lock is no longer this holder's, else
+        None (a cheap check: one ``stat``)."""
+        why = self._lost() if self._fd is not None else None
+        if why is None:
+            return None
+        return UserError(f"run {self.run_id!r} was not published: {why}, so another "
+                         "extraction may be writing it too; the batches staged are kept: "
+                         "run the same command again once no other extraction of it runs")
+
     def confirm(self) -> None:
-        """Nothing to check: a held ``flock`` cannot be lost."""
+        """Raise ``lost_error`` when the lock file was deleted or replaced (nothing may be
+        published then); called just before publishing."""
+        error = self.lost_error()
+        if error is not None:
+            raise error
 
     def release(self) -> None:
         """Drop the lock (the file stays; it is reused by the next extraction)."""
@@ -117,6 +147,17 @@ def _read_holder(fd: int) -> str:
         return _describe(json.loads(os.pread(fd, 4096, 0) or b"{}"))
     except (OSError, ValueError):
         return "holder unknown"
+
+
+def _wait_for_holder(fd: int, wait_s: float = 1.0) -> str:
+    """The holder of the lock file ``fd``, waiting up to ``wait_s`` for a holder that has
+    just taken the lock to write its name."""
+    deadline = time.monotonic() + wait_s
+    holder = _read_holder(fd)
+    while holder == "holder unknown" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        holder = _read_holder(fd)
+    return holder
 
 
 def _heartbeat(info: dict) -> float:
@@ -193,14 +234,23 @@ class LeaseLock:
         elif held.get("token") != self.token:
             self.lost = f"its lock was taken over by {_describe(held)}"
 
+    def lost_error(self) -> UserError | None:
+        """The error to end the run with when the heartbeat found the lease no longer this
+        holder's, else None (no request is made)."""
+        if not self.lost:
+            return None
+        return UserError(f"run {self.run_id!r} was not published: {self.lost}, which judged "
+                         f"it stale (no heartbeat for {self.stale_s:.0f} s by that host's "
+                         "clock: this extraction stalled, or the hosts' clocks disagree); its "
+                         "staged batches are kept for the holder to use")
+
     def confirm(self) -> None:
-        """Raise ``UserError`` when the lease is no longer this holder's (nothing may be
+        """Raise ``lost_error`` when the lease is no longer this holder's (nothing may be
         published then); called just before publishing."""
         self._check()
-        if self.lost:
-            raise UserError(f"run {self.run_id!r} was not published: {self.lost} (this "
-                            f"extraction went {self.stale_s:.0f} s without a heartbeat); "
-                            "its staged batches are kept for the holder to use")
+        error = self.lost_error()
+        if error is not None:
+            raise error
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still this holder's. A beat
