@@ -71,7 +71,11 @@ class Warehouse(warehouse.Warehouse):
 
     def chart(self, name: str, run: str, other: str | None = None):
         """The chart ``name`` (``python -m analysis --list``) of ``run`` as an Altair chart;
-        comparison charts take the ``other`` run too."""
+        comparison charts take the ``other`` run too.
+
+        Raises:
+            etl.errors.UserError: an unknown chart, or a run that is not in the warehouse.
+        """
         from analysis.render import CHARTS, build_chart
         from etl.errors import UserError
 
@@ -81,5 +85,10 @@ class Warehouse(warehouse.Warehouse):
         runs = [run] if spec.runs == 1 else [run, other]
         if None in runs:
             raise UserError(f"chart {name!r} compares two runs: pass other=RUN_ID")
+        known = self.runs()["run_id"].to_list()
+        unknown = [r for r in runs if r not in known]
+        if unknown:
+            raise UserError(f"run {unknown[0]!r} is not a complete run in {str(self)!r} "
+                            f"(runs: {', '.join(known)})")
         chart, _ = build_chart(self.views, spec, runs)
         return chart

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ import polars as pl
 
 from analysis import charts, theme
 from etl.errors import UserError
-from etl.warehouse import Warehouse
+from etl.warehouse import RESERVED_RUN_IDS, Warehouse
 
 if TYPE_CHECKING:
     from queries.db import Views
@@ -96,6 +97,16 @@ def complete_runs(con) -> list[str]:
             .fetchall()]
 
 
+def _drawable(runs: list[str]) -> list[str]:
+    """``runs`` without those whose chart folder would take a reserved name (the index
+    page's), each left out with a warning on stderr."""
+    for run in runs:
+        if run in RESERVED_RUN_IDS:
+            print(f"warning: left out run {run}: its folder would take the index page's name",
+                  file=sys.stderr)
+    return [run for run in runs if run not in RESERVED_RUN_IDS]
+
+
 def run_models(con) -> dict[str, str]:
     """Each complete run's model, as the fingerprint of its weights (else its name)."""
     return dict(con.sql("select run_id, coalesce(model_identity ->> 'weights_sha256', model) "
@@ -146,11 +157,15 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
     views = Views(warehouse)
     con = views.con  # the runs' facts: manifests, which a publish replaces whole
     available = complete_runs(con)
-    runs = runs or available
+    runs = runs or _drawable(available)
     missing = [r for r in runs if r not in available]
     if missing:
         raise UserError(f"run {missing[0]!r} is not a complete run in {str(warehouse)!r} "
                         f"(runs: {', '.join(available)})")
+    reserved = [r for r in runs if r in RESERVED_RUN_IDS]
+    if reserved:
+        raise UserError(f"run {reserved[0]!r} cannot be drawn: its folder would take the "
+                        "index page's name; leave it out")
     if only and all(CHARTS[n].runs == 2 for n in names) and len(runs) < 2:
         raise UserError("run_comparison needs two runs; pass --run A --run B")
     jobs = list(_jobs(runs, names, run_models(con)))

@@ -27,6 +27,17 @@ from queries.commands import COMMANDS
 from queries.output import FORMATS
 
 
+def _positive_int(text: str) -> int:
+    """``text`` as an integer of at least 1 (argparse reports anything else in one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS,
                         help="output format (default: from the --output file's extension "
@@ -34,7 +45,7 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
                              "--output)")
     parser.add_argument("--output", type=Path,
                         help="write to FILE instead of stdout (every row)")
-    parser.add_argument("--max-rows", type=int, default=100,
+    parser.add_argument("--max-rows", type=_positive_int, default=100,
                         help="rows shown by --format table on stdout (default 100)")
 
 

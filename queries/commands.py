@@ -79,7 +79,7 @@ def _read_only_query(args: argparse.Namespace, warehouse: Warehouse, sql: str,
     """Check ``sql`` and the output first, then run it on a locked-down connection."""
     ensure_select(sql)
     fmt = output_format(args.format, args.output)
-    check_output(args.output, fmt)
+    check_output(args.output, fmt, warehouse)
     frame = Views(warehouse, read_only=True).sql(sql, params)
     write_result(frame, fmt, args.output, args.max_rows)
     return 0

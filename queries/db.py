@@ -9,7 +9,10 @@ invisible; a plain ``duckdb -init queries/sql/views.sql`` derives them from the 
 from __future__ import annotations
 
 import re
+import shutil
 import sys
+import tempfile
+import weakref
 from importlib import resources
 
 import duckdb
@@ -109,7 +112,11 @@ def init_sql(warehouse: Warehouse, runs: list[Run]) -> str:
 def lock_down(con: duckdb.DuckDBPyConnection, warehouse: Warehouse) -> None:
     """Make ``con`` read-only outside the warehouse: no file access except under its root
     (a folder or an ``s3://`` prefix), no extension installs, and no way to change these
-    settings back."""
+    settings back. DuckDB may always read its own temporary folder, so that folder is a
+    new, empty one of this connection's (deleted with it), not ``<cwd>/.tmp``."""
+    spill = tempfile.mkdtemp(prefix="entropy-warehouse-duckdb-")
+    weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
+    con.execute("set temp_directory = $dir", {"dir": spill})
     con.execute("set allowed_directories = $dirs",
                 {"dirs": [str(warehouse.absolute_root).rstrip("/") + "/"]})
     con.execute("set enable_external_access = false")

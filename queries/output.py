@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from etl.errors import UserError
+
+if TYPE_CHECKING:
+    from etl.warehouse import Warehouse
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -82,9 +87,9 @@ def render(frame: pl.DataFrame, fmt: str, max_rows: int = 100) -> str:
     per row, floats to ``TABLE_SIGNIFICANT_DIGITS`` significant digits), ``csv`` (header
     line, then rows, full precision) or ``json`` (a list of row objects, full precision)."""
     if fmt == "csv":
-        return flatten_nested(frame).write_csv()
+        return flatten_nested(_as_text_cells(frame)).write_csv()
     if fmt == "json":
-        return frame.write_json() + "\n"
+        return _as_text_cells(frame).write_json() + "\n"
     if fmt == "table":
         shown = _readable_floats(_one_line_cells(frame.head(max_rows)))
         with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60,
@@ -98,9 +103,10 @@ def render(frame: pl.DataFrame, fmt: str, max_rows: int = 100) -> str:
     raise UserError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
 
 
-def check_output(output: Path | None, fmt: str) -> None:
+def check_output(output: Path | None, fmt: str, warehouse: Warehouse | None = None) -> None:
     """Raise ``UserError`` when ``--output``/``--format`` cannot work: parquet without a
-    file, an existing folder, or a file in a folder that does not exist."""
+    file, an existing folder, a file in a folder that does not exist, or a file inside the
+    local ``warehouse`` (where it could replace a run's shard or manifest)."""
     if fmt == "parquet" and output is None:
         raise UserError("--format parquet needs --output FILE")
     if output is None:
@@ -113,40 +119,61 @@ def check_output(output: Path | None, fmt: str) -> None:
         if not folder.is_dir():
             what = "is not a folder" if folder.exists() else "does not exist"
             raise UserError(f"cannot write --output {str(output)!r}: {str(folder)!r} {what}")
+        if warehouse is not None and not warehouse.remote and \
+                output.resolve().is_relative_to(warehouse.absolute_root):
+            raise UserError(f"--output {str(output)!r} is inside the warehouse "
+                            f"{str(warehouse)!r}, whose files only extractions write; write "
+                            "it elsewhere")
     except OSError as exc:
         raise UserError(f"cannot write --output {str(output)!r}: "
                         f"{exc.strerror or ' '.join(str(exc).split())}") from exc
+
+
+def _as_text_cells(frame: pl.DataFrame) -> pl.DataFrame:
+    """Binary (BLOB) columns as hex text: CSV and JSON have no bytes."""
+    return frame.with_columns(pl.col(name).bin.encode("hex")
+                              for name, dtype in frame.schema.items() if dtype == pl.Binary)
+
+
+def _write_file(frame: pl.DataFrame, fmt: str, file) -> None:
+    if fmt == "parquet":
+        frame.write_parquet(file, compression="zstd")
+    elif fmt == "csv":
+        flatten_nested(_as_text_cells(frame)).write_csv(file)
+    elif fmt == "json":
+        _as_text_cells(frame).write_json(file)
+    else:
+        file.write(render(frame, fmt, max_rows=frame.height).encode("utf-8"))
 
 
 def write_result(frame: pl.DataFrame, fmt: str, output: Path | None = None,
                  max_rows: int = 100) -> None:
     """Write ``frame`` to ``output`` (a file) or stdout. Parquet needs ``--output``.
 
-    Files are written by polars: ``write_csv`` (nested columns as JSON text),
-    ``write_json`` (a list of row objects) and ``write_parquet`` (zstd); a ``table`` file
-    holds every row.
+    Files are written by polars: ``write_csv`` (nested columns as JSON text, binary ones as
+    hex), ``write_json`` (a list of row objects) and ``write_parquet`` (zstd); a ``table``
+    file holds every row. A file is written under a temporary name, then renamed: whole, or
+    (a full disk) not at all.
 
     Raises:
         UserError: the output cannot be written (see ``check_output``, or an OS error).
     """
     check_output(output, fmt)
+    tmp = None if output is None else Path(output).with_name(f".{Path(output).name}.tmp")
     try:
         if output is None:
             sys.stdout.write(render(frame, fmt, max_rows=max_rows))
             sys.stdout.flush()
             return
-        with open(output, "wb") as file:
-            if fmt == "parquet":
-                frame.write_parquet(file, compression="zstd")
-            elif fmt == "csv":
-                flatten_nested(frame).write_csv(file)
-            elif fmt == "json":
-                frame.write_json(file)
-            else:
-                file.write(render(frame, fmt, max_rows=frame.height).encode("utf-8"))
+        with open(tmp, "wb") as file:
+            _write_file(frame, fmt, file)
+        os.replace(tmp, output)
     except BrokenPipeError:
         raise
     except OSError as exc:
         target = "to stdout" if output is None else f"--output {str(output)!r}"
         raise UserError(f"cannot write {target}: "
                         f"{exc.strerror or ' '.join(str(exc).split())}") from exc
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

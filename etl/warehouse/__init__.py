@@ -15,7 +15,12 @@ from etl.warehouse.catalog import (
     run_problems,
     stray_files,
 )
-from etl.warehouse.layout import DEFAULT_WAREHOUSE, Warehouse, validate_run_id
+from etl.warehouse.layout import (
+    DEFAULT_WAREHOUSE,
+    RESERVED_RUN_IDS,
+    Warehouse,
+    validate_run_id,
+)
 from etl.warehouse.manifest import Manifest
 from etl.warehouse.migration import migrate
 from etl.warehouse.staging import StagingArea
@@ -24,8 +29,8 @@ from etl.warehouse.tables import SCHEMAS, TABLES, TokenRows, component_table, re
 from etl.warehouse.writer import RunWriter
 
 __all__ = [
-    "DEFAULT_WAREHOUSE", "SCHEMAS", "TABLES", "Manifest", "Problem", "Run", "RunWriter",
-    "Shard", "StagingArea", "TokenRows", "Warehouse", "complete_runs", "component_table",
-    "migrate", "read_run", "read_runs", "resid_table", "run_problems", "storage_errors",
-    "stray_files", "validate_run_id",
+    "DEFAULT_WAREHOUSE", "RESERVED_RUN_IDS", "SCHEMAS", "TABLES", "Manifest", "Problem", "Run",
+    "RunWriter", "Shard", "StagingArea", "TokenRows", "Warehouse", "complete_runs",
+    "component_table", "migrate", "read_run", "read_runs", "resid_table", "run_problems",
+    "storage_errors", "stray_files", "validate_run_id",
 ]

@@ -37,12 +37,20 @@ RUN_ID_RULE = ("use 1–100 letters, digits, '.', '_' or '-', starting with a le
                "(or leave it out for the derived id)")
 
 
+RESERVED_RUN_IDS = ("index.html",)
+"""Run ids that would collide with another file: the charts' index page (``analysis`` writes
+a folder per run beside it)."""
+
+
 def validate_run_id(run_id: str) -> str:
     """Return ``run_id`` if it is a safe partition value, else raise ``UserError``."""
     if run_id == "":
         raise UserError(f"--run-id is empty: {RUN_ID_RULE}")
     if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
         raise UserError(f"bad --run-id {run_id!r}: {RUN_ID_RULE}")
+    if run_id in RESERVED_RUN_IDS:
+        raise UserError(f"--run-id {run_id!r} is the name of the charts' index page; choose "
+                        "another")
     return run_id
 
 

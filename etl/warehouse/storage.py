@@ -33,6 +33,8 @@ from etl.errors import UserError
 REMOTE_SCHEMES = ("s3",)
 """URL schemes a warehouse may use besides a local folder."""
 S3_EXTRA = "pip install 'entropy-warehouse[s3]'"
+GLOB_CHARACTERS = "*?["
+"""Characters DuckDB reads as a pattern in a file path (it has no escape for them)."""
 
 
 def is_remote(path: object) -> bool:
@@ -52,9 +54,16 @@ def parse_root(text: str) -> Path:
     write the same prefix). Only ``etl.warehouse.Warehouse`` calls it, once per command.
 
     Raises:
-        UserError: another scheme, no bucket, or ``s3fs``/``universal-pathlib`` not installed.
+        UserError: another scheme, a glob character in the path (``GLOB_CHARACTERS``), no
+            bucket, or ``s3fs``/``universal-pathlib`` not installed.
     """
     scheme = scheme_of(text)
+    if scheme is not None:
+        text = scheme + text[len(scheme):]  # S3://bucket is s3://bucket
+    glob = next((c for c in GLOB_CHARACTERS if c in text), None)
+    if glob is not None:
+        raise UserError(f"warehouse {text!r} has the glob character {glob!r} in its path: "
+                        "DuckDB would also read every folder the pattern matches; rename it")
     if scheme in (None, "file"):
         return Path(text.removeprefix("file://")).expanduser()
     if scheme not in REMOTE_SCHEMES:

@@ -6,7 +6,11 @@
 with
 
 settings as (
-    select $run_id::varchar as run_id, $variant::varchar as variant
+    select
+        $run_id::varchar as run_id,
+        case when $variant::varchar is null or $variant::varchar in ('clean', 'abc')
+             then $variant::varchar
+             else error('variant must be ''clean'', ''abc'' or null') end as variant
 ),
 
 ioi_runs as (
