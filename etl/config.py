@@ -26,6 +26,8 @@ MAX_RUN_TOKENS = 20_000_000
 """Largest run (in tokens) accepted without ``--allow-large``. For GPT-2 small a token gives
 182 rows (12 layers × 13 components, 25 residual points, 1 token row): 3.6 billion rows,
 about 15 GB of Parquet."""
+MAX_WORKERS = 4096
+"""The most ``--workers`` a run may ask for (a larger count is a typo, not a cluster)."""
 PIPELINE_MODES = ("auto", "on", "off")
 
 DATASET_OPTIONS = {
@@ -187,8 +189,8 @@ class RunOptions:
         "instance)", metavar="ADDRESS"))
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise UserError("--workers must be at least 1")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise UserError(f"--workers must be between 1 and {MAX_WORKERS:,}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, unset: tuple[str, ...] = ()) -> None:

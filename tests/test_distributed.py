@@ -158,9 +158,36 @@ def test_workers_without_ray_end_in_one_line(tiny_checkpoint, tmp_path, capsys, 
     assert not (tmp_path / "runs").exists()
 
 
-def test_fewer_than_one_worker_is_refused(tmp_path, capsys):
-    assert extract_main(["--warehouse", str(tmp_path), "--workers", "0"]) == 2
-    assert "--workers must be at least 1" in capsys.readouterr().err
+@pytest.mark.parametrize("count", ["0", str(10 ** 20)])
+def test_a_worker_count_out_of_range_is_refused(tmp_path, capsys, count):
+    assert extract_main(["--warehouse", str(tmp_path), "--workers", count]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--workers must be between 1 and 4,096" in err, err
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--ray-address", "127.0.0.1:1"], "could not reach the Ray cluster at 127.0.0.1:1: "
+                                       "Connection refused"),
+    (["--ray-address", "nowhere"], "--ray-address 'nowhere' is not host:port"),
+    (["--device", "cuda"], "--workers 2 --device cuda needs a GPU per worker, but this "
+                           "machine has 0"),
+])
+def test_a_cluster_that_cannot_be_had_is_one_line_at_once(tiny_checkpoint, tmp_path, capsys,
+                                                          monkeypatch, extra, says):
+    import time
+
+    import torch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    started = time.monotonic()
+    code = extract_main(["--model", str(tiny_checkpoint), "--warehouse", str(tmp_path),
+                         "--no-progress", "--dataset", "ioi", "--n-prompts", "2",
+                         "--workers", "2", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert time.monotonic() - started < 60  # not Ray's minutes of retries
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_workers_failure_is_one_line():

@@ -180,3 +180,13 @@ def test_query_cli_errors(tmp_path, warehouse, capsys):
     assert "no complete run" in _one_line_error(capsys)
     assert query_main(["--warehouse", str(warehouse), "sql", "select * from nope"]) == 2
     assert "SQL error" in _one_line_error(capsys)
+
+
+def test_a_file_url_warehouse_is_that_folder(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "wh"
+    assert extract_main(["--model", str(tiny_checkpoint), "--dataset", "ioi", "--n-prompts",
+                         "2", "--device", "cpu", "--no-progress", "--run-id", "r",
+                         "--warehouse", f"file://{target}"]) == 0
+    assert Warehouse(target).has_run("r")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wh"]  # no ./file:/... folder

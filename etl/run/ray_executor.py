@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 
 import torch
 
@@ -191,6 +192,13 @@ def _connect(ray, options: ResolvedOptions) -> bool:
     instance with a CPU per worker; True when this call started it."""
     if ray.is_initialized():
         return False
+    address = options.ray_address or os.environ.get("RAY_ADDRESS")
+    _check_reachable(address)
+    gpus = torch.cuda.device_count()
+    if not address and options.device.startswith("cuda") and gpus < options.workers:
+        raise UserError(f"--workers {options.workers} --device cuda needs a GPU per worker, "
+                        f"but this machine has {gpus}; ask for at most {gpus} workers, use "
+                        "--device cpu, or pass --ray-address of a cluster with GPUs")
     try:
         if options.ray_address:
             ray.init(address=options.ray_address, log_to_driver=False)
@@ -199,11 +207,32 @@ def _connect(ray, options: ResolvedOptions) -> bool:
             ray.init(num_cpus=options.workers if local else None, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = options.ray_address or "RAY_ADDRESS"
-        raise UserError(f"could not start or reach the Ray cluster ({where}): "
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise UserError(f"could not start or reach {where}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from exc
     return True
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+"""How long the address of a Ray cluster may take to accept a connection."""
+
+
+def _check_reachable(address: str | None) -> None:
+    """Raise ``UserError`` at once when the Ray cluster at ``address`` (``host:port`` or
+    ``ray://host:port``) does not accept a TCP connection within ``RAY_CONNECT_TIMEOUT_S``:
+    ``ray.init`` would retry it for minutes. ``auto``, ``local`` and None are not probed."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address!r} is not host:port (or ray://host:port)")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise UserError(f"could not reach the Ray cluster at {address}: {reason}; start it "
+                        "(ray start --head) or pass its address with --ray-address") from exc
 
 
 def _start_workers(ray, config: ExtractConfig, options: ResolvedOptions, tokens_ref,
