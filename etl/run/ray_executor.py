@@ -159,9 +159,10 @@ class RayExecutor:
                 on_tokens: Count, on_rows: Count) -> dict:
         """Hand every batch still to do to the next free worker, with ``staging``; check
         every result."""
+        actors = self._workers(batches)  # Ray first: its absence is one line
         from ray.util import ActorPool
 
-        pool = ActorPool(self._workers(batches))
+        pool = ActorPool(actors)
         means_ref = self._ray.put(means)
         results = pool.map_unordered(
             lambda a, span: a.measure.remote(*span, means_ref, staging), list(batches.todo))
