@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,40 +39,68 @@ def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expected_shapes(model) -> tuple[dict[str, tuple[int, ...]], dict[str, set[str]]]:
-    """Name → shape of every tensor a checkpoint of ``model`` (a transformers model: its
-    class and config) must hold, and for each, the names tied to it (one tensor stored once).
-
-    Read off a skeleton of the model built on the meta device (no memory, no values): the
-    loaded model's own modules are wrapped and renamed by the bridge."""
+def _skeleton(model):
+    """``model``'s class built from its config on the meta device (no memory, no values):
+    the names and shapes a checkpoint must hold. The loaded model's own modules are
+    wrapped and renamed by the bridge."""
     with torch.device("meta"):
-        skeleton = type(model)(model.config)
-    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        return type(model)(model.config)
+
+
+def _tie_groups(skeleton) -> dict[str, set[str]]:
+    """For each parameter name, the names of the one tensor it is (tied weights)."""
     groups: dict[int, set[str]] = {}
     for name, param in skeleton.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), set()).add(name)
-    return shapes, {name: group for group in groups.values() for name in group}
+    return {name: group for group in groups.values() for name in group}
+
+
+def _loading_names(skeleton, shapes: dict) -> Callable[[str], tuple[str, bool]]:
+    """How transformers names a stored tensor when it loads it into ``skeleton``: its
+    renamings (e.g. GPT-NeoX's ``embed_out`` is ``lm_head``) and the base model's prefix;
+    the second value says whether a converter (several stored tensors into one) took it,
+    whose shape is then not the model's."""
+    prefix = getattr(skeleton, "base_model_prefix", "")
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # another transformers: plain names, with or without the prefix
+        return lambda k: (k if k in shapes or f"{prefix}.{k}" not in shapes
+                          else f"{prefix}.{k}", False)
+    transforms = get_model_conversion_mapping(skeleton)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+
+    def name(key: str) -> tuple[str, bool]:
+        renamed, converted = rename_source_key(key, renamings, converters, prefix or None,
+                                               shapes)
+        return renamed, converted is not None
+    return name
 
 
 def weight_problems(model, stored: dict[str, tuple[int, ...]]) -> list[str]:
     """What differs between the tensors ``model`` (a transformers model: its class and
-    config) needs and the ``stored`` ones: each tensor missing from the files (unless one
-    tied to it is there), each the files hold that the model has no place for (unless
-    transformers ignores it by design, e.g. GPT-2's ``attn.bias`` masks), and each of
-    another shape, each kind sorted by name. Stored names may lack the base model's prefix
-    (``transformer.``)."""
-    shapes, tied = expected_shapes(model)
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    stored = {k if k in shapes or prefix + k not in shapes else prefix + k: v
-              for k, v in stored.items()}
+    config) needs and the ``stored`` ones, named as transformers names them when it loads
+    them: each tensor missing from the files (unless one tied to it is there), each the
+    files hold that the model has no place for (unless transformers ignores it by design,
+    e.g. GPT-2's ``attn.bias`` masks), and each of another shape; each kind sorted."""
+    skeleton = _skeleton(model)
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    tied = _tie_groups(skeleton)
+    name = _loading_names(skeleton, shapes)
+    loaded = {}
+    for key, shape in stored.items():
+        renamed, converted = name(key)
+        loaded[renamed] = None if converted else shape
     ignored = [re.compile(rf"(^|\.){p}$") for p in  # whole names: attn.bias, not c_attn.bias
                getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     problems = [f"{k} is missing" for k in sorted(shapes)
-                if k not in stored and not tied.get(k, set()) & stored.keys()]
-    problems += [f"{k} has no place in the model" for k in sorted(stored)
+                if k not in loaded and not tied.get(k, set()) & loaded.keys()]
+    problems += [f"{k} has no place in the model" for k in sorted(loaded)
                  if k not in shapes and not any(p.search(k) for p in ignored)]
-    problems += [f"{k} is {list(stored[k])}, the config says {list(shapes[k])}"
-                 for k in sorted(stored) if k in shapes and shapes[k] != stored[k]]
+    problems += [f"{k} is {list(loaded[k])}, the config says {list(shapes[k])}"
+                 for k in sorted(loaded) if k in shapes and loaded[k] is not None
+                 and shapes[k] != loaded[k]]
     return problems
 
 

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from etl.errors import UserError
-from etl.warehouse.storage import storage_errors
+from etl.warehouse.storage import seconds_from_env, storage_errors
 
 STALE_S = 120.0
 """How old an object-storage lock's heartbeat must be for the lock to be taken over (hosts'
@@ -41,14 +41,7 @@ suits a storage with slow writes."""
 
 def stale_seconds() -> float:
     """``STALE_S``, or the positive number of seconds ``STALE_ENV`` holds."""
-    text = os.environ.get(STALE_ENV)
-    try:
-        value = float(text) if text else STALE_S
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise UserError(f"{STALE_ENV}={text!r} is not a positive number of seconds")
-    return value
+    return seconds_from_env(STALE_ENV, STALE_S)
 
 
 def _holder_info(**extra) -> dict:

@@ -86,6 +86,23 @@ read of its answer (default ``TIMEOUT_S``)."""
 TIMEOUT_S = 10.0
 
 
+def seconds_from_env(name: str, default: float) -> float:
+    """The positive number of seconds the environment variable ``name`` holds, or
+    ``default`` when it is unset or empty.
+
+    Raises:
+        UserError: it holds anything else.
+    """
+    text = os.environ.get(name)
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"{name}={text!r} is not a positive number of seconds")
+    return value
+
+
 def s3_options() -> dict:
     """The ``s3fs`` options of an object-storage warehouse: listings never cached (other
     processes write the same prefix), and a bounded wait: one try per request in botocore,
@@ -97,13 +114,7 @@ def s3_options() -> dict:
     Raises:
         UserError: ``TIMEOUT_ENV`` is not a positive number.
     """
-    text = os.environ.get(TIMEOUT_ENV)
-    try:
-        timeout = float(text) if text else TIMEOUT_S
-    except ValueError:
-        timeout = -1.0
-    if not timeout > 0:
-        raise UserError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds")
+    timeout = seconds_from_env(TIMEOUT_ENV, TIMEOUT_S)
     return {"use_listings_cache": False,
             "config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
                               "retries": {"max_attempts": 1}}}
