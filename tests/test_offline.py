@@ -163,18 +163,41 @@ def test_missing_openwebtext_fails_before_the_model_loads(tmp_path, tiny_checkpo
     assert "'stas/openwebtext-10k'" in capsys.readouterr().err
 
 
-def test_cached_hub_model_loads_when_hub_unreachable(tmp_path, tiny_checkpoint):
-    """A hub id in the local cache is read from it, without the hub client's retries."""
-    env = _env(tmp_path, f"http://127.0.0.1:{_closed_port()}", False)
+def _cache_model(env: dict, checkpoint: Path, drop: tuple[str, ...] = ()) -> None:
+    """``checkpoint`` as the hub model ``acme/tiny`` in the cache of ``env`` (without the
+    tensors ``drop``)."""
+    from safetensors.torch import load_file, save_file
+
     repo = Path(env["HF_HOME"]) / "hub" / "models--acme--tiny"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    for file in tiny_checkpoint.iterdir():
+    for file in checkpoint.iterdir():
         (snapshot / file.name).write_bytes(file.read_bytes())
+    if drop:
+        weights = load_file(snapshot / "model.safetensors")
+        save_file({k: v for k, v in weights.items() if k not in drop},
+                  snapshot / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_cached_hub_model_loads_when_hub_unreachable(tmp_path, tiny_checkpoint):
+    """A hub id in the local cache is read from it, without the hub client's retries."""
+    env = _env(tmp_path, f"http://127.0.0.1:{_closed_port()}", False)
+    _cache_model(env, tiny_checkpoint)
     proc = _extract(tmp_path, env, "--model", "acme/tiny", "--dataset", "ioi", "--n-prompts",
                     "2", preload=PRELOAD_MODEL, max_command=30)
     assert proc.returncode == 0, proc.stderr
     assert "Retrying" not in proc.stderr, proc.stderr
+
+
+def test_a_damaged_cached_hub_model_is_refused_naming_the_tensor(tmp_path, tiny_checkpoint):
+    env = _env(tmp_path, f"http://127.0.0.1:{_closed_port()}", False)
+    _cache_model(env, tiny_checkpoint, drop=("transformer.h.0.mlp.c_proj.weight",))
+    proc = _extract(tmp_path, env, "--model", "acme/tiny", "--dataset", "ioi", "--n-prompts",
+                    "2", preload=PRELOAD_MODEL, max_command=30)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "transformer.h.0.mlp.c_proj.weight is missing" in errors[0], \
+        proc.stderr

@@ -3,6 +3,8 @@ switched to their local cache (no retries), and it is not asked again."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 HUB_PROBE_TIMEOUT_S = 3.0
 """Seconds the one reachability request to the hub may take before it counts as offline."""
 
@@ -72,3 +74,15 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+
+
+def cached_snapshot(name: str) -> Path | None:
+    """The folder of the hub model ``name`` in the local Hugging Face cache (its
+    ``config.json`` and weight files, as loaded), or None when it is not there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001  (an id the cache cannot hold: nothing to look at)
+        return None
+    return Path(config).parent if isinstance(config, str) else None

@@ -18,7 +18,7 @@ from etl.model.files import (
     looks_like_path,
     missing_model_message,
 )
-from etl.model.hub import is_unreachable
+from etl.model.hub import cached_snapshot, is_unreachable
 from etl.model.weights import check_weights_complete
 
 DEFAULT_MODEL = "openai-community/gpt2"
@@ -158,17 +158,19 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     Raises:
         UserError: the directory does not exist or is not a whole checkpoint (see
             ``check_model``), a hub id is not in the local cache and cannot be downloaded,
-            a local checkpoint's weights are not those its config describes (a tensor
-            missing, unexpected or of another shape: ``check_weights_complete``), a weight
-            is NaN or inf, or the tokenizer is not the model's (``check_tokenizer``).
+            the checkpoint's weights (a local folder, or the hub model's in the local cache)
+            are not those its config describes (a tensor missing, unexpected or of another
+            shape: ``check_weights_complete``), a weight is NaN or inf, or the tokenizer is
+            not the model's (``check_tokenizer``).
     """
     local = looks_like_path(name)
     check_model(name)
     if local:
         name = str(Path(name).expanduser())
     bridge = _boot(name, local, device, dtype)
-    if local:
-        check_weights_complete(bridge.original_model, Path(name), name)
+    folder = Path(name) if local else cached_snapshot(name)
+    if folder is not None:
+        check_weights_complete(bridge.original_model, folder, name)
     check_weights_finite(bridge.original_model, name)
     check_tokenizer(bridge.tokenizer, int(bridge.cfg.d_vocab), name)
     weights_sha256 = _weights_fingerprint(bridge)
