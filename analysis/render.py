@@ -154,9 +154,8 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
     from queries.db import Views
 
     names = _chart_names(formats, only)
-    views = Views(warehouse)
-    con = views.con  # the runs' facts: manifests, which a publish replaces whole
-    available = complete_runs(con)
+    views = Views(warehouse)  # views.con at each use: a retried read replaces it
+    available = complete_runs(views.con)
     runs = runs or _drawable(available)
     missing = [r for r in runs if r not in available]
     if missing:
@@ -168,12 +167,13 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
                         "index page's name; leave it out")
     if only and all(CHARTS[n].runs == 2 for n in names) and len(runs) < 2:
         raise UserError("run_comparison needs two runs; pass --run A --run B")
-    jobs = list(_jobs(runs, names, run_models(con)))
+    jobs = list(_jobs(runs, names, run_models(views.con)))
     if only and all(CHARTS[n].runs == 2 for n in names) and not jobs:
         raise UserError(f"run_comparison compares runs of one model, and no other run given is "
                         f"of {runs[0]!r}'s model; pass two runs of one model")
     written, entries = _save_charts(views, jobs, out, formats, progress)
-    written.append(write_index(out, entries, formats, warehouse, run_table(con, runs)))
+    written.append(write_index(out, entries, formats, warehouse,
+                               run_table(views.con, runs)))
     return written
 
 

@@ -176,8 +176,10 @@ def _replaced(exc: duckdb.Error) -> bool:
 class Views:
     """The views over the complete runs of ``warehouse`` (``connect``) and the reads made
     through them. A read that meets a file deleted under it (an ``--overwrite`` published
-    the run again meanwhile) opens the views over the manifests anew and runs again, so it
-    returns the old run or the new one, never an error or a mix."""
+    the run again meanwhile) opens the views over the manifests anew and runs again, so its
+    rows are the old run's or the new one's, never an error or a mix. (The ``runs`` view
+    reads the manifests when a query runs: during a publish, a query joining it to rows can
+    show the new manifest's facts beside the old rows.)"""
 
     def __init__(self, warehouse: Warehouse, read_only: bool = False) -> None:
         self.warehouse = warehouse

@@ -152,22 +152,26 @@ def write_result(frame: pl.DataFrame, fmt: str, output: Path | None = None,
 
     Files are written by polars: ``write_csv`` (nested columns as JSON text, binary ones as
     hex), ``write_json`` (a list of row objects) and ``write_parquet`` (zstd); a ``table``
-    file holds every row. A file is written under a temporary name, then renamed: whole, or
-    (a full disk) not at all.
+    file holds every row. A new or regular file is written under a temporary name, then
+    renamed: whole, or (a full disk) not at all; a pipe, device or link is written to.
 
     Raises:
         UserError: the output cannot be written (see ``check_output``, or an OS error).
     """
     check_output(output, fmt)
-    tmp = None if output is None else Path(output).with_name(f".{Path(output).name}.tmp")
+    tmp = None  # a new or regular file is replaced whole; a pipe or device is written to
+    if output is not None and (not Path(output).exists() or (
+            Path(output).is_file() and not Path(output).is_symlink())):
+        tmp = Path(output).with_name(f".{Path(output).name}.tmp")
     try:
         if output is None:
             sys.stdout.write(render(frame, fmt, max_rows=max_rows))
             sys.stdout.flush()
             return
-        with open(tmp, "wb") as file:
+        with open(tmp or output, "wb") as file:
             _write_file(frame, fmt, file)
-        os.replace(tmp, output)
+        if tmp is not None:
+            os.replace(tmp, output)
     except BrokenPipeError:
         raise
     except OSError as exc:

@@ -25,7 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-from etl.errors import UserError
 from etl.warehouse import Warehouse
 from queries.db import Views
 
@@ -49,8 +48,8 @@ def _reader(warehouse: Warehouse, want: tuple, stop: threading.Event, counts: di
     while not stop.is_set():
         try:
             got = Views(warehouse, read_only=True).sql(READ).row(0)
-        except UserError as exc:
-            got = f"error: {exc}"
+        except Exception as exc:  # noqa: BLE001  (any error is a failure of the read)
+            got = f"error: {type(exc).__name__}: {exc}"
         counts["reads"] += 1
         if got != want:
             counts["failures"] += 1

@@ -94,3 +94,16 @@ def test_a_bad_manifest_leaves_only_its_own_run_out(bad, tmp_path, capsys):
     assert analysis_main(["--warehouse", str(root), "--out", str(tmp_path / "charts"),
                           "--format", "svg", "--chart", "heatmap", "--no-progress"]) == 0
     assert [p.parent.name for p in (tmp_path / "charts").glob("*/heatmap.svg")] == ["good"]
+
+
+def test_a_manifest_nested_too_deeply_leaves_its_run_out(tmp_path, capsys):
+    root = tmp_path / "wh"
+    write_run(root, "good", seed=0)
+    write_run(root, "bad", seed=1)
+    (root / "runs" / "run_id=bad" / "manifest.json").write_text(
+        '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert query_main(["sql", "select distinct run_id from tokens", "--warehouse", str(root),
+                       "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["run_id", "good"]
+    _warning(err, "nests too deeply")

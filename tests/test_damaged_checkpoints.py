@@ -67,3 +67,18 @@ def test_a_pytorch_bin_checkpoint_is_read_for_its_shapes(tiny_checkpoint, tmp_pa
     weights = load_file(tiny_checkpoint / "model.safetensors")
     torch.save(weights, folder / "pytorch_model.bin")
     assert stored_shapes(folder) == {k: tuple(v.shape) for k, v in weights.items()}
+
+
+def test_a_sharded_pytorch_bin_checkpoint_is_read_for_its_shapes(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    weights = load_file(tiny_checkpoint / "model.safetensors")
+    names = sorted(weights)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        torch.save({k: weights[k] for k in keys}, folder / file)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: file for file, keys in halves.items() for k in keys}}))
+    assert stored_shapes(folder) == {k: tuple(v.shape) for k, v in weights.items()}
+    assert stored_shapes(tmp_path) is None  # no weight file it can read: not checked

@@ -62,12 +62,12 @@ def test_a_binary_column_is_written_as_hex(root, capsys, fmt):
 def test_duckdbs_temporary_folder_is_not_a_way_out(root, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".tmp").mkdir()
-    (tmp_path / ".tmp" / "secret.csv").write_text("a\n42\n")
+    (tmp_path / ".tmp" / "secret.csv").write_text("a\nthe-secret-value\n")
     for sql in ("select * from read_csv('.tmp/secret.csv')",
                 f"select * from read_csv('{tmp_path}/.tmp/secret.csv')",
                 f"select * from glob('{tmp_path}/.tmp/*')"):
         assert query_main(["sql", sql, "--warehouse", str(root)]) == 2, sql
-        assert "42" not in one_line_error(capsys)
+        assert "the-secret-value" not in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("name", ["w*", "w[1]", "w?"])
@@ -122,3 +122,21 @@ def test_a_new_run_cannot_take_the_index_pages_name():
 
     with pytest.raises(UserError, match="is the name of the charts' index page"):
         validate_run_id("index.html")
+
+
+def test_output_through_a_link_writes_the_file_it_points_to(root, tmp_path, capsys):
+    target = tmp_path / "target.csv"
+    target.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    assert query_main(["sql", "select 7 as a", "--warehouse", str(root), "--output",
+                       str(link)]) == 0
+    assert link.is_symlink() and target.read_text() == "a\n7\n"
+
+
+def test_a_glob_character_in_the_current_folder_counts(tmp_path, monkeypatch):
+    folder = tmp_path / "a[1]"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    with pytest.raises(UserError, match="has the glob character '\\['"):
+        Warehouse("wh")

@@ -111,3 +111,24 @@ def test_reads_racing_a_killed_and_restarted_overwrite_never_fail(tiny_checkpoin
     counts = json.loads(capsys.readouterr().out)
     assert code == 0 and counts["failures"] == 0, counts
     assert counts["reads"] >= 20 and counts["publishes"] >= 1
+
+
+def test_charts_drawn_while_their_run_is_published_again_are_all_written(tmp_path, monkeypatch):
+    """A chart's read meets the files deleted under it and is made again over the new run;
+    the index after it reads the runs' facts through the views as they are now."""
+    from analysis import render
+    from analysis.__main__ import main as analysis_main
+
+    root = tmp_path / "wh"
+    _publish(root, "r", seed=0)
+    real = render._save_charts
+
+    def republished_first(views, *args, **kwargs):
+        _publish(root, "r", seed=1)
+        return real(views, *args, **kwargs)
+
+    monkeypatch.setattr(render, "_save_charts", republished_first)
+    out = tmp_path / "charts"
+    assert analysis_main(["--warehouse", str(root), "--out", str(out), "--format", "svg",
+                          "--chart", "heatmap", "--no-progress"]) == 0
+    assert (out / "index.html").is_file() and (out / "r" / "heatmap.svg").is_file()

@@ -16,27 +16,38 @@ from safetensors import safe_open
 from etl.errors import UserError
 
 
-def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
     """Name → shape of every tensor in the weight files of the checkpoint ``folder``
-    (``model.safetensors``, its sharded index, or ``pytorch_model.bin``), read from their
-    headers (a ``.bin`` is memory-mapped, not read)."""
-    files = []
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        files.append(folder / "model.safetensors")
-    elif index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files.extend(folder / shard for shard in sorted(set(weight_map.values())))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with safe_open(file, "pt") as f:
-            for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    if not files and (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", mmap=True,
-                           weights_only=True)
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return shapes
+    (``model.safetensors`` or its sharded index; ``pytorch_model.bin`` or its sharded index,
+    memory-mapped, not read), from their headers; None when they are in none of these
+    forms (e.g. a legacy, non-zip ``.bin``), and so cannot be checked."""
+    for index, single, read in (("model.safetensors.index.json", "model.safetensors",
+                                 _safetensors_shapes),
+                                ("pytorch_model.bin.index.json", "pytorch_model.bin",
+                                 _torch_shapes)):
+        if (folder / single).is_file():
+            files = [folder / single]
+        elif (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+            files = [folder / shard for shard in sorted(set(weight_map.values()))]
+        else:
+            continue
+        try:
+            return {k: v for file in files for k, v in read(file).items()}
+        except RuntimeError:  # a .bin torch cannot memory-map
+            return None
+    return None
+
+
+def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(file, "pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape())
+                for key in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+
+
+def _torch_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def _skeleton(model):
@@ -105,8 +116,10 @@ def weight_problems(model, stored: dict[str, tuple[int, ...]]) -> list[str]:
 
 
 def check_weights_complete(model, folder: Path, name: str) -> None:
-    """Raise ``UserError`` naming the first tensor of ``weight_problems``."""
-    problems = weight_problems(model, stored_shapes(folder))
+    """Raise ``UserError`` naming the first tensor of ``weight_problems`` (weight files in
+    a form ``stored_shapes`` cannot read are left to transformers)."""
+    stored = stored_shapes(folder)
+    problems = weight_problems(model, stored) if stored is not None else []
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"the weights of {name!r} do not match its config.json: "

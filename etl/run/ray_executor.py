@@ -226,6 +226,7 @@ def _check_reachable(address: str | None) -> None:
     if not address or address in ("auto", "local"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
     if not host or not port.isdigit():
         raise UserError(f"--ray-address {address!r} is not host:port (or ray://host:port)")
     try:

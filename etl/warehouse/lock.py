@@ -174,6 +174,7 @@ class LeaseLock:
         self.token = uuid.uuid4().hex
         self.lost: str | None = None
         """Why the lease is no longer this holder's (taken over, deleted), else None."""
+        self._taken_over = False
         self._info = _holder_info(token=self.token)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -214,7 +215,7 @@ class LeaseLock:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 self._check()
-                if self.lost:
+                if self.lost or self._stop.is_set():  # released while it waited: no renewal
                     return
                 self.path.write_bytes(self._body())
             except Exception:  # noqa: BLE001  a missed beat is retried; confirm() decides
@@ -226,16 +227,19 @@ class LeaseLock:
             self.lost = "its lock was deleted"
         elif held.get("token") != self.token:
             self.lost = f"its lock was taken over by {_describe(held)}"
+            self._taken_over = True
 
     def lost_error(self) -> UserError | None:
         """The error to end the run with when the heartbeat found the lease no longer this
         holder's, else None (no request is made)."""
         if not self.lost:
             return None
-        return UserError(f"run {self.run_id!r} was not published: {self.lost}, which judged "
-                         f"it stale (no heartbeat for {self.stale_s:.0f} s by that host's "
-                         "clock: this extraction stalled, or the hosts' clocks disagree); its "
-                         "staged batches are kept for the holder to use")
+        why = self.lost
+        if self._taken_over:
+            why += (f", which judged it stale (no heartbeat for {self.stale_s:.0f} s by that "
+                    "host's clock: this extraction stalled, or the hosts' clocks disagree)")
+        return UserError(f"run {self.run_id!r} was not published: {why}; its staged batches "
+                         "are kept for the holder to use")
 
     def confirm(self) -> None:
         """Raise ``lost_error`` when the lease is no longer this holder's (nothing may be

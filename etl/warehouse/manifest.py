@@ -99,7 +99,10 @@ def load_manifest(path: Path) -> dict:
         text = f.read(MAX_MANIFEST_BYTES + 1)
     if len(text) > MAX_MANIFEST_BYTES:
         raise ValueError(f"it is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
-    data = json.loads(text.decode("utf-8"))
+    try:
+        data = json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("it nests too deeply to be read") from None
     if not isinstance(data, dict):
         raise ValueError("it is not a JSON object")
     return data

@@ -60,12 +60,16 @@ def parse_root(text: str) -> Path:
     scheme = scheme_of(text)
     if scheme is not None:
         text = scheme + text[len(scheme):]  # S3://bucket is s3://bucket
-    glob = next((c for c in GLOB_CHARACTERS if c in text), None)
+    local = scheme in (None, "file")
+    root = Path(text.removeprefix("file://")).expanduser() if local else None
+    # DuckDB is given absolute paths: the current folder counts as well
+    glob = next((c for c in GLOB_CHARACTERS if c in str(absolute(root) if local else text)),
+                None)
     if glob is not None:
         raise UserError(f"warehouse {text!r} has the glob character {glob!r} in its path: "
                         "DuckDB would also read every folder the pattern matches; rename it")
-    if scheme in (None, "file"):
-        return Path(text.removeprefix("file://")).expanduser()
+    if local:
+        return root
     if scheme not in REMOTE_SCHEMES:
         raise UserError(f"warehouse {text!r}: only local folders and s3://bucket/prefix URLs "
                         "are supported")
@@ -83,7 +87,7 @@ def parse_root(text: str) -> Path:
 TIMEOUT_ENV = "ENTROPY_WAREHOUSE_STORAGE_TIMEOUT_S"
 """Seconds one object-storage request may wait for the endpoint: to connect, and for each
 read of its answer (default ``TIMEOUT_S``)."""
-TIMEOUT_S = 10.0
+TIMEOUT_S = 5.0
 
 
 def seconds_from_env(name: str, default: float) -> float:
@@ -105,11 +109,12 @@ def seconds_from_env(name: str, default: float) -> float:
 
 def s3_options() -> dict:
     """The ``s3fs`` options of an object-storage warehouse: listings never cached (other
-    processes write the same prefix), and a bounded wait: one try per request in botocore,
-    which gives up after ``TIMEOUT_ENV`` seconds without an answer; ``s3fs`` tries a request
-    that timed out 5 times in all, backing off (under 2 s in all). An endpoint that stops
-    answering fails the command in one line after about 5 × the timeout, instead of hanging
-    it; one that refuses connections fails at once.
+    processes write the same prefix), and a bounded wait: each try of a request gives up
+    after ``TIMEOUT_ENV`` seconds without an answer; botocore's standard retry mode tries a
+    request 3 times (``AWS_MAX_ATTEMPTS`` sets another count; transient 5xx answers
+    included), and ``s3fs`` retries one that timed out 5 times in all. An endpoint that
+    stops answering fails the command in one line after at most 3 × 5 × the timeout per
+    request, instead of hanging it; one that refuses connections fails at once.
 
     Raises:
         UserError: ``TIMEOUT_ENV`` is not a positive number.
@@ -117,7 +122,7 @@ def s3_options() -> dict:
     timeout = seconds_from_env(TIMEOUT_ENV, TIMEOUT_S)
     return {"use_listings_cache": False,
             "config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
-                              "retries": {"max_attempts": 1}}}
+                              "retries": {"mode": "standard"}}}
 
 
 def absolute(path: Path) -> Path:
