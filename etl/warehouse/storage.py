@@ -62,9 +62,7 @@ def parse_root(text: str) -> Path:
         text = scheme + text[len(scheme):]  # S3://bucket is s3://bucket
     local = scheme in (None, "file")
     root = Path(text.removeprefix("file://")).expanduser() if local else None
-    # DuckDB is given absolute paths: the current folder counts as well
-    glob = next((c for c in GLOB_CHARACTERS if c in str(absolute(root) if local else text)),
-                None)
+    glob = next((c for c in GLOB_CHARACTERS if c in _as_duckdb_reads(root, text)), None)
     if glob is not None:
         raise UserError(f"warehouse {text!r} has the glob character {glob!r} in its path: "
                         "DuckDB would also read every folder the pattern matches; rename it")
@@ -82,6 +80,18 @@ def parse_root(text: str) -> Path:
     if not text.partition("://")[2].strip("/"):
         raise UserError(f"warehouse {text!r} names no bucket; pass s3://bucket/prefix")
     return UPath(text.rstrip("/"), **s3_options())
+
+
+def _as_duckdb_reads(root: Path | None, text: str) -> str:
+    """The warehouse as DuckDB is given it: a local folder made absolute (the current
+    folder's name counts too), else the URL; the path as written when it cannot be resolved
+    (a NUL byte: ``check_writable`` refuses it)."""
+    if root is None:
+        return text
+    try:
+        return str(absolute(root))
+    except (OSError, ValueError):
+        return str(root)
 
 
 TIMEOUT_ENV = "ENTROPY_WAREHOUSE_STORAGE_TIMEOUT_S"
