@@ -76,7 +76,7 @@ class Warehouse(warehouse.Warehouse):
         Raises:
             etl.errors.UserError: an unknown chart, or a run that is not in the warehouse.
         """
-        from analysis.render import CHARTS, build_chart
+        from analysis.render import CHARTS, build_chart, check_runs
         from etl.errors import UserError
 
         if name not in CHARTS:
@@ -85,10 +85,6 @@ class Warehouse(warehouse.Warehouse):
         runs = [run] if spec.runs == 1 else [run, other]
         if None in runs:
             raise UserError(f"chart {name!r} compares two runs: pass other=RUN_ID")
-        known = self.runs()["run_id"].to_list()
-        unknown = [r for r in runs if r not in known]
-        if unknown:
-            raise UserError(f"run {unknown[0]!r} is not a complete run in {str(self)!r} "
-                            f"(runs: {', '.join(known)})")
+        check_runs(runs, self.runs()["run_id"].to_list(), self)
         chart, _ = build_chart(self.views, spec, runs)
         return chart

@@ -97,6 +97,15 @@ def complete_runs(con) -> list[str]:
             .fetchall()]
 
 
+def check_runs(runs: list[str], available: list[str], warehouse: Warehouse) -> None:
+    """Raise ``UserError`` naming the first of ``runs`` that is not ``available`` (the
+    complete runs of ``warehouse``)."""
+    missing = [r for r in runs if r not in available]
+    if missing:
+        raise UserError(f"run {missing[0]!r} is not a complete run in {str(warehouse)!r} "
+                        f"(runs: {', '.join(available)})")
+
+
 def _drawable(runs: list[str]) -> list[str]:
     """``runs`` without those whose chart folder would take a reserved name (the index
     page's), each left out with a warning on stderr."""
@@ -157,10 +166,7 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
     views = Views(warehouse)  # views.con at each use: a retried read replaces it
     available = complete_runs(views.con)
     runs = runs or _drawable(available)
-    missing = [r for r in runs if r not in available]
-    if missing:
-        raise UserError(f"run {missing[0]!r} is not a complete run in {str(warehouse)!r} "
-                        f"(runs: {', '.join(available)})")
+    check_runs(runs, available, warehouse)
     reserved = [r for r in runs if r in RESERVED_RUN_IDS]
     if reserved:
         raise UserError(f"run {reserved[0]!r} cannot be drawn: its folder would take the "

@@ -65,24 +65,18 @@ class Problem:
         return f"run {self.run_id}: {self.path}: {self.message}"
 
 
-def _listed_shards(warehouse: Warehouse, run_id: str, shards: object) -> list[Shard]:
-    """The shards a manifest's ``shards`` object lists; ``ValueError`` when malformed."""
-    if not isinstance(shards, dict):
-        raise ValueError("its 'shards' is not an object")
+def _listed_shards(warehouse: Warehouse, run_id: str, shards: dict) -> list[Shard]:
+    """The shards a sound manifest's ``shards`` object lists (``manifest_problem`` checked
+    its entries); ``ValueError`` when a file is reached through a symbolic link."""
     root = warehouse.absolute_root
     listed = []
     for table in TABLES:
-        for entry in shards.get(table, []):
-            name = entry.get("file") if isinstance(entry, dict) else None
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-                raise ValueError(f"it lists a bad {table} file name {name!r}")
-            path = warehouse.partition(table, run_id, root) / name
+        for entry in shards[table]:
+            path = warehouse.partition(table, run_id, root) / entry["file"]
             if not warehouse.remote and path.resolve() != path:
-                raise ValueError(f"its {table} file {name!r} is reached through a symbolic "
-                                 "link, to a place outside its own partition")
-            rows = entry.get("rows")
-            listed.append(Shard(table, path, rows if isinstance(rows, int) else None,
-                                entry.get("sha256")))
+                raise ValueError(f"its {table} file {entry['file']!r} is reached through a "
+                                 "symbolic link, to a place outside its own partition")
+            listed.append(Shard(table, path, entry["rows"], entry["sha256"]))
     return listed
 
 

@@ -124,7 +124,8 @@ def manifest_problem(data: dict, run_id: str) -> str | None:
     """What makes the manifest ``data`` of run ``run_id`` unusable, checked against
     ``Manifest``: a ``REQUIRED`` field missing, a field of another type, another run's id, a
     time that is not ISO 8601, a table without its ``shards`` list, or a shard entry that is
-    malformed or listed twice; None when it is sound."""
+    malformed, names a file outside its partition folder or is listed twice; None when it is
+    sound."""
     for spec in fields(Manifest):
         value = data.get(spec.name)
         if value is None:
@@ -159,12 +160,14 @@ def _shards_problem(shards: dict) -> str | None:
             return f"it lists no {table} shards"
         names = set()
         for entry in entries:
-            ok = isinstance(entry, dict) and isinstance(entry.get("file"), str) \
-                and isinstance(entry.get("rows"), int) and not isinstance(entry["rows"], bool) \
-                and entry["rows"] >= 0 and isinstance(entry.get("sha256"), str) \
-                and _SHA256.match(entry["sha256"])
+            ok = isinstance(entry, dict) and isinstance(entry.get("rows"), int) \
+                and not isinstance(entry["rows"], bool) and entry["rows"] >= 0 \
+                and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])
             if not ok:
                 return f"it lists a malformed {table} shard {_shown(entry)}"
+            name = entry.get("file")
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                return f"it lists a bad {table} file name {_shown(name)}"
             if entry["file"] in names:
                 return f"it lists the {table} shard {entry['file']!r} twice"
             names.add(entry["file"])

@@ -171,33 +171,25 @@ class StagingArea:
         record = self._record(table, batch)
         return record is not None and sha256_of(self.shard_path(table, batch)) == record["sha256"]
 
-    def staged_shards(self, n_batches: int | None = None) -> dict[str, list[dict]]:
-        """Every staged shard with its row count and sha256 (from its record, which is
-        written after the shard), per table: shards ``0 .. n_batches-1`` of each (written by
-        this process or by workers), or, with None, whatever is staged.
+    def staged_shards(self, n_batches: int) -> dict[str, list[dict]]:
+        """Shards ``0 .. n_batches-1`` of each table (written by this process or by workers)
+        with their row count and sha256, from their records (written after the shards).
 
         Raises:
-            RuntimeError: a table lacks one of the batches ``0..n_batches-1``.
+            RuntimeError: a table lacks one of them.
         """
-        prefix = self._prefix()
         found = {}
         for table in TABLES:
-            if n_batches is None:
-                batches = sorted(int(p.stem[len(prefix):])
-                                 for p in (self.folder / table).glob(prefix + "*.parquet"))
-            else:
-                batches = list(range(n_batches))
-            records = {i: self._record(table, i) for i in batches}
+            records = {i: self._record(table, i) for i in range(n_batches)}
             missing = [i for i, record in records.items() if record is None][:5]
             if missing:
                 raise RuntimeError(f"staged {table} shards are incomplete (missing batches "
                                    f"{missing}); nothing was published")
-            found[table] = [{"file": self.shard_path(table, i).name,
-                             "rows": records[i]["rows"], "sha256": records[i]["sha256"]}
-                            for i in batches]
+            found[table] = [{"file": self.shard_path(table, i).name, "rows": record["rows"],
+                             "sha256": record["sha256"]} for i, record in records.items()]
         return found
 
-    def publish(self, manifest: Manifest, n_batches: int | None = None) -> Manifest:
+    def publish(self, manifest: Manifest, n_batches: int) -> Manifest:
         """Publish the staged shards as the run: check them (``staged_shards``), move them
         into place and replace the manifest, which gets their list; the staging folder is
         removed. Returns the manifest as written."""
