@@ -11,7 +11,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from etl.errors import UserError
-from etl.lens.modes import ABLATION_MODES, LENS_MODES, canonical_lens
+from etl.lens.modes import (
+    ABLATION_MODES,
+    DEFAULT_MEASURES,
+    LENS_MODES,
+    canonical_lens,
+    parse_measures,
+)
 from etl.lens.types import CHUNK_VOCAB, default_chunk_tokens
 from etl.model.loading import DEFAULT_MODEL
 from etl.model.memory import CUDA_FORWARD_TOKENS, GPT2_SMALL, ModelSizes, forward_tokens
@@ -78,6 +84,11 @@ class ExtractConfig:
     ablation: str = field(default=ABLATION_MODES[0], metadata=option(
         "how the marginal removes a component: zero, or mean (its per-position mean over "
         "the run)", choices=ABLATION_MODES))
+    measures: str = field(default=",".join(DEFAULT_MEASURES), metadata=option(
+        "measure groups, comma-separated: entropy (always), loss, kl, context (the in-context "
+        "part of each effect), calibration (top-3 probabilities), or all; the default is "
+        "every group that costs at most 25 %% of the entropy stage on the CPU "
+        "(BENCHMARKS.md)", metavar="GROUPS"))
     dtype: str = field(default="float32", metadata=option(
         "model and compute dtype; half precision is refused (entropy diffs are tiny)",
         choices=DTYPES))
@@ -91,6 +102,10 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         self.lens = canonical_lens(self.lens)
+        try:
+            self.measures = ",".join(parse_measures(self.measures))
+        except ValueError as error:
+            raise UserError(f"--measures: {error}") from None
         checks = [
             (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}"),
             (self.lens in LENS_MODES, f"--lens must be one of {', '.join(LENS_MODES)}"),

@@ -78,7 +78,8 @@ def write_synthetic_run(warehouse: Warehouse, run_id: str, component_rows: int,
     now = datetime.now(UTC).isoformat()
     manifest = Manifest(
         run_id=run_id, created_at=now, completed_at=now, model="synthetic-gpt2-small-shape",
-        dataset="synthetic", lens="final-scale", ablation="zero", n_layers=N_LAYERS,
+        dataset="synthetic", lens="final-scale", ablation="zero", measures=["entropy"],
+        n_layers=N_LAYERS,
         n_heads=N_HEADS, d_vocab=VOCAB, n_seqs=n_seqs, seq_len=SEQ_LEN,
         n_tokens=n_seqs * SEQ_LEN, device="none", dtype="float32",
         seconds=round(time.perf_counter() - started, 3), tokens_per_s=0.0, timing={},

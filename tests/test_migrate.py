@@ -1,5 +1,6 @@
 """``python -m queries migrate``: runs written by earlier versions (schema-1 manifests without
-``shards``, the lens names ``seed`` and ``recomputed``) are left out of the views with a
+``shards``, the lens names ``seed`` and ``recomputed``, manifests without ``measures`` and
+shards without the effect columns) are left out of the views with a
 warning until it rewrites their manifests, in place, one atomic write per run, under the
 run's lock; nothing else reads the old forms."""
 
@@ -23,11 +24,13 @@ def _manifest(root, run_id):
 
 @pytest.fixture()
 def old_warehouse(tmp_path):
-    """``new`` as written today, ``v1`` (schema 1, no shards), ``seed`` (an old lens name)."""
+    """``new`` as written today, ``v1`` (schema 1, no shards), ``seed`` (an old lens name),
+    ``v2`` (no measures listed, shards without the effect columns)."""
     root = tmp_path / "wh"
     write_run(root, "new", seed=0)
     write_run(root, "v1", schema_version=1, seed=1)
     write_run(root, "seed", seed=2, lens="seed")
+    write_run(root, "v2", seed=3, measures=None)
     return root
 
 
@@ -35,8 +38,9 @@ def test_old_runs_are_left_out_with_a_warning_naming_migrate(old_warehouse, caps
     con = connect(Warehouse(old_warehouse))
     assert counts(con, "tokens") == {"new": N_SEQS * SEQ_LEN}
     warnings = capsys.readouterr().err.strip().splitlines()
-    assert len(warnings) == 2 and all(w.startswith("warning: left out run ") for w in warnings)
+    assert len(warnings) == 3 and all(w.startswith("warning: left out run ") for w in warnings)
     assert "manifest schema 1" in warnings[1] and "lens name 'seed'" in warnings[0]
+    assert "(no measures listed)" in warnings[2]
     assert all(w.endswith("; run python -m queries migrate") for w in warnings)
     assert query_main(["--warehouse", str(old_warehouse), "check"]) == 1
     assert "FAIL files: run v1: " in capsys.readouterr().out
@@ -48,7 +52,8 @@ def test_migrate_rewrites_the_old_manifests_and_then_has_nothing_to_do(old_wareh
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["migrated run seed: lens 'seed' → 'final-scale'",
                    "migrated run v1: schema 1 → 2 (3 files listed with their rows and sha256)",
-                   "2 runs migrated"]
+                   "migrated run v2: measures: entropy (the only group measured then)",
+                   "3 runs migrated"]
     v1 = _manifest(old_warehouse, "v1")
     assert v1["schema_version"] == 2
     for table in TABLES:
@@ -58,8 +63,15 @@ def test_migrate_rewrites_the_old_manifests_and_then_has_nothing_to_do(old_wareh
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
     assert _manifest(old_warehouse, "seed")["lens"] == "final-scale"
     assert (old_warehouse / "runs" / "run_id=new" / "manifest.json").read_bytes() == untouched
-    assert counts(connect(Warehouse(old_warehouse)), "tokens") == dict.fromkeys(
-        ("new", "seed", "v1"), N_SEQS * SEQ_LEN)
+    con = connect(Warehouse(old_warehouse))
+    assert counts(con, "tokens") == dict.fromkeys(("new", "seed", "v1", "v2"), N_SEQS * SEQ_LEN)
+    # shards written before the effects existed read them as NULL
+    assert con.sql("select count(*), count(kl_marginal), count(ablated_top1_prob) "
+                   "from component_entropy where run_id = 'v2'").fetchall()[0][1:] == (0, 0)
+    assert con.sql("select count(next_token_id), count(top1_prob) from tokens"
+                   ).fetchall()[0] == (0, 0)
+    assert con.sql("select measures from runs where run_id = 'v2'").fetchall() == [
+        (["entropy"],)]
     assert capsys.readouterr().err == ""  # nothing is left out any more
     assert query_main(["--warehouse", str(old_warehouse), "check"]) == 0
     capsys.readouterr()

@@ -74,11 +74,13 @@ def test_forward_size_changes_shards_not_rows(tiny_checkpoint, text_glob, tmp_pa
     a, b = _rows(tmp_path, "by2"), _rows(tmp_path, "by3")
     assert a["tokens"] == b["tokens"]
     for table in ("component_entropy", "resid_entropy"):
-        x = np.array([r[-1] if table == "resid_entropy" else r[-2:] for r in a[table]],
+        # every measure (entropies and the default effects; NULL as NaN)
+        first = 4 if table == "resid_entropy" else 5
+        x = np.array([[np.nan if v is None else v for v in r[first:]] for r in a[table]],
                      dtype=float)
-        y = np.array([r[-1] if table == "resid_entropy" else r[-2:] for r in b[table]],
+        y = np.array([[np.nan if v is None else v for v in r[first:]] for r in b[table]],
                      dtype=float)
-        assert x.shape == y.shape and np.allclose(x, y, atol=1e-5, rtol=0)
+        assert x.shape == y.shape and np.allclose(x, y, atol=1e-5, rtol=0, equal_nan=True)
 
 
 def _fake_measures(n_tokens: int, value: float) -> BatchMeasures:
@@ -233,6 +235,8 @@ def _tokens_reference(token_set, tokenizer, start, stop):
     for s in range(start, stop):
         for p in range(token_set.seq_len):
             tid = int(token_set.token_ids[s, p])
+            has_next = (p + 1 < token_set.seq_len and not token_set.is_pad[s, p]
+                        and not token_set.is_pad[s, p + 1])
             rows.append({
                 "seq": s, "position": p, "token_id": tid,
                 "token": tokenizer.decode([tid]), "is_bos": p == 0,
@@ -240,6 +244,8 @@ def _tokens_reference(token_set, tokenizer, start, stop):
                 "role": token_set.roles.get((s, p)),
                 "variant": None if token_set.variant is None else token_set.variant[s],
                 "example": None if token_set.example is None else token_set.example[s],
+                "next_token_id": int(token_set.token_ids[s, p + 1]) if has_next else None,
+                "top1_prob": None, "top2_prob": None, "top3_prob": None, "target_rank": None,
             })
     return rows
 

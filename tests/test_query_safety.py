@@ -66,8 +66,10 @@ def _sha256(path: Path) -> str:
 
 def write_run(root: Path, run_id: str, schema_version: int = 2, seed: int = 0,
               offset: float = 0.0, gen: str = "g1", manifest: bool = True,
-              lens: str = "final-scale") -> dict:
-    """A small complete run written the way the ETL writes one (shards, then manifest)."""
+              lens: str = "final-scale", measures: list | None = ("entropy",)) -> dict:
+    """A small complete run written the way the ETL writes one (shards, then manifest);
+    its shards have the entropy columns only (as before the effects were measured), and
+    ``measures=None`` leaves them out of the manifest too (as a run of that time)."""
     shards = {}
     for table, data in _tables(seed, offset).items():
         folder = root / table / f"run_id={run_id}"
@@ -91,6 +93,8 @@ def write_run(root: Path, run_id: str, schema_version: int = 2, seed: int = 0,
     }
     if schema_version >= 2:
         data["shards"] = shards
+    if measures is not None:
+        data["measures"] = list(measures)
     if manifest:
         path = root / "runs" / f"run_id={run_id}" / "manifest.json"
         path.parent.mkdir(parents=True, exist_ok=True)

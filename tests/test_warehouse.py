@@ -26,7 +26,8 @@ def manifest_path(root, run_id: str):
 
 def bare_manifest(run_id: str) -> Manifest:
     """A manifest with every field of what was run left empty."""
-    return Manifest(run_id, WHEN, WHEN, "", "", "", "", 0, 0, 0, 0, 0, 0, "", "", 0.0, 0.0, {},
+    return Manifest(run_id, WHEN, WHEN, "", "", "", "", ["entropy"], 0, 0, 0, 0, 0, 0, "", "",
+                    0.0, 0.0, {},
                     {}, {}, "", {}, {}, None, "")
 
 

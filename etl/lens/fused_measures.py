@@ -175,7 +175,7 @@ def measure_chunk_fused(acts: BatchActivations, weights: UnembedWeights, options
                         means: AblationMeans | None, sl: slice, ent_final: torch.Tensor,
                         cache: HeadUnembedCache | None = None,
                         config: KernelConfig | None = None,
-                        workspace: dict | None = None) -> BatchMeasures:
+                        workspace: dict | None = None, effects=None) -> BatchMeasures:
     """The measures of the tokens ``sl`` (``t`` of them) as a float32 ``BatchMeasures`` of
     ``t`` tokens; ``ent_final`` is ``[t]`` H(final logits), ``means`` are read under mean
     ablation (``options.ablation``), ``cache`` keeps the split weights between calls."""

@@ -89,6 +89,10 @@ class Lens(ABC):
         """``[t]`` H(final logits) − H(final logits − lens(c))."""
 
     @abstractmethod
+    def ablated(self, final: FinalContext, comp: Unembedded) -> torch.Tensor:
+        """``[t, V]`` the final logits with ``comp`` removed, as ``marginal`` scores them."""
+
+    @abstractmethod
     def final_context(self, acts: BatchActivations, ent_final: torch.Tensor,
                       sl: slice) -> FinalContext:
         """The final residual of the tokens ``sl``; ``ent_final [t]`` is H(final logits)."""
@@ -158,6 +162,10 @@ class FinalScaleLens(Lens):
         """H(final logits) − H(final logits − u_c)."""
         return final.entropy - entropy_of_sum(final.logits, comp.u, sign=-1.0)
 
+    def ablated(self, final, comp):
+        """``final logits − u_c``."""
+        return final.logits - comp.u
+
     def final_context(self, acts, ent_final, sl):
         """The final logits and their entropy."""
         return FinalContext(acts.logits[sl], ent_final, None, None)
@@ -209,6 +217,11 @@ class RecomputedLnLens(Lens):
         scale = inv_sigma(final.x - comp.x, self.weights.eps)
         return final.entropy - entropy_of_sum(final.u, comp.u, sign=-1.0, scale=scale,
                                               bias=self.weights.b_U)
+
+    def ablated(self, final, comp):
+        """``(u_final − u_c)·σ(final − c)⁻¹ + b_U``."""
+        scale = inv_sigma(final.x - comp.x, self.weights.eps)
+        return (final.u - comp.u) * scale + self.weights.b_U
 
     def final_context(self, acts, ent_final, sl):
         """The final logits, their entropy, and the final residual unscaled, in the

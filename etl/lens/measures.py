@@ -17,14 +17,16 @@ from __future__ import annotations
 import torch
 
 from etl.lens.cache import HeadUnembedCache
+from etl.lens.effects import Wanted, context_columns, final_effects, final_stats
 from etl.lens.entropy import entropy_from_logits
 from etl.lens.fused_entropy import triton_available
 from etl.lens.fused_measures import measure_chunk_fused
-from etl.lens.torch_measures import measure_chunk_torch
+from etl.lens.torch_measures import ChunkEffects, measure_chunk_torch
 from etl.lens.types import (
     AblationMeans,
     BatchActivations,
     BatchMeasures,
+    BatchTokens,
     MeasureOptions,
     UnembedWeights,
 )
@@ -54,6 +56,7 @@ def measure_batch(
     options: MeasureOptions,
     means: AblationMeans | None = None,
     cache: HeadUnembedCache | None = None,
+    tokens: BatchTokens | None = None,
 ) -> BatchMeasures:
     """Compute every diff, marginal and residual entropy of one batch.
 
@@ -72,12 +75,18 @@ def measure_batch(
         means: per-position means; required when ``options.ablation == "mean"``.
         cache: derived weights of this model kept between calls (one per model); None
             keeps them for this call only.
+        tokens: the batch's token ids and padding; required when ``options.measures``
+            goes beyond entropy (``etl.lens.effects``).
 
     Returns:
-        float32 measures in nats (see ``BatchMeasures`` for shapes).
+        float32 measures in nats (see ``BatchMeasures`` for shapes; the effects' fields
+        are None unless their group was measured).
     """
     if options.ablation == "mean" and means is None:
         raise ValueError("mean ablation needs per-position means")
+    wanted = Wanted(options.measures)
+    if wanted.any and tokens is None:
+        raise ValueError(f"measures {options.measures} need the batch's token ids")
     cache = cache if cache is not None else HeadUnembedCache()
     cache.check_weights(weights)
     n_tokens = acts.z.shape[0]
@@ -89,14 +98,49 @@ def measure_batch(
         sl = slice(start, min(start + options.chunk_tokens, n_tokens))
         ent_final = entropy_from_logits(acts.logits[sl])
         derive = residual_identities_hold(acts, weights, sl)
+        effects = _chunk_effects(acts, tokens, wanted, sl, ent_final, fused and derive)
         if fused and derive:
             chunk = measure_chunk_fused(acts, weights, options, chunk_means, sl, ent_final,
-                                        cache, workspace=workspace)
+                                        cache, workspace=workspace, effects=effects)
         else:
             chunk = measure_chunk_torch(acts, weights, options.lens, chunk_means, sl,
-                                        ent_final, cache, derive)
-        out.diff[sl], out.marginal[sl], out.resid[sl] = chunk.diff, chunk.marginal, chunk.resid
+                                        ent_final, cache, derive, effects)
+        if effects is not None:
+            chunk = BatchMeasures(**chunk.arrays(), **final_effects(effects.final,
+                                                                    effects.context))
+        _fill(out, chunk, sl)
     return out
+
+
+def _chunk_effects(acts: BatchActivations, tokens: BatchTokens | None, wanted: Wanted,
+                   sl: slice, ent_final: torch.Tensor, fused: bool) -> ChunkEffects | None:
+    """What the measures beyond entropy read of the chunk ``sl`` (None: entropy only); the
+    torch path (not ``fused``) reads p itself."""
+    if not wanted.any:
+        return None
+    ids = tokens.ids.to(acts.logits.device)
+    context = context_columns(ids, tokens.is_pad.to(ids.device), sl)
+    logits = acts.logits[sl]
+    final = final_stats(logits, wanted, context)
+    final = final._replace(entropy=ent_final)
+    probs = None
+    if wanted.p_dot and not fused:
+        probs = (logits - final.lse.to(logits.dtype)[:, None]).exp()
+    return ChunkEffects(wanted, context, final, probs)
+
+
+def _fill(out: BatchMeasures, chunk: BatchMeasures, sl: slice) -> None:
+    """Copy the chunk's measures into rows ``sl`` of ``out``, making each field of ``out``
+    (of the chunk's dtype, rows of ``out.diff``) on its first chunk."""
+    n_tokens = out.diff.shape[0]
+    for name, values in chunk.arrays().items():
+        target = getattr(out, name)
+        if target is None:
+            target = torch.empty((n_tokens, *values.shape[1:]), device=values.device,
+                                 dtype=(torch.float32 if values.is_floating_point()
+                                        else values.dtype))
+            setattr(out, name, target)
+        target[sl] = values
 
 
 def _empty_measures(acts: BatchActivations) -> BatchMeasures:

@@ -1,4 +1,5 @@
-"""The names of the lens and ablation modes (no torch needed: the warehouse reads them)."""
+"""The names of the lens and ablation modes and of the measure groups (no torch needed: the
+warehouse reads them)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,31 @@ def canonical_lens(name: str) -> str:
     """The lens mode called ``name``: an earlier name (``LENS_ALIASES``) gives the current one,
     any other name is returned as it is (and checked by whoever uses it)."""
     return LENS_ALIASES.get(name, name)
+
+
+MEASURES = ("entropy", "loss", "kl", "context", "calibration")
+"""Measure groups a run can hold: ``entropy`` (diff, marginal, residual entropies: always),
+``loss`` (``loss_marginal``), ``kl`` (``kl_marginal``), ``context`` (the in-context part of
+the entropy marginal and of the KL, and the in-context token the component lowered most),
+``calibration`` (top-3 probabilities and the rank of the next token, with and without each
+component)."""
+DEFAULT_MEASURES = ("entropy", "loss", "kl", "context")
+"""What a run measures unless told: every group whose cost on the CPU benchmark
+(``python -m etl.bench``, BENCHMARKS.md) is at most 25 % of the entropy stage."""
+TOP_K = 3
+"""How many of the largest probabilities the calibration measures keep."""
+
+
+def parse_measures(text: str) -> tuple[str, ...]:
+    """``--measures`` text (comma-separated groups, ``all``, or ``default``) → the groups in
+    ``MEASURES`` order, ``entropy`` always included; ``ValueError`` names an unknown one."""
+    names = {part.strip() for part in text.split(",") if part.strip()}
+    if "all" in names:
+        names = (names - {"all"}) | set(MEASURES)
+    if "default" in names:
+        names = (names - {"default"}) | set(DEFAULT_MEASURES)
+    unknown = sorted(names - set(MEASURES))
+    if unknown:
+        raise ValueError(f"unknown measure {unknown[0]!r}: choose from {', '.join(MEASURES)}, "
+                         "'all' or 'default'")
+    return tuple(m for m in MEASURES if m in names or m == "entropy")

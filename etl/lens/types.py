@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from etl.lens.modes import ABLATION_MODES, LENS_MODES, canonical_lens
+from etl.lens.modes import ABLATION_MODES, LENS_MODES, canonical_lens, parse_measures
 
 
 @dataclass
@@ -82,6 +82,43 @@ class BatchMeasures:
     """``[T, L, H+1]``: H(final logits) − H(final logits − lens(c)); index H is the MLP."""
     resid: torch.Tensor
     """``[T, 2L+1]``: lens entropy at resid_pre 0, resid_mid 0, resid_pre 1, …, final."""
+    loss: torch.Tensor | None = None
+    """``[T, L, H+1]`` NLL_p(y) − NLL_q(y) (0 where ``has_target`` is false); the fields
+    below are None unless their group was measured (``etl.lens.effects``)."""
+    kl: torch.Tensor | None = None
+    """``[T, L, H+1]`` KL(p ‖ q)."""
+    entropy_context: torch.Tensor | None = None
+    """``[T, L, H+1]`` H(p) − H(softmax(z_C)): the marginal's in-context part."""
+    kl_context_kept: torch.Tensor | None = None
+    """``[T, L, H+1]`` KL(p ‖ softmax(z_¬C)): what keeping only the in-context part loses."""
+    suppressed_token: torch.Tensor | None = None
+    """``[T, L, H+1]`` int32 in-context token the component lowered most (-1: none)."""
+    suppressed_logit: torch.Tensor | None = None
+    """``[T, L, H+1]`` the component's change of that token's logit, ``z − z̃`` (nats)."""
+    top_probs: torch.Tensor | None = None
+    """``[T, L, H+1, 3]`` the three largest probabilities of q."""
+    target_rank: torch.Tensor | None = None
+    """``[T, L, H+1]`` int8 rank (1–3) of the next token among them, 0 if not."""
+    final_top_probs: torch.Tensor | None = None
+    """``[T, 3]`` the three largest probabilities of p."""
+    final_target_rank: torch.Tensor | None = None
+    """``[T]`` int8 rank (1–3) of the next token among them, 0 if not."""
+    has_target: torch.Tensor | None = None
+    """``[T]`` bool: the token has a next token (not the last position, not padding)."""
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The fields that hold tensors, by name."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
+class BatchTokens:
+    """The token ids of a batch, for the measures that read the context."""
+
+    ids: torch.Tensor
+    """``[B, P]`` int64 token ids (``T = B·P`` tokens, row-major)."""
+    is_pad: torch.Tensor
+    """``[B, P]`` bool padding mask."""
 
 
 @dataclass
@@ -101,6 +138,9 @@ class MeasureOptions:
     fused: bool | None = None
     """Score each layer with the fused Triton kernel (``etl.lens.kernels``); None = on CUDA
     with Triton installed, for float32 activations; False = plain torch everywhere."""
+    measures: tuple[str, ...] = ("entropy",)
+    """Measure groups (``etl.lens.effects.MEASURES``); beyond ``entropy`` they need the
+    batch's token ids."""
 
     def __post_init__(self) -> None:
         self.lens = canonical_lens(self.lens)
@@ -110,6 +150,7 @@ class MeasureOptions:
             raise ValueError(f"ablation must be one of {ABLATION_MODES}, not {self.ablation!r}")
         if self.chunk_tokens < 1:
             raise ValueError("chunk_tokens must be at least 1")
+        self.measures = parse_measures(",".join(self.measures))
 
 
 CHUNK_VOCAB = 50257

@@ -25,8 +25,6 @@ import torch
 from etl.lens.types import BatchMeasures
 from etl.sources.corpus import TokenSet
 
-MEASURE_FIELDS = ("diff", "marginal", "resid")
-
 
 @dataclass
 class LoopTiming:
@@ -83,8 +81,9 @@ class HostBatch:
     start: int
     stop: int
     arrays: dict[str, np.ndarray]
-    """``diff`` ``[T, L, H+1]``, ``marginal`` ``[T, L, H+1]``, ``resid`` ``[T, 2L+1]``
-    (float32 nats; views of pinned buffers on CUDA, valid once ``ready`` returns)."""
+    """The fields of the batch's ``BatchMeasures`` that hold values (``diff`` ``[T, L, H+1]``,
+    ``marginal``, ``resid`` ``[T, 2L+1]``, and the effects measured; floats as float32 nats;
+    views of pinned buffers on CUDA, valid once ``ready`` returns)."""
     marks: tuple
     """Clock marks: before the forward, after it, after the measures."""
     copied: torch.cuda.Event | None = None
@@ -115,7 +114,8 @@ class PinnedBuffers:
 
     def copy(self, start: int, stop: int, measures: BatchMeasures, marks: tuple) -> HostBatch:
         """Queue the copies of ``measures`` (no wait on CUDA)."""
-        tensors = {name: getattr(measures, name).to(torch.float32) for name in MEASURE_FIELDS}
+        tensors = {name: (t.to(torch.float32) if t.is_floating_point() else t)
+                   for name, t in measures.arrays().items()}
         if not self.cuda:
             arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
             return HostBatch(start, stop, arrays, marks)

@@ -13,7 +13,7 @@ from etl.config import ExtractConfig
 from etl.errors import UserError
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.measures import first_non_finite, measure_batch
-from etl.lens.types import AblationMeans, BatchMeasures, MeasureOptions
+from etl.lens.types import AblationMeans, BatchMeasures, BatchTokens, MeasureOptions
 from etl.model.activations import run_batch
 from etl.model.loading import LoadedModel, has_parallel_blocks
 from etl.sources.corpus import TokenSet
@@ -32,14 +32,16 @@ def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens:
     cache = HeadUnembedCache()  # per-layer W_O @ W_U, kept between batches
     options = MeasureOptions(lens=config.lens, ablation=config.ablation,
                              chunk_tokens=config.resolved_chunk_tokens(
-                                 device, int(model.cfg.d_vocab)))
+                                 device, int(model.cfg.d_vocab)),
+                             measures=tuple(config.measures.split(",")))
 
     def compute(start: int, stop: int, mark) -> BatchMeasures:
         ids = torch.from_numpy(tokens.token_ids[start:stop]).to(device)
         acts = run_batch(model.bridge, ids)
         mark()
+        batch = BatchTokens(ids.long(), torch.from_numpy(tokens.is_pad[start:stop]).to(device))
         with torch.inference_mode():
-            return measure_batch(acts, weights, options, means, cache=cache)
+            return measure_batch(acts, weights, options, means, cache=cache, tokens=batch)
 
     return compute
 
@@ -47,7 +49,7 @@ def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens:
 def write_step(model: LoadedModel, tokens: TokenSet, per_forward: int, shards,
                on_tokens: Count | None = None):
     """``write(start, stop, arrays)``: check the measures of sequences ``start:stop``
-    (``arrays``: ``diff``, ``marginal``, ``resid`` as numpy), build their three tables and
+    (``arrays``: the ``BatchMeasures`` fields as numpy), build their three tables and
     ``shards.write`` them (a ``RunWriter`` or a ``StagingArea``) as shard
     ``start // per_forward``; ``on_tokens(n)`` counts the tokens written."""
     token_rows = TokenRows(tokens, model.tokenizer)
@@ -60,10 +62,10 @@ def write_step(model: LoadedModel, tokens: TokenSet, per_forward: int, shards,
         positions = np.tile(np.arange(seq_len), stop - start)
         batch = start // per_forward
         shards.write("component_entropy", component_table(
-            arrays["diff"], arrays["marginal"], seqs, positions), batch)
+            arrays["diff"], arrays["marginal"], seqs, positions, arrays), batch)
         shards.write("resid_entropy", resid_table(arrays["resid"], seqs, positions,
                                                   with_mid=with_mid), batch)
-        shards.write("tokens", token_rows.table(start, stop), batch)
+        shards.write("tokens", token_rows.table(start, stop, arrays), batch)
         if on_tokens is not None:
             on_tokens((stop - start) * seq_len)
 

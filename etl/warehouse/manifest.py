@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
+from etl.lens.modes import MEASURES
 from etl.warehouse.tables import TABLES
 
 SCHEMA_VERSION = 2
@@ -33,6 +34,9 @@ class Manifest:
     dataset: str
     lens: str
     ablation: str
+    measures: list
+    """The measure groups the run holds (``etl.lens.effects.MEASURES``); the effect
+    columns of the others are NULL."""
     n_layers: int
     n_heads: int
     d_vocab: int
@@ -109,10 +113,11 @@ def load_manifest(path: Path) -> dict:
 
 
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,),
+          "list": (list,),
           "str | None": (str, type(None))}
 """The JSON types each annotation of ``Manifest`` admits (bool is never a number)."""
-REQUIRED = ("run_id", "created_at", "model", "dataset", "lens", "ablation", "n_layers",
-            "n_heads")
+REQUIRED = ("run_id", "created_at", "model", "dataset", "lens", "ablation", "measures",
+            "n_layers", "n_heads")
 """The fields every reader relies on; any other may be absent or null (not recorded)."""
 _TIMES = ("created_at", "completed_at")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -136,6 +141,8 @@ def manifest_problem(data: dict, run_id: str) -> str | None:
             return f"its field {spec.name!r} is {_shown(value)}, not of type {spec.type}"
     if data["run_id"] != run_id:
         return f"it is the manifest of run {_shown(data['run_id'])}"
+    if not all(m in MEASURES for m in data["measures"]) or "entropy" not in data["measures"]:
+        return f"its field 'measures' is {_shown(data['measures'])}, not groups of {MEASURES}"
     for name in _TIMES:
         if data.get(name) is not None and not _is_time(data[name]):
             return f"its field {name!r} is {_shown(data[name])}, not an ISO 8601 time"

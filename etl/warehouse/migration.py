@@ -8,6 +8,8 @@ What changed since those versions:
   (``schema_version`` 2), exactly as a run published today does.
 - the lens modes ``seed`` and ``recomputed`` are now ``final-scale`` and
   ``recomputed-ln`` (``etl.lens.modes.LENS_ALIASES``).
+- manifests name the ``measures`` a run holds; a run from before had the entropies only
+  (its shards have no effect columns, which the views read as NULL).
 
 Until it is migrated, such a run is left out of the views with a warning that says so.
 """
@@ -38,6 +40,8 @@ def outdated(data: dict) -> str | None:
         found.append(f"manifest schema {data.get('schema_version', 1)}")
     if data.get("lens") in LENS_ALIASES:
         found.append(f"lens name {data['lens']!r}")
+    if "measures" not in data:
+        found.append("no measures listed")
     if not found:
         return None
     return f"written by an earlier version ({', '.join(found)})"
@@ -82,6 +86,9 @@ def migrated(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[
         if isinstance(data.get("config"), dict):
             data["config"] = dict(data["config"], lens=data["lens"])
         changes.append(f"lens {old!r} → {data['lens']!r}")
+    if "measures" not in data:
+        data["measures"] = ["entropy"]
+        changes.append("measures: entropy (the only group measured then)")
     return data, changes
 
 

@@ -25,7 +25,21 @@ COMPONENT_SCHEMA = pa.schema([
     ("seq", pa.int32()), ("position", pa.int32()), ("layer", pa.int16()),
     ("head", pa.int16()), ("kind", pa.string()),
     ("entropy_diff", pa.float32()), ("entropy_marginal", pa.float32()),
+    ("loss_marginal", pa.float32()), ("kl_marginal", pa.float32()),
+    ("entropy_marginal_context", pa.float32()), ("kl_context_kept", pa.float32()),
+    ("suppressed_token_id", pa.int32()), ("suppressed_logit", pa.float32()),
+    ("ablated_top1_prob", pa.float32()), ("ablated_top2_prob", pa.float32()),
+    ("ablated_top3_prob", pa.float32()), ("ablated_target_rank", pa.int8()),
 ])
+"""The columns after ``entropy_marginal`` are NULL unless their measure group was
+measured (``etl.lens.effects.MEASURES``; the run's manifest lists them)."""
+
+EFFECT_COLUMNS = {
+    "loss_marginal": "loss", "kl_marginal": "kl",
+    "entropy_marginal_context": "entropy_context", "kl_context_kept": "kl_context_kept",
+    "suppressed_token_id": "suppressed_token", "suppressed_logit": "suppressed_logit",
+}
+"""Component columns → the ``BatchMeasures`` field each holds (``[T, L, H+1]``)."""
 
 
 RESID_SCHEMA = pa.schema([
@@ -38,7 +52,13 @@ TOKENS_SCHEMA = pa.schema([
     ("seq", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
     ("token", pa.string()), ("is_bos", pa.bool_()), ("is_pad", pa.bool_()),
     ("role", pa.string()), ("variant", pa.string()), ("example", pa.int32()),
+    ("next_token_id", pa.int32()), ("top1_prob", pa.float32()), ("top2_prob", pa.float32()),
+    ("top3_prob", pa.float32()), ("target_rank", pa.int8()),
 ])
+"""``next_token_id``: the token at the next position (NULL at the last position, on padding
+and before padding); ``top*_prob``, ``target_rank``: the model's three largest next-token
+probabilities and the rank (1–3) of the next token among them, NULL when it is not among
+them or the ``calibration`` measures were not taken."""
 
 
 _KINDS = pa.array(["head", "mlp"])
@@ -60,8 +80,43 @@ SCHEMAS = {"component_entropy": COMPONENT_SCHEMA, "resid_entropy": RESID_SCHEMA,
            "tokens": TOKENS_SCHEMA}
 
 
+def _by_component(x: np.ndarray) -> np.ndarray:
+    """``[T, L, C]`` → the ``L·C·T`` values in (layer, component, token) order (a copy)."""
+    return np.array(x.transpose(1, 2, 0), order="C").reshape(-1)
+
+
+def _effect_columns(effects: dict | None, n_rows: int) -> dict[str, pa.Array]:
+    """The component table's effect columns from ``BatchMeasures`` arrays (NULL where a
+    group was not measured, the loss NULL without a next token, a rank NULL outside the
+    top 3, the suppressed token NULL without context)."""
+    effects = effects or {}
+    cols: dict[str, pa.Array] = {}
+    for column, name in EFFECT_COLUMNS.items():
+        kind = COMPONENT_SCHEMA.field(column).type
+        cols[column] = (pa.array(_by_component(effects[name]).astype(kind.to_pandas_dtype()))
+                        if name in effects else pa.nulls(n_rows, kind))
+    if "loss" in effects:
+        shape = effects["loss"].shape
+        no_target = np.broadcast_to(~effects["has_target"][:, None, None], shape)
+        cols["loss_marginal"] = pa.array(_by_component(effects["loss"]),
+                                         mask=_by_component(no_target))
+    if "suppressed_token" in effects:
+        token = _by_component(effects["suppressed_token"]).astype(np.int32)
+        cols["suppressed_token_id"] = pa.array(token, mask=token < 0)
+        cols["suppressed_logit"] = pa.array(_by_component(effects["suppressed_logit"]),
+                                            mask=token < 0)
+    for k in range(3):
+        cols[f"ablated_top{k + 1}_prob"] = (
+            pa.array(_by_component(effects["top_probs"][..., k])) if "top_probs" in effects
+            else pa.nulls(n_rows, pa.float32()))
+    rank = (_by_component(effects["target_rank"]).astype(np.int8) if "target_rank" in effects
+            else np.zeros(n_rows, np.int8))
+    cols["ablated_target_rank"] = pa.array(rank, mask=rank == 0)
+    return cols
+
+
 def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
-                    positions: np.ndarray) -> pa.Table:
+                    positions: np.ndarray, effects: dict | None = None) -> pa.Table:
     """Rows of ``component_entropy`` for one batch, ordered by (layer, head, seq, position).
 
     The table owns its memory (the inputs may be reused buffers).
@@ -71,6 +126,8 @@ def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
         marginal: ``[T, L, H+1]`` float32 marginals in nats.
         seqs: ``[T]`` sequence index of each token within the run.
         positions: ``[T]`` position of each token.
+        effects: the batch's ``BatchMeasures`` arrays beyond entropy (``loss``, ``kl``, …,
+            ``has_target``) as numpy, or None: their columns are then NULL.
     """
     n_tokens, n_layers, n_comp = diff.shape
     n_heads = n_comp - 1
@@ -84,8 +141,9 @@ def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
         "layer": layer,
         "head": pa.array(comp, mask=is_mlp),
         "kind": kind,
-        "entropy_diff": np.array(diff.transpose(1, 2, 0), order="C").reshape(-1),
-        "entropy_marginal": np.array(marginal.transpose(1, 2, 0), order="C").reshape(-1),
+        "entropy_diff": _by_component(diff),
+        "entropy_marginal": _by_component(marginal),
+        **_effect_columns(effects, n_tokens * n_layers * n_comp),
     }, schema=COMPONENT_SCHEMA)
 
 
@@ -169,8 +227,10 @@ class TokenRows:
         self._example = (None if token_set.example is None
                          else np.asarray(token_set.example, dtype=np.int32))
 
-    def table(self, start: int, stop: int) -> pa.Table:
-        """Rows for sequences ``start:stop``, ordered by (seq, position)."""
+    def table(self, start: int, stop: int, predictions: dict | None = None) -> pa.Table:
+        """Rows for sequences ``start:stop``, ordered by (seq, position); ``predictions``:
+        the batch's ``final_top_probs [T, 3]`` and ``final_target_rank [T]`` (numpy), or
+        None (their columns NULL)."""
         ts = self.token_set
         ids = ts.token_ids[start:stop]
         n, length = ids.shape
@@ -195,4 +255,27 @@ class TokenRows:
             "role": roles,
             "variant": variant,
             "example": example,
+            **_prediction_columns(ids, ts.is_pad[start:stop], predictions),
         }, schema=TOKENS_SCHEMA)
+
+
+def _prediction_columns(ids: np.ndarray, is_pad: np.ndarray,
+                        predictions: dict | None) -> dict[str, pa.Array]:
+    """``next_token_id`` of ``ids [n, P]`` (padding ``is_pad``), and the model's top-3
+    columns from ``predictions`` (NULL without)."""
+    rows = ids.size
+    nxt = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
+    no_next = np.concatenate([is_pad[:, 1:], np.ones_like(is_pad[:, :1])], axis=1) | is_pad
+    cols = {"next_token_id": pa.array(nxt.reshape(-1).astype(np.int32),
+                                      mask=no_next.reshape(-1))}
+    if predictions is not None and "final_top_probs" in predictions:
+        probs = predictions["final_top_probs"]
+        rank = predictions["final_target_rank"].astype(np.int8)
+        for k in range(3):
+            cols[f"top{k + 1}_prob"] = pa.array(np.ascontiguousarray(probs[:, k]))
+        cols["target_rank"] = pa.array(rank, mask=rank == 0)
+    else:
+        for k in range(3):
+            cols[f"top{k + 1}_prob"] = pa.nulls(rows, pa.float32())
+        cols["target_rank"] = pa.nulls(rows, pa.int8())
+    return cols

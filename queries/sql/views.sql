@@ -18,9 +18,20 @@
 --   runs(run_id, created_at, model, dataset, lens, ablation, n_layers, n_heads,
 --        normalization, parallel_blocks, n_kv_heads, n_seqs, seq_len, n_tokens, ...)
 --                                           one row per complete run (its manifest)
---   tokens(run_id, seq, position, token_id, token, is_bos, is_pad, role, variant, example)
+--   tokens(run_id, seq, position, token_id, token, is_bos, is_pad, role, variant, example,
+--        next_token_id, top1_prob, top2_prob, top3_prob, target_rank)
+--                                           next_token_id NULL at the last position and
+--                                           on or before padding; the model's top-3
+--                                           next-token probabilities and the next token's
+--                                           rank among them (NULL: not among them)
 --   component_entropy(run_id, seq, position, layer, head, kind, entropy_diff,
---        entropy_marginal)                  kind 'head' or 'mlp'; head is NULL for the MLP
+--        entropy_marginal, loss_marginal, kl_marginal, entropy_marginal_context,
+--        kl_context_kept, suppressed_token_id, suppressed_logit, ablated_top1_prob,
+--        ablated_top2_prob, ablated_top3_prob, ablated_target_rank)
+--                                           kind 'head' or 'mlp'; head is NULL for the MLP;
+--                                           the columns after entropy_marginal are NULL
+--                                           for measures the run did not take
+--                                           (runs.measures)
 --   resid_entropy(run_id, seq, position, layer, point, entropy)
 --                                           point 'resid_pre', 'resid_mid' or 'final';
 --                                           layer is NULL for 'final'; no 'resid_mid'
@@ -83,6 +94,7 @@ create or replace macro shard_rows(files) as table
 create or replace macro no_runs() as table
     select null::varchar as run_id, null::varchar as created_at, null::varchar as model,
            null::varchar as dataset, null::varchar as lens, null::varchar as ablation,
+           null::varchar[] as measures,
            null::bigint as n_layers, null::bigint as n_heads, null::bigint as n_seqs,
            null::bigint as seq_len, null::bigint as n_tokens, null::bigint as d_vocab,
            null::bigint as n_component_rows, null::bigint as n_resid_rows,
@@ -97,13 +109,19 @@ create or replace macro no_tokens() as table
     select null::varchar as run_id, null::integer as seq, null::integer as position,
            null::integer as token_id, null::varchar as token, null::boolean as is_bos,
            null::boolean as is_pad, null::varchar as role, null::varchar as variant,
-           null::integer as example
+           null::integer as example, null::integer as next_token_id, null::float as top1_prob,
+           null::float as top2_prob, null::float as top3_prob, null::tinyint as target_rank
     where false;
 
 create or replace macro no_component_rows() as table
     select null::varchar as run_id, null::integer as seq, null::integer as position,
            null::smallint as layer, null::smallint as head, null::varchar as kind,
-           null::float as entropy_diff, null::float as entropy_marginal
+           null::float as entropy_diff, null::float as entropy_marginal,
+           null::float as loss_marginal, null::float as kl_marginal,
+           null::float as entropy_marginal_context, null::float as kl_context_kept,
+           null::integer as suppressed_token_id, null::float as suppressed_logit,
+           null::float as ablated_top1_prob, null::float as ablated_top2_prob,
+           null::float as ablated_top3_prob, null::tinyint as ablated_target_rank
     where false;
 
 create or replace macro no_resid_rows() as table
@@ -119,6 +137,7 @@ select
     dataset,
     lens,
     ablation,
+    measures::varchar[] as measures,
     n_layers,
     n_heads,
     -- architecture facts (NULL for runs recorded before they were; parallel blocks could
@@ -151,16 +170,24 @@ from query(case when len(getvariable('manifest_files')) > 0
                 then 'from read_json(getvariable(''manifest_files''), union_by_name = true)'
                 else 'from no_runs()' end);
 
+-- Shards written before a column existed read it as NULL: each table's rows are unioned by
+-- name with its empty table (no_tokens(), no_component_rows()), which has every column.
 create or replace view tokens as
-select run_id, seq, position, token_id, token, is_bos, is_pad, role, variant, example
+select run_id, seq, position, token_id, token, is_bos, is_pad, role, variant, example,
+       next_token_id, top1_prob, top2_prob, top3_prob, target_rank
 from query(case when len(getvariable('tokens_files')) > 0
-                then 'from shard_rows(getvariable(''tokens_files''))'
+                then 'from shard_rows(getvariable(''tokens_files''))
+                      union all by name from no_tokens()'
                 else 'from no_tokens()' end);
 
 create or replace view component_entropy as
-select run_id, seq, position, layer, head, kind, entropy_diff, entropy_marginal
+select run_id, seq, position, layer, head, kind, entropy_diff, entropy_marginal,
+       loss_marginal, kl_marginal, entropy_marginal_context, kl_context_kept,
+       suppressed_token_id, suppressed_logit, ablated_top1_prob, ablated_top2_prob,
+       ablated_top3_prob, ablated_target_rank
 from query(case when len(getvariable('component_entropy_files')) > 0
-                then 'from shard_rows(getvariable(''component_entropy_files''))'
+                then 'from shard_rows(getvariable(''component_entropy_files''))
+                      union all by name from no_component_rows()'
                 else 'from no_component_rows()' end);
 
 create or replace view resid_entropy as

@@ -1,0 +1,261 @@
+"""The direct-effect measures beyond entropy: loss, KL, the in-context (copy-suppression)
+part of each effect, and the top-3 calibration figures, from a few sums over the vocabulary.
+
+Notation (README "What is measured"), for one token with next token ``y``: ``z`` the final
+logits, ``p = softmax(z)``; ``z̃`` the logits with one component's direct effect removed as
+the marginal removes it, ``q = softmax(z̃)``; ``C`` the distinct token ids at positions
+1..t of the sequence (padding excluded). ``A = log Σ e^z̃``, ``B = log Σ e^z``.
+
+- ``loss = (B − z_y) − (A − z̃_y)``;
+- ``kl = KL(p ‖ q) = A − Σ p·z̃ − H(p)``;
+- ``entropy_context = H(p) − H(softmax(z_C))``, ``z_C`` = ``z̃`` on ``C``, ``z`` elsewhere;
+- ``kl_context_kept = KL(p ‖ softmax(z_¬C))``, ``z_¬C`` = ``z`` on ``C``, ``z̃`` elsewhere;
+- the three largest probabilities of ``q`` and the rank (1–3, 0 = not among them) of ``y``.
+
+The restricted quantities need no second pass over the vocabulary: they are corrections of
+the full sums over the ≤ t+1 entries of ``C`` (computed in float64), so a component costs
+the full pass of its marginal (``A``, ``H(q)``, ``Σ p·z̃``, the running top-3) plus ``|C|``
+entries. Shapes: ``t`` tokens of a chunk, ``S`` context columns, ``V`` the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from etl.lens.modes import MEASURES, TOP_K, parse_measures  # noqa: F401 (re-exported)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """Which sums the chosen measure groups need of every component's ablated logits."""
+
+    measures: tuple[str, ...]
+
+    @property
+    def any(self) -> bool:
+        """Any group beyond entropy."""
+        return len(self.measures) > 1
+
+    @property
+    def p_dot(self) -> bool:
+        """``Σ p·z̃`` (the KL and the in-context parts)."""
+        return "kl" in self.measures or "context" in self.measures
+
+    @property
+    def top(self) -> bool:
+        """The top-3 of ``z̃``."""
+        return "calibration" in self.measures
+
+    @property
+    def cols(self) -> bool:
+        """``z̃`` at the context columns (the loss and the in-context parts)."""
+        return "loss" in self.measures or "context" in self.measures
+
+
+class ContextColumns(NamedTuple):
+    """The vocabulary entries a chunk's in-context measures read."""
+
+    cols: torch.Tensor
+    """``[S]`` int64 distinct token ids of the chunk's sequences (positions ≥ 1, no padding)."""
+    in_context: torch.Tensor
+    """``[t, S]`` bool: ``cols[j]`` occurs at positions 1..t of token ``i``'s sequence."""
+    target: torch.Tensor
+    """``[t]`` int64 index into ``cols`` of the next token, -1 where there is none (the
+    last position, padding, or a padding next token)."""
+
+
+def context_columns(ids: torch.Tensor, is_pad: torch.Tensor, sl: slice) -> ContextColumns:
+    """The context columns of the flattened tokens ``sl`` of a batch ``ids [B, P]`` (int64)
+    with padding mask ``is_pad [B, P]``; tokens are flattened row-major (sequence, then
+    position)."""
+    n_pos = ids.shape[1]
+    first, last = sl.start // n_pos, (sl.stop - 1) // n_pos
+    seq_ids, seq_pad = ids[first:last + 1], is_pad[first:last + 1]
+    pos = torch.arange(n_pos, device=ids.device)
+    real = ~seq_pad & (pos >= 1)[None, :]
+    cols = torch.unique(seq_ids[real])
+    where = torch.searchsorted(cols, seq_ids.clamp(min=0)).clamp(max=max(len(cols) - 1, 0))
+    first_at = torch.full((seq_ids.shape[0], len(cols)), n_pos, dtype=torch.int64,
+                          device=ids.device)
+    if len(cols):
+        first_at.scatter_reduce_(1, where, torch.where(real, pos[None, :], n_pos),
+                                 reduce="amin")
+    flat = torch.arange(sl.start, sl.stop, device=ids.device)
+    seq, position = flat // n_pos - first, flat % n_pos
+    in_context = first_at[seq] <= position[:, None]
+    nxt = (position + 1).clamp(max=n_pos - 1)
+    has_next = (position + 1 < n_pos) & ~seq_pad[seq, position] & ~seq_pad[seq, nxt]
+    target = torch.where(has_next, where[seq, nxt], -1)
+    return ContextColumns(cols, in_context, target)
+
+
+class LogitStats(NamedTuple):
+    """Full-vocabulary sums of one set of logits ``x [t, V]`` (nats); None where not asked."""
+
+    lse: torch.Tensor
+    """``[t]`` ``log Σ e^x``."""
+    entropy: torch.Tensor
+    """``[t]`` entropy of ``softmax(x)``."""
+    p_dot: torch.Tensor | None
+    """``[t]`` ``Σ p·x``, ``p`` the final distribution."""
+    top_values: torch.Tensor | None
+    """``[t, 3]`` the three largest logits, largest first."""
+    top_index: torch.Tensor | None
+    """``[t, 3]`` int64 their vocabulary indices."""
+    at_cols: torch.Tensor | None
+    """``[t, S]`` ``x`` at the context columns."""
+
+
+BLOCK_ROWS = 16
+"""Rows per block on the CPU (as ``etl.lens.entropy.CPU_BLOCK_ROWS``: a block stays in
+cache through the passes)."""
+
+
+def logit_stats(x: torch.Tensor, wanted: Wanted, p: torch.Tensor | None = None,
+                cols: torch.Tensor | None = None) -> LogitStats:
+    """The sums of ``x [t, V]`` the measures need: ``p [t, V]`` for ``Σ p·x`` (when
+    ``wanted.p_dot``), ``cols [S]`` for ``x`` at the context columns (``wanted.cols``);
+    float32 accumulation or wider, in blocks of rows on the CPU."""
+    step = BLOCK_ROWS if x.device.type == "cpu" else max(1, x.shape[0])
+    parts = []
+    for i in range(0, x.shape[0], step):
+        block = x[i:i + step]
+        block = block if block.dtype in (torch.float32, torch.float64) else block.float()
+        m = block.amax(dim=-1, keepdim=True)
+        shifted = block - m
+        weights = shifted.exp()
+        total = weights.sum(dim=-1)
+        entropy = total.log() - torch.linalg.vecdot(weights, shifted) / total
+        p_dot = (torch.linalg.vecdot(p[i:i + step].to(block.dtype), block)
+                 if wanted.p_dot else None)
+        top = block.topk(3, dim=-1) if wanted.top else None
+        parts.append((m[:, 0] + total.log(), entropy, p_dot,
+                      None if top is None else top.values, None if top is None else top.indices,
+                      block[:, cols] if wanted.cols else None))
+    joined = [None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True)]
+    return LogitStats(*joined)
+
+
+def _rank(top_index: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """``[t]`` int8 rank 1–3 of ``target_ids [t]`` in ``top_index [t, 3]``, 0 if absent."""
+    hit = top_index == target_ids[:, None]
+    ranks = torch.arange(1, 4, device=hit.device)
+    return (hit * ranks).amax(dim=1).to(torch.int8)
+
+
+class ComponentEffects(NamedTuple):
+    """One component's effects on a chunk's tokens (``[t]``, float32 nats unless said);
+    None where the group was not measured."""
+
+    loss: torch.Tensor | None
+    kl: torch.Tensor | None
+    entropy_context: torch.Tensor | None
+    kl_context_kept: torch.Tensor | None
+    suppressed_token: torch.Tensor | None
+    """int32 the in-context token whose logit the component lowered most (-1: none)."""
+    suppressed_logit: torch.Tensor | None
+    """``z − z̃`` at that token (< 0 where the component lowered it)."""
+    top_probs: torch.Tensor | None
+    """``[t, 3]`` the largest probabilities of ``q``."""
+    target_rank: torch.Tensor | None
+    """int8 rank of the next token among them (0: not among them, or no next token)."""
+
+
+def component_effects(ablated: LogitStats, final: LogitStats, ctx: ContextColumns,
+                      wanted: Wanted) -> ComponentEffects:
+    """The effects of one component from the sums of its ablated logits (``ablated``) and
+    of the final logits (``final``: ``p_dot`` there is ``Σ p·z`` = ``B − H(p)``), in float64;
+    see the module docstring for the formulas."""
+    f64 = torch.float64
+    a, b = ablated.lse.to(f64), final.lse.to(f64)
+    h_p = final.entropy.to(f64)
+    out: dict = dict.fromkeys(ComponentEffects._fields)
+    if wanted.cols:
+        z_c, zt_c = final.at_cols.to(f64), ablated.at_cols.to(f64)
+        if "loss" in wanted.measures:
+            t = ctx.target.clamp(min=0)[:, None]
+            z_y, zt_y = z_c.gather(1, t)[:, 0], zt_c.gather(1, t)[:, 0]
+            out["loss"] = torch.where(ctx.target >= 0, (b - z_y) - (a - zt_y), 0.0).float()
+    if wanted.p_dot:
+        p_dot = ablated.p_dot.to(f64)
+        if "kl" in wanted.measures:
+            out["kl"] = (a - p_dot - h_p).clamp(min=0).float()
+    if "context" in wanted.measures:
+        out.update(_context_effects(a, b, h_p, p_dot, z_c, zt_c, ctx))
+    if wanted.top:
+        out["top_probs"] = (ablated.top_values.to(f64) - a[:, None]).exp().float()
+        out["target_rank"] = _rank(ablated.top_index, _target_ids(ctx))
+    return ComponentEffects(**out)
+
+
+def _context_effects(a, b, h_p, p_dot, z_c, zt_c, ctx: ContextColumns) -> dict:
+    """``entropy_context``, ``kl_context_kept`` and the most lowered in-context token
+    (float64 inputs: ``[t]`` sums, ``[t, S]`` logits at the context columns)."""
+    m = ctx.in_context.to(z_c.dtype)
+    p_c = (z_c - b[:, None]).exp() * m                 # p on C
+    r_c = (zt_c - b[:, None]).exp() * m                # e^(z̃ − B) on C
+    q_c = (zt_c - a[:, None]).exp() * m                # q on C
+    pz_c, pzt_c = (p_c * z_c).sum(1), (p_c * zt_c).sum(1)
+    # z_C: the effect removed on C only; its normaliser relative to e^B
+    rest = (1.0 - p_c.sum(1)).clamp(min=0.0)
+    total = rest + r_c.sum(1)
+    weighted = (b - h_p) - pz_c + (r_c * zt_c).sum(1)  # Σ e^(z_C − B)·z_C
+    h_ctx = b + total.log() - weighted / total
+    # z_¬C: the effect kept on C only
+    lse_kept = a + ((1.0 - q_c.sum(1)).clamp(min=0.0) + ((z_c - a[:, None]).exp() * m).sum(1)).log()
+    kl_kept = -h_p - pz_c - (p_dot - pzt_c) + lse_kept
+    change = torch.where(ctx.in_context, z_c - zt_c, torch.inf)
+    lowest, where = change.min(dim=1) if change.shape[1] else (None, None)
+    has = ctx.in_context.any(dim=1)
+    token = (torch.where(has, ctx.cols[where], -1) if lowest is not None
+             else torch.full_like(h_p, -1, dtype=torch.int64))
+    value = torch.where(has, lowest, 0.0) if lowest is not None else torch.zeros_like(h_p)
+    return {"entropy_context": (h_p - h_ctx).float(),
+            "kl_context_kept": kl_kept.clamp(min=0).float(),
+            "suppressed_token": token.to(torch.int32), "suppressed_logit": value.float()}
+
+
+def final_stats(logits: torch.Tensor, wanted: Wanted, ctx: ContextColumns) -> LogitStats:
+    """The sums of the final logits ``[t, V]`` the effects need (no ``Σ p·z``: that is
+    ``B − H(p)``)."""
+    return logit_stats(logits, Wanted(tuple(m for m in wanted.measures if m != "kl"
+                                            and m != "context") + ("loss",)),
+                       cols=ctx.cols)
+
+
+def final_effects(final: LogitStats, ctx: ContextColumns) -> dict[str, torch.Tensor]:
+    """Per token, unablated: ``final_top_probs [t, 3]`` (when the top-3 was taken),
+    ``final_target_rank [t]`` int8 and ``has_target [t]`` bool."""
+    out = {"has_target": ctx.target >= 0}
+    if final.top_values is not None:
+        out["final_top_probs"] = (final.top_values.double()
+                                  - final.lse.double()[:, None]).exp().float()
+        out["final_target_rank"] = _rank(final.top_index, _target_ids(ctx))
+    return out
+
+
+def _target_ids(ctx: ContextColumns) -> torch.Tensor:
+    """``[t]`` int64 vocabulary id of each token's next token, -1 where there is none."""
+    if not len(ctx.cols):
+        return torch.full_like(ctx.target, -1)
+    return torch.where(ctx.target >= 0, ctx.cols[ctx.target.clamp(min=0)], -1)
+
+
+EFFECT_FIELDS = ComponentEffects._fields
+"""The per-component effect arrays of a ``BatchMeasures`` (``[T, L, H+1]``; ``top_probs``
+``[T, L, H+1, 3]``)."""
+
+
+def stack_effects(layers: list[list[ComponentEffects]]) -> dict[str, torch.Tensor]:
+    """``layers[L][c]`` (each ``[t]`` or ``[t, 3]``) → ``{field: [t, L, H+1, ...]}`` for the
+    fields that were measured."""
+    out = {}
+    for name in EFFECT_FIELDS:
+        if getattr(layers[0][0], name) is None:
+            continue
+        out[name] = torch.stack([torch.stack([getattr(c, name) for c in layer], dim=1)
+                                 for layer in layers], dim=1)
+    return out

@@ -1,0 +1,144 @@
+"""The effects beyond entropy (loss, KL, in-context parts, calibration) against an
+independent float64 computation from TransformerLens' cache, every lens and ablation."""
+
+import pytest
+import torch
+
+from etl.lens.effects import MEASURES, context_columns, parse_measures
+from etl.lens.measures import measure_batch
+from etl.lens.types import BatchTokens, MeasureOptions
+from etl.model.activations import MeanAccumulator, run_batch
+from tests.reference import context_sets, reference_effects
+
+PROMPTS = [
+    "The cat sat on the mat. The cat sat on the mat. The cat",
+    "Then, Anna and Collins went to the garden. Collins gave a snack to Anna",
+    "In 1997 the committee voted 12 to 3",
+]
+
+
+def greedy(bridge, prompt: str, n: int) -> torch.Tensor:
+    """``prompt`` continued by the model's own most likely tokens (whose ranks are 1)."""
+    ids = bridge.to_tokens(prompt, prepend_bos=True)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids = torch.cat([ids, bridge(ids)[:, -1:].argmax(-1)], dim=1)
+    return ids[0]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model):
+    """Three prompts and a greedy continuation, right-padded, with the padding mask."""
+    bridge = tiny_model.bridge
+    rows = [bridge.to_tokens(p, prepend_bos=True)[0] for p in PROMPTS]
+    rows.append(greedy(bridge, "The cat sat", 8))
+    width = max(len(r) for r in rows)
+    tokens = torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=50256)
+                          for r in rows])
+    mask = torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]
+    return tokens, mask
+
+
+def measure(model, tokens, mask, lens, ablation, chunk_tokens=11, measures=MEASURES,
+            fused=False, dtype=torch.float32):
+    acts = run_batch(model.bridge, tokens)
+    if dtype != torch.float32:
+        acts = type(acts)(**{k: (v.to(dtype) if v.is_floating_point() else v)
+                             for k, v in vars(acts).items()})
+    means = None
+    if ablation == "mean":
+        acc = MeanAccumulator()
+        acc.add(model.bridge, tokens, mask)
+        means = acc.means(dtype)
+    options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=chunk_tokens,
+                             measures=measures, fused=fused)
+    weights = model.unembed_weights()
+    if dtype != torch.float32:
+        weights = weights.as_dtype(dtype)
+    return measure_batch(acts, weights, options, means,
+                         tokens=BatchTokens(tokens, ~mask))
+
+
+def check_against_reference(got, ref, shape):
+    B, P, L, C = shape
+    has = ref["has_target"]
+    assert torch.equal(got.has_target.reshape(B, P), has)
+    for name in ("kl", "entropy_context", "kl_context_kept"):
+        err = (getattr(got, name).double().reshape(B, P, L, C) - ref[name]).abs().max()
+        assert err < 1e-4, (name, float(err))
+    loss = got.loss.double().reshape(B, P, L, C)
+    assert (loss - ref["loss"])[has].abs().max() < 1e-4
+    tops = got.top_probs.double().reshape(B, P, L, C, 3)
+    assert (tops - ref["top_probs"]).abs().max() < 1e-5
+    assert torch.equal(got.target_rank.long().reshape(B, P, L, C)[has],
+                       ref["target_rank"][has])
+    assert (got.final_top_probs.double().reshape(B, P, 3)
+            - ref["final_top_probs"]).abs().max() < 1e-5
+    assert torch.equal(got.final_target_rank.long().reshape(B, P)[has],
+                       ref["final_target_rank"][has])
+    token = got.suppressed_token.long().reshape(B, P, L, C)
+    assert torch.equal(token, ref["suppressed_token"])
+    logit = got.suppressed_logit.double().reshape(B, P, L, C)
+    assert (logit - ref["suppressed_logit"]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("lens", ["final-scale", "recomputed-ln"])
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_effects_match_float64_reference(tiny_model, batch, lens, ablation, dtype):
+    tokens, mask = batch
+    got = measure(tiny_model, tokens, mask, lens, ablation, dtype=dtype)
+    ref = reference_effects(tiny_model.bridge, tokens, lens, ablation, mask)
+    check_against_reference(got, ref, ref["kl"].shape)
+    # not vacuous: the effects are large enough to tell right from wrong
+    assert ref["kl"].max() > 0.01 and ref["entropy_context"].abs().max() > 1e-3
+    assert ref["loss"].abs().max() > 0.01
+    assert (ref["target_rank"] > 0).any() and (ref["final_target_rank"] == 1).sum() >= 8
+
+
+def test_entropy_only_leaves_the_effects_out_and_entropies_unchanged(tiny_model, batch):
+    tokens, mask = batch
+    only = measure(tiny_model, tokens, mask, "final-scale", "zero", measures=("entropy",))
+    every = measure(tiny_model, tokens, mask, "final-scale", "zero")
+    assert only.kl is None and only.top_probs is None and only.has_target is None
+    assert torch.equal(only.diff, every.diff)
+    assert (only.marginal - every.marginal).abs().max() < 1e-5
+
+
+def test_each_group_alone_gives_the_same_values(tiny_model, batch):
+    tokens, mask = batch
+    every = measure(tiny_model, tokens, mask, "recomputed-ln", "zero")
+    for group, fields in (("loss", ["loss"]), ("kl", ["kl"]),
+                          ("context", ["entropy_context", "kl_context_kept",
+                                       "suppressed_token", "suppressed_logit"]),
+                          ("calibration", ["top_probs", "target_rank", "final_top_probs"])):
+        alone = measure(tiny_model, tokens, mask, "recomputed-ln", "zero",
+                        measures=("entropy", group))
+        for name in fields:
+            assert torch.equal(getattr(alone, name), getattr(every, name)), name
+        others = {"loss", "kl", "entropy_context", "top_probs"} - set(fields)
+        assert all(getattr(alone, name) is None for name in others), group
+
+
+def test_context_columns_follow_the_definition(batch):
+    tokens, mask = batch
+    B, P = tokens.shape
+    sets = context_sets(tokens, mask)
+    for sl in (slice(0, B * P), slice(3, 17), slice(P - 1, P + 2)):
+        ctx = context_columns(tokens, ~mask, sl)
+        for row, flat in enumerate(range(sl.start, sl.stop)):
+            b, t = divmod(flat, P)
+            assert sorted(ctx.cols[ctx.in_context[row]].tolist()) == sets[b][t]
+            has = t + 1 < P and bool(mask[b, t]) and bool(mask[b, t + 1])
+            if has:
+                assert int(ctx.cols[ctx.target[row]]) == int(tokens[b, t + 1])
+            else:
+                assert int(ctx.target[row]) == -1
+
+
+def test_measures_are_parsed_with_one_line_errors():
+    assert parse_measures("kl") == ("entropy", "kl")
+    assert parse_measures("all") == MEASURES
+    assert parse_measures("calibration,loss") == ("entropy", "loss", "calibration")
+    with pytest.raises(ValueError, match="unknown measure 'klx'"):
+        parse_measures("klx")
