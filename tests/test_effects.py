@@ -142,3 +142,23 @@ def test_measures_are_parsed_with_one_line_errors():
     assert parse_measures("calibration,loss") == ("entropy", "loss", "calibration")
     with pytest.raises(ValueError, match="unknown measure 'klx'"):
         parse_measures("klx")
+
+
+@pytest.mark.parametrize("lens,ablation", [("final-scale", "mean"), ("recomputed-ln", "zero")])
+def test_fused_kernel_effects_match_float64_reference(tiny_model, batch, lens, ablation):
+    tokens, mask = batch
+    got = measure(tiny_model, tokens, mask, lens, ablation, chunk_tokens=64, fused=True)
+    ref = reference_effects(tiny_model.bridge, tokens, lens, ablation, mask)
+    check_against_reference(got, ref, ref["kl"].shape)
+    torch_path = measure(tiny_model, tokens, mask, lens, ablation, chunk_tokens=64)
+    assert torch.equal(got.target_rank, torch_path.target_rank)
+
+
+def test_fused_kernel_with_one_group_asks_only_for_its_sums(tiny_model, batch):
+    tokens, mask = batch
+    ref = reference_effects(tiny_model.bridge, tokens, "final-scale", "zero", mask)
+    got = measure(tiny_model, tokens, mask, "final-scale", "zero", chunk_tokens=64,
+                  fused=True, measures=("entropy", "loss"))
+    B, P, L, C = ref["loss"].shape
+    err = (got.loss.double().reshape(B, P, L, C) - ref["loss"])[ref["has_target"]].abs().max()
+    assert err < 1e-4 and got.kl is None and got.top_probs is None

@@ -21,9 +21,8 @@ from etl.lens.kernels import (
     LayerInputs,
     layer_entropies,
     n_slots,
-    split_heads,
 )
-from etl.lens.split_product import lens_product, split_operand
+from etl.lens.split_product import lens_product, split_heads, split_operand
 
 CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2)]
 LENS_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),

@@ -17,8 +17,8 @@ from etl.lens import split_product
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.fused_measures import SplitWeights
 from etl.lens.kernel_reference import layer_entropies_reference
-from etl.lens.kernels import LOG2E, LayerInputs, SplitHeads, layer_entropies
-from etl.lens.split_product import lens_product
+from etl.lens.kernels import LOG2E, LayerInputs, layer_entropies
+from etl.lens.split_product import SplitHeads, lens_product
 
 MODES = [("final-scale", "zero"), ("recomputed-ln", "zero"), ("final-scale", "mean"),
          ("recomputed-ln", "mean")]

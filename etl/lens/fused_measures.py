@@ -16,19 +16,26 @@ from dataclasses import dataclass
 import torch
 
 from etl.lens.cache import HeadUnembedCache
+from etl.lens.effects import stack_effects
+from etl.lens.fused_effects import Ablated, layer_effects
 from etl.lens.kernels import (
     LOG2E,
     ROW_ALIGN,
     KernelConfig,
     LayerInputs,
-    SplitHeads,
-    layer_entropies,
-    split_heads,
+    layer_entropies_and_sums,
 )
 from etl.lens.layernorm import center, norm_space
 from etl.lens.layernorm import inv_sigma as _inv_sigma_kept
 from etl.lens.lenses import lens_type
-from etl.lens.split_product import SplitOperand, lens_product, split_operand
+from etl.lens.split_product import (
+    SplitHeads,
+    SplitOperand,
+    lens_product,
+    split_heads,
+    split_operand,
+)
+from etl.lens.torch_measures import ChunkEffects
 from etl.lens.types import AblationMeans, BatchActivations, BatchMeasures, UnembedWeights
 
 
@@ -175,10 +182,12 @@ def measure_chunk_fused(acts: BatchActivations, weights: UnembedWeights, options
                         means: AblationMeans | None, sl: slice, ent_final: torch.Tensor,
                         cache: HeadUnembedCache | None = None,
                         config: KernelConfig | None = None,
-                        workspace: dict | None = None, effects=None) -> BatchMeasures:
+                        workspace: dict | None = None,
+                        effects: ChunkEffects | None = None) -> BatchMeasures:
     """The measures of the tokens ``sl`` (``t`` of them) as a float32 ``BatchMeasures`` of
     ``t`` tokens; ``ent_final`` is ``[t]`` H(final logits), ``means`` are read under mean
-    ablation (``options.ablation``), ``cache`` keeps the split weights between calls."""
+    ablation (``options.ablation``), ``cache`` keeps the split weights between calls;
+    ``effects``: what the measures beyond entropy read (None: entropy only)."""
     recomputed = lens_type(options.lens).recomputes_ln
     mean = options.ablation == "mean"
     split = split_weights(weights, centered=recomputed and not weights.rms_norm, cache=cache)
@@ -189,18 +198,35 @@ def measure_chunk_fused(acts: BatchActivations, weights: UnembedWeights, options
     n_layers = acts.z.shape[1]
     u = run.lens(_lens_input(acts, sl, 0, run.ctx))
     ones = torch.ones_like(run.ctx.mult)
-    slots = []
+    plog = _final_log2_probs(acts.logits[sl], effects)
+    slots, layers = [], []
     for layer in range(n_layers):
         u_next = ((run.ctx.u_last, ones) if layer + 1 == n_layers
                   else run.lens(_lens_input(acts, sl, layer + 1, run.ctx)))
-        slots.append(_layer_slots(run, layer, u, u_next, config, ws))
+        ent, sums, ablated = _layer_slots(run, layer, u, u_next, config, ws, plog, effects)
+        slots.append(ent)
+        if effects is not None:
+            layers.append(layer_effects(run, layer, ent, sums, ablated, effects))
         u = u_next
-    return _measures_from_slots(slots, ent_final, acts.z.shape[2])
+    measures = _measures_from_slots(slots, ent_final, acts.z.shape[2])
+    if effects is None:
+        return measures
+    return BatchMeasures(**measures.arrays(), **stack_effects(layers))
 
 
-def _layer_slots(run: _Run, layer: int, u, u_next, config, ws) -> torch.Tensor:
-    """``[t, n_slots]`` the layer kernel's entropies of one layer (``u`` and ``u_next``:
-    (row-scaled lens, descale) of this and the next residual)."""
+def _final_log2_probs(logits: torch.Tensor, effects: ChunkEffects | None):
+    """``[t, V]`` log2 p of the final logits, rows padded like the kernel's operands, when
+    the effects need ``Σ p·z̃`` (else None)."""
+    if effects is None or not effects.wanted.p_dot:
+        return None
+    logp = (logits.float() - effects.final.lse.float()[:, None]) * LOG2E
+    return _pad_columns(logp)[:, :logits.shape[1]]
+
+
+def _layer_slots(run: _Run, layer: int, u, u_next, config, ws, plog=None, effects=None):
+    """The layer kernel's ``[t, n_slots]`` entropies of one layer (``u`` and ``u_next``:
+    (row-scaled lens, descale) of this and the next residual), its ``MarginalSums`` (None
+    without ``effects``), and the ``Ablated`` components the marginals removed."""
     acts, sl, ctx = run.acts, run.sl, run.ctx
     z = acts.z[sl, layer].float()
     z_abl, mean_lens = z, None
@@ -215,15 +241,18 @@ def _layer_slots(run: _Run, layer: int, u, u_next, config, ws) -> torch.Tensor:
     if run.recomputed:
         scales = _slot_scales(acts, sl, layer, ctx, run.split, z, z_abl, mlp_abl,
                               run.weights.eps)
-    else:
+    ablated = Ablated(z=z_abl, mlp=mlp_abl, scales=scales)
+    if not run.recomputed:
         z, z_abl = z * ctx.inv_s[:, :, None], z_abl * ctx.inv_s[:, :, None]
     w = head_split(run.split, run.weights, layer, run.cache)
-    return layer_entropies(LayerInputs(
+    ent, sums = layer_entropies_and_sums(LayerInputs(
         u=u[0], u_descale=u[1], u_next=u_next[0], u_next_descale=u_next[1], mbase=ctx.mbase,
         z=z, w_hi=w.hi, w_lo=w.lo, w_scale=w.scale, bo=run.split.bo_lens[layer],
         bo_mult=ctx.mult, z_abl=z_abl if run.means is not None else None,
         mean_lens=mean_lens, positions=run.positions, scales=scales, bias=ctx.bias,
-        is_last=layer + 1 == acts.z.shape[1]), config, ws)
+        is_last=layer + 1 == acts.z.shape[1], plog=plog,
+        top=effects is not None and effects.wanted.top, sums=effects is not None), config, ws)
+    return ent, sums, ablated
 
 
 def _measures_from_slots(slots: list[torch.Tensor], ent_final: torch.Tensor,

@@ -48,6 +48,24 @@ if triton is not None:
         tl.store(ent_ptr + off, log_s - w / s, mask=row_ok)
 
     @triton.jit
+    def _emit_sums(y, p, pdot_ptr, top_v_ptr, top_i_ptr, m, pid_v, n_vt, T, rows, row_ok,
+                   BLOCK_V: tl.constexpr, PDOT: tl.constexpr, TOP: tl.constexpr):
+        """Write one tile's ``Σ p·y`` and its three largest ``y`` with their vocabulary
+        indices, for marginal ``m`` of each row (``y`` log2 units, ``p`` the final
+        distribution, 0 on padding columns)."""
+        off = (m * n_vt + pid_v) * T + rows
+        if PDOT:
+            tl.store(pdot_ptr + off, tl.sum(p * y, axis=1), mask=row_ok)
+        if TOP:
+            local = tl.arange(0, BLOCK_V)
+            for k in tl.static_range(3):
+                best = tl.max(y, axis=1)
+                where = tl.argmax(y, axis=1)
+                tl.store(top_v_ptr + off * 3 + k, best, mask=row_ok)
+                tl.store(top_i_ptr + off * 3 + k, pid_v * BLOCK_V + where, mask=row_ok)
+                y = tl.where(local[None, :] == where[:, None], -3.0e38, y)
+
+    @triton.jit
     def _scaled(y, sc_ptr, rows, row_ok, n_sl, slot, bias, HAS_SCALE: tl.constexpr):
         """``y · scale[row, slot] + bias`` when the lens scales each slot, else ``y``."""
         if HAS_SCALE:
@@ -66,12 +84,13 @@ if triton is not None:
     @triton.jit(do_not_specialize=["T", "V", "H", "K", "n_vt", "n_sl", "is_last"])
     def _layer_kernel(u_ptr, uds_ptr, un_ptr, unds_ptr, mb_ptr, zh_ptr, zl_ptr, zds_ptr,
                       ah_ptr, al_ptr, ads_ptr, wh_ptr, wl_ptr, bo_ptr, bom_ptr, ml_ptr,
-                      pos_ptr, sc_ptr, bias_ptr, lse_ptr, ent_ptr,
+                      pos_ptr, sc_ptr, bias_ptr, lse_ptr, ent_ptr, pl_ptr, pdot_ptr,
+                      top_v_ptr, top_i_ptr,
                       T, V, H, K, n_vt, n_sl, is_last, stride_zt, stride_zh, stride_u,
-                      stride_un, stride_mb, stride_wh, stride_wk, stride_ml,
+                      stride_un, stride_mb, stride_wh, stride_wk, stride_ml, stride_pl,
                       HAS_SCALE: tl.constexpr, MEAN_ABL: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                      UPCAST: tl.constexpr):
+                      UPCAST: tl.constexpr, PDOT: tl.constexpr, TOP: tl.constexpr):
         pid_t = tl.program_id(0)  # token tiles vary fastest: they share weight tiles in L2
         pid_v = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -89,6 +108,11 @@ if triton is not None:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         else:
             bias = tl.zeros((BLOCK_V,), tl.float32)
+        if PDOT:  # the final distribution p, shared by every marginal of the tile
+            p = tl.exp2(tl.load(pl_ptr + rows64[:, None] * stride_pl + cols[None, :], mask=ok,
+                                other=-1.0e30))
+        else:
+            p = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a_off = rows64[:, None] * stride_zt + ks[None, :]
@@ -112,8 +136,11 @@ if triton is not None:
                 a_lo = tl.load(al_ptr + a_off + h * stride_zh, mask=a_ok, other=0.0)
                 a_ds = tl.load(ads_ptr + rows * H + h, mask=row_ok, other=0.0)
                 head = _dot3(a_hi, a_lo, w_hi, w_lo, UPCAST) * a_ds[:, None]
-            _emit(_scaled(mb - head, sc_ptr, rows, row_ok, n_sl, H + h, bias, HAS_SCALE),
-                  lse_ptr, ent_ptr, H + h, pid_v, n_vt, T, rows, row_ok)
+            y = _scaled(mb - head, sc_ptr, rows, row_ok, n_sl, H + h, bias, HAS_SCALE)
+            _emit(y, lse_ptr, ent_ptr, H + h, pid_v, n_vt, T, rows, row_ok)
+            if PDOT or TOP:
+                _emit_sums(y, p, pdot_ptr, top_v_ptr, top_i_ptr, h, pid_v, n_vt, T, rows,
+                           row_ok, BLOCK_V, PDOT, TOP)
         _emit(_scaled(u, sc_ptr, rows, row_ok, n_sl, 2 * H, bias, HAS_SCALE),
               lse_ptr, ent_ptr, 2 * H, pid_v, n_vt, T, rows, row_ok)
         bo = tl.load(bo_ptr + cols, mask=col_ok, other=0.0)
@@ -129,8 +156,11 @@ if triton is not None:
             mean_mlp = tl.load(ml_ptr + pos.to(tl.int64)[:, None] * stride_ml + cols[None, :],
                                mask=ok, other=0.0)
             y += bo_mult[:, None] * mean_mlp
-        _emit(_scaled(y, sc_ptr, rows, row_ok, n_sl, 2 * H + 2, bias, HAS_SCALE),
-              lse_ptr, ent_ptr, 2 * H + 2, pid_v, n_vt, T, rows, row_ok)
+        y = _scaled(y, sc_ptr, rows, row_ok, n_sl, 2 * H + 2, bias, HAS_SCALE)
+        _emit(y, lse_ptr, ent_ptr, 2 * H + 2, pid_v, n_vt, T, rows, row_ok)
+        if PDOT or TOP:
+            _emit_sums(y, p, pdot_ptr, top_v_ptr, top_i_ptr, H, pid_v, n_vt, T, rows, row_ok,
+                       BLOCK_V, PDOT, TOP)
         if is_last != 0:
             _emit(_scaled(un, sc_ptr, rows, row_ok, n_sl, 2 * H + 3, bias, HAS_SCALE),
                   lse_ptr, ent_ptr, 2 * H + 3, pid_v, n_vt, T, rows, row_ok)

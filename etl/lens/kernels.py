@@ -50,11 +50,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from etl.lens.kernel_source import triton
+from etl.lens.kernel_sums import MarginalSums, marginal_sums, sum_buffers
 from etl.lens.split_product import interpreting, pow2_scale, split_f16
 
 if triton is not None:
@@ -142,31 +142,19 @@ class LayerInputs:
     """``[V]`` bias added after scaling (recomputed-ln lens: ``b_U``, log2 units), or None."""
     is_last: bool = False
     """Score slot ``2H + 3`` (the lens of ``u_next``) too."""
-
-
-class SplitHeads(NamedTuple):
-    """Per-head weights ``w [H, K, V]`` as float16 pairs: ``w[h] · scale[h] = hi[h] + lo[h]``
-    (``LayerInputs.w_hi``, ``w_lo``, ``w_scale``)."""
-
-    hi: torch.Tensor
-    """``[H, K, V]`` float16 high part."""
-    lo: torch.Tensor
-    """``[H, K, V]`` float16 low part."""
-    scale: torch.Tensor
-    """``[H]`` float32 power-of-two scales."""
-
-
-def split_heads(w: torch.Tensor) -> SplitHeads:
-    """``[H, K, V]`` float32 per-head weights → (hi, lo) float16 of ``w[h] · scale[h]`` and
-    the ``[H]`` power-of-two scales."""
-    scale = pow2_scale(w.reshape(w.shape[0], -1), dim=1)
-    hi, lo = split_f16(w * scale[:, None, None])
-    return SplitHeads(hi, lo, scale)
+    plog: torch.Tensor | None = None
+    """``[T, V]`` log2 of the final distribution p: with it, each marginal's ``Σ p·z̃`` is
+    summed in the same pass (``MarginalSums.p_dot``)."""
+    top: bool = False
+    """Keep each marginal's three largest logits too (``MarginalSums.top_values``)."""
+    sums: bool = False
+    """Return the marginals' ``MarginalSums`` (their log-sum-exp at least)."""
 
 
 def n_slots(n_heads: int, is_last: bool) -> int:
     """Slots the kernel scores for one layer."""
     return 2 * n_heads + (4 if is_last else 3)
+
 
 
 def _check(inputs: LayerInputs) -> tuple[int, int, int, int]:
@@ -238,7 +226,16 @@ def _optional_operands(inputs: LayerInputs, slots: int, out: torch.Tensor):
 
 def layer_entropies(inputs: LayerInputs, config: KernelConfig | None = None,
                     workspace: dict | None = None) -> torch.Tensor:
-    """Every slot's entropy of one layer through the fused kernels.
+    """``[T, n_slots]`` every slot's entropy of one layer through the fused kernels (nats;
+    arguments as ``layer_entropies_and_sums``)."""
+    return layer_entropies_and_sums(inputs, config, workspace)[0]
+
+
+def layer_entropies_and_sums(inputs: LayerInputs, config: KernelConfig | None = None,
+                             workspace: dict | None = None
+                             ) -> tuple[torch.Tensor, MarginalSums | None]:
+    """Every slot's entropy of one layer through the fused kernels, and the marginals'
+    sums when ``inputs.sums`` asks for them.
 
     Args:
         inputs: the layer's inputs (see ``LayerInputs``).
@@ -247,7 +244,8 @@ def layer_entropies(inputs: LayerInputs, config: KernelConfig | None = None,
             (its ``kernel`` entry holds the last compiled layer kernel, for resource reports).
 
     Returns:
-        ``[T, n_slots]`` float32 entropies in nats (slot order in the module docstring).
+        ``[T, n_slots]`` float32 entropies in nats (slot order in the module docstring), and
+        the ``MarginalSums`` (None unless ``inputs.sums``).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -268,20 +266,29 @@ def layer_entropies(inputs: LayerInputs, config: KernelConfig | None = None,
         return t.float().reshape(-1).contiguous()
 
     u, u_next, mbase, w_hi, w_lo = _row_operands(inputs)
+    sums = inputs.plog is not None or inputs.top
+    pdot, top_v, top_i = (sum_buffers(ws, n_heads + 1, n_vt, n_tokens, out) if sums
+                          else (out, out, out))
+    sums = sums or inputs.sums
+    plog = _rows(inputs.plog) if inputs.plog is not None else mbase
 
     grid = (triton.cdiv(n_tokens, config.block_t), n_vt)
     ws["kernel"] = _layer_kernel[grid](
         u, flat(inputs.u_descale), u_next, flat(inputs.u_next_descale), mbase,
         z_hi, z_lo, z_ds, a_hi, a_lo, a_ds, w_hi, w_lo, flat(inputs.bo),
         flat(inputs.bo_mult), mean_lens, positions, scales, bias, lse, ent,
+        plog, pdot, top_v, top_i,
         n_tokens, vocab, n_heads, k, n_vt, slots, int(inputs.is_last),
         z_hi.stride(0), z_hi.stride(1), u.stride(0), u_next.stride(0), mbase.stride(0),
-        w_hi.stride(0), w_hi.stride(1), mean_lens.stride(0),
+        w_hi.stride(0), w_hi.stride(1), mean_lens.stride(0), plog.stride(0),
         HAS_SCALE=inputs.scales is not None, MEAN_ABL=mean,
         BLOCK_T=config.block_t, BLOCK_V=config.block_v,
         BLOCK_K=max(16, triton.next_power_of_2(k)), UPCAST=interpreting(),
+        PDOT=inputs.plog is not None, TOP=inputs.top,
         num_warps=config.num_warps, num_stages=config.num_stages)
     merge_grid = (triton.cdiv(n_tokens, config.merge_block_t), slots)
     _merge_kernel[merge_grid](lse, ent, out, n_tokens, n_vt, slots,
                               BLOCK_T=config.merge_block_t, BLOCK_J=config.merge_block_j)
-    return out
+    if not sums:
+        return out, None
+    return out, marginal_sums(lse, pdot, top_v, top_i, inputs, n_heads, n_vt, slots)

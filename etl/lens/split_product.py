@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -156,3 +157,23 @@ def mm_out_dtype_used(device: torch.device | str) -> bool | None:
     """Whether ``lens_product`` ran through cuBLAS's fp16 → float32 product on this device
     type (None: not tried yet; False: float32 fallback)."""
     return _MM_OUT_DTYPE.get(torch.device(device).type)
+
+
+class SplitHeads(NamedTuple):
+    """Per-head weights ``w [H, K, V]`` as float16 pairs: ``w[h] · scale[h] = hi[h] + lo[h]``
+    (``LayerInputs.w_hi``, ``w_lo``, ``w_scale``)."""
+
+    hi: torch.Tensor
+    """``[H, K, V]`` float16 high part."""
+    lo: torch.Tensor
+    """``[H, K, V]`` float16 low part."""
+    scale: torch.Tensor
+    """``[H]`` float32 power-of-two scales."""
+
+
+def split_heads(w: torch.Tensor) -> SplitHeads:
+    """``[H, K, V]`` float32 per-head weights → (hi, lo) float16 of ``w[h] · scale[h]`` and
+    the ``[H]`` power-of-two scales."""
+    scale = pow2_scale(w.reshape(w.shape[0], -1), dim=1)
+    hi, lo = split_f16(w * scale[:, None, None])
+    return SplitHeads(hi, lo, scale)
