@@ -1,0 +1,68 @@
+"""Planted signals: a hand-built copy-suppression head and a head that flattens the
+distribution through tokens absent from the context (``tests.planted``), whose
+copy-suppression shares are 1 and 0 by construction."""
+
+import pytest
+
+from etl.extract import main as extract_main
+from etl.warehouse import Warehouse
+from queries.db import connect
+from queries.saved import saved_queries
+from tests.planted import WORDS, planted_checkpoint, text
+
+KINDS = ("copy-suppression", "flattening")
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_checkpoint, tmp_path_factory):
+    """A warehouse with one run per planted model, on text made of ``tests.planted.WORDS``."""
+    root = tmp_path_factory.mktemp("planted")
+    (root / "words.txt").write_text(text())
+    wh = root / "wh"
+    for kind in KINDS:
+        model = planted_checkpoint(tiny_checkpoint, root / kind, kind, alpha=3.0, beta=4.0,
+                                   gamma=4.0)
+        assert extract_main(["--model", str(model), "--warehouse", str(wh), "--no-progress",
+                             "--device", "cpu", "--dataset", "text", "--data-files",
+                             str(root / "words.txt"), "--n-batches", "2", "--batch-size",
+                             "2", "--seq-len", "40", "--run-id", kind]) == 0
+    return connect(Warehouse(wh))
+
+
+def query(con, name, **params):
+    saved = saved_queries()[name]
+    return con.sql(saved.sql, params=saved.bind({k: str(v) for k, v in params.items()})).pl()
+
+
+def head_shares(con, run_id):
+    """Per head: mean entropy marginal and both shares, straight from the rows."""
+    rows = con.sql(f"""
+        select layer, head, avg(entropy_marginal) as marginal,
+               avg(entropy_marginal_context) / avg(entropy_marginal) as entropy_share,
+               1 - avg(kl_context_kept) / avg(kl_marginal) as kl_share
+        from component_entropy where run_id = '{run_id}' and kind = 'head'
+        group by layer, head order by marginal desc""").fetchall()
+    return {(layer, head): (m, e, k) for layer, head, m, e, k in rows}
+
+
+def test_a_copy_suppression_head_raises_entropy_through_in_context_tokens(planted):
+    shares = head_shares(planted, "copy-suppression")
+    marginal, entropy_share, kl_share = shares[(1, 0)]
+    assert marginal > 0.5
+    assert entropy_share > 0.9 and kl_share > 0.9
+    assert next(iter(shares)) == (1, 0)  # the largest mean marginal of every head
+    top = query(planted, "top_heads", measure="marginal", k=1, run_id="copy-suppression")
+    assert top.select("layer", "head").row(0) == (1, 0)
+
+
+def test_a_head_flattening_through_absent_tokens_has_no_in_context_share(planted):
+    shares = head_shares(planted, "flattening")
+    marginal, entropy_share, kl_share = shares[(1, 0)]
+    assert marginal > 0.005
+    assert abs(entropy_share) < 0.1 and abs(kl_share) < 0.1
+    assert next(iter(shares)) == (1, 0)
+
+
+def test_the_planted_runs_stay_in_their_vocabulary(planted):
+    words = planted.sql("select distinct token from tokens where not is_bos").fetchall()
+    assert {w for (w,) in words} <= {*WORDS, "<|endoftext|>"}
