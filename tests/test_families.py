@@ -11,14 +11,16 @@ import vl_convert
 from analysis.render import CHARTS, build_chart
 from etl.config import ExtractConfig, RunOptions
 from etl.extract import main as extract_main
-from etl.lens.types import ABLATION_MODES, LENS_MODES
+from etl.lens.measures import measure_batch
+from etl.lens.types import ABLATION_MODES, LENS_MODES, BatchTokens, MeasureOptions
+from etl.model.activations import MeanAccumulator, run_batch
 from etl.model.random_init import write_checkpoint
 from etl.run.runner import run_extract
 from etl.warehouse import Warehouse
 from queries.db import Views
 from queries.saved import saved_queries
-from tests.reference import reference_measures
-from tests.test_extract_cli import N_LAYERS, _frame, _stored
+from tests.reference import reference_effects, reference_measures
+from tests.test_extract_cli import N_HEADS, N_LAYERS, _frame, _stored
 
 FAMILIES = ("pythia", "llama", "mistral", "qwen2", "gemma")
 """Families besides GPT-2, whose every lens and ablation ``tests/test_measures.py`` checks."""
@@ -85,6 +87,63 @@ def test_rows_equal_the_float64_reference(warehouse, models, family, lens, ablat
         assert not np.isnan(got).any()
         assert np.abs(got - want.numpy()).max() < 1e-4
     assert float(ref[0].abs().max()) > 1e-3  # the components do change the entropy
+
+
+EFFECT_COLUMNS = {"loss_marginal": "loss", "kl_marginal": "kl",
+                  "entropy_marginal_context": "entropy_context",
+                  "kl_context_kept": "kl_context_kept", "suppressed_logit": "suppressed_logit"}
+
+
+def _stored_effects(root, run_id, n_seqs, seq_len) -> dict[str, np.ndarray]:
+    """The stored effect columns as ``[B, P, L, H+1]`` arrays (NULL as NaN)."""
+    comp = _frame(root, f"""
+        select seq, position, layer, coalesce(head, {N_HEADS}) as c, {', '.join(EFFECT_COLUMNS)}
+        from component_entropy where run_id = '{run_id}'""")
+    idx = tuple(comp[c].to_numpy() for c in ("seq", "position", "layer", "c"))
+    out = {}
+    for column, name in EFFECT_COLUMNS.items():
+        values = np.full((n_seqs, seq_len, N_LAYERS, N_HEADS + 1), np.nan)
+        values[idx] = comp[column].to_numpy().astype(float)
+        out[name] = values
+    return out
+
+
+@pytest.mark.parametrize("family", ["pythia", "llama"])
+@pytest.mark.parametrize("lens", LENS_MODES)
+@pytest.mark.parametrize("ablation", ABLATION_MODES)
+def test_effect_rows_equal_the_float64_reference(warehouse, models, family, lens, ablation):
+    run_id = f"{family}-{lens}-{ablation}"
+    ids, mask = _tokens(warehouse, run_id)
+    ref = reference_effects(models[family].bridge, ids, lens, ablation, mask)
+    got = _stored_effects(warehouse, run_id, *ids.shape)
+    has = ref["has_target"].numpy()
+    for name, values in got.items():
+        want = ref[name].numpy()
+        if name == "loss":
+            assert np.isnan(values[~has]).all()
+            values, want = values[has], want[has]
+        elif name == "suppressed_logit":  # NULL where the context is empty (position 0)
+            values, want = values[:, 1:], want[:, 1:]
+        assert np.abs(values - want).max() < 1e-4, name
+    assert np.nanmax(got["kl"]) > 1e-3 and np.nanmax(np.abs(got["entropy_context"])) > 1e-5
+
+
+@pytest.mark.parametrize("family", ["pythia", "llama"])
+def test_calibration_effects_equal_the_float64_reference(warehouse, models, family):
+    ids, mask = _tokens(warehouse, f"{family}-final-scale-zero")
+    model = models[family]
+    acc = MeanAccumulator()
+    acc.add(model.bridge, ids, mask)
+    options = MeasureOptions(lens="recomputed-ln", ablation="mean", measures=("all",))
+    got = measure_batch(run_batch(model.bridge, ids), model.unembed_weights(), options,
+                        acc.means(torch.float32), tokens=BatchTokens(ids, ~mask))
+    ref = reference_effects(model.bridge, ids, "recomputed-ln", "mean", mask)
+    B, P, L, C = ref["kl"].shape
+    has = ref["has_target"]
+    assert (got.top_probs.double().reshape(B, P, L, C, 3) - ref["top_probs"]).abs().max() < 1e-5
+    assert torch.equal(got.target_rank.long().reshape(B, P, L, C)[has], ref["target_rank"][has])
+    assert (got.final_top_probs.double().reshape(B, P, 3)
+            - ref["final_top_probs"]).abs().max() < 1e-5
 
 
 def test_parallel_blocks_measure_the_mlp_against_resid_pre(warehouse, models):
