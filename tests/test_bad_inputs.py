@@ -488,9 +488,12 @@ def test_interrupts_are_one_line(exc, code, word, tmp_path, monkeypatch, capsys,
 
 
 def _measures(n_tokens=5, n_layers=3, n_heads=4):
-    return BatchMeasures(diff=torch.zeros(n_tokens, n_layers, n_heads + 1),
-                         marginal=torch.zeros(n_tokens, n_layers, n_heads + 1),
-                         resid=torch.zeros(n_tokens, 2 * n_layers + 1))
+    comp = (n_tokens, n_layers, n_heads + 1)
+    return BatchMeasures(diff=torch.zeros(comp), marginal=torch.zeros(comp),
+                         resid=torch.zeros(n_tokens, 2 * n_layers + 1), loss=torch.zeros(comp),
+                         kl=torch.zeros(comp), entropy_context=torch.zeros(comp),
+                         kl_context_kept=torch.zeros(comp),
+                         suppressed_logit=torch.zeros(comp), top_probs=torch.zeros(*comp, 3))
 
 
 @pytest.mark.parametrize("field,index,value,expected", [
@@ -501,6 +504,13 @@ def _measures(n_tokens=5, n_layers=3, n_heads=4):
     ("resid", (4, 3), float("nan"), "resid entropy at resid_mid 1, token 4"),
     ("resid", (6, 0), float("inf"), "resid entropy at resid_pre 0, token 6"),
     ("resid", (1, 8), float("nan"), "resid entropy at final, token 1"),
+    ("loss", (3, 2, 1), float("nan"), "loss_marginal of head 2.1 at token 3"),
+    ("kl", (0, 0, 4), float("inf"), "kl_marginal of MLP 0 at token 0"),
+    ("entropy_context", (5, 1, 0), float("nan"),
+     "entropy_marginal_context of head 1.0 at token 5"),
+    ("kl_context_kept", (2, 3, 3), float("nan"), "kl_context_kept of head 3.3 at token 2"),
+    ("suppressed_logit", (1, 1, 4), float("-inf"), "suppressed_logit of MLP 1 at token 1"),
+    ("top_probs", (7, 2, 2, 1), float("nan"), "the top-3 probabilities of head 2.2 at token 7"),
 ])
 def test_first_non_finite_names_the_value(field, index, value, expected):
     m = _measures(n_tokens=20, n_layers=4)

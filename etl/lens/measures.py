@@ -169,16 +169,25 @@ def _use_fused(options: MeasureOptions, acts: BatchActivations,
 def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
     """A short description of the first NaN or inf in ``measures``, or None if all finite.
 
-    Looks at ``diff``, then ``marginal``, then ``resid``, each in (token, layer, component)
-    order; ``T`` indexes the batch's flattened tokens. ``layer_names``: labels of the ``L``
+    Looks at ``diff``, then ``marginal``, the effects measured, then ``resid``, each in
+    (token, layer, component) order; ``T`` indexes the batch's flattened tokens. ``layer_names``: labels of the ``L``
     layers in the description (default: their indices). Examples: ``"entropy_diff of head
     3.2 at token 17"``, ``"entropy_marginal of MLP 0 at token 5"``, ``"resid entropy at
     resid_mid 1, token 4"``, ``"resid entropy at final, token 0"``.
     """
     tensors = (("entropy_diff", measures.diff), ("entropy_marginal", measures.marginal),
+               ("loss_marginal", measures.loss), ("kl_marginal", measures.kl),
+               ("entropy_marginal_context", measures.entropy_context),
+               ("kl_context_kept", measures.kl_context_kept),
+               ("suppressed_logit", measures.suppressed_logit),
+               ("the top-3 probabilities", measures.top_probs),
                ("resid entropy", measures.resid))
     for name, values in tensors:
+        if values is None:
+            continue
         values = torch.as_tensor(values)
+        if values.dim() == 4:  # [T, L, H+1, 3]: the component's row is bad
+            values = values.sum(dim=-1)
         bad = ~torch.isfinite(values)
         if not bool(bad.any()):
             continue
