@@ -19,8 +19,10 @@ import torch
 from etl.lens.baseline import study_measures
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.measures import measure_batch
+from etl.lens.modes import MEASURES
 from etl.lens.types import (
     BatchActivations,
+    BatchTokens,
     MeasureOptions,
     UnembedWeights,
     default_chunk_tokens,
@@ -103,6 +105,7 @@ def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[floa
 
 def _writer_figures(measures, seq_len: int) -> dict:
     """The writer's rate on its own (``_write_rate``) in rows/s and tokens/s."""
+    phase("Parquet writer alone")
     write_s, rows = _write_rate(measures, seq_len)
     rows_per_token = measures.diff[0].numel() + measures.resid.shape[1]
     return {"write_s": round(write_s, 4), "write_rows_per_s": round(rows / write_s),
@@ -120,6 +123,39 @@ def _sample_errors(acts: BatchActivations, weights: UnembedWeights, options: Mea
                                 cache=cache)
     base = study_measures(_slice_acts(acts, k, acts.z.dtype), weights, options)
     return _max_err(sample_fast, ref), _max_err(base, ref)
+
+
+def _effect_costs(device, acts, weights, options, cache, tokens, entropy_s: float,
+                  sample: int, log) -> dict:
+    """Seconds of the measure stage for entropy only (again, after the first timing
+    ``entropy_s``), with each group beyond entropy alone, and with all of them, on the same
+    activations; each group's cost relative to the entropy-only stage (the faster of its two
+    timings);
+    and the all-measures path's max abs error (nats; probabilities for the top-3) against
+    the same path in float64 on the first ``sample`` tokens."""
+    batch = BatchTokens(tokens, torch.zeros_like(tokens, dtype=torch.bool))
+    seconds = {}
+    for group in (*MEASURES, "all"):
+        chosen = MeasureOptions(lens=options.lens, chunk_tokens=options.chunk_tokens,
+                                measures=(group,))
+        log(f"measures: entropy + {group}")
+        _, seconds[group], _ = _timed(device, lambda o=chosen: measure_batch(
+            acts, weights, o, cache=cache, tokens=batch))
+    every = MeasureOptions(lens=options.lens, chunk_tokens=options.chunk_tokens,
+                           measures=("all",))
+    rows = max(1, sample // tokens.shape[1]) * tokens.shape[1]
+    first = BatchTokens(tokens[: rows // tokens.shape[1]], batch.is_pad[: rows // tokens.shape[1]])
+    got = measure_batch(_slice_acts(acts, rows, acts.z.dtype), weights, every, cache=cache,
+                        tokens=first)
+    ref = measure_batch(_slice_acts(acts, rows, torch.float64), weights.as_dtype(torch.float64),
+                        every, tokens=first)
+    fields = ("loss", "kl", "entropy_context", "kl_context_kept", "top_probs")
+    err = max(float((getattr(got, f).double() - getattr(ref, f)).abs().max()) for f in fields)
+    base = min(entropy_s, seconds["entropy"])
+    return {"measures_s": {k: round(v, 4) for k, v in seconds.items()},
+            "measure_cost": {k: round((v - base) / base, 3) for k, v in seconds.items()
+                             if k != "entropy"},
+            "effects_max_abs_err": err, "effects_sample_tokens": rows}
 
 
 def _clock():
@@ -165,7 +201,7 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
                                          if device == "cpu" else ""))
     base, base_s, base_peak = _timed(
         device, lambda: study_measures(acts, weights, options, chunk_tokens=baseline_chunk))
-    log("Parquet writer alone")
+    effects = _effect_costs(device, acts, weights, options, cache, tokens, fast_s, sample, log)
     writer = _writer_figures(fast, seq_len)
     k = min(sample, n)
     log(f"errors against float64 on {k} tokens")
@@ -181,7 +217,9 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
         "fast_entropy_s": round(fast_s, 4), "baseline_entropy_s": round(base_s, 4),
         "fast_tokens_per_s": round(fast_tps, 2), "baseline_tokens_per_s": round(base_tps, 2),
         "ratio": round(fast_tps / base_tps, 2),
-        "entropy_only_ratio": round(base_s / fast_s, 2), **writer,
+        "entropy_only_ratio": round(base_s / fast_s, 2),
+        "all_measures_ratio": round(base_s / effects["measures_s"]["all"], 2), **effects,
+        **writer,
         "peak_gib": {"forward": round(forward_peak, 2), "fast": round(fast_peak, 2),
                      "baseline": round(base_peak, 2)},
         "sample_tokens": k,
@@ -203,6 +241,13 @@ def report(r: dict) -> str:
         f"→ {r['baseline_tokens_per_s']:,.1f} tokens/s",
         f"  ratio                   {r['ratio']:9.2f} ×   (entropy stage alone: "
         f"{r['entropy_only_ratio']:.2f} ×)",
+        f"  entropy only, again     {r['measures_s']['entropy']:9.3f} s",
+        *[f"  entropy + {g:<12}  {r['measures_s'][g]:9.3f} s   "
+          f"({100 * r['measure_cost'][g]:+.0f} % of the entropy-only stage)"
+          for g in r["measure_cost"]],
+        f"  study baseline / all measures: {r['all_measures_ratio']:.2f} × (entropy stage); "
+        f"effects max abs error vs float64 on {r['effects_sample_tokens']} tokens "
+        f"{r['effects_max_abs_err']:.2e}",
         f"  Parquet writer alone    {r['write_rows_per_s']:,} rows/s = "
         f"{r['write_tokens_per_s']:,} tokens/s ({r['rows_per_token']} rows per token)",
         f"  peak memory ({r['peak_memory_kind']}): forward {r['peak_gib']['forward']} GiB, "

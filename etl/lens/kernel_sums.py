@@ -28,6 +28,16 @@ class MarginalSums(NamedTuple):
     """``[T, H+1, 3]`` int64 their vocabulary indices."""
 
 
+def entropy_buffers(ws: dict, numel: int, device: torch.device):
+    """The slots' partial (lse, entropy) buffers of the layer kernel, reused from ``ws``
+    when large enough."""
+    if ws.get("numel", 0) < numel or ws.get("device") != device:
+        ws.update(numel=numel, device=device,
+                  lse=torch.empty(numel, dtype=torch.float32, device=device),
+                  ent=torch.empty(numel, dtype=torch.float32, device=device))
+    return ws["lse"], ws["ent"]
+
+
 def sum_buffers(ws: dict, n_marg: int, n_vt: int, n_tokens: int, out: torch.Tensor):
     """(pdot, top values, top indices) buffers of the marginals' per-tile sums, reused from
     ``ws`` when large enough (``out`` stands in for those not asked)."""

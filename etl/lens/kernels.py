@@ -23,14 +23,11 @@ the products ``z_h · (W_O[h] W_U)`` with d_head = 64 per logit):
   the marginal base in registers and loops over the heads; each head's product is computed
   once and folded into both its entropies (diff and marginal; a second product only under
   mean ablation), and summed into ``lens(resid_mid)``;
-- products are as exact as float32 from float16 splits: each operand is scaled by a power of
-  two (per row, or per weight tensor) so that its largest entry lies below 2^15, then written
-  as ``hi + lo`` (``hi = f16(x)``, ``lo = f16(x − hi)``, together exact to about 2^-22) and
-  ``x·y ≈ hi·hi' + hi·lo' + lo·hi'`` (three fp16 tensor-core products accumulated in float32,
-  twice the rate of ``tf32x3``; bfloat16 splits are only exact to 2^-17, which costs 1e-4 nats
-  on models with large logits); the main term has its own accumulator, since tensor cores
-  accumulate by truncation; the kernel undoes the scales; split weights are made once
-  (``etl.lens.split_product``);
+- products are as exact as float32 from power-of-two scaled float16 splits ``hi + lo``
+  (``x·y ≈ hi·hi' + hi·lo' + lo·hi'``, three fp16 tensor-core products accumulated in
+  float32, the main term in its own accumulator; ``etl.lens.split_product`` says why);
+- with ``LayerInputs.plog`` / ``top`` each marginal also writes its tile's ``Σ p·z̃`` and
+  top-3, merged like the pairs (``etl.lens.kernel_sums``): the effects' full sums;
 - each program writes, per row and slot, its tile's ``(log-sum-exp, entropy)`` pair;
   a second kernel merges the pairs of all vocabulary tiles (as split-K / flash-decoding do),
   so the vocabulary is spread over enough programs to fill the chip and no program keeps state
@@ -54,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from etl.lens.kernel_source import triton
-from etl.lens.kernel_sums import MarginalSums, marginal_sums, sum_buffers
+from etl.lens.kernel_sums import MarginalSums, entropy_buffers, marginal_sums, sum_buffers
 from etl.lens.split_product import interpreting, pow2_scale, split_f16
 
 if triton is not None:
@@ -143,10 +140,9 @@ class LayerInputs:
     is_last: bool = False
     """Score slot ``2H + 3`` (the lens of ``u_next``) too."""
     plog: torch.Tensor | None = None
-    """``[T, V]`` log2 of the final distribution p: with it, each marginal's ``Σ p·z̃`` is
-    summed in the same pass (``MarginalSums.p_dot``)."""
+    """``[T, V]`` log2 p (final distribution): sum each marginal's ``Σ p·z̃`` too."""
     top: bool = False
-    """Keep each marginal's three largest logits too (``MarginalSums.top_values``)."""
+    """Keep each marginal's three largest logits too."""
     sums: bool = False
     """Return the marginals' ``MarginalSums`` (their log-sum-exp at least)."""
 
@@ -198,15 +194,6 @@ def _row_operands(inputs: LayerInputs):
     return u, u_next, mbase, w_hi, w_lo
 
 
-def _buffers(ws: dict, numel: int, device: torch.device):
-    """The partial (lse, entropy) buffers, reused from ``ws`` when large enough."""
-    if ws.get("numel", 0) < numel or ws.get("device") != device:
-        ws.update(numel=numel, device=device,
-                  lse=torch.empty(numel, dtype=torch.float32, device=device),
-                  ent=torch.empty(numel, dtype=torch.float32, device=device))
-    return ws["lse"], ws["ent"]
-
-
 def _optional_operands(inputs: LayerInputs, slots: int, out: torch.Tensor):
     """(mean_lens, positions, scales, bias) as the layer kernel reads them: placeholders
     (``out`` or zeros) for those not given."""
@@ -255,22 +242,16 @@ def layer_entropies_and_sums(inputs: LayerInputs, config: KernelConfig | None = 
     n_vt = triton.cdiv(vocab, config.block_v)
     dev = inputs.u.device
     ws = workspace if workspace is not None else {}
-    lse, ent = _buffers(ws, slots * n_vt * n_tokens, dev)
+    lse, ent = entropy_buffers(ws, slots * n_vt * n_tokens, dev)
     out = torch.empty(n_tokens, slots, dtype=torch.float32, device=dev)
     z_hi, z_lo, z_ds = _split_rows(inputs.z, inputs.w_scale)
     mean = inputs.z_abl is not None or inputs.mean_lens is not None
     a_hi, a_lo, a_ds = ((z_hi, z_lo, z_ds) if inputs.z_abl is None
                         else _split_rows(inputs.z_abl, inputs.w_scale))
     mean_lens, positions, scales, bias = _optional_operands(inputs, slots, out)
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.float().reshape(-1).contiguous()
-
+    flat = _flat
     u, u_next, mbase, w_hi, w_lo = _row_operands(inputs)
-    sums = inputs.plog is not None or inputs.top
-    pdot, top_v, top_i = (sum_buffers(ws, n_heads + 1, n_vt, n_tokens, out) if sums
-                          else (out, out, out))
-    sums = sums or inputs.sums
-    plog = _rows(inputs.plog) if inputs.plog is not None else mbase
+    plog, pdot, top_v, top_i = _sum_operands(inputs, ws, n_heads + 1, n_vt, out, mbase)
 
     grid = (triton.cdiv(n_tokens, config.block_t), n_vt)
     ws["kernel"] = _layer_kernel[grid](
@@ -286,9 +267,32 @@ def layer_entropies_and_sums(inputs: LayerInputs, config: KernelConfig | None = 
         BLOCK_K=max(16, triton.next_power_of_2(k)), UPCAST=interpreting(),
         PDOT=inputs.plog is not None, TOP=inputs.top,
         num_warps=config.num_warps, num_stages=config.num_stages)
+    return _merged(lse, ent, out, (pdot, top_v, top_i), inputs, config, n_heads, n_vt)
+
+
+def _merged(lse, ent, out, sums, inputs: LayerInputs, config: KernelConfig, n_heads: int,
+            n_vt: int) -> tuple[torch.Tensor, MarginalSums | None]:
+    """The merge kernel's ``[T, n_slots]`` entropies (into ``out``) from the tiles'
+    partials, and the merged ``MarginalSums`` when asked (``sums``: the tiles' buffers)."""
+    n_tokens, slots = out.shape
     merge_grid = (triton.cdiv(n_tokens, config.merge_block_t), slots)
     _merge_kernel[merge_grid](lse, ent, out, n_tokens, n_vt, slots,
                               BLOCK_T=config.merge_block_t, BLOCK_J=config.merge_block_j)
-    if not sums:
+    if not (inputs.sums or inputs.plog is not None or inputs.top):
         return out, None
-    return out, marginal_sums(lse, pdot, top_v, top_i, inputs, n_heads, n_vt, slots)
+    return out, marginal_sums(lse, *sums, inputs, n_heads, n_vt, slots)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 vector."""
+    return t.float().reshape(-1).contiguous()
+
+
+def _sum_operands(inputs: LayerInputs, ws: dict, n_marg: int, n_vt: int, out: torch.Tensor,
+                  mbase: torch.Tensor):
+    """(plog, pdot, top values, top indices) as the layer kernel reads them: the marginals'
+    sum buffers when ``plog`` or ``top`` asks for them, placeholders otherwise."""
+    plog = _rows(inputs.plog) if inputs.plog is not None else mbase
+    if inputs.plog is None and not inputs.top:
+        return plog, out, out, out
+    return (plog, *sum_buffers(ws, n_marg, n_vt, out.shape[0], out))

@@ -96,20 +96,28 @@ def measure_batch(
     workspace: dict = {}
     for start in range(0, n_tokens, options.chunk_tokens):
         sl = slice(start, min(start + options.chunk_tokens, n_tokens))
-        ent_final = entropy_from_logits(acts.logits[sl])
-        derive = residual_identities_hold(acts, weights, sl)
-        effects = _chunk_effects(acts, tokens, wanted, sl, ent_final, fused and derive)
-        if fused and derive:
-            chunk = measure_chunk_fused(acts, weights, options, chunk_means, sl, ent_final,
-                                        cache, workspace=workspace, effects=effects)
-        else:
-            chunk = measure_chunk_torch(acts, weights, options.lens, chunk_means, sl,
-                                        ent_final, cache, derive, effects)
-        if effects is not None:
-            chunk = BatchMeasures(**chunk.arrays(), **final_effects(effects.final,
-                                                                    effects.context))
-        _fill(out, chunk, sl)
+        _fill(out, _measure_chunk(acts, weights, options, chunk_means, cache, tokens, sl,
+                                  fused, workspace), sl)
     return out
+
+
+def _measure_chunk(acts, weights, options, means, cache, tokens, sl, fused,
+                   workspace) -> BatchMeasures:
+    """The measures of the tokens ``sl``: through the fused kernel when ``fused`` and the
+    residual identities hold, else plain torch (arguments as ``measure_batch``'s)."""
+    ent_final = entropy_from_logits(acts.logits[sl])
+    derive = residual_identities_hold(acts, weights, sl)
+    effects = _chunk_effects(acts, tokens, Wanted(options.measures), sl, ent_final,
+                             fused and derive)
+    if fused and derive:
+        chunk = measure_chunk_fused(acts, weights, options, means, sl, ent_final, cache,
+                                    workspace=workspace, effects=effects)
+    else:
+        chunk = measure_chunk_torch(acts, weights, options.lens, means, sl, ent_final, cache,
+                                    derive, effects)
+    if effects is None:
+        return chunk
+    return BatchMeasures(**chunk.arrays(), **final_effects(effects.final, effects.context))
 
 
 def _chunk_effects(acts: BatchActivations, tokens: BatchTokens | None, wanted: Wanted,
@@ -170,10 +178,11 @@ def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
     """A short description of the first NaN or inf in ``measures``, or None if all finite.
 
     Looks at ``diff``, then ``marginal``, the effects measured, then ``resid``, each in
-    (token, layer, component) order; ``T`` indexes the batch's flattened tokens. ``layer_names``: labels of the ``L``
-    layers in the description (default: their indices). Examples: ``"entropy_diff of head
-    3.2 at token 17"``, ``"entropy_marginal of MLP 0 at token 5"``, ``"resid entropy at
-    resid_mid 1, token 4"``, ``"resid entropy at final, token 0"``.
+    (token, layer, component) order; ``T`` indexes the batch's flattened tokens.
+    ``layer_names``: labels of the ``L`` layers in the description (default: their
+    indices). Examples: ``"entropy_diff of head 3.2 at token 17"``, ``"entropy_marginal of
+    MLP 0 at token 5"``, ``"resid entropy at resid_mid 1, token 4"``, ``"resid entropy at
+    final, token 0"``.
     """
     tensors = (("entropy_diff", measures.diff), ("entropy_marginal", measures.marginal),
                ("loss_marginal", measures.loss), ("kl_marginal", measures.kl),
