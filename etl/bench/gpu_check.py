@@ -99,9 +99,24 @@ def _print_tables(result: dict, layer_tokens: int) -> None:
                   "max_abs_err", "error"]))
     if "stage" in result:
         print(_table("entropy stage (measure_batch)", result["stage"],
-                     ["what", "path", "lens", "ablation", "chunk_tokens", "lens_method", "tokens",
-                      "seconds",
-                      "tokens_per_s", "stage_peak_gib", "max_abs_err", "error"]))
+                     ["what", "path", "lens", "ablation", "measures", "chunk_tokens",
+                      "lens_method", "tokens", "seconds", "tokens_per_s", "stage_peak_gib",
+                      "max_abs_err", "kl_err", "loss_err", "entropy_context_err",
+                      "top_probs_err", "ranks_equal", "error"]))
+
+
+def _effects_ok(stage: list[dict]) -> bool:
+    """Every fused run with effects is within 1e-4 of float64 (top-3 probabilities 1e-5),
+    with the same ranks, and none failed to run."""
+    for row in stage:
+        if row.get("measures", "entropy") == "entropy":
+            continue
+        if "error" in row or not row.get("ranks_equal", True):
+            return False
+        for key, value in row.items():
+            if key.endswith("_err") and value > (1e-5 if "top_probs" in key else 1e-4):
+                return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                         args.baseline_tokens, args.sample, chunks)
     _print_tables(result, args.layer_tokens)
     ok = all(r["finite"] and r.get("max_abs_err", r.get("max_rel_err", 1.0)) <= 1e-4
-             for r in checks)
+             for r in checks) and _effects_ok(result.get("stage", []))
     result["checks_pass"] = ok
     line = json.dumps(result)
     print(line)

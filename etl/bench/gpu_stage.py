@@ -34,8 +34,8 @@ def _concat(parts):
 def _slice(batch, n, dtype):
     """The first ``n`` tokens of a ``BatchActivations`` or ``BatchMeasures``, floats as
     ``dtype``."""
-    return type(batch)(**{k: (v[:n].to(dtype) if v.is_floating_point() else v[:n])
-                          for k, v in vars(batch).items()})
+    return type(batch)(**{k: (None if v is None else v[:n].to(dtype) if v.is_floating_point()
+                              else v[:n]) for k, v in vars(batch).items()})
 
 
 def _cache_gib(cache: HeadUnembedCache) -> float:
@@ -134,7 +134,7 @@ def _real_batch(model, n_tokens: int, seq_len: int):
     for i in range(0, n_seqs, batch):
         part = tokens[i:i + batch]
         acc.add(model.bridge, part, torch.ones_like(part, dtype=torch.bool))
-    return acts, forward_s, acc.means(torch.float32), acc.means(torch.float64)
+    return acts, forward_s, acc.means(torch.float32), acc.means(torch.float64), tokens
 
 
 class _Stage:
@@ -142,19 +142,31 @@ class _Stage:
 
     def __init__(self, model, n_tokens: int, seq_len: int, sample: int):
 
-        self.acts, self.forward_s, self.means32, self.means64 = _real_batch(
+        self.acts, self.forward_s, self.means32, self.means64, ids = _real_batch(
             model, n_tokens, seq_len)
+        self.ids = ids
         self.weights = model.unembed_weights()
         self.weights64 = self.weights.as_dtype(torch.float64)
         self.cache, self.cache64 = HeadUnembedCache(), HeadUnembedCache()
         self.sample = sample
 
+    def tokens(self, n: int):
+        """The ``BatchTokens`` of the first ``n`` activations' tokens (a prefix of the first
+        sequence when ``n`` is shorter than one)."""
+        from etl.lens.types import BatchTokens
+
+        seq_len = self.ids.shape[1]
+        ids = self.ids[:1, :n] if n < seq_len else self.ids[: n // seq_len]
+        return BatchTokens(ids, torch.zeros_like(ids, dtype=torch.bool))
+
     def measure(self, acts, options, means=None, f64: bool = False):
         from etl.lens.measures import measure_batch
 
+        tokens = self.tokens(acts.z.shape[0]) if len(options.measures) > 1 else None
         if f64:
-            return measure_batch(acts, self.weights64, options, means, self.cache64)
-        return measure_batch(acts, self.weights, options, means, self.cache)
+            return measure_batch(acts, self.weights64, options, means, self.cache64,
+                                 tokens=tokens)
+        return measure_batch(acts, self.weights, options, means, self.cache, tokens=tokens)
 
     def reference(self, options, mean: bool = False):
         """float64 plain-torch measures of the sample tokens."""
@@ -182,6 +194,9 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
         for chunk in (chunks if (lens, ablation) == ("final-scale", "zero") else chunks[:1]):
             rows.append(_time_mode(stage, lens, ablation, chunk, chosen))
             print(json.dumps(rows[-1]), flush=True)
+        for measures in (("all",), ("entropy", "loss", "kl", "context")):
+            rows.append(_time_mode(stage, lens, ablation, chunks[0], chosen, measures))
+            print(json.dumps(rows[-1]), flush=True)
     split_product.LENS_METHOD = chosen
     rows += _lens_method_errors(stage, chosen)
     rows.append(_plain_torch(stage, baseline_tokens))
@@ -189,16 +204,38 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
     return rows
 
 
-def _time_mode(stage: _Stage, lens: str, ablation: str, chunk: int, method: str) -> dict:
-    """One lens × ablation mode through the fused path, timed, checked against float64."""
+EFFECTS = ("loss", "kl", "entropy_context", "kl_context_kept", "suppressed_logit")
+
+
+def _effect_errors(got, ref) -> dict:
+    """Max abs errors of the effects measured (nats; probabilities for the top-3) and
+    whether the ranks agree, where the reference has a next token."""
+    has = ref.has_target.bool()
+    out = {}
+    for name in (*EFFECTS, "top_probs", "final_top_probs"):
+        a, b = getattr(got, name), getattr(ref, name)
+        if a is not None:
+            keep = has if name == "loss" else slice(None)
+            out[f"{name}_err"] = float((a[keep].double() - b[keep].double()).abs().max())
+    if got.target_rank is not None:
+        out["ranks_equal"] = bool(torch.equal(got.target_rank[has].cpu(),
+                                              ref.target_rank[has].cpu()))
+    return out
+
+
+def _time_mode(stage: _Stage, lens: str, ablation: str, chunk: int, method: str,
+               measures: tuple[str, ...] = ("entropy",)) -> dict:
+    """One lens × ablation mode through the fused path with the measure groups
+    ``measures``, timed, checked against float64."""
     from etl.lens.types import MeasureOptions
 
     acts, n = stage.acts, stage.acts.z.shape[0]
     row = {"lens": lens, "ablation": ablation, "chunk_tokens": chunk, "tokens": n,
-           "lens_method": method}
+           "lens_method": method, "measures": ",".join(measures)}
     split_product.LENS_METHOD = method
     try:
-        options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=chunk)
+        options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=chunk,
+                                 measures=measures)
         means = stage.means32 if ablation == "mean" else None
         stage.measure(_slice(acts, min(n, 1024), torch.float32), options, means)  # compile
         torch.cuda.synchronize()
@@ -219,6 +256,8 @@ def _time_mode(stage: _Stage, lens: str, ablation: str, chunk: int, method: str)
                    err_by_part=_errors_by_part(got_sample, ref),
                    finite=bool(all(torch.isfinite(getattr(got, k)).all()
                                    for k in ("diff", "marginal", "resid"))))
+        if len(options.measures) > 1:
+            row.update(_effect_errors(got_sample, ref))
     except Exception as exc:
         row["error"] = _error_text(exc)
         traceback.print_exc()
