@@ -60,14 +60,16 @@ def check_out_folder(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for bad input)."""
-    from analysis.render import CHARTS, render
+    from analysis.render import ALL_CHARTS, render
 
     try:
         args = build_parser().parse_args(argv)
         if args.list:
-            width = max(len(n) for n in CHARTS)
-            for name, spec in CHARTS.items():
-                print(f"{name:<{width}}  {spec.description} (query {spec.query})")
+            width = max(len(n) for n in ALL_CHARTS)
+            for name, spec in ALL_CHARTS.items():
+                needs = f"; needs measures {', '.join(spec.needs)}" if spec.needs else ""
+                print(f"{name:<{width}}  {spec.description} (query "
+                      f"{' + '.join(spec.queries)}{needs})")
             return 0
         formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
         out = Path(args.out)

@@ -7,6 +7,7 @@
     wh.query("top_heads", run_id="...", k=5)   # a saved query into a DataFrame
     wh.sql("select ... from component_entropy where run_id = $run", run="...")
     wh.chart("heatmap", "...")                 # an Altair chart; a notebook displays it
+    wh.chart("suppression_scatter", "...")     # effect charts need the run's measures
     wh.con                                     # the DuckDB connection, for anything else
 
 Entropies are in nats; positive diffs and marginals increase entropy.
@@ -74,17 +75,21 @@ class Warehouse(warehouse.Warehouse):
         comparison charts take the ``other`` run too.
 
         Raises:
-            etl.errors.UserError: an unknown chart, or a run that is not in the warehouse.
+            etl.errors.UserError: an unknown chart, a run that is not in the warehouse, or
+                one that lacks a measure group the chart needs.
         """
-        from analysis.render import CHARTS, build_chart, check_runs
+        from analysis.render import ALL_CHARTS, build_chart, check_runs, run_measures, skip_note
         from etl.errors import UserError
 
-        if name not in CHARTS:
-            raise UserError(f"unknown chart {name!r}; known: {', '.join(CHARTS)}")
-        spec = CHARTS[name]
+        if name not in ALL_CHARTS:
+            raise UserError(f"unknown chart {name!r}; known: {', '.join(ALL_CHARTS)}")
+        spec = ALL_CHARTS[name]
         runs = [run] if spec.runs == 1 else [run, other]
         if None in runs:
             raise UserError(f"chart {name!r} compares two runs: pass other=RUN_ID")
         check_runs(runs, self.runs()["run_id"].to_list(), self)
+        note = skip_note(spec, runs, run_measures(self.con))
+        if note:
+            raise UserError(f"cannot draw {name}: {note}")
         chart, _ = build_chart(self.views, spec, runs)
         return chart

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import altair as alt
-import jinja2
 import polars as pl
 
-from analysis import charts, theme
+from analysis import theme
+from analysis.catalog import ALL_CHARTS, ChartSpec, missing_measures
+from analysis.catalog import CHARTS as CHARTS  # re-exported: the entropy charts
+from analysis.effect_charts import stack
+from analysis.index_page import write_index
 from etl.errors import UserError
 from etl.warehouse import RESERVED_RUN_IDS, Warehouse
 
@@ -24,48 +23,16 @@ if TYPE_CHECKING:
 FORMATS = ("html", "png", "svg")
 
 
-@dataclass(frozen=True)
-class ChartSpec:
-    """How one chart is made: which saved query, with which parameters, by which builder."""
-
-    name: str
-    description: str
-    query: str
-    build: Callable[[pl.DataFrame], alt.TopLevelMixin]
-    params: Callable[[list[str]], dict[str, str]]
-    """Saved-query parameters from the chart's runs (one run, or A and B)."""
-    runs: int = 1
-    """1 for a per-run chart, 2 for a comparison of two runs."""
-
-
-CHARTS: dict[str, ChartSpec] = {spec.name: spec for spec in [
-    ChartSpec("heatmap", "layer × head heatmaps of mean diff and marginal, MLP included",
-              "head_summary", charts.component_heatmap, lambda r: {"run_id": r[0]}),
-    ChartSpec("heatmap_heads", "the same heatmaps without the MLP column, own scale",
-              "head_summary", charts.head_heatmap, lambda r: {"run_id": r[0]}),
-    ChartSpec("heatmap_increases", "only entropy increases (values ≤ 0 masked)",
-              "head_summary", charts.increase_heatmap, lambda r: {"run_id": r[0]}),
-    ChartSpec("resid_steps", "residual stream: entropy change per layer from attention "
-              "and MLP", "resid_summary", charts.resid_steps, lambda r: {"run_id": r[0]}),
-    ChartSpec("head_distribution", "per-token diffs of the top 5 heads (box plot)",
-              "head_distribution", charts.head_distribution,
-              lambda r: {"run_id": r[0], "k": "5"}),
-    ChartSpec("token_drilldown", "positions where the top head raises entropy most, with "
-              "context", "token_drilldown", charts.token_drilldown,
-              lambda r: {"run_id": r[0], "k": "20"}),
-    ChartSpec("run_comparison", "each head's mean diff in run A vs run B, the 5 heads with "
-              "the largest |B − A| labelled",
-              "compare_runs", charts.run_comparison,
-              lambda r: {"run_a": r[0], "run_b": r[1]}, runs=2),
-]}
-
-
 def chart_frame(views: Views, spec: ChartSpec, runs: list[str]) -> pl.DataFrame:
-    """The saved query's result that ``spec`` is drawn from, for ``runs``."""
+    """The saved query's result that ``spec`` is drawn from, for ``runs``; a chart of
+    several queries gets their results stacked (``effect_charts.stack``)."""
     from queries.saved import get_query
 
-    query = get_query(spec.query)
-    return views.sql(query.sql, query.bind(spec.params(runs)))
+    frames = {}
+    for name in spec.queries:
+        query = get_query(name)
+        frames[name] = views.sql(query.sql, query.bind(spec.params(runs)))
+    return frames[spec.query] if len(frames) == 1 else stack(**frames)
 
 
 def build_chart(views: Views, spec: ChartSpec, runs: list[str]):
@@ -126,7 +93,7 @@ def _jobs(runs: list[str], names: list[str], models: dict[str, str]):
     """Per-run charts for every run; comparisons of the first run with each other run of
     the same model (comparing heads of two models by index would be meaningless)."""
     for name in names:
-        spec = CHARTS[name]
+        spec = ALL_CHARTS[name]
         if spec.runs == 1:
             for run in runs:
                 yield spec, [run], Path(run) / name
@@ -134,6 +101,51 @@ def _jobs(runs: list[str], names: list[str], models: dict[str, str]):
             for other in runs[1:]:
                 if models.get(other) == models.get(runs[0]):
                     yield spec, [runs[0], other], Path(f"{runs[0]}__vs__{other}") / name
+
+
+def run_measures(con) -> dict[str, list[str]]:
+    """The measure groups each complete run holds (``runs.measures``)."""
+    return {run: list(measures or ["entropy"])
+            for run, measures in con.sql("select run_id, measures from runs").fetchall()}
+
+
+def _lacking(spec: ChartSpec, runs: list[str], measures: dict[str, list[str]]):
+    """The first of ``runs`` that lacks a measure group ``spec`` needs, and the groups it
+    lacks; None when every run holds them."""
+    for run in runs:
+        missing = missing_measures(spec, measures.get(run))
+        if missing:
+            return run, missing
+    return None
+
+
+def skip_note(spec: ChartSpec, runs: list[str], measures: dict[str, list[str]]) -> str | None:
+    """Why ``spec`` cannot be drawn for ``runs`` (a run lacks a measure group it needs), or
+    None when it can."""
+    lacking = _lacking(spec, runs, measures)
+    if lacking is None:
+        return None
+    run, missing = lacking
+    return (f"run {run} holds the measures {', '.join(measures.get(run) or ['entropy'])}; "
+            f"{spec.name} needs {', '.join(missing)} too (re-extract it with --measures "
+            f"{','.join(missing)}, or all)")
+
+
+def _with_notes(jobs, measures: dict[str, list[str]]) -> list:
+    """``jobs`` as ``(spec, runs, rel, note)``, ``note`` saying why a chart is left out; one
+    line on stderr per run with charts left out."""
+    noted = [(spec, job_runs, rel, skip_note(spec, job_runs, measures))
+             for spec, job_runs, rel in jobs]
+    left_out: dict[str, list[str]] = {}
+    for spec, job_runs, _, note in noted:
+        if note:
+            run, missing = _lacking(spec, job_runs, measures)
+            left_out.setdefault(run, []).append(f"{spec.name} (needs {', '.join(missing)})")
+    for run, names in left_out.items():
+        print(f"note: run {run} holds the measures "
+              f"{', '.join(measures.get(run) or ['entropy'])}; not drawn: {', '.join(names)}",
+              file=sys.stderr)
+    return noted
 
 
 def run_table(con, runs: list[str]) -> list[dict]:
@@ -151,7 +163,8 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
 
     Per-run charts go to ``out/<run_id>/<chart>.<format>``; comparisons of the first run
     with each other run of the same model to ``out/<A>__vs__<B>/``; ``out/index.html``
-    shows them all.
+    shows them all. A chart whose run lacks a measure group it needs (``ChartSpec.needs``)
+    is left out, with a note in the index and one line per run on stderr.
 
     Args:
         progress: called once the inputs are checked with the number of charts to render;
@@ -171,12 +184,13 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
     if reserved:
         raise UserError(f"run {reserved[0]!r} cannot be drawn: its folder would take the "
                         "index page's name; leave it out")
-    if only and all(CHARTS[n].runs == 2 for n in names) and len(runs) < 2:
+    if only and all(ALL_CHARTS[n].runs == 2 for n in names) and len(runs) < 2:
         raise UserError("run_comparison needs two runs; pass --run A --run B")
     jobs = list(_jobs(runs, names, run_models(views.con)))
-    if only and all(CHARTS[n].runs == 2 for n in names) and not jobs:
+    if only and all(ALL_CHARTS[n].runs == 2 for n in names) and not jobs:
         raise UserError(f"run_comparison compares runs of one model, and no other run given is "
                         f"of {runs[0]!r}'s model; pass two runs of one model")
+    jobs = _with_notes(jobs, run_measures(views.con))
     written, entries = _save_charts(views, jobs, out, formats, progress)
     written.append(write_index(out, entries, formats, warehouse,
                                run_table(views.con, runs)))
@@ -189,97 +203,32 @@ def _chart_names(formats: tuple[str, ...], only: list[str] | None) -> list[str]:
     if bad or not formats:
         raise UserError(f"unknown --format {','.join(bad) or '(none)'}; use a comma-separated "
                         f"list of {', '.join(FORMATS)}")
-    names = only or list(CHARTS)
-    unknown = [n for n in names if n not in CHARTS]
+    names = only or list(ALL_CHARTS)
+    unknown = [n for n in names if n not in ALL_CHARTS]
     if unknown:
-        raise UserError(f"unknown chart {unknown[0]!r}; known: {', '.join(CHARTS)}")
+        raise UserError(f"unknown chart {unknown[0]!r}; known: {', '.join(ALL_CHARTS)}")
     return names
 
 
 def _save_charts(views: Views, jobs: list, out: Path, formats: tuple[str, ...],
                  progress: Callable[[int], object] | None) -> tuple[list[Path], list]:
-    """Build and save the chart of every job; the files written, and the index entries
-    ``(spec, runs, rel, n_rows)``."""
+    """Build and save the chart of every job ``(spec, runs, rel, note)`` but those with a
+    note (left out); the files written, and the index entries ``(spec, runs, rel, n_rows,
+    note)``."""
     written: list[Path] = []
     entries = []
-    bar = progress(len(jobs)) if progress is not None else None
+    bar = progress(sum(not job[3] for job in jobs)) if progress is not None else None
     try:
-        for spec, job_runs, rel in jobs:
+        for spec, job_runs, rel, note in jobs:
+            if note:
+                entries.append((spec, job_runs, rel, None, note))
+                continue
             chart, frame = build_chart(views, spec, job_runs)
             written += save_chart(chart, out / rel, formats)
-            entries.append((spec, job_runs, rel, frame.height))
+            entries.append((spec, job_runs, rel, frame.height, None))
             if bar is not None:
                 bar.update()
     finally:
         if bar is not None:
             bar.close()
     return written, entries
-
-
-INDEX_TEMPLATE = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>entropy-warehouse charts</title>
-<style>
-body { font-family: {{ font }}; margin: 2rem; color: #1c2833; }
-section { margin: 2rem 0; border-top: 1px solid #d5d8dc; padding-top: 1rem; }
-table { border-collapse: collapse; }
-th, td { text-align: left; padding: 0.2rem 0.8rem; border-bottom: 1px solid #d5d8dc; }
-td.num { text-align: right; }
-img { max-width: 100%; }
-iframe { width: 100%; height: 520px; border: 0; }
-</style></head>
-<body>
-<h1>Entropy effects of attention heads and MLPs</h1>
-<p>Warehouse <code>{{ warehouse }}</code>, rendered {{ stamp }}. Entropies in nats;
-positive values increase entropy.</p>
-<table id="runs">
-<thead><tr><th>run id</th><th>model</th><th>dataset</th><th>tokens</th></tr></thead>
-<tbody>
-{%- for run in runs %}
-<tr><td><code>{{ run.run_id }}</code></td><td>{{ run.model }}</td><td>{{ run.dataset }}</td>
-<td class="num">{{ "{:,}".format(run.n_tokens) if run.n_tokens is not none else "" }}</td></tr>
-{%- endfor %}
-</tbody></table>
-<nav id="contents"><h2>Charts</h2><ol>
-{%- for s in sections %}
-<li><a href="#{{ s.anchor }}">{{ s.heading }}</a></li>
-{%- endfor %}
-</ol></nav>
-{%- for s in sections %}
-<section id="{{ s.anchor }}"><h2>{{ s.heading }}</h2><p>{{ s.description }} (saved query
-<code>{{ s.query }}</code>, {{ s.n_rows }} rows) —
-{%- for fmt in formats %} <a href="{{ s.rel }}.{{ fmt }}">{{ fmt }}</a>
-{%- if not loop.last %} ·{% endif %}{% endfor %}</p>
-{%- if image %}
-<img src="{{ s.rel }}.{{ image }}" alt="{{ s.heading }}">
-{%- else %}
-<iframe src="{{ s.rel }}.html" title="{{ s.heading }}" loading="lazy"></iframe>
-{%- endif %}</section>
-{%- endfor %}
-</body></html>
-""")
-
-
-def write_index(out: Path, entries, formats: tuple[str, ...], warehouse: Warehouse,
-                runs: list[dict] | None = None) -> Path:
-    """``out/index.html``: a table of the runs, a table of contents, then every chart of
-    this render as an image, linked to its HTML.
-
-    Args:
-        runs: rows ``run_id, model, dataset, n_tokens`` for the summary table.
-    """
-    image = "svg" if "svg" in formats else "png" if "png" in formats else None
-    sections = [{
-        "anchor": re.sub(r"[^A-Za-z0-9_.-]+", "-", str(rel.as_posix())),
-        "heading": f"{spec.name} — {' vs '.join(job_runs)}",
-        "description": spec.description, "query": spec.query, "n_rows": n_rows,
-        "rel": rel.as_posix(),
-    } for spec, job_runs, rel, n_rows in entries]
-    page = INDEX_TEMPLATE.render(
-        font=theme.FONT, warehouse=str(warehouse), runs=runs or [], sections=sections,
-        formats=formats, image=image,
-        stamp=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
-    path = out / "index.html"
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path

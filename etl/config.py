@@ -87,8 +87,9 @@ class ExtractConfig:
     measures: str = field(default=",".join(DEFAULT_MEASURES), metadata=option(
         "measure groups, comma-separated: entropy (always), loss, kl, context (the in-context "
         "part of each effect), calibration (top-3 probabilities), or all; the default is "
-        "every group that costs at most 25 %% of the entropy stage on the CPU "
-        "(BENCHMARKS.md)", metavar="GROUPS"))
+        "every group that costs at most 25 %% of the entropy stage on the CPU, which is "
+        "all of them (BENCHMARKS.md); --measures entropy for the entropies alone",
+        metavar="GROUPS"))
     dtype: str = field(default="float32", metadata=option(
         "model and compute dtype; half precision is refused (entropy diffs are tiny)",
         choices=DTYPES))

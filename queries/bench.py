@@ -40,12 +40,16 @@ def _tokens_table(start: int, stop: int, rng: np.random.Generator) -> pa.Table:
     n = (stop - start) * SEQ_LEN
     positions = np.tile(np.arange(SEQ_LEN, dtype=np.int32), stop - start)
     ids = rng.integers(0, VOCAB, n).astype(np.int32)
+    last = positions == SEQ_LEN - 1
     return pa.table({
         "seq": np.repeat(np.arange(start, stop, dtype=np.int32), SEQ_LEN),
         "position": positions, "token_id": ids, "token": pa.array([f"t{i}" for i in ids]),
         "is_bos": positions == 0, "is_pad": np.zeros(n, dtype=bool),
         "role": pa.nulls(n, pa.string()), "variant": pa.nulls(n, pa.string()),
         "example": pa.nulls(n, pa.int32()),
+        "next_token_id": pa.array(np.roll(ids, -1), mask=last),
+        **{f"top{k}_prob": pa.nulls(n, pa.float32()) for k in (1, 2, 3)},
+        "target_rank": pa.nulls(n, pa.int8()),
     }, schema=SCHEMAS["tokens"])
 
 
@@ -86,7 +90,7 @@ def write_synthetic_run(warehouse: Warehouse, run_id: str, component_rows: int,
         config={"synthetic": True, "seed": seed}, model_identity={},
         dataset_fingerprint="", dataset_source={"generator": "queries.bench"}, packages={},
         git_commit=None, host="")
-    return writer.staging.publish(manifest)
+    return writer.staging.publish(manifest, -(-n_seqs // SEQS_PER_SHARD))
 
 
 def _size(path: Path) -> int:

@@ -53,6 +53,11 @@ def test_a_copy_suppression_head_raises_entropy_through_in_context_tokens(plante
     assert next(iter(shares)) == (1, 0)  # the largest mean marginal of every head
     top = query(planted, "top_heads", measure="marginal", k=1, run_id="copy-suppression")
     assert top.select("layer", "head").row(0) == (1, 0)
+    saved = query(planted, "copy_suppression", run_id="copy-suppression")
+    first = saved.filter((saved["rank"] == 1) & (saved["kind"] == "head")).row(0, named=True)
+    assert (first["layer"], first["head"]) == (1, 0)
+    assert first["entropy_share"] > 0.9 and first["kl_share"] > 0.9
+    assert first["entropy_share"] == pytest.approx(entropy_share, abs=1e-6)
 
 
 def test_a_head_flattening_through_absent_tokens_has_no_in_context_share(planted):
@@ -61,6 +66,9 @@ def test_a_head_flattening_through_absent_tokens_has_no_in_context_share(planted
     assert marginal > 0.005
     assert abs(entropy_share) < 0.1 and abs(kl_share) < 0.1
     assert next(iter(shares)) == (1, 0)
+    saved = query(planted, "copy_suppression", run_id="flattening")
+    row = saved.filter((saved["layer"] == 1) & (saved["head"] == 0)).row(0, named=True)
+    assert row["rank"] == 1 and abs(row["entropy_share"]) < 0.1 and abs(row["kl_share"]) < 0.1
 
 
 def test_the_planted_runs_stay_in_their_vocabulary(planted):

@@ -138,7 +138,8 @@ def _effect_costs(device, acts, weights, options, cache, tokens, entropy_s: floa
     for group in (*MEASURES, "all"):
         chosen = MeasureOptions(lens=options.lens, chunk_tokens=options.chunk_tokens,
                                 measures=(group,))
-        log(f"measures: entropy + {group}")
+        log("measures: entropy only, again" if group == "entropy"
+            else f"measures: entropy + {group}")
         _, seconds[group], _ = _timed(device, lambda o=chosen: measure_batch(
             acts, weights, o, cache=cache, tokens=batch))
     every = MeasureOptions(lens=options.lens, chunk_tokens=options.chunk_tokens,

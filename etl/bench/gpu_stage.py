@@ -12,13 +12,11 @@ from dataclasses import replace
 
 import torch
 
-from etl.lens import fused_measures as fm
+from etl.bench.gpu_kernels import diagnose_real
 from etl.lens import split_product
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.fused_measures import SplitWeights
-from etl.lens.kernel_reference import layer_entropies_reference
-from etl.lens.kernels import LOG2E, LayerInputs, layer_entropies
-from etl.lens.split_product import SplitHeads, lens_product
+from etl.lens.split_product import SplitHeads
 
 MODES = [("final-scale", "zero"), ("recomputed-ln", "zero"), ("final-scale", "mean"),
          ("recomputed-ln", "mean")]
@@ -66,48 +64,6 @@ def _errors_by_part(a, b) -> dict:
             "resid_pre": e(a.resid[:, 0:-1:2], b.resid[:, 0:-1:2]),
             "resid_mid": e(a.resid[:, 1:-1:2], b.resid[:, 1:-1:2]),
             "resid_final": e(a.resid[:, -1], b.resid[:, -1])}
-
-
-def diagnose_real(acts, weights, sample: int,
-                  cache: HeadUnembedCache | None = None) -> list[dict]:
-    """On real activations (final-scale lens, zero ablation): the lens product's error against
-    float64, and the layer kernel's error against float64 given the same inputs."""
-    sl = slice(0, sample)
-    split = fm.split_weights(weights, centered=False, cache=cache)
-    ctx = fm._chunk_context(acts, weights, sl, recomputed=False)
-    w_u = weights.W_U.double() * LOG2E
-    vocab = w_u.shape[1]
-    rows = []
-    for layer in (0, acts.z.shape[1] // 2, acts.z.shape[1] - 1):
-        x = fm._lens_input(acts, sl, layer, ctx)
-        scaled, ds = lens_product(x, split.w_u)
-        u = scaled[:, :vocab] * ds[:, None]
-        ref_u = x.double() @ w_u
-        last = layer + 1 == acts.z.shape[1]
-        if last:
-            un, un_ds = ctx.u_last, torch.ones_like(ds)
-        else:
-            nxt, un_ds = lens_product(fm._lens_input(acts, sl, layer + 1, ctx), split.w_u)
-            un = nxt[:, :vocab]
-        w_hi, w_lo, w_scale = fm.head_split(split, weights, layer, cache)
-        inputs = LayerInputs(
-            u=scaled[:, :vocab], u_descale=ds, u_next=un, u_next_descale=un_ds,
-            mbase=ctx.mbase, z=acts.z[sl, layer].float() * ctx.inv_s[:, :, None],
-            w_hi=w_hi, w_lo=w_lo, w_scale=w_scale, bo=split.bo_lens[layer], bo_mult=ctx.mult,
-            is_last=last)
-        w64 = torch.einsum("hkd,dv->hkv", weights.W_O[layer].double(), w_u)
-        got = layer_entropies(inputs)
-        ref = layer_entropies_reference(inputs, w64)
-        err = (got.double() - ref).abs().amax(0)
-        h = acts.z.shape[2]
-        rows.append({"what": "real layer", "layer": layer,
-                     "lens_abs_err_log2": float((u.double() - ref_u).abs().max()),
-                     "lens_max_abs_log2": float(ref_u.abs().max()),
-                     "kernel_err_heads_with": float(err[:h].max()),
-                     "kernel_err_heads_without": float(err[h:2 * h].max()),
-                     "kernel_err_pre_mid_mlp": float(err[2 * h:].max())})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
 
 
 def _error_text(exc: Exception) -> str:

@@ -274,3 +274,29 @@ create or replace macro stable_sd(x) as
     case when count(x) > 1 then sqrt(greatest(0,
         (sum(fixed_point(x::double * x::double)) / 1099511627776
          - (sum(fixed_point(x)) / 1099511627776) ** 2 / count(x)) / (count(x) - 1))) end;
+
+-- stable_cov(x, y): the sample covariance of x and y (an aggregate) over the rows where both
+-- are non-NULL; stable_cov(x, x) is the sample variance. Order-independent like stable_sd,
+-- but finer: its fixed-point integers are x × 2^80 (128 bits, within 2^-81 of x·y, whose
+-- product of two float32 values is exact in double), so the small values and near-equal
+-- terms of a delta-method variance keep their digits. For Σ|x·y| and Σ|x|, Σ|y| below 10^14.
+-- NULL for fewer than 2 such rows.
+create or replace macro fine_point(x) as (x::double * 2.0 ** 80)::hugeint;
+
+create or replace macro stable_cov(x, y) as
+    case when count(x::double * y::double) > 1 then
+        (sum(fine_point(x::double * y::double)) / 2.0 ** 80
+         - sum(fine_point(case when y is not null then x end)) / 2.0 ** 80
+           * (sum(fine_point(case when x is not null then y end)) / 2.0 ** 80)
+           / count(x::double * y::double))
+        / (count(x::double * y::double) - 1) end;
+
+-- ratio_se(mean_x, mean_y, var_x, var_y, cov_xy, n): the standard error of the ratio of
+-- means mean_x / mean_y of n paired values by the delta method:
+-- sqrt((var_x − 2·R·cov_xy + R²·var_y) / n) / |mean_y| with R = mean_x / mean_y (the
+-- sample standard deviation of x − R·y over √n, divided by |mean_y|); NULL when a variance
+-- or the covariance is (fewer than 2 values).
+create or replace macro ratio_se(mean_x, mean_y, var_x, var_y, cov_xy, n) as
+    case when var_x is not null and var_y is not null and cov_xy is not null then
+        sqrt(greatest(0, var_x - 2 * (mean_x / mean_y) * cov_xy
+                         + (mean_x / mean_y) ** 2 * var_y) / n) / abs(mean_y) end;

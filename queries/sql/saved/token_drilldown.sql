@@ -1,9 +1,12 @@
 -- token_drilldown: for one component, the k positions where it raises (or lowers) entropy
--- most, with the token, the preceding context as text, the diff and marginal (nats) and the
--- IOI role where there is one.
+-- most (or another of its effects: measure), with the token, the preceding context as text,
+-- the diff and marginal (nats). Also its other direct effects there (loss_marginal,
+-- kl_marginal, entropy_marginal_context, kl_context_kept: NULL where not measured), the
+-- in-context token whose logit it lowered most (id, text, and the change of its logit,
+-- suppressed_logit) and the IOI role where there is one.
 -- @param run_id NULL one run id, or NULL for the latest run
 -- @param component NULL 'L.H' for head H of layer L, 'L.mlp' for the MLP of layer L, or NULL for the head with the largest mean diff in the run
--- @param measure 'diff' rank positions by 'diff' or 'marginal'
+-- @param measure 'diff' rank positions by 'diff' or 'marginal' (entropy), 'loss' (loss_marginal), 'kl' (kl_marginal), 'context' (entropy_marginal_context) or 'context_kept' (kl_context_kept); positions without a value come last
 -- @param direction 'raise' 'raise' (largest values first) or 'lower' (smallest first)
 -- @param k 20 how many positions
 -- @param context 8 how many preceding tokens to show
@@ -14,7 +17,10 @@ settings as (
     select
         coalesce($run_id::varchar, latest_run()) as run_id,
         $component::varchar as component,
-        measure_param($measure::varchar) as measure,
+        case when $measure::varchar in ('diff', 'marginal', 'loss', 'kl', 'context',
+                                        'context_kept') then $measure::varchar
+             else error('measure must be ''diff'', ''marginal'', ''loss'', ''kl'', '
+                        || '''context'' or ''context_kept''') end as measure,
         case when $direction::varchar in ('raise', 'lower') then $direction::varchar
              else error('direction must be ''raise'' or ''lower''') end as direction,
         $k::integer as k,
@@ -61,9 +67,14 @@ checked as (
 rows_of_component as (
     select
         c.run_id, c.seq, c.position, c.layer, c.head, c.kind, c.entropy_diff,
-        c.entropy_marginal,
-        case when s.measure = 'diff' then c.entropy_diff else c.entropy_marginal end
-            as value,
+        c.entropy_marginal, c.loss_marginal, c.kl_marginal, c.entropy_marginal_context,
+        c.kl_context_kept, c.suppressed_token_id, c.suppressed_logit,
+        case s.measure when 'diff' then c.entropy_diff
+                       when 'marginal' then c.entropy_marginal
+                       when 'loss' then c.loss_marginal
+                       when 'kl' then c.kl_marginal
+                       when 'context' then c.entropy_marginal_context
+                       else c.kl_context_kept end as value,
         tok.token, tok.role, tok.is_bos, tok.is_pad
     from component_entropy as c
     join checked as s
@@ -78,7 +89,8 @@ ranked as (
     select
         r.*,
         row_number() over (
-            order by case when s.direction = 'raise' then -r.value else r.value end,
+            order by case when s.direction = 'raise' then -r.value else r.value end
+                         nulls last,
                      r.seq, r.position
         ) as rank
     from rows_of_component as r, checked as s
@@ -101,6 +113,15 @@ contexts as (
     group by r.seq, r.position
 ),
 
+-- the suppressed token's text: it is in context, so some token of the same sequence is it
+suppressed as (
+    select r.seq, r.position, min(tok.token) as suppressed_token
+    from top_rows as r
+    join tokens as tok
+        on tok.run_id = r.run_id and tok.seq = r.seq and tok.token_id = r.suppressed_token_id
+    group by r.seq, r.position
+),
+
 final as (
     select
         r.rank,
@@ -115,10 +136,18 @@ final as (
         r.token,
         r.entropy_diff,
         r.entropy_marginal,
+        r.loss_marginal,
+        r.kl_marginal,
+        r.entropy_marginal_context,
+        r.kl_context_kept,
+        r.suppressed_token_id,
+        x.suppressed_token,
+        r.suppressed_logit,
         r.role
     from top_rows as r
     cross join checked as s
     left join contexts as c using (seq, position)
+    left join suppressed as x using (seq, position)
 )
 
 select * from final

@@ -1,0 +1,228 @@
+"""Charts of the effect measures (loss, KL, in-context part, calibration) of every component.
+
+As in ``analysis.charts``, the frame a function receives is embedded unchanged and any
+reshaping happens in Vega-Lite transforms. ``calibration_heatmaps`` draws two saved queries'
+results at once: it takes them stacked (``stack``), each row tagged with its query.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+
+from analysis.charts import _component_order, _records, _run_title, symmetric_limit
+from analysis.theme import DIVERGING_SCHEME, POSITIVE_MEANS
+
+RAISES_OVERCONFIDENCE = "> 0: ablating the head raises overconfidence (the head calibrates)"
+LOWERS_LOSS = "< 0: the component lowers the loss"
+GREY = "#808b96"
+
+
+def stack(**frames: pl.DataFrame) -> pl.DataFrame:
+    """Saved queries' results stacked into one frame, each row tagged with its query's name
+    (column ``query``); columns one result lacks are NULL in the other's rows."""
+    return pl.concat([frame.with_columns(query=pl.lit(name)) for name, frame in frames.items()],
+                     how="diagonal_relaxed")
+
+
+def _diverging(values) -> alt.Scale:
+    """Red = positive, blue = negative, centred on 0 with symmetric limits."""
+    limit = symmetric_limit(values)
+    return alt.Scale(scheme=DIVERGING_SCHEME, reverse=True, domain=[-limit, limit],
+                     domainMid=0)
+
+
+def _head_panel(rows: pl.DataFrame, query: str, field: str, title: str,
+                legend_title: str, tooltip: list) -> alt.Chart:
+    """A layer × head heatmap of ``field`` over the heads' rows of ``query`` (in a stacked
+    frame), on its own diverging symmetric scale."""
+    heads = rows.filter((pl.col("query") == query) & (pl.col("kind") == "head"))
+    n_heads = int(heads["head"].max()) + 1 if heads.height else 1
+    n_layers = heads["layer"].n_unique() if heads.height else 1
+    return alt.Chart(title=title).transform_filter(
+        f"datum.query == '{query}' && datum.kind == 'head'",
+    ).mark_rect(stroke="white", strokeWidth=0.5).encode(
+        x=alt.X("head:O", title="head", scale=alt.Scale(domain=list(range(n_heads))),
+                axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("layer:O", title="layer", sort="ascending"),
+        color=alt.Color(f"{field}:Q", scale=_diverging(heads[field].to_list()),
+                        title=legend_title, legend=alt.Legend(format=".3~g")),
+        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("head:O"), *tooltip],
+    ).properties(width=max(180, 26 * n_heads), height=max(120, 22 * n_layers))
+
+
+def calibration_heatmaps(stacked: pl.DataFrame) -> alt.HConcatChart:
+    """The Copy Suppression paper's Fig. 13 pair (McDougall et al. 2023, App. D): layer ×
+    head heatmaps of the mean entropy marginal and of the relative change in overconfidence
+    when the head is ablated, side by side, each on its own diverging symmetric scale.
+
+    Args:
+        stacked: ``stack(head_summary=..., calibration=...)`` of one run: ``head_summary``
+            rows (``mean_marginal``, ``ci95_*_marginal``) and ``calibration`` rows
+            (``overconfidence``, ``baseline_overconfidence``, ``relative_change``).
+    """
+    entropy = _head_panel(
+        stacked, "head_summary", "mean_marginal", "mean entropy marginal (nats)",
+        "nats", [alt.Tooltip("mean_marginal:Q", format=".5f", title="mean marginal (nats)"),
+                 alt.Tooltip("ci95_low_marginal:Q", format=".5f", title="95% CI low"),
+                 alt.Tooltip("ci95_high_marginal:Q", format=".5f", title="95% CI high"),
+                 alt.Tooltip("n:Q", format=",")])
+    calibration = _head_panel(
+        stacked, "calibration", "relative_change",
+        "overconfidence change when ablated (fraction)", "fraction",
+        [alt.Tooltip("relative_change:Q", format="+.2%", title="relative change"),
+         alt.Tooltip("overconfidence:Q", format=".5f", title="ablated overconfidence"),
+         alt.Tooltip("baseline_overconfidence:Q", format=".5f", title="model's overconfidence"),
+         alt.Tooltip("n_predictions:Q", format=",", title="predictions")])
+    return alt.hconcat(entropy, calibration, data=_records(stacked), spacing=40).properties(
+        title=alt.TitleParams(
+            "Entropy-raising heads and calibration (nats; relative change)",
+            subtitle=[f"{_run_title(stacked)} · left: {POSITIVE_MEANS}",
+                      f"right: overconfidence with the head ablated / the model's − 1; "
+                      f"{RAISES_OVERCONFIDENCE}"]),
+    ).resolve_scale(color="independent").resolve_legend(color="independent")
+
+
+def loss_heatmap(effects: pl.DataFrame) -> alt.Chart:
+    """Layer × component heatmap of the mean loss marginal (NLL with − without the
+    component), MLP column included, on a diverging symmetric scale.
+
+    Args:
+        effects: ``loss_effects`` rows of one run (``layer, head, kind, component, n,
+            loss_marginal, loss_ci95_*, kl_marginal, kl_ci95_*``).
+    """
+    order = _component_order(effects, include_mlp=True)
+    return alt.Chart(_records(effects)).transform_calculate(
+        column="datum.kind == 'mlp' ? 'MLP' : toString(datum.head)",
+    ).mark_rect(stroke="white", strokeWidth=0.5).encode(
+        x=alt.X("column:O", sort=order, scale=alt.Scale(domain=order),
+                title="head (and MLP)", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("layer:O", title="layer", sort="ascending"),
+        color=alt.Color("loss_marginal:Q", scale=_diverging(effects["loss_marginal"].to_list()),
+                        title="mean (nats)", legend=alt.Legend(format=".3~g")),
+        tooltip=[alt.Tooltip("component:N"),
+                 alt.Tooltip("loss_marginal:Q", format=".5f", title="loss marginal (nats)"),
+                 alt.Tooltip("loss_ci95_low:Q", format=".5f", title="95% CI low"),
+                 alt.Tooltip("loss_ci95_high:Q", format=".5f", title="95% CI high"),
+                 alt.Tooltip("kl_marginal:Q", format=".5f", title="KL marginal (nats)"),
+                 alt.Tooltip("n:Q", format=",")],
+    ).properties(
+        width=max(180, 26 * len(order)), height=max(120, 22 * effects["layer"].n_unique()),
+        title=alt.TitleParams(
+            "Loss effect of every head and MLP (nats)",
+            subtitle=f"{_run_title(effects)} · mean over positions of NLL with − without the "
+                     f"component · {LOWERS_LOSS}"))
+
+
+SHARES = {"entropy_share": "entropy: in-context part / marginal",
+          "kl_share": "KL: 1 − kept / marginal"}
+SHARE_LIMITS = (-1.0, 2.0)
+"""Shares are drawn within these limits; a share beyond them sits on the edge (a head with a
+marginal near 0 can have any share)."""
+
+
+def share_domain(copy: pl.DataFrame) -> tuple[list[float], bool]:
+    """The y domain of the share panels: [0, 1] widened to the heads' shares (within
+    ``SHARE_LIMITS``), and whether a share lies beyond those limits."""
+    heads = copy.filter(pl.col("kind") == "head")
+    values = [v for field in SHARES for v in heads[field].to_list()
+              if v is not None and v == v]
+    low, high = min([0.0, *values]), max([1.0, *values])
+    clamped = low < SHARE_LIMITS[0] or high > SHARE_LIMITS[1]
+    low, high = max(low, SHARE_LIMITS[0]), min(high, SHARE_LIMITS[1])
+    pad = 0.05 * (high - low)
+    return [round(low - pad, 12), round(high + pad, 12)], clamped
+
+
+def _share_layers(domain: list[float], label_top: int) -> list[alt.Chart]:
+    """Reference rules, 95 % CI bars, points and labels of one share panel."""
+    x = alt.X("entropy_marginal:Q", title="mean entropy marginal (nats)")
+    y_scale = alt.Scale(domain=domain, nice=False, clamp=True)
+    base = alt.Chart()
+    rules = [base.mark_rule(color=GREY, strokeDash=dash).encode(y=alt.datum(v))
+             for v, dash in ((0, [4, 4]), (1, [1, 3]))]
+    zero_x = base.mark_rule(color=GREY, strokeDash=[4, 4]).encode(x=alt.datum(0))
+    bars = base.mark_rule(color="#aab7b8", strokeWidth=1.5).encode(
+        x=x, y=alt.Y("low:Q", scale=y_scale), y2="high:Q")
+    points = base.mark_circle(size=60, opacity=0.85).encode(
+        x=x, y=alt.Y("share:Q", scale=y_scale,
+                     title="share of the effect due to in-context tokens (fraction)"),
+        color=alt.Color("layer:O", title="layer", scale=alt.Scale(scheme="viridis")),
+        tooltip=[alt.Tooltip("component:N", title="head"), alt.Tooltip("panel:N"),
+                 alt.Tooltip("entropy_marginal:Q", format=".5f", title="marginal (nats)"),
+                 alt.Tooltip("share:Q", format=".3f"),
+                 alt.Tooltip("low:Q", format=".3f", title="95% CI low"),
+                 alt.Tooltip("high:Q", format=".3f", title="95% CI high"),
+                 alt.Tooltip("rank:Q", title="rank by marginal"), alt.Tooltip("n:Q", format=",")])
+    labels = base.transform_filter(f"datum.rank <= {int(label_top)}").mark_text(
+        align="left", dx=6, dy=-6, fontSize=12, fontWeight="bold",
+    ).encode(x=x, y=alt.Y("share:Q", scale=y_scale), text="component:N")
+    return [*rules, zero_x, bars, points, labels]
+
+
+def suppression_scatter(copy: pl.DataFrame, label_top: int = 5) -> alt.FacetChart:
+    """Each head's mean entropy marginal (x) against the share of its effect that the
+    in-context tokens account for (y, with 95 % CI bars): the entropy share and the KL
+    share side by side, the ``label_top`` heads with the largest marginal labelled.
+
+    Args:
+        copy: ``copy_suppression`` rows of one run (``rank`` orders the heads by mean
+            entropy marginal, largest first).
+    """
+    domain, clamped = share_domain(copy)
+    low = " : ".join(f"datum.share_field == '{f}' ? datum.{f}_ci95_low" for f in SHARES)
+    high = " : ".join(f"datum.share_field == '{f}' ? datum.{f}_ci95_high" for f in SHARES)
+    panel = " : ".join(f"datum.share_field == '{f}' ? '{name}'" for f, name in SHARES.items())
+    chart = alt.layer(*_share_layers(domain, label_top)).properties(width=340, height=300)
+    chart = chart.facet(
+        column=alt.Column("panel:N", sort=list(SHARES.values()), title=None),
+        data=_records(copy),
+    ).transform_filter("datum.kind == 'head'").transform_fold(
+        list(SHARES), as_=["share_field", "share"],
+    ).transform_calculate(
+        panel=f"{panel} : null", low=f"{low} : null", high=f"{high} : null")
+    limits = "…".join(f"{v:g}".replace("-", "−") for v in SHARE_LIMITS)
+    note = f" · shares beyond {limits} drawn on the edge" if clamped else ""
+    return chart.properties(title=alt.TitleParams(
+        "Are the entropy-raising heads copy-suppression heads? (nats; fraction)",
+        subtitle=[f"{_run_title(copy)} · heads only · labelled: the {int(label_top)} heads "
+                  f"with the largest mean entropy marginal · {POSITIVE_MEANS}",
+                  "y: share of the head's effect due to tokens already in the context "
+                  f"(1: all, 0: none; dotted) · bars: 95 % CI{note}"]))
+
+
+def calibration_curve(curve: pl.DataFrame) -> alt.LayerChart:
+    """Accuracy against predicted probability (reliability diagram) of the model and with
+    one head ablated, the diagonal of perfect calibration dashed.
+
+    Args:
+        curve: ``calibration_curve`` rows (``curve`` 'model' or 'ablated L.H', ``bin,
+            p_mid, n, accuracy``).
+    """
+    names = curve["curve"].unique(maintain_order=True).to_list()
+    order = ["model", *sorted(n for n in names if n != "model")]
+    colors = ["#1c2833", "#c0392b", "#2471a3", "#7d3c98", "#229954", "#d68910"]
+    unit = alt.Scale(domain=[0, 1], nice=False)
+    color = alt.Color("curve:N", sort=order, title="curve",
+                      scale=alt.Scale(domain=order, range=colors[:len(order)]))
+    x = alt.X("p_mid:Q", scale=unit, title="predicted probability (bin middle)")
+    y = alt.Y("accuracy:Q", scale=unit, title="accuracy (fraction correct)")
+    tooltip = [alt.Tooltip("curve:N"), alt.Tooltip("bin:Q"),
+               alt.Tooltip("p_mid:Q", format=".3f", title="bin middle"),
+               alt.Tooltip("accuracy:Q", format=".3f"),
+               alt.Tooltip("n:Q", format=",", title="top-k entries")]
+    diagonal = alt.Chart(alt.Data(values=[{"p": 0}, {"p": 1}])).mark_line(
+        color=GREY, strokeDash=[4, 4]).encode(x=alt.X("p:Q", scale=unit), y="p:Q")
+    lines = alt.Chart().mark_line(strokeWidth=2).encode(x=x, y=y, color=color)
+    points = alt.Chart().mark_circle(opacity=0.9).encode(
+        x=x, y=y, color=color, tooltip=tooltip,
+        size=alt.Size("n:Q", title="top-k entries", scale=alt.Scale(range=[20, 240])))
+    ablated = ", ".join(f"'{n}'" for n in order[1:]) or "no ablated curve"
+    return alt.layer(diagonal, lines, points, data=_records(curve)).properties(
+        width=360, height=360,
+        title=alt.TitleParams(
+            "Calibration with the top entropy-raising head ablated (probability)",
+            subtitle=[f"{_run_title(curve)} · the model's top predictions binned by "
+                      f"probability · dashed: perfect calibration, below it: overconfident",
+                      f"{ablated}: with that head ablated (by default the head with the "
+                      f"largest mean entropy marginal, nats)"]))
