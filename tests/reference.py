@@ -15,66 +15,79 @@ def entropy64(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+class _Model:
+    """One batch through TransformerLens, in float64: the cache, the lens, the final logits
+    and their ablations, straight from the definitions. The lens recomputes the model's own
+    final normalisation (LayerNorm or RMSNorm, with its epsilon)."""
+
+    def __init__(self, bridge, tokens, lens: str, mask):
+        cfg = bridge.cfg
+        _, self.cache = bridge.run_with_cache(tokens)
+        self.W_U, self.b_U = bridge.W_U.double(), bridge.b_U.double()
+        self.W_O = bridge.W_O.double()
+        self.eps, self.lens = cfg.eps, lens
+        self.s = self.cache["ln_final.hook_scale"].double()
+        self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
+        self.mask = torch.ones(tokens.shape, dtype=torch.bool) if mask is None else mask
+        self.rms = str(cfg.normalization_type).startswith("RMS")
+        self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False))  # MLP reads resid_pre
+        self.resid_final = self.cache[f"blocks.{self.n_layers - 1}.hook_resid_post"].double()
+        self.final = self.ln(self.resid_final) @ self.W_U + self.b_U
+
+    def ln(self, r):
+        """The model's final normalisation, its weights folded into W_U."""
+        rc = r if self.rms else r - r.mean(-1, keepdim=True)
+        return rc / torch.sqrt(rc.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def lens_logits(self, r):
+        if self.lens == "final-scale":
+            return (r / self.s) @ self.W_U
+        return self.ln(r) @ self.W_U + self.b_U
+
+    def ablated_final(self, c):
+        """The final logits with ``c`` removed, as the marginal removes it."""
+        if self.lens == "final-scale":
+            return self.final - (c / self.s) @ self.W_U
+        return self.ln(self.resid_final - c) @ self.W_U + self.b_U
+
+    def removed(self, c, ablation: str):
+        """What the marginal removes of ``c``: itself, or itself minus its per-position mean
+        over the real tokens."""
+        if ablation != "mean":
+            return c
+        w = self.mask.double()[..., None]
+        return c - (c * w).sum(0, keepdim=True) / w.sum(0, keepdim=True).clamp(min=1)
+
+    def components(self, layer: int):
+        """Each head's output (``z @ W_O``, no ``b_O``), then the MLP's, of ``layer``."""
+        z = self.cache[f"blocks.{layer}.attn.hook_z"].double()
+        outs = [z[:, :, h, :] @ self.W_O[layer, h] for h in range(self.n_heads)]
+        return outs + [self.cache[f"blocks.{layer}.hook_mlp_out"].double()]
+
+
 @torch.inference_mode()
 def reference_measures(bridge, tokens, lens="final-scale", ablation="zero", mask=None):
-    """Measures of ``tokens [batch, pos]`` as float64 arrays. The lens recomputes the
-    model's own final normalisation (LayerNorm or RMSNorm, with its epsilon); in parallel
-    blocks the MLP reads ``resid_pre``, which stands in for ``resid_mid``.
+    """Measures of ``tokens [batch, pos]`` as float64 arrays; in parallel blocks the MLP
+    reads ``resid_pre``, which stands in for ``resid_mid``.
 
     Returns:
         ``(diff [B, P, L, H+1], marginal [B, P, L, H+1], resid [B, P, 2L+1])``.
     """
-    cfg = bridge.cfg
-    _, cache = bridge.run_with_cache(tokens)
-    W_U, b_U, W_O = bridge.W_U.double(), bridge.b_U.double(), bridge.W_O.double()
-    eps = cfg.eps
-    s = cache["ln_final.hook_scale"].double()
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    if mask is None:
-        mask = torch.ones(tokens.shape, dtype=torch.bool)
-
-    rms = str(cfg.normalization_type).startswith("RMS")
-    parallel = bool(getattr(cfg, "parallel_attn_mlp", False))  # the MLP reads resid_pre
-
-    def ln(r):  # the model's final normalisation, its weights folded into W_U
-        rc = r if rms else r - r.mean(-1, keepdim=True)
-        return rc / torch.sqrt(rc.pow(2).mean(-1, keepdim=True) + eps)
-
-    def lens_logits(r):
-        if lens == "final-scale":
-            return (r / s) @ W_U
-        return ln(r) @ W_U + b_U
-
-    resid_final = cache[f"blocks.{n_layers - 1}.hook_resid_post"].double()
-    final = ln(resid_final) @ W_U + b_U
-    h_final = entropy64(final)
-
-    def ablated_final(c):
-        if lens == "final-scale":
-            return final - (c / s) @ W_U
-        return ln(resid_final - c) @ W_U + b_U
-
-    def pos_mean(c):
-        w = mask.double()[..., None]
-        return (c * w).sum(0, keepdim=True) / w.sum(0, keepdim=True).clamp(min=1)
-
+    m = _Model(bridge, tokens, lens, mask)
+    h_final = entropy64(m.final)
     B, P = tokens.shape
-    diff = torch.zeros(B, P, n_layers, n_heads + 1, dtype=torch.float64)
+    diff = torch.zeros(B, P, m.n_layers, m.n_heads + 1, dtype=torch.float64)
     marg = torch.zeros_like(diff)
-    resid = torch.zeros(B, P, 2 * n_layers + 1, dtype=torch.float64)
-    for L in range(n_layers):
-        pre = cache[f"blocks.{L}.hook_resid_pre"].double()
-        mid = pre if parallel else cache[f"blocks.{L}.hook_resid_mid"].double()
-        z = cache[f"blocks.{L}.attn.hook_z"].double()
-        h_pre, h_mid = entropy64(lens_logits(pre)), entropy64(lens_logits(mid))
+    resid = torch.zeros(B, P, 2 * m.n_layers + 1, dtype=torch.float64)
+    for L in range(m.n_layers):
+        pre = m.cache[f"blocks.{L}.hook_resid_pre"].double()
+        mid = pre if m.parallel else m.cache[f"blocks.{L}.hook_resid_mid"].double()
+        h_pre, h_mid = entropy64(m.lens_logits(pre)), entropy64(m.lens_logits(mid))
         resid[..., 2 * L], resid[..., 2 * L + 1] = h_pre, h_mid
-        outs = [z[:, :, h, :] @ W_O[L, h] for h in range(n_heads)]
-        outs.append(cache[f"blocks.{L}.hook_mlp_out"].double())
-        for c_idx, c in enumerate(outs):
-            base, h_base = (pre, h_pre) if c_idx < n_heads else (mid, h_mid)
-            diff[:, :, L, c_idx] = entropy64(lens_logits(base + c)) - h_base
-            c_abl = c - pos_mean(c) if ablation == "mean" else c
-            marg[:, :, L, c_idx] = h_final - entropy64(ablated_final(c_abl))
+        for c_idx, c in enumerate(m.components(L)):
+            base, h_base = (pre, h_pre) if c_idx < m.n_heads else (mid, h_mid)
+            diff[:, :, L, c_idx] = entropy64(m.lens_logits(base + c)) - h_base
+            marg[:, :, L, c_idx] = h_final - entropy64(m.ablated_final(m.removed(c, ablation)))
     resid[..., -1] = h_final
     return diff, marg, resid
 
@@ -100,32 +113,9 @@ def reference_effects(bridge, tokens, lens="final-scale", ablation="zero", mask=
     distribution materialised: ``dict`` of ``[B, P, L, H+1]`` arrays (``top_probs``
     ``[B, P, L, H+1, 3]``, ``target_rank`` int), plus ``final_top_probs [B, P, 3]``,
     ``final_target_rank [B, P]`` and ``has_target [B, P]``."""
-    cfg = bridge.cfg
-    _, cache = bridge.run_with_cache(tokens)
-    W_U, b_U, W_O = bridge.W_U.double(), bridge.b_U.double(), bridge.W_O.double()
-    eps = cfg.eps
-    s = cache["ln_final.hook_scale"].double()
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    if mask is None:
-        mask = torch.ones(tokens.shape, dtype=torch.bool)
-    rms = str(cfg.normalization_type).startswith("RMS")
-
-    def ln(r):
-        rc = r if rms else r - r.mean(-1, keepdim=True)
-        return rc / torch.sqrt(rc.pow(2).mean(-1, keepdim=True) + eps)
-
-    resid_final = cache[f"blocks.{n_layers - 1}.hook_resid_post"].double()
-    final = ln(resid_final) @ W_U + b_U
-
-    def ablated_final(c):
-        if lens == "final-scale":
-            return final - (c / s) @ W_U
-        return ln(resid_final - c) @ W_U + b_U
-
-    def pos_mean(c):
-        w = mask.double()[..., None]
-        return (c * w).sum(0, keepdim=True) / w.sum(0, keepdim=True).clamp(min=1)
-
+    m = _Model(bridge, tokens, lens, mask)
+    mask, final = m.mask, m.final
+    n_layers, n_heads = m.n_layers, m.n_heads
     B, P = tokens.shape
     V = final.shape[-1]
     in_c = _context_mask(tokens, mask, V)
@@ -139,12 +129,9 @@ def reference_effects(bridge, tokens, lens="final-scale", ablation="zero", mask=
     out["top_probs"] = torch.zeros(*shape, 3, dtype=torch.float64)
     out["target_rank"] = torch.zeros(shape, dtype=torch.int64)
     for L in range(n_layers):
-        z = cache[f"blocks.{L}.attn.hook_z"].double()
-        outs = [z[:, :, h, :] @ W_O[L, h] for h in range(n_heads)]
-        outs.append(cache[f"blocks.{L}.hook_mlp_out"].double())
-        for c_idx, c in enumerate(outs):
-            c_abl = c - pos_mean(c) if ablation == "mean" else c
-            got = _effects64(ablated_final(c_abl), final, logp, in_c, nxt, has_target)
+        for c_idx, c in enumerate(m.components(L)):
+            got = _effects64(m.ablated_final(m.removed(c, ablation)), final, logp, in_c, nxt,
+                             has_target)
             for name, value in got.items():
                 out[name][:, :, L, c_idx] = value
     out["final_top_probs"], out["final_target_rank"] = _top64(final, nxt, has_target)

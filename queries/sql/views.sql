@@ -258,6 +258,61 @@ create or replace macro ci95_low(mean, sd, n) as mean - 1.96 * sd / sqrt(n);
 
 create or replace macro ci95_high(mean, sd, n) as mean + 1.96 * sd / sqrt(n);
 
+-- component_param(c): c when it names a component, 'L.H' (head H of layer L) or 'L.mlp';
+-- an error otherwise. component_layer(c), component_kind(c) ('head' or 'mlp') and
+-- component_head(c) (NULL for the MLP) take it apart.
+create or replace macro component_layer(c) as try_cast(split_part(c, '.', 1) as integer);
+
+create or replace macro component_kind(c) as
+    case when split_part(c, '.', 2) = 'mlp' then 'mlp' else 'head' end;
+
+create or replace macro component_head(c) as
+    try_cast(nullif(split_part(c, '.', 2), 'mlp') as integer);
+
+create or replace macro component_param(c) as
+    case when component_layer(c) is not null
+              and (component_kind(c) = 'mlp' or component_head(c) is not null) then c
+         else error('component must look like ''10.7'' (a head) or ''10.mlp'', not '''
+                    || coalesce(c, 'NULL') || '''') end;
+
+-- Calibration pieces shared by the calibration and calibration_curve queries.
+
+-- n_bins_param(n), top_k_param(k): n when it is at least 1; k when it is 1, 2 or 3; an
+-- error otherwise.
+create or replace macro n_bins_param(n) as
+    case when n >= 1 then n else error('n_bins must be at least 1') end;
+
+create or replace macro top_k_param(k) as
+    case when k between 1 and 3 then k else error('top_k must be 1, 2 or 3') end;
+
+-- kth_prob(k, p1, p2, p3): the k-th largest probability of a prediction, as double.
+create or replace macro kth_prob(k, p1, p2, p3) as
+    (case k when 1 then p1 when 2 then p2 else p3 end)::double;
+
+-- probability_bin(p, n): the bin i of n equal bins of [0, 1) with i/n ≤ p < (i+1)/n,
+-- compared in double (floor(p·n) corrected where the product rounds across a bin edge);
+-- p = 1 gives n, in no bin.
+create or replace macro probability_bin(p, n) as
+    (case when p < floor(p * n) / n then floor(p * n) - 1
+          when p >= (floor(p * n) + 1) / n then floor(p * n) + 1
+          else floor(p * n) end)::bigint;
+
+-- overconfidence_fx(hits, n, bin, n_bins), overconfidence_xx(bin, n_bins): a non-empty
+-- bin's terms of the study's overconfidence Σ f·x / Σ x², f = accuracy − (bin + ½)/n_bins,
+-- x = ½ − (bin + ½)/n_bins.
+create or replace macro overconfidence_fx(hits, n, bin, n_bins) as
+    (hits / n - (bin + 0.5) / n_bins) * (0.5 - (bin + 0.5) / n_bins);
+
+create or replace macro overconfidence_xx(bin, n_bins) as (0.5 - (bin + 0.5) / n_bins) ** 2;
+
+-- predicted_positions(run): the (run_id, seq, position) of run's tokens that have a next
+-- token (the study's [:, :-1], less positions before padding), with the model's top-3
+-- probabilities and the next token's rank.
+create or replace macro predicted_positions(run) as table
+    select t.run_id, t.seq, t.position, t.top1_prob, t.top2_prob, t.top3_prob, t.target_rank
+    from tokens as t
+    where t.run_id = run and t.next_token_id is not null;
+
 -- stable_mean(x), stable_sd(x): the mean and sample standard deviation of x (aggregates),
 -- the same to the last bit however the rows are split over threads and files. DuckDB's
 -- avg() and stddev_samp() add doubles in the order its threads happen to read the shards,

@@ -17,21 +17,16 @@ with
 settings as (
     select
         coalesce($run_id::varchar, latest_run()) as run_id,
-        case when $n_bins::integer >= 1 then $n_bins::integer
-             else error('n_bins must be at least 1') end as n_bins,
-        case when $top_k::integer between 1 and 3 then $top_k::integer
-             else error('top_k must be 1, 2 or 3') end as top_k
+        n_bins_param($n_bins::integer) as n_bins,
+        top_k_param($top_k::integer) as top_k
 ),
 
 ranks as (
     select k.k from settings as s, range(1, 4) as k(k) where k.k <= s.top_k
 ),
 
--- the positions with a next token (the study's [:, :-1], less positions before padding)
 predicted as (
-    select t.run_id, t.seq, t.position, t.top1_prob, t.top2_prob, t.top3_prob, t.target_rank
-    from tokens as t, settings as s
-    where t.run_id = s.run_id and t.next_token_id is not null
+    select * from predicted_positions(coalesce($run_id::varchar, latest_run()))
 ),
 
 components as (
@@ -44,8 +39,7 @@ components as (
 
 model_entries as (
     select
-        case r.k when 1 then p.top1_prob when 2 then p.top2_prob else p.top3_prob end::double
-            as prob,
+        kth_prob(r.k, p.top1_prob, p.top2_prob, p.top3_prob) as prob,
         p.target_rank is not distinct from r.k as hit
     from predicted as p, ranks as r
     where p.top1_prob is not null
@@ -54,8 +48,7 @@ model_entries as (
 ablated_entries as (
     select
         c.layer, c.head, c.kind,
-        case r.k when 1 then c.ablated_top1_prob when 2 then c.ablated_top2_prob
-                 else c.ablated_top3_prob end::double as prob,
+        kth_prob(r.k, c.ablated_top1_prob, c.ablated_top2_prob, c.ablated_top3_prob) as prob,
         c.ablated_target_rank is not distinct from r.k as hit
     from component_entropy as c
     semi join predicted as p using (run_id, seq, position)
@@ -63,25 +56,13 @@ ablated_entries as (
     where c.ablated_top1_prob is not null
 ),
 
--- bin i holds i/n ≤ p < (i+1)/n, compared in double (floor(p·n) corrected where the
--- product rounds across a bin edge)
 model_binned as (
-    select e.hit,
-           case when e.prob < floor(e.prob * s.n_bins) / s.n_bins
-                    then floor(e.prob * s.n_bins) - 1
-                when e.prob >= (floor(e.prob * s.n_bins) + 1) / s.n_bins
-                    then floor(e.prob * s.n_bins) + 1
-                else floor(e.prob * s.n_bins) end::bigint as bin
+    select e.hit, probability_bin(e.prob, s.n_bins) as bin
     from model_entries as e, settings as s
 ),
 
 ablated_binned as (
-    select e.layer, e.head, e.kind, e.hit,
-           case when e.prob < floor(e.prob * s.n_bins) / s.n_bins
-                    then floor(e.prob * s.n_bins) - 1
-                when e.prob >= (floor(e.prob * s.n_bins) + 1) / s.n_bins
-                    then floor(e.prob * s.n_bins) + 1
-                else floor(e.prob * s.n_bins) end::bigint as bin
+    select e.layer, e.head, e.kind, e.hit, probability_bin(e.prob, s.n_bins) as bin
     from ablated_entries as e, settings as s
 ),
 
@@ -104,8 +85,8 @@ ablated_bins as (
 model_terms as (
     select
         m.bin,
-        (m.hits / m.n - (m.bin + 0.5) / s.n_bins) * (0.5 - (m.bin + 0.5) / s.n_bins) as fx,
-        (0.5 - (m.bin + 0.5) / s.n_bins) ** 2 as xx
+        overconfidence_fx(m.hits, m.n, m.bin, s.n_bins) as fx,
+        overconfidence_xx(m.bin, s.n_bins) as xx
     from model_bins as m, settings as s
 ),
 
@@ -119,8 +100,8 @@ baseline as (
 ablated_terms as (
     select
         a.layer, a.head, a.kind, a.bin,
-        (a.hits / a.n - (a.bin + 0.5) / s.n_bins) * (0.5 - (a.bin + 0.5) / s.n_bins) as fx,
-        (0.5 - (a.bin + 0.5) / s.n_bins) ** 2 as xx
+        overconfidence_fx(a.hits, a.n, a.bin, s.n_bins) as fx,
+        overconfidence_xx(a.bin, s.n_bins) as xx
     from ablated_bins as a, settings as s
 ),
 

@@ -15,10 +15,8 @@ settings as (
     select
         coalesce($run_id::varchar, latest_run()) as run_id,
         $component::varchar as component,
-        case when $n_bins::integer >= 1 then $n_bins::integer
-             else error('n_bins must be at least 1') end as n_bins,
-        case when $top_k::integer between 1 and 3 then $top_k::integer
-             else error('top_k must be 1, 2 or 3') end as top_k
+        n_bins_param($n_bins::integer) as n_bins,
+        top_k_param($top_k::integer) as top_k
 ),
 
 top_head as (
@@ -38,21 +36,17 @@ target as (
 parsed as (
     select
         t.*,
-        try_cast(split_part(t.chosen, '.', 1) as integer) as layer,
-        case when split_part(t.chosen, '.', 2) = 'mlp' then 'mlp' else 'head' end as kind,
-        try_cast(nullif(split_part(t.chosen, '.', 2), 'mlp') as integer) as head
+        component_layer(component_param(t.chosen)) as layer,
+        component_kind(t.chosen) as kind,
+        component_head(t.chosen) as head
     from target as t
 ),
 
 checked as (
     select
         p.*,
-        case when p.layer is not null and (p.kind = 'mlp' or p.head is not null)
-                  then case when p.kind = 'mlp' then 'ablated MLP ' || p.layer
-                            else 'ablated ' || p.layer || '.' || p.head end
-             else error('component must look like ''10.7'' (a head) or ''10.mlp'', not '''
-                        || coalesce(p.chosen, 'NULL') || '''')
-        end as curve
+        case when p.kind = 'mlp' then 'ablated MLP ' || p.layer
+             else 'ablated ' || p.layer || '.' || p.head end as curve
     from parsed as p
 ),
 
@@ -60,26 +54,21 @@ ranks as (
     select k.k from settings as s, range(1, 4) as k(k) where k.k <= s.top_k
 ),
 
--- the positions with a next token (the study's [:, :-1], less positions before padding)
 predicted as (
-    select t.run_id, t.seq, t.position, t.top1_prob, t.top2_prob, t.top3_prob, t.target_rank
-    from tokens as t, settings as s
-    where t.run_id = s.run_id and t.next_token_id is not null
+    select * from predicted_positions(coalesce($run_id::varchar, latest_run()))
 ),
 
 entries as (
     select
         'model' as curve,
-        case r.k when 1 then p.top1_prob when 2 then p.top2_prob else p.top3_prob end::double
-            as prob,
+        kth_prob(r.k, p.top1_prob, p.top2_prob, p.top3_prob) as prob,
         p.target_rank is not distinct from r.k as hit
     from predicted as p, ranks as r
     where p.top1_prob is not null
     union all
     select
         s.curve,
-        case r.k when 1 then c.ablated_top1_prob when 2 then c.ablated_top2_prob
-                 else c.ablated_top3_prob end::double,
+        kth_prob(r.k, c.ablated_top1_prob, c.ablated_top2_prob, c.ablated_top3_prob),
         c.ablated_target_rank is not distinct from r.k
     from component_entropy as c
     join checked as s
@@ -91,15 +80,8 @@ entries as (
     where c.ablated_top1_prob is not null
 ),
 
--- bin i holds i/n ≤ p < (i+1)/n, compared in double (floor(p·n) corrected where the
--- product rounds across a bin edge)
 binned as (
-    select e.curve, e.hit,
-           case when e.prob < floor(e.prob * s.n_bins) / s.n_bins
-                    then floor(e.prob * s.n_bins) - 1
-                when e.prob >= (floor(e.prob * s.n_bins) + 1) / s.n_bins
-                    then floor(e.prob * s.n_bins) + 1
-                else floor(e.prob * s.n_bins) end::bigint as bin
+    select e.curve, e.hit, probability_bin(e.prob, s.n_bins) as bin
     from entries as e, settings as s
 ),
 

@@ -44,24 +44,14 @@ target as (
     from settings as s
 ),
 
-parsed as (
-    select
-        t.*,
-        try_cast(split_part(t.chosen, '.', 1) as integer) as layer,
-        case when split_part(t.chosen, '.', 2) = 'mlp' then 'mlp' else 'head' end as kind,
-        try_cast(nullif(split_part(t.chosen, '.', 2), 'mlp') as integer) as head
-    from target as t
-),
-
 checked as (
     select
-        p.*,
-        case when p.layer is not null
-                  and (p.kind = 'mlp' or p.head is not null) then p.chosen
-             else error('component must look like ''10.7'' (a head) or ''10.mlp'', not '''
-                        || coalesce(p.chosen, 'NULL') || '''')
-        end as component_checked
-    from parsed as p
+        t.*,
+        component_param(t.chosen) as component_checked,
+        component_layer(t.chosen) as layer,
+        component_kind(t.chosen) as kind,
+        component_head(t.chosen) as head
+    from target as t
 ),
 
 rows_of_component as (
