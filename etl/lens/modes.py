@@ -30,7 +30,7 @@ component)."""
 DEFAULT_MEASURES = MEASURES
 """What a run measures unless told: every group whose cost on the CPU benchmark
 (``python -m etl.bench``, BENCHMARKS.md) is at most 25 % of the entropy stage; on GPT-2 small
-each group cost 20 % or less, and all of them together 17–22 %."""
+each group cost 20 % or less, and all of them together 14–22 %."""
 TOP_K = 3
 """How many of the largest probabilities the calibration measures keep."""
 
