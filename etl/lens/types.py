@@ -110,6 +110,17 @@ class BatchMeasures:
         """The fields that hold tensors, by name."""
         return {k: v for k, v in vars(self).items() if v is not None}
 
+    def stored_arrays(self) -> dict[str, torch.Tensor]:
+        """``arrays()`` as the warehouse stores them: floating ones as float32, every
+        measured field (the effects too), on their device."""
+        return {k: (v.to(torch.float32) if v.is_floating_point() else v)
+                for k, v in self.arrays().items()}
+
+    def host_arrays(self) -> dict:
+        """``stored_arrays()`` copied to the host as numpy arrays (waits for the device):
+        what the host step is given."""
+        return {k: v.detach().cpu().numpy() for k, v in self.stored_arrays().items()}
+
 
 @dataclass
 class BatchTokens:

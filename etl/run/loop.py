@@ -114,11 +114,9 @@ class PinnedBuffers:
 
     def copy(self, start: int, stop: int, measures: BatchMeasures, marks: tuple) -> HostBatch:
         """Queue the copies of ``measures`` (no wait on CUDA)."""
-        tensors = {name: (t.to(torch.float32) if t.is_floating_point() else t)
-                   for name, t in measures.arrays().items()}
         if not self.cuda:
-            arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
-            return HostBatch(start, stop, arrays, marks)
+            return HostBatch(start, stop, measures.host_arrays(), marks)
+        tensors = measures.stored_arrays()
         slot = self._next
         self._next = (self._next + 1) % self.slots
         self._stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -96,8 +96,7 @@ class BatchWorker:
             self._computes[key] = compute_step(self.config, self.device, self.model,
                                                self.tokens, means)
         measures = self._computes[key](start, stop, lambda: None)
-        arrays = {name: getattr(measures, name).float().cpu().numpy()
-                  for name in ("diff", "marginal", "resid")}
+        arrays = measures.host_arrays()
         fault_point_once(f"worker:{start}")
         self._shards.start(staging)
         self._write(start, stop, arrays)
