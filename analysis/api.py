@@ -5,7 +5,7 @@
     wh = Warehouse("data/warehouse")
     wh.runs()                                  # polars DataFrame, one row per complete run
     wh.query("top_heads", run_id="...", k=5)   # a saved query into a DataFrame
-    wh.sql("select ... from component_entropy where run_id = $run", run="...")
+    wh.sql("select ... from component_effects where run_id = $run", run="...")
     wh.chart("heatmap", "...")                 # an Altair chart; a notebook displays it
     wh.chart("suppression_scatter", "...")     # effect charts need the run's measures
     wh.con                                     # the DuckDB connection, for anything else
@@ -27,7 +27,7 @@ from queries.saved import get_query, saved_queries
 
 class Warehouse(warehouse.Warehouse):
     """A warehouse (``etl.warehouse.Warehouse``: a folder or an ``s3://`` prefix) opened for
-    reading: its complete runs as DuckDB views (``runs``, ``tokens``, ``component_entropy``,
+    reading: its complete runs as DuckDB views (``runs``, ``tokens``, ``component_effects``,
     ``resid_entropy``), read when the object is made.
 
     Raises:

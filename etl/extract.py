@@ -2,7 +2,7 @@
 
 For every sequence, position and layer it computes the entropy diff and marginal of each
 attention head and the MLP, and the lens entropy at every residual point, and writes them
-to ``component_entropy``, ``resid_entropy`` and ``tokens`` under ``--warehouse``, with a
+to ``component_effects``, ``resid_entropy`` and ``tokens`` under ``--warehouse``, with a
 manifest in ``runs``. See the README for the definitions and the table schemas. The flags
 are the fields of ``ExtractConfig`` (what determines the numbers) and ``RunOptions`` (how
 and where the run is done); ``etl.run.runner.ExtractRunner`` does the work.
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def summary(result: RunResult) -> str:
     """The line a finished run prints: its id, rows, rate and where it went."""
     rows = result.rows
-    return (f"run {result.run_id}: {rows['component_entropy']:,} component rows, "
+    return (f"run {result.run_id}: {rows['component_effects']:,} component rows, "
             f"{rows['resid_entropy']:,} residual rows, {result.n_tokens:,} tokens at "
             f"{result.tokens_per_s:,.1f} tokens/s -> "
             f"{result.manifest_path.parent.parent.parent} (manifest {result.manifest_path})")

@@ -73,7 +73,7 @@ def write_synthetic_run(warehouse: Warehouse, run_id: str, component_rows: int,
         diff = (rng.standard_normal((n_tok, N_LAYERS, N_HEADS + 1), dtype=np.float32) * 0.02)
         marginal = diff + rng.standard_normal(diff.shape, dtype=np.float32) * 0.005
         resid = rng.uniform(2.0, 9.0, (n_tok, 2 * N_LAYERS + 1)).astype(np.float32)
-        writer.write("component_entropy", component_table(diff, marginal, seqs, positions))
+        writer.write("component_effects", component_table(diff, marginal, seqs, positions))
         writer.write("resid_entropy", resid_table(resid, seqs, positions))
         writer.write("tokens", _tokens_table(start, stop, rng))
         print(f"\rwrote {stop}/{n_seqs} sequences", end="", file=sys.stderr, flush=True)

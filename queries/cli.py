@@ -106,7 +106,7 @@ def _add_query_commands(sub) -> None:
 
     sql = sub.add_parser("sql", help="run ad-hoc SQL against the views",
                          description="Run ad-hoc SQL against the views runs, tokens, "
-                                     "component_entropy and resid_entropy.")
+                                     "component_effects and resid_entropy.")
     sql.add_argument("query", help='SQL text, e.g. "select * from runs"')
     _add_param_arg(sql)
     _add_output_args(sql)

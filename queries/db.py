@@ -147,7 +147,7 @@ def open_views(warehouse: Warehouse, runs: list[Run], read_only: bool = False
 
 
 def connect(warehouse: Warehouse, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with ``runs``, ``tokens``, ``component_entropy`` and
+    """An in-memory DuckDB connection with ``runs``, ``tokens``, ``component_effects`` and
     ``resid_entropy`` defined over the complete runs of ``warehouse``.
 
     Only the files the manifests list are read. A run with a missing or unreadable file is

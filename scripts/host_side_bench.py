@@ -42,7 +42,7 @@ def main() -> None:
                 seqs = np.repeat(np.arange(b * BATCH, (b + 1) * BATCH), SEQ_LEN)
                 positions = np.tile(np.arange(SEQ_LEN), BATCH)
                 for name, table in (
-                        ("component_entropy", component_table(diff, marginal, seqs, positions)),
+                        ("component_effects", component_table(diff, marginal, seqs, positions)),
                         ("resid_entropy", resid_table(resid, seqs, positions)),
                         ("tokens", tokens(b * BATCH, (b + 1) * BATCH))):
                     writer.write(name, table)

@@ -29,7 +29,7 @@ from etl.warehouse import Warehouse
 from queries.db import Views
 
 READ = ("select count(*) as n, sum(entropy_diff) as diff, sum(entropy_marginal) as marginal "
-        "from component_entropy join tokens using (run_id, seq, position)")
+        "from component_effects join tokens using (run_id, seq, position)")
 """A read of every component row joined to its token: any missing or mixed file shows."""
 
 

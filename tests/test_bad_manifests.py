@@ -56,9 +56,9 @@ def bad(request, tmp_path):
         _symlink_partition(root, "tokens", "bad", outside)
         says = "its tokens file 'part-g1-00000.parquet' is reached through a symbolic link"
     else:
-        _symlink_partition(root, "component_entropy", "bad", root / "component_entropy" /
+        _symlink_partition(root, "component_effects", "bad", root / "component_effects" /
                            "run_id=good")
-        says = "its component_entropy file 'part-g1-00000.parquet' is reached through a sym"
+        says = "its component_effects file 'part-g1-00000.parquet' is reached through a sym"
     return root, says
 
 

@@ -20,7 +20,7 @@ from etl.warehouse.files import KILL_AT_ENV, KILL_ONCE_ENV
 from etl.warehouse.lock import STALE_ENV
 from queries.db import connect
 
-TABLES = ("component_entropy", "resid_entropy", "tokens")
+TABLES = ("component_effects", "resid_entropy", "tokens")
 
 
 RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")

@@ -68,7 +68,7 @@ def run_query(root, name, **params):
 
 
 def rows_of(root, run_id, positions="all"):
-    comp = raw(root, "component_entropy").filter(pl.col("run_id") == run_id)
+    comp = raw(root, "component_effects").filter(pl.col("run_id") == run_id)
     if positions == "real":
         toks = raw(root, "tokens").filter((pl.col("run_id") == run_id) & ~pl.col("is_bos")
                                           & ~pl.col("is_pad"))
@@ -476,12 +476,12 @@ def test_checks_pass_then_catch_each_planted_value(warehouse, tmp_path, capsys):
         table = _set(table, "next_token_id", 2, 7)
         return _set(table, "top1_prob", 3, None)
 
-    _rewrite_shard(bad, "component_entropy", "ioi-all", component)
+    _rewrite_shard(bad, "component_effects", "ioi-all", component)
     _rewrite_shard(bad, "tokens", "ioi-all", tokens)
     # shards written before the effect columns (a migrated run) have none: not a failure
     _rewrite_shard(bad, "tokens", "ioi-entropy", lambda table: table.drop_columns(
         ["next_token_id", "top1_prob", "top2_prob", "top3_prob", "target_rank"]))
-    _rewrite_shard(bad, "component_entropy", "ioi-entropy", lambda table: table.select(
+    _rewrite_shard(bad, "component_effects", "ioi-entropy", lambda table: table.select(
         ["seq", "position", "layer", "head", "kind", "entropy_diff", "entropy_marginal"]))
     assert query_main(["--warehouse", str(bad), "check"]) == 1
     out = capsys.readouterr().out

@@ -46,7 +46,7 @@ def test_row_counts_are_exact(warehouse):
         n_tok = run["n_seqs"] * run["seq_len"]
         assert run["n_tokens"] == n_tok
         counts = _frame(warehouse, f"""
-            select (select count(*) from component_entropy where run_id = '{run["run_id"]}'),
+            select (select count(*) from component_effects where run_id = '{run["run_id"]}'),
                    (select count(*) from resid_entropy where run_id = '{run["run_id"]}'),
                    (select count(*) from tokens where run_id = '{run["run_id"]}')""").row(0)
         assert counts == (N_LAYERS * (N_HEADS + 1) * n_tok, (2 * N_LAYERS + 1) * n_tok, n_tok)
@@ -71,7 +71,7 @@ def _stored(root, run_id, n_seqs, seq_len):
     comp = _frame(root, f"""
         select seq, position, layer, coalesce(head, {N_HEADS}) as c, entropy_diff,
                entropy_marginal
-        from component_entropy where run_id = '{run_id}'""")
+        from component_effects where run_id = '{run_id}'""")
     diff = np.full((n_seqs, seq_len, N_LAYERS, N_HEADS + 1), np.nan)
     marg = diff.copy()
     idx = tuple(comp[c].to_numpy() for c in ("seq", "position", "layer", "c"))
@@ -112,7 +112,7 @@ def test_ioi_tokens_carry_roles(warehouse):
 
 
 def test_query_cli_reads_back_csv_and_json(warehouse, capsys):
-    sql = "select run_id, count(*) as n from component_entropy group by run_id order by run_id"
+    sql = "select run_id, count(*) as n from component_effects group by run_id order by run_id"
     assert query_main(["--warehouse", str(warehouse), "sql", sql, "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "run_id,n" and lines[1].startswith("ioi-default,")

@@ -98,7 +98,7 @@ def _stored_effects(root, run_id, n_seqs, seq_len) -> dict[str, np.ndarray]:
     """The stored effect columns as ``[B, P, L, H+1]`` arrays (NULL as NaN)."""
     comp = _frame(root, f"""
         select seq, position, layer, coalesce(head, {N_HEADS}) as c, {', '.join(EFFECT_COLUMNS)}
-        from component_entropy where run_id = '{run_id}'""")
+        from component_effects where run_id = '{run_id}'""")
     idx = tuple(comp[c].to_numpy() for c in ("seq", "position", "layer", "c"))
     out = {}
     for column, name in EFFECT_COLUMNS.items():

@@ -70,7 +70,7 @@ def _rows(root, run_id):
     con = connect(Warehouse(root))
     return {table: con.sql(f"select * exclude (run_id) from {table} where run_id = '{run_id}' "
                            "order by all").fetchall()
-            for table in ("component_entropy", "resid_entropy", "tokens")}
+            for table in ("component_effects", "resid_entropy", "tokens")}
 
 
 def _visible_runs(root):
@@ -79,7 +79,7 @@ def _visible_runs(root):
     except Exception:  # no complete run at all
         return set()
     runs = {r[0] for r in con.sql("select run_id from runs").fetchall()}
-    for table in ("component_entropy", "resid_entropy", "tokens"):
+    for table in ("component_effects", "resid_entropy", "tokens"):
         runs |= {r[0] for r in con.sql(f"select distinct run_id from {table}").fetchall()}
     return runs
 
@@ -116,7 +116,7 @@ def test_sigkill_at_each_point_then_the_same_command_resumes(tiny_checkpoint, co
     manifest = _manifest(tmp_path)
     assert manifest["timing"]["batches_resumed"] == N_BATCHES  # every batch was staged
     assert _rows(tmp_path, "whole") == reference  # 0 lost, 0 duplicated
-    for table in ("component_entropy", "resid_entropy", "tokens"):
+    for table in ("component_effects", "resid_entropy", "tokens"):
         files = sorted(p.name for p in (tmp_path / table / "run_id=whole").glob("*"))
         assert files == sorted(s["file"] for s in manifest["shards"][table])
     # the leftovers of the published attempt are not reused by the next one
@@ -155,7 +155,7 @@ def test_overwrite_killed_half_way_keeps_the_old_run_visible(tiny_checkpoint, co
     assert done.returncode == 0, done.stderr
     new_rows = _rows(root, "whole")
     assert new_rows != reference and len(new_rows["tokens"]) == len(reference["tokens"])
-    for table in ("component_entropy", "resid_entropy", "tokens"):
+    for table in ("component_effects", "resid_entropy", "tokens"):
         assert len(list((root / table / "run_id=whole").glob("*.parquet"))) == N_BATCHES
 
 
@@ -168,7 +168,7 @@ def test_interrupt_ends_in_one_line_and_the_run_resumes(tiny_checkpoint, corpus,
     staging = tmp_path / "_staging" / "whole"
     deadline = time.monotonic() + 120
     while proc.poll() is None and not all(any((staging / t).glob("*.parquet"))
-                                          for t in ("component_entropy", "tokens")):
+                                          for t in ("component_effects", "tokens")):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     proc.send_signal(sig)

@@ -1,8 +1,9 @@
 """``python -m queries migrate``: runs written by earlier versions (schema-1 manifests without
 ``shards``, the lens names ``seed`` and ``recomputed``, manifests without ``measures`` and
-shards without the effect columns) are left out of the views with a
-warning until it rewrites their manifests, in place, one atomic write per run, under the
-run's lock; nothing else reads the old forms."""
+shards without the effect columns, the component table under its earlier name
+``component_entropy``) are left out of the views with a warning until it rewrites their
+manifests, in place, atomically, under the run's lock, and moves a renamed table's files;
+nothing else reads the old forms."""
 
 import hashlib
 import json
@@ -24,13 +25,16 @@ def _manifest(root, run_id):
 
 @pytest.fixture()
 def old_warehouse(tmp_path):
-    """``new`` as written today, ``v1`` (schema 1, no shards), ``seed`` (an old lens name),
-    ``v2`` (no measures listed, shards without the effect columns)."""
+    """``new`` as written today; in the component table's earlier name
+    (``component_entropy``): ``v1`` (schema 1, no shards), ``seed`` (an old lens name),
+    ``v2`` (no measures listed, shards without the effect columns) and ``v3`` (nothing else
+    old)."""
     root = tmp_path / "wh"
     write_run(root, "new", seed=0)
-    write_run(root, "v1", schema_version=1, seed=1)
-    write_run(root, "seed", seed=2, lens="seed")
-    write_run(root, "v2", seed=3, measures=None)
+    for run_id, options in (("v1", {"schema_version": 1}), ("seed", {"lens": "seed"}),
+                            ("v2", {"measures": None}), ("v3", {})):
+        write_run(root, run_id, seed=len(run_id) + ord(run_id[-1]),
+                  component_table="component_entropy", **options)
     return root
 
 
@@ -38,9 +42,11 @@ def test_old_runs_are_left_out_with_a_warning_naming_migrate(old_warehouse, caps
     con = connect(Warehouse(old_warehouse))
     assert counts(con, "tokens") == {"new": N_SEQS * SEQ_LEN}
     warnings = capsys.readouterr().err.strip().splitlines()
-    assert len(warnings) == 3 and all(w.startswith("warning: left out run ") for w in warnings)
-    assert "manifest schema 1" in warnings[1] and "lens name 'seed'" in warnings[0]
-    assert "(no measures listed)" in warnings[2]
+    assert len(warnings) == 4 and all(w.startswith("warning: left out run ") for w in warnings)
+    assert "(lens name 'seed', table component_entropy)" in warnings[0]
+    assert "(manifest schema 1)" in warnings[1]
+    assert "(no measures listed, table component_entropy)" in warnings[2]
+    assert "(table component_entropy)" in warnings[3]
     assert all(w.endswith("; run python -m queries migrate") for w in warnings)
     assert query_main(["--warehouse", str(old_warehouse), "check"]) == 1
     assert "FAIL files: run v1: " in capsys.readouterr().out
@@ -50,12 +56,16 @@ def test_migrate_rewrites_the_old_manifests_and_then_has_nothing_to_do(old_wareh
     untouched = (old_warehouse / "runs" / "run_id=new" / "manifest.json").read_bytes()
     assert query_main(["--warehouse", str(old_warehouse), "migrate"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out == ["migrated run seed: lens 'seed' → 'final-scale'",
-                   "migrated run v1: schema 1 → 2 (3 files listed with their rows and sha256)",
-                   "migrated run v2: measures: entropy (the only group measured then)",
-                   "3 runs migrated"]
+    moved = "table component_entropy → component_effects (its files moved)"
+    assert out == [f"migrated run seed: lens 'seed' → 'final-scale'; {moved}",
+                   "migrated run v1: schema 1 → 2 (3 files listed with their rows and sha256); "
+                   f"{moved}",
+                   f"migrated run v2: measures: entropy (the only group measured then); {moved}",
+                   f"migrated run v3: {moved}",
+                   "4 runs migrated"]
+    assert not (old_warehouse / "component_entropy").exists()
     v1 = _manifest(old_warehouse, "v1")
-    assert v1["schema_version"] == 2
+    assert v1["schema_version"] == 2 and set(v1["shards"]) == set(TABLES)
     for table in TABLES:
         path = shard(old_warehouse, table, "v1")
         assert v1["shards"][table] == [{
@@ -64,10 +74,14 @@ def test_migrate_rewrites_the_old_manifests_and_then_has_nothing_to_do(old_wareh
     assert _manifest(old_warehouse, "seed")["lens"] == "final-scale"
     assert (old_warehouse / "runs" / "run_id=new" / "manifest.json").read_bytes() == untouched
     con = connect(Warehouse(old_warehouse))
-    assert counts(con, "tokens") == dict.fromkeys(("new", "seed", "v1", "v2"), N_SEQS * SEQ_LEN)
+    assert counts(con, "tokens") == dict.fromkeys(("new", "seed", "v1", "v2", "v3"),
+                                                  N_SEQS * SEQ_LEN)
+    n_rows = con.sql("select n_component_rows from runs where run_id = 'v1'").fetchall()[0][0]
+    assert counts(con, "component_effects") == dict.fromkeys(
+        ("new", "seed", "v1", "v2", "v3"), n_rows)
     # shards written before the effects existed read them as NULL
     assert con.sql("select count(*), count(kl_marginal), count(ablated_top1_prob) "
-                   "from component_entropy where run_id = 'v2'").fetchall()[0][1:] == (0, 0)
+                   "from component_effects where run_id = 'v2'").fetchall()[0][1:] == (0, 0)
     assert con.sql("select count(next_token_id), count(top1_prob) from tokens"
                    ).fetchall()[0] == (0, 0)
     assert con.sql("select measures from runs where run_id = 'v2'").fetchall() == [
@@ -111,3 +125,41 @@ def test_the_lock_error_is_a_user_error(old_warehouse):
     warehouse = Warehouse(old_warehouse)
     with warehouse.lock("seed"), pytest.raises(UserError, match="being written"):
         migrate(warehouse)
+
+
+def test_the_earlier_name_is_a_view_of_the_same_rows(old_warehouse):
+    migrate(Warehouse(old_warehouse))
+    con = connect(Warehouse(old_warehouse))
+    ordered = "select * from {} order by all"
+    assert con.sql(ordered.format("component_entropy")).fetchall() == \
+        con.sql(ordered.format("component_effects")).fetchall()
+    assert con.sql("select count(*) from component_entropy").fetchall()[0][0] > 0
+
+
+def test_a_migration_stopped_after_the_move_is_finished_by_the_next(old_warehouse,
+                                                                    monkeypatch, capsys):
+    import etl.warehouse.migration as migration
+
+    writes = []
+    real = migration.write_json_atomically
+
+    def stopping(path, data):
+        if "component_effects" in data.get("shards", {}):
+            writes.append(path)
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(migration, "write_json_atomically", stopping)
+    with pytest.raises(OSError, match="No space left"):
+        migrate(Warehouse(old_warehouse))
+    monkeypatch.undo()
+    stopped = Warehouse.run_id_of(writes[0])
+    assert shard(old_warehouse, "component_effects", stopped).exists()  # moved, not listed
+    assert not shard(old_warehouse, "component_entropy", stopped).exists()
+    assert "component_entropy" in _manifest(old_warehouse, stopped)["shards"]
+    assert len(migrate(Warehouse(old_warehouse))) == 4
+    capsys.readouterr()
+    assert query_main(["--warehouse", str(old_warehouse), "check"]) == 0
+    con = connect(Warehouse(old_warehouse))
+    assert set(counts(con, "component_effects")) == {"new", "seed", "v1", "v2", "v3"}
+    assert capsys.readouterr().err == ""

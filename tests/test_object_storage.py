@@ -19,7 +19,7 @@ from etl.warehouse.lock import LeaseLock
 from queries.cli import main as queries_main
 from queries.db import connect
 
-TABLES = ("component_entropy", "resid_entropy", "tokens")
+TABLES = ("component_effects", "resid_entropy", "tokens")
 IOI = ["--dataset", "ioi", "--n-prompts", "6", "--batch-size", "2", "--ablation", "mean"]
 
 

@@ -37,7 +37,7 @@ def _extract(checkpoint, root, *args):
 def _rows(root, run_id):
     con = connect(Warehouse(root))
     out = {}
-    for table in ("component_entropy", "resid_entropy", "tokens"):
+    for table in ("component_effects", "resid_entropy", "tokens"):
         out[table] = con.sql(f"select * exclude (run_id) from {table} where run_id = "
                              f"'{run_id}' order by all").fetchall()
     return out
@@ -52,7 +52,7 @@ def test_pipelined_and_sequential_loops_store_identical_shards(tiny_checkpoint, 
                     "--run-id", "seq") == 0
     assert _extract(tiny_checkpoint, tmp_path, *common, "--pipeline", "on",
                     "--run-id", "pipe") == 0
-    for table in ("component_entropy", "resid_entropy", "tokens"):
+    for table in ("component_effects", "resid_entropy", "tokens"):
         seq_files = sorted((tmp_path / table / "run_id=seq").glob("*.parquet"))
         pipe_files = sorted((tmp_path / table / "run_id=pipe").glob("*.parquet"))
         assert len(seq_files) == 3
@@ -61,7 +61,7 @@ def test_pipelined_and_sequential_loops_store_identical_shards(tiny_checkpoint, 
             assert a.read_bytes() == b.read_bytes(), f"{table}/{a.name} differs"
     seq_rows, pipe_rows = _rows(tmp_path, "seq"), _rows(tmp_path, "pipe")
     assert seq_rows == pipe_rows
-    assert len(seq_rows["component_entropy"]) == 6 * 24 * 2 * 5  # seqs·positions·layers·comps
+    assert len(seq_rows["component_effects"]) == 6 * 24 * 2 * 5  # seqs·positions·layers·comps
 
 
 def test_forward_size_changes_shards_not_rows(tiny_checkpoint, text_glob, tmp_path):
@@ -73,7 +73,7 @@ def test_forward_size_changes_shards_not_rows(tiny_checkpoint, text_glob, tmp_pa
     assert len(list((tmp_path / "tokens" / "run_id=by3").glob("*.parquet"))) == 2
     a, b = _rows(tmp_path, "by2"), _rows(tmp_path, "by3")
     assert a["tokens"] == b["tokens"]
-    for table in ("component_entropy", "resid_entropy"):
+    for table in ("component_effects", "resid_entropy"):
         # every measure (entropies and the default effects; NULL as NaN)
         first = 4 if table == "resid_entropy" else 5
         x = np.array([[np.nan if v is None else v for v in r[first:]] for r in a[table]],
@@ -188,7 +188,7 @@ def test_a_failed_shard_write_fails_the_run_then_the_run_resumes(tiny_checkpoint
     assert len(err) == 1 and "No space left on device" in err[0] and "resume" in err[0]
     assert calls[0] >= 4
     assert not (tmp_path / "runs" / "run_id=doomed").exists()
-    assert not (tmp_path / "component_entropy" / "run_id=doomed").exists()
+    assert not (tmp_path / "component_effects" / "run_id=doomed").exists()
     staged = list((tmp_path / "_staging" / "doomed").rglob("*.parquet"))
     assert len(staged) >= 3  # what was written before the failure stays, for a resume
     monkeypatch.undo()
@@ -210,7 +210,7 @@ def test_writer_raises_a_failed_shard_at_the_next_write(tmp_path, monkeypatch):
     table = component_table(diff, diff, np.zeros(4), np.arange(4))
     with pytest.raises(OSError, match="Input/output"):
         for _ in range(10):  # a failure is reported by a later write, or else by flush
-            writer.write("component_entropy", table)
+            writer.write("component_effects", table)
         writer.flush()
     writer.abort()
 
@@ -220,9 +220,9 @@ def test_shards_are_cut_into_row_groups(tmp_path, monkeypatch):
     writer = RunWriter(Warehouse(tmp_path).open_staging("rg"), workers=2)
     diff = np.random.default_rng(0).random((25, 2, 5), dtype=np.float32)
     table = component_table(diff, diff, np.zeros(25), np.arange(25))
-    writer.write("component_entropy", table)
+    writer.write("component_effects", table)
     writer.flush()
-    (shard,) = (writer.staging.folder / "component_entropy").glob("*.parquet")
+    (shard,) = (writer.staging.folder / "component_effects").glob("*.parquet")
     meta = pq.ParquetFile(shard).metadata
     assert meta.num_rows == 250 and meta.num_row_groups == 3
     assert writer.busy_s > 0
@@ -320,12 +320,12 @@ def test_resume_drops_corrupt_and_half_written_staged_shards(tmp_path):
     table = component_table(diff, diff, np.zeros(6), np.arange(6))
     writer = RunWriter(Warehouse(tmp_path).open_staging("r", plan), workers=1)
     for batch in (0, 1):
-        for name in ("component_entropy", "resid_entropy", "tokens"):
-            writer.write(name, table if name == "component_entropy" else
+        for name in ("component_effects", "resid_entropy", "tokens"):
+            writer.write(name, table if name == "component_effects" else
                          _empty_table(name), batch)
     writer.flush()
     writer.abort()
-    folder = writer.staging.folder / "component_entropy"
+    folder = writer.staging.folder / "component_effects"
     bad = folder / f"part-{writer.staging.generation}-00001.parquet"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated on disk
     (folder / "part-x.parquet.tmp").write_bytes(b"half")  # a write the kill interrupted

@@ -40,7 +40,7 @@ def head_shares(con, run_id):
         select layer, head, avg(entropy_marginal) as marginal,
                avg(entropy_marginal_context) / avg(entropy_marginal) as entropy_share,
                1 - avg(kl_context_kept) / avg(kl_marginal) as kl_share
-        from component_entropy where run_id = '{run_id}' and kind = 'head'
+        from component_effects where run_id = '{run_id}' and kind = 'head'
         group by layer, head order by marginal desc""").fetchall()
     return {(layer, head): (m, e, k) for layer, head, m, e, k in rows}
 

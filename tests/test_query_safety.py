@@ -20,7 +20,7 @@ from queries.cli import main as query_main
 from queries.db import connect
 
 N_LAYERS, N_HEADS, N_SEQS, SEQ_LEN, VOCAB = 2, 2, 2, 4, 50257
-TABLES = ("component_entropy", "resid_entropy", "tokens")
+TABLES = ("component_effects", "resid_entropy", "tokens")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -57,7 +57,7 @@ def _tables(seed: int, offset: float = 0.0) -> dict[str, pa.Table]:
         "is_pad": np.zeros(n_tok, dtype=bool), "role": pa.nulls(n_tok, pa.string()),
         "variant": pa.nulls(n_tok, pa.string()), "example": pa.nulls(n_tok, pa.int32()),
     })
-    return {"component_entropy": component, "resid_entropy": resid, "tokens": tokens}
+    return {"component_effects": component, "resid_entropy": resid, "tokens": tokens}
 
 
 def _sha256(path: Path) -> str:
@@ -66,12 +66,16 @@ def _sha256(path: Path) -> str:
 
 def write_run(root: Path, run_id: str, schema_version: int = 2, seed: int = 0,
               offset: float = 0.0, gen: str = "g1", manifest: bool = True,
-              lens: str = "final-scale", measures: list | None = ("entropy",)) -> dict:
+              lens: str = "final-scale", measures: list | None = ("entropy",),
+              component_table: str = "component_effects") -> dict:
     """A small complete run written the way the ETL writes one (shards, then manifest);
     its shards have the entropy columns only (as before the effects were measured), and
-    ``measures=None`` leaves them out of the manifest too (as a run of that time)."""
+    ``measures=None`` leaves them out of the manifest too (as a run of that time);
+    ``component_table``: the component table's name (``component_entropy`` before it
+    held the effects)."""
     shards = {}
     for table, data in _tables(seed, offset).items():
+        table = component_table if table == "component_effects" else table
         folder = root / table / f"run_id={run_id}"
         folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{gen}-00000.parquet"
@@ -127,12 +131,12 @@ def warehouse(tmp_path):
     list."""
     root = tmp_path / "wh"
     write_run(root, "good", seed=0)
-    write_run(root, "old", schema_version=1, seed=1)
+    write_run(root, "old", schema_version=1, seed=1, component_table="component_entropy")
     write_run(root, "partial", seed=2, offset=5.0, manifest=False)
     write_run(root, "good", seed=3, offset=5.0, gen="g2", manifest=False)  # stray generation
-    staged = root / "_staging" / "partial" / "component_entropy"
+    staged = root / "_staging" / "partial" / "component_effects"
     staged.mkdir(parents=True)
-    shutil.copy(shard(root, "component_entropy", "partial"), staged / "part-g9-00000.parquet")
+    shutil.copy(shard(root, "component_effects", "partial"), staged / "part-g9-00000.parquet")
     assert [run.run_id for run in migrate(Warehouse(root))] == ["old"]
     return root
 
@@ -141,15 +145,15 @@ def warehouse(tmp_path):
 
 def test_views_read_only_the_files_manifests_list(warehouse, capsys):
     con = connect(Warehouse(warehouse))
-    per_run = {"component_entropy": N_LAYERS * (N_HEADS + 1) * N_SEQS * SEQ_LEN,
+    per_run = {"component_effects": N_LAYERS * (N_HEADS + 1) * N_SEQS * SEQ_LEN,
                "resid_entropy": (2 * N_LAYERS + 1) * N_SEQS * SEQ_LEN,
                "tokens": N_SEQS * SEQ_LEN}
     for table, n in per_run.items():
         assert counts(con, table) == {"good": n, "old": n}, table
     assert sorted(r[0] for r in con.sql("select run_id from runs").fetchall()) == ["good", "old"]
-    mean = pq.read_table(shard(warehouse, "component_entropy", "good")).column(
+    mean = pq.read_table(shard(warehouse, "component_effects", "good")).column(
         "entropy_diff").to_numpy().mean()
-    got = scalar(con, "select avg(entropy_diff) from component_entropy where run_id = 'good'")
+    got = scalar(con, "select avg(entropy_diff) from component_effects where run_id = 'good'")
     assert got == pytest.approx(mean, abs=1e-6)  # the stray generation (offset 5) is not read
     assert query_main(["--warehouse", str(warehouse), "run", "head_summary",
                        "--format", "json"]) == 0
@@ -160,7 +164,7 @@ def test_views_read_only_the_files_manifests_list(warehouse, capsys):
 
 
 def test_schema_1_run_reads_every_file_of_its_partition(warehouse):
-    write_run(warehouse, "older", schema_version=1, seed=4)
+    write_run(warehouse, "older", schema_version=1, seed=4, component_table="component_entropy")
     extra = warehouse / "tokens" / "run_id=older" / "part-zz-00001.parquet"
     pq.write_table(pq.read_table(shard(warehouse, "tokens", "older")), extra)
     migrate(Warehouse(warehouse))
@@ -169,7 +173,7 @@ def test_schema_1_run_reads_every_file_of_its_partition(warehouse):
 
 def test_a_table_without_files_is_an_empty_view_with_its_columns(tmp_path):
     root = tmp_path / "wh"
-    write_run(root, "old", schema_version=1)
+    write_run(root, "old", schema_version=1, component_table="component_entropy")
     shutil.rmtree(root / "resid_entropy")
     migrate(Warehouse(root))
     con = connect(Warehouse(root))
@@ -190,7 +194,7 @@ def _duckdb_shell():
 
 def test_plain_duckdb_shell_views_follow_the_manifests(warehouse):
     sql = ("select string_agg(run_id || ':' || n, ',' order by run_id) from (select run_id, "
-           "count(*) as n from component_entropy group by run_id)")
+           "count(*) as n from component_effects group by run_id)")
     out = subprocess.run(
         [_duckdb_shell(), "-list", "-noheader",
          "-cmd", f"set variable warehouse = '{warehouse}'",
@@ -225,7 +229,7 @@ def test_run_with_a_bad_shard_is_left_out_with_one_warning(warehouse, capsys, da
         manifest["shards"]["resid_entropy"][0]["rows"] += 1
         path.write_text(json.dumps(manifest))
     assert query_main(["--warehouse", str(warehouse), "sql",
-                       "select distinct run_id from component_entropy", "--format", "csv"]) == 0
+                       "select distinct run_id from component_effects", "--format", "csv"]) == 0
     captured = capsys.readouterr()
     assert captured.out.split() == ["run_id", "old"]
     warning = captured.err.strip().splitlines()
@@ -266,7 +270,7 @@ def test_check_names_a_file_whose_bytes_changed(warehouse, capsys):
         manifest_file.write_text(json.dumps(manifest))
     assert query_main(["--warehouse", str(warehouse), "check"]) == 0
     capsys.readouterr()
-    bad = shard(warehouse, "component_entropy", "good")
+    bad = shard(warehouse, "component_effects", "good")
     _flip_data_page_bytes(bad)
     assert query_main(["--warehouse", str(warehouse), "check"]) == 1
     out = capsys.readouterr().out
@@ -311,14 +315,14 @@ def test_check_warns_about_partial_runs_and_stray_files(warehouse, capsys):
     "export database '{root}/exported'",
     "attach '{root}/new.duckdb' as other",
     "create table t as select 1",
-    "insert into component_entropy values (1)",
+    "insert into component_effects values (1)",
     "install httpfs",
     "load httpfs",
     "pragma version",
     "set enable_external_access = true",
 ])
 def test_sql_refuses_everything_but_select(warehouse, capsys, statement):
-    target = shard(warehouse, "component_entropy", "good")
+    target = shard(warehouse, "component_effects", "good")
     before = target.read_bytes()
     files_before = sorted(warehouse.rglob("*"))
     sql = statement.format(shard=target, root=warehouse)

@@ -19,7 +19,7 @@ from tests.test_warehouse import _batch, bare_manifest
 corpus = test_faults.corpus  # the same fixtures: a small corpus, an uninterrupted run's rows
 reference = test_faults.reference
 
-TABLES = ("component_entropy", "resid_entropy", "tokens")
+TABLES = ("component_effects", "resid_entropy", "tokens")
 
 
 def _flip_inside_a_data_page(path, n_bytes: int = 8) -> None:
@@ -39,7 +39,7 @@ def test_a_shard_changed_between_crash_and_resume_is_measured_again(tiny_checkpo
     cmd = _command(tiny_checkpoint, tmp_path, corpus, "whole")
     killed = _run(cmd, **{KILL_AT_ENV: "publish:moved"})  # shards moved, no manifest yet
     assert killed.returncode == -signal.SIGKILL
-    moved = sorted((tmp_path / "component_entropy" / "run_id=whole").glob("*.parquet"))
+    moved = sorted((tmp_path / "component_effects" / "run_id=whole").glob("*.parquet"))
     assert len(moved) == 3
     _flip_inside_a_data_page(moved[1])
 
@@ -80,7 +80,7 @@ def _publish(root, run_id: str, seed: int) -> None:
     writer.staging.publish(bare_manifest(run_id), n_batches=2)
 
 
-SUM = "select count(*) as n, sum(entropy_diff) as total from component_entropy"
+SUM = "select count(*) as n, sum(entropy_diff) as total from component_effects"
 
 
 def test_a_read_made_before_a_publish_reads_the_new_run_after_it(tmp_path):

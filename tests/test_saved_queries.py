@@ -50,7 +50,7 @@ def run_query(root, name, **params):
 
 
 def component_rows(root, positions):
-    comp = raw(root, "component_entropy")
+    comp = raw(root, "component_effects")
     if positions == "real":
         toks = raw(root, "tokens").filter(~pl.col("is_bos") & ~pl.col("is_pad"))
         comp = comp.join(toks.select("run_id", "seq", "position"),
@@ -99,7 +99,7 @@ def test_head_summary_rejects_unknown_positions(warehouse, capsys):
 @pytest.mark.parametrize("measure", ["diff", "marginal"])
 def test_top_heads(warehouse, measure):
     got = run_query(warehouse, "top_heads", measure=measure, k=3, run_id="text-seed")
-    heads = raw(warehouse, "component_entropy").filter(
+    heads = raw(warehouse, "component_effects").filter(
         (pl.col("run_id") == "text-seed") & (pl.col("kind") == "head"))
     means = heads.group_by("layer", "head").agg(pl.col(f"entropy_{measure}").cast(pl.Float64)
                                                 .mean().alias("mean"))
@@ -136,7 +136,7 @@ def test_resid_summary(warehouse):
 
 def test_compare_runs(warehouse):
     got = run_query(warehouse, "compare_runs", run_a="text-seed", run_b="text-lens")
-    comp = raw(warehouse, "component_entropy")
+    comp = raw(warehouse, "component_effects")
     means = comp.group_by("run_id", "layer", "head", "kind").agg(
         pl.col("entropy_diff").cast(pl.Float64).mean().alias("d"),
         pl.col("entropy_marginal").cast(pl.Float64).mean().alias("m"))
@@ -164,7 +164,7 @@ def test_token_drilldown(warehouse, component, direction):
     got = run_query(warehouse, "token_drilldown", run_id="ioi", component=component,
                     direction=direction, k=5, context=4, positions="real")
     layer, rest = component.split(".")
-    comp = raw(warehouse, "component_entropy").filter(
+    comp = raw(warehouse, "component_effects").filter(
         (pl.col("run_id") == "ioi") & (pl.col("layer") == int(layer)))
     comp = comp.filter(pl.col("kind") == "mlp") if rest == "mlp" else \
         comp.filter(pl.col("head") == int(rest))
@@ -194,7 +194,7 @@ def test_token_drilldown_default_is_top_head_of_latest_run(warehouse):
 
 def test_ioi_roles(warehouse):
     got = run_query(warehouse, "ioi_roles", variant="NULL")
-    comp = raw(warehouse, "component_entropy").filter(pl.col("run_id") == "ioi")
+    comp = raw(warehouse, "component_effects").filter(pl.col("run_id") == "ioi")
     toks = raw(warehouse, "tokens").filter(
         (pl.col("run_id") == "ioi") & pl.col("role").is_in(["IO", "S1", "S2", "end"]))
     joined = comp.join(toks.select("seq", "position", "role"), on=["seq", "position"])
@@ -315,7 +315,7 @@ def test_check_passes_then_fails_on_planted_rows(warehouse, tmp_path, capsys):
         nan = row.set_column(5, "entropy_diff", pa.array([float("nan")], pa.float32()))
         return pa.concat_tables([table, nan])
 
-    _rewrite_shard(bad, "component_entropy", "ioi", plant)
+    _rewrite_shard(bad, "component_effects", "ioi", plant)
     assert query_main(["--warehouse", str(bad), "check"]) == 1
     out = capsys.readouterr().out
     assert "FAIL finite_values" in out and "FAIL duplicate_keys" in out

@@ -38,7 +38,7 @@ def _batch(writer: RunWriter, batch: int, seed: int = 0) -> None:
     diff = rng.normal(size=(n_tok, N_LAYERS, N_HEADS + 1)).astype(np.float32)
     marginal = rng.normal(size=(n_tok, N_LAYERS, N_HEADS + 1)).astype(np.float32)
     resid = rng.normal(size=(n_tok, 2 * N_LAYERS + 1)).astype(np.float32)
-    writer.write("component_entropy", component_table(diff, marginal, seqs, positions), batch)
+    writer.write("component_effects", component_table(diff, marginal, seqs, positions), batch)
     writer.write("resid_entropy", resid_table(resid, seqs, positions), batch)
     known = {"seq": pa.array(seqs, pa.int32()), "position": pa.array(positions, pa.int32()),
              "token_id": pa.array(positions, pa.int32())}

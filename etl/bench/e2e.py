@@ -83,7 +83,7 @@ def forward_floor(model, tokens: torch.Tensor, device: str, reps: int = 5) -> di
 
 
 def _connect(warehouse: Warehouse, run_ids: list[str]):
-    """An in-memory DuckDB connection with ``tokens``, ``component_entropy`` and
+    """An in-memory DuckDB connection with ``tokens``, ``component_effects`` and
     ``resid_entropy`` over the files the manifests of ``run_ids`` list (``run_id`` from the
     hive partition). The benchmark reads its own runs here, not through ``queries``: the
     extraction side does not depend on the query side."""
@@ -91,7 +91,7 @@ def _connect(warehouse: Warehouse, run_ids: list[str]):
 
     runs = [run for run in read_runs(warehouse) if run.run_id in run_ids]
     con = duckdb.connect()
-    for table in ("tokens", "component_entropy", "resid_entropy"):
+    for table in ("tokens", "component_effects", "resid_entropy"):
         files = [str(s.path) for run in runs for s in run.shards if s.table == table]
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         con.execute(f"create view {table} as select * from read_parquet([{listed}], "
@@ -101,7 +101,7 @@ def _connect(warehouse: Warehouse, run_ids: list[str]):
 
 def _stored_arrays(con, run_id: str, where: str = "") -> dict[str, np.ndarray]:
     comp = con.sql(f"""
-        select entropy_diff, entropy_marginal from component_entropy
+        select entropy_diff, entropy_marginal from component_effects
         where run_id = '{run_id}' {where}
         order by seq, position, layer, coalesce(head, 1000)""").fetchnumpy()
     res = con.sql(f"""
@@ -132,7 +132,7 @@ def cpu_rows_error(model_path: str, warehouse: Warehouse, run_id: str, n_seqs: i
     comp = component_table(got.diff.numpy(), got.marginal.numpy(), seqs, positions)
     res = resid_table(got.resid.numpy(), seqs, positions)
     local = duckdb.connect()
-    local.register("component_entropy", comp.append_column("run_id", [[run_id] * len(comp)]))
+    local.register("component_effects", comp.append_column("run_id", [[run_id] * len(comp)]))
     local.register("resid_entropy", res.append_column("run_id", [[run_id] * len(res)]))
     want = _stored_arrays(local, run_id)
     stored = _stored_arrays(con, run_id, f"and seq < {n_seqs}")

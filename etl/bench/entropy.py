@@ -94,7 +94,7 @@ def _write_rate(measures, seq_len: int, min_rows: int = 2_000_000) -> tuple[floa
         for _ in tqdm(range(shards), desc="bench: Parquet shards", unit="shard", leave=False):
             comp = component_table(diff, marginal, seqs, positions)
             res = resid_table(resid, seqs, positions)
-            writer.write("component_entropy", comp)
+            writer.write("component_effects", comp)
             writer.write("resid_entropy", res)
             rows += comp.num_rows + res.num_rows
         writer.flush()

@@ -91,7 +91,7 @@ class ExtractRunner:
                 raise
         return RunResult(
             run_id=run.run_id, manifest_path=run.warehouse.manifest_path(run.run_id),
-            rows={"component_entropy": manifest.n_component_rows,
+            rows={"component_effects": manifest.n_component_rows,
                   "resid_entropy": manifest.n_resid_rows, "tokens": manifest.n_token_rows},
             n_tokens=tokens.n_seqs * tokens.seq_len, tokens_per_s=measured.tokens_per_s)
 

@@ -61,7 +61,7 @@ def write_step(model: LoadedModel, tokens: TokenSet, per_forward: int, shards,
         seqs = np.repeat(np.arange(start, stop), seq_len)
         positions = np.tile(np.arange(seq_len), stop - start)
         batch = start // per_forward
-        shards.write("component_entropy", component_table(
+        shards.write("component_effects", component_table(
             arrays["diff"], arrays["marginal"], seqs, positions, arrays), batch)
         shards.write("resid_entropy", resid_table(arrays["resid"], seqs, positions,
                                                   with_mid=with_mid), batch)

@@ -3,7 +3,7 @@
 
 Layout under the root::
 
-    component_entropy/run_id=<id>/part-<gen>-00000.parquet   one row per (layer, head|MLP,
+    component_effects/run_id=<id>/part-<gen>-00000.parquet   one row per (layer, head|MLP,
                                                              seq, pos)
     resid_entropy/run_id=<id>/part-<gen>-00000.parquet       one row per (point, seq, pos)
     tokens/run_id=<id>/part-<gen>-00000.parquet              one row per (seq, pos)

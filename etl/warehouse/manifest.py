@@ -77,7 +77,7 @@ class Manifest:
         table's row count."""
         rows = {t: sum(s["rows"] for s in entries) for t, entries in shards.items()}
         return replace(self, schema_version=SCHEMA_VERSION, generation=generation,
-                       shards=shards, n_component_rows=rows.get("component_entropy", 0),
+                       shards=shards, n_component_rows=rows.get("component_effects", 0),
                        n_resid_rows=rows.get("resid_entropy", 0),
                        n_token_rows=rows.get("tokens", 0))
 

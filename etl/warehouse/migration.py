@@ -10,6 +10,10 @@ What changed since those versions:
   ``recomputed-ln`` (``etl.lens.modes.LENS_ALIASES``).
 - manifests name the ``measures`` a run holds; a run from before had the entropies only
   (its shards have no effect columns, which the views read as NULL).
+- the component table, ``component_entropy`` while it held the entropies alone, is
+  ``component_effects`` (``RENAMED_TABLES``): the run's files move to the new folder and
+  its manifest lists them under the new name. The views keep ``component_entropy`` as
+  another name of the same rows.
 
 Until it is migrated, such a run is left out of the views with a warning that says so.
 """
@@ -17,19 +21,26 @@ Until it is migrated, such a run is left out of the views with a warning that sa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from etl.lens.modes import LENS_ALIASES
 from etl.warehouse.files import sha256_of, write_json_atomically
 from etl.warehouse.manifest import SCHEMA_VERSION, load_manifest
-from etl.warehouse.storage import read_parquet_metadata
-from etl.warehouse.tables import TABLES
+from etl.warehouse.storage import make_dirs, read_parquet_metadata, remove_empty_dir, replace
 
 if TYPE_CHECKING:
     from etl.warehouse.layout import Warehouse
 
 MIGRATE = "python -m queries migrate"
 """The command that rewrites them."""
+
+RENAMED_TABLES = {"component_entropy": "component_effects"}
+"""Tables an earlier version wrote under another name: that name → today's."""
+
+SCHEMA_1_TABLES = {"component_entropy": "n_component_rows", "resid_entropy": "n_resid_rows",
+                   "tokens": "n_token_rows"}
+"""The tables as schema 1 named them → the manifest field that counts their rows."""
 
 
 def outdated(data: dict) -> str | None:
@@ -42,6 +53,9 @@ def outdated(data: dict) -> str | None:
         found.append(f"lens name {data['lens']!r}")
     if "measures" not in data:
         found.append("no measures listed")
+    shards = data.get("shards")
+    found += [f"table {old}" for old in RENAMED_TABLES
+              if isinstance(shards, dict) and old in shards]
     if not found:
         return None
     return f"written by an earlier version ({', '.join(found)})"
@@ -59,9 +73,10 @@ class Migrated:
 
 
 def _list_shards(warehouse: Warehouse, run_id: str) -> dict[str, list[dict]]:
-    """Every ``*.parquet`` file of the run's partitions, as a manifest lists its shards."""
+    """Every ``*.parquet`` file of the run's partitions, as a manifest lists its shards (under
+    the tables' names of schema 1)."""
     shards = {}
-    for table in TABLES:
+    for table in SCHEMA_1_TABLES:
         paths = sorted(warehouse.partition(table, run_id).glob("*.parquet"))
         shards[table] = [{"file": p.name, "rows": read_parquet_metadata(p).num_rows,
                           "sha256": sha256_of(p)} for p in paths]
@@ -69,7 +84,8 @@ def _list_shards(warehouse: Warehouse, run_id: str) -> dict[str, list[dict]]:
 
 
 def migrated(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[str]]:
-    """The manifest ``data`` of ``run_id`` in today's form, and what changed."""
+    """The manifest ``data`` of ``run_id`` in today's form but for its tables' names
+    (``moved``), and what changed."""
     data, changes = dict(data), []
     if "shards" not in data:
         data["shards"] = _list_shards(warehouse, run_id)
@@ -77,8 +93,7 @@ def migrated(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[
         changes.append(f"schema {data.get('schema_version', 1)} → {SCHEMA_VERSION} "
                        f"({n_files} files listed with their rows and sha256)")
         data["schema_version"] = SCHEMA_VERSION
-        for table, key in (("component_entropy", "n_component_rows"),
-                           ("resid_entropy", "n_resid_rows"), ("tokens", "n_token_rows")):
+        for table, key in SCHEMA_1_TABLES.items():
             data[key] = sum(s["rows"] for s in data["shards"][table])
     old = data.get("lens")
     if old in LENS_ALIASES:
@@ -92,10 +107,40 @@ def migrated(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[
     return data, changes
 
 
+def moved(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[str]]:
+    """Move the files of ``run_id``'s renamed tables (``RENAMED_TABLES``) that ``data`` lists
+    to their new partition; returns ``data`` listing them under the new name, and what
+    changed. A file already moved (a migration stopped half-way) is left where it is, as is a
+    name that is not a plain file name (``python -m queries check`` reports it)."""
+    if not isinstance(data.get("shards"), dict):
+        return data, []
+    data, changes = dict(data), []
+    shards = dict(data["shards"])
+    for old, new in RENAMED_TABLES.items():
+        if old not in shards:
+            continue
+        entries = shards.pop(old)
+        source, target = warehouse.partition(old, run_id), warehouse.partition(new, run_id)
+        make_dirs(target)
+        for entry in entries:
+            name = entry.get("file") if isinstance(entry, dict) else None
+            plain = isinstance(name, str) and name not in ("", ".", "..") \
+                and Path(name).name == name
+            if plain and (source / name).exists():
+                replace(source / name, target / name)
+        remove_empty_dir(source)
+        remove_empty_dir(source.parent)  # the old table's folder, once its last run moved
+        shards[new] = entries
+        changes.append(f"table {old} → {new} (its files moved)")
+    data["shards"] = shards
+    return data, changes
+
+
 def migrate(warehouse: Warehouse) -> list[Migrated]:
     """Rewrite every manifest of ``warehouse`` that an earlier version wrote, each under
-    its run's lock and in one atomic write; returns the runs migrated (none: nothing was
-    to do).
+    its run's lock: its fields in one atomic write, then, if a table was renamed, its files
+    moved and the manifest written again (so a migration stopped at any point is taken up
+    where it stopped by the next); returns the runs migrated (none: nothing was to do).
 
     Raises:
         UserError: a run is being written by an extraction (its lock is held).
@@ -112,6 +157,11 @@ def migrate(warehouse: Warehouse) -> list[Migrated]:
             continue
         with warehouse.lock(run_id):
             data, changes = migrated(warehouse, run_id, load_manifest(path))
-            write_json_atomically(path, data)
+            if changes:
+                write_json_atomically(path, data)
+            data, renamed = moved(warehouse, run_id, data)
+            if renamed:
+                write_json_atomically(path, data)
+        changes += renamed
         done.append(Migrated(run_id, tuple(changes)))
     return done

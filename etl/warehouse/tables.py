@@ -18,7 +18,7 @@ import pyarrow as pa
 if TYPE_CHECKING:
     from etl.sources.corpus import TokenSet
 
-TABLES = ("component_entropy", "resid_entropy", "tokens")
+TABLES = ("component_effects", "resid_entropy", "tokens")
 
 
 COMPONENT_SCHEMA = pa.schema([
@@ -76,7 +76,7 @@ million rows still spread over every core, while row groups stay large enough to
 well and to skip on statistics."""
 
 
-SCHEMAS = {"component_entropy": COMPONENT_SCHEMA, "resid_entropy": RESID_SCHEMA,
+SCHEMAS = {"component_effects": COMPONENT_SCHEMA, "resid_entropy": RESID_SCHEMA,
            "tokens": TOKENS_SCHEMA}
 
 
@@ -117,7 +117,7 @@ def _effect_columns(effects: dict | None, n_rows: int) -> dict[str, pa.Array]:
 
 def component_table(diff: np.ndarray, marginal: np.ndarray, seqs: np.ndarray,
                     positions: np.ndarray, effects: dict | None = None) -> pa.Table:
-    """Rows of ``component_entropy`` for one batch, ordered by (layer, head, seq, position).
+    """Rows of ``component_effects`` for one batch, ordered by (layer, head, seq, position).
 
     The table owns its memory (the inputs may be reused buffers).
 

@@ -24,14 +24,15 @@
 --                                           on or before padding; the model's top-3
 --                                           next-token probabilities and the next token's
 --                                           rank among them (NULL: not among them)
---   component_entropy(run_id, seq, position, layer, head, kind, entropy_diff,
+--   component_effects(run_id, seq, position, layer, head, kind, entropy_diff,
 --        entropy_marginal, loss_marginal, kl_marginal, entropy_marginal_context,
 --        kl_context_kept, suppressed_token_id, suppressed_logit, ablated_top1_prob,
 --        ablated_top2_prob, ablated_top3_prob, ablated_target_rank)
 --                                           kind 'head' or 'mlp'; head is NULL for the MLP;
 --                                           the columns after entropy_marginal are NULL
 --                                           for measures the run did not take
---                                           (runs.measures)
+--                                           (runs.measures); also readable as
+--                                           component_entropy, its earlier name
 --   resid_entropy(run_id, seq, position, layer, point, entropy)
 --                                           point 'resid_pre', 'resid_mid' or 'final';
 --                                           layer is NULL for 'final'; no 'resid_mid'
@@ -70,10 +71,10 @@ create or replace macro manifest_shards(tbl) as table
     )
     select * from final;
 
-set variable component_entropy_files = coalesce(
-    getvariable('component_entropy_files'),
+set variable component_effects_files = coalesce(
+    getvariable('component_effects_files'),
     (select coalesce(list(file order by file), []::varchar[])
-     from manifest_shards('component_entropy'))
+     from manifest_shards('component_effects'))
 );
 set variable resid_entropy_files = coalesce(
     getvariable('resid_entropy_files'),
@@ -180,15 +181,19 @@ from query(case when len(getvariable('tokens_files')) > 0
                       union all by name from no_tokens()'
                 else 'from no_tokens()' end);
 
-create or replace view component_entropy as
+create or replace view component_effects as
 select run_id, seq, position, layer, head, kind, entropy_diff, entropy_marginal,
        loss_marginal, kl_marginal, entropy_marginal_context, kl_context_kept,
        suppressed_token_id, suppressed_logit, ablated_top1_prob, ablated_top2_prob,
        ablated_top3_prob, ablated_target_rank
-from query(case when len(getvariable('component_entropy_files')) > 0
-                then 'from shard_rows(getvariable(''component_entropy_files''))
+from query(case when len(getvariable('component_effects_files')) > 0
+                then 'from shard_rows(getvariable(''component_effects_files''))
                       union all by name from no_component_rows()'
                 else 'from no_component_rows()' end);
+
+-- component_entropy: the name this table had while it held the entropies alone; the same
+-- rows, so that queries written then still run.
+create or replace view component_entropy as from component_effects;
 
 create or replace view resid_entropy as
 select run_id, seq, position, layer, point, entropy
@@ -216,12 +221,12 @@ create or replace macro excluded_positions(p) as table
     from tokens
     where positions_param(p) = 'real' and (is_bos or is_pad);
 
--- component_rows(positions, only_run): the component_entropy rows of run only_run (every
+-- component_rows(positions, only_run): the component_effects rows of run only_run (every
 -- run when NULL) at the positions that the convention positions keeps (see
 -- excluded_positions): what every per-component summary starts from.
 create or replace macro component_rows(positions, only_run) as table
     select c.*
-    from component_entropy as c
+    from component_effects as c
     anti join excluded_positions(positions) as x using (run_id, seq, position)
     where only_run is null or c.run_id = only_run;
 

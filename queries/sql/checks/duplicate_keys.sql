@@ -1,12 +1,12 @@
 -- duplicate_keys: keys that occur more than once: (run_id, seq, position, layer, head, kind)
--- in component_entropy, (run_id, seq, position, layer, point) in resid_entropy and
+-- in component_effects, (run_id, seq, position, layer, point) in resid_entropy and
 -- (run_id, seq, position) in tokens. Empty = pass.
 with
 
 component_dupes as (
-    select 'component_entropy' as view_name, run_id, seq, position,
+    select 'component_effects' as view_name, run_id, seq, position,
            layer || '.' || coalesce(head::varchar, kind) as key_rest, count(*) as copies
-    from component_entropy
+    from component_effects
     group by run_id, seq, position, layer, head, kind
     having count(*) > 1
 ),

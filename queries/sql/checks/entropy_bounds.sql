@@ -3,7 +3,7 @@
 -- outside [−ln(d_vocab), ln(d_vocab)] (a difference of two such entropies); 1e-4 nats of
 -- float32 rounding allowed. Also the other effects' bounds: a KL divergence (kl_marginal,
 -- kl_context_kept) below −1e-6; a top-3 probability (ablated_top*_prob in
--- component_entropy, top*_prob in tokens) outside [0, 1] or out of order (top1 ≥ top2 ≥
+-- component_effects, top*_prob in tokens) outside [0, 1] or out of order (top1 ≥ top2 ≥
 -- top3), 1e-6 allowed; a rank (ablated_target_rank, target_rank) outside 1..3; a
 -- suppressed_token_id that is not in context (no token of the sequence at positions 1..t,
 -- padding excluded). Empty = pass.
@@ -22,53 +22,53 @@ bad_resid as (
 ),
 
 bad_component as (
-    select 'component_entropy' as view_name, c.run_id, c.seq, c.position, c.layer, c.head,
+    select 'component_effects' as view_name, c.run_id, c.seq, c.position, c.layer, c.head,
            'entropy_diff' as what, c.entropy_diff as value
-    from component_entropy as c
+    from component_effects as c
     join limits as l using (run_id)
     where abs(c.entropy_diff) > l.upper
     union all
-    select 'component_entropy', c.run_id, c.seq, c.position, c.layer, c.head,
+    select 'component_effects', c.run_id, c.seq, c.position, c.layer, c.head,
            'entropy_marginal', c.entropy_marginal
-    from component_entropy as c
+    from component_effects as c
     join limits as l using (run_id)
     where abs(c.entropy_marginal) > l.upper
     union all
-    select 'component_entropy', c.run_id, c.seq, c.position, c.layer, c.head,
+    select 'component_effects', c.run_id, c.seq, c.position, c.layer, c.head,
            'entropy_marginal_context', c.entropy_marginal_context
-    from component_entropy as c
+    from component_effects as c
     join limits as l using (run_id)
     where abs(c.entropy_marginal_context) > l.upper
 ),
 
 bad_effects as (
-    select 'component_entropy' as view_name, run_id, seq, position, layer, head,
+    select 'component_effects' as view_name, run_id, seq, position, layer, head,
            'kl_marginal' as what, kl_marginal as value
-    from component_entropy
+    from component_effects
     where kl_marginal < -1e-6
     union all
-    select 'component_entropy', run_id, seq, position, layer, head,
+    select 'component_effects', run_id, seq, position, layer, head,
            'kl_context_kept', kl_context_kept
-    from component_entropy
+    from component_effects
     where kl_context_kept < -1e-6
     union all
-    select 'component_entropy', run_id, seq, position, layer, head,
+    select 'component_effects', run_id, seq, position, layer, head,
            'ablated_top' || k.k || '_prob',
            [ablated_top1_prob, ablated_top2_prob, ablated_top3_prob][k.k]
-    from component_entropy, range(1, 4) as k(k)
+    from component_effects, range(1, 4) as k(k)
     where not [ablated_top1_prob, ablated_top2_prob, ablated_top3_prob][k.k]
               between -1e-6 and 1 + 1e-6
     union all
-    select 'component_entropy', run_id, seq, position, layer, head,
+    select 'component_effects', run_id, seq, position, layer, head,
            'ablated_top' || k.k || '_prob below the next',
            [ablated_top1_prob, ablated_top2_prob][k.k]
-    from component_entropy, range(1, 3) as k(k)
+    from component_effects, range(1, 3) as k(k)
     where [ablated_top1_prob, ablated_top2_prob][k.k]
           < [ablated_top2_prob, ablated_top3_prob][k.k] - 1e-6
     union all
-    select 'component_entropy', run_id, seq, position, layer, head,
+    select 'component_effects', run_id, seq, position, layer, head,
            'ablated_target_rank', ablated_target_rank
-    from component_entropy
+    from component_effects
     where not ablated_target_rank between 1 and 3
 ),
 
@@ -98,9 +98,9 @@ first_seen as (
 ),
 
 bad_suppressed as (
-    select 'component_entropy' as view_name, c.run_id, c.seq, c.position, c.layer, c.head,
+    select 'component_effects' as view_name, c.run_id, c.seq, c.position, c.layer, c.head,
            'suppressed_token_id not in context' as what, c.suppressed_token_id as value
-    from component_entropy as c
+    from component_effects as c
     left join first_seen as f
         on f.run_id = c.run_id and f.seq = c.seq and f.token_id = c.suppressed_token_id
     where c.suppressed_token_id is not null

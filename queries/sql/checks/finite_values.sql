@@ -27,14 +27,14 @@ flags as (
 ),
 
 bad_component as (
-    select 'component_entropy' as view_name, run_id, seq, position, layer, head,
+    select 'component_effects' as view_name, run_id, seq, position, layer, head,
            'entropy_diff' as what, entropy_diff as value
-    from component_entropy
+    from component_effects
     where entropy_diff is null or not isfinite(entropy_diff)
     union all
-    select 'component_entropy', run_id, seq, position, layer, head,
+    select 'component_effects', run_id, seq, position, layer, head,
            'entropy_marginal', entropy_marginal
-    from component_entropy
+    from component_effects
     where entropy_marginal is null or not isfinite(entropy_marginal)
 ),
 
@@ -80,13 +80,13 @@ effects as (
              wanted: case when f.has_calibration and t.next_token_id is not null then null
                           else false end}
         ]) as e
-    from component_entropy as c
+    from component_effects as c
     join flags as f using (run_id)
     join token_facts as t using (run_id, seq, position)
 ),
 
 bad_effects as (
-    select 'component_entropy', run_id, seq, position, layer, head,
+    select 'component_effects', run_id, seq, position, layer, head,
            e.what || case when e.value is null then ' NULL'
                           when not isfinite(e.value) then ' not finite'
                           else ' not NULL' end,

@@ -1,11 +1,11 @@
--- row_counts: runs whose row counts disagree with their manifest: component_entropy must
+-- row_counts: runs whose row counts disagree with their manifest: component_effects must
 -- have n_layers·(n_heads+1)·n_seqs·seq_len rows, resid_entropy (2·n_layers+1)·n_seqs·seq_len
 -- ((n_layers+1)·n_seqs·seq_len for parallel blocks, which have no resid_mid) and tokens
 -- n_seqs·seq_len. Empty = pass.
 with
 
 component_counts as (
-    select run_id, count(*) as n from component_entropy group by run_id
+    select run_id, count(*) as n from component_effects group by run_id
 ),
 
 resid_counts as (

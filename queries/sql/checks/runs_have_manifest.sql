@@ -4,7 +4,7 @@
 with
 
 fact_runs as (
-    select distinct 'component_entropy' as view_name, run_id from component_entropy
+    select distinct 'component_effects' as view_name, run_id from component_effects
     union all
     select distinct 'resid_entropy', run_id from resid_entropy
     union all

@@ -32,7 +32,7 @@ predicted as (
 components as (
     select c.layer, c.head, c.kind,
            count(c.ablated_top1_prob) as n_predictions
-    from component_entropy as c
+    from component_effects as c
     semi join predicted as p using (run_id, seq, position)
     group by c.layer, c.head, c.kind
 ),
@@ -50,7 +50,7 @@ ablated_entries as (
         c.layer, c.head, c.kind,
         kth_prob(r.k, c.ablated_top1_prob, c.ablated_top2_prob, c.ablated_top3_prob) as prob,
         c.ablated_target_rank is not distinct from r.k as hit
-    from component_entropy as c
+    from component_effects as c
     semi join predicted as p using (run_id, seq, position)
     cross join ranks as r
     where c.ablated_top1_prob is not null

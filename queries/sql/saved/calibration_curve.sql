@@ -21,7 +21,7 @@ settings as (
 
 top_head as (
     select c.layer || '.' || c.head as component
-    from component_entropy as c, settings as s
+    from component_effects as c, settings as s
     where c.run_id = s.run_id and c.kind = 'head'
     group by c.layer, c.head
     order by stable_mean(c.entropy_marginal) desc, c.layer, c.head
@@ -70,7 +70,7 @@ entries as (
         s.curve,
         kth_prob(r.k, c.ablated_top1_prob, c.ablated_top2_prob, c.ablated_top3_prob),
         c.ablated_target_rank is not distinct from r.k
-    from component_entropy as c
+    from component_effects as c
     join checked as s
         on c.run_id = s.run_id and c.layer = s.layer and c.kind = s.kind
         and c.head is not distinct from s.head

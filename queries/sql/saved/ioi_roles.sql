@@ -38,7 +38,7 @@ final as (
         count(*) as n,
         stable_mean(c.entropy_diff) as mean_diff,
         stable_mean(c.entropy_marginal) as mean_marginal
-    from component_entropy as c
+    from component_effects as c
     join role_tokens as t using (run_id, seq, position)
     group by c.run_id, c.layer, c.head, c.kind, t.role
 )

@@ -30,7 +30,7 @@ settings as (
 
 top_head as (
     select c.layer || '.' || c.head as component
-    from component_entropy as c, settings as s
+    from component_effects as c, settings as s
     where c.run_id = s.run_id and c.kind = 'head'
     group by c.layer, c.head
     order by stable_mean(c.entropy_diff) desc, c.layer, c.head
@@ -66,7 +66,7 @@ rows_of_component as (
                        when 'context' then c.entropy_marginal_context
                        else c.kl_context_kept end as value,
         tok.token, tok.role, tok.is_bos, tok.is_pad
-    from component_entropy as c
+    from component_effects as c
     join checked as s
         on c.run_id = s.run_id and c.layer = s.layer and c.kind = s.kind
         and c.head is not distinct from s.head
