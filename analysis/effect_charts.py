@@ -13,7 +13,8 @@ import polars as pl
 from analysis.charts import _component_order, _records, _run_title, symmetric_limit
 from analysis.theme import DIVERGING_SCHEME, POSITIVE_MEANS
 
-RAISES_OVERCONFIDENCE = "> 0: ablating the head raises overconfidence (the head calibrates)"
+RAISES_OVERCONFIDENCE = ("> 0: without the head the model errs further from calibration "
+                         "(the head calibrates)")
 LOWERS_LOSS = "< 0: the component lowers the loss"
 GREY = "#808b96"
 

@@ -139,7 +139,8 @@ def test_calibration_heatmaps_pair_panels_each_on_its_own_symmetric_scale():
     assert d["resolve"]["scale"]["color"] == "independent"
     assert "nats" in left["title"] and "fraction" in right["title"]
     assert "nats" in d["title"]["text"]
-    assert "ablating the head raises overconfidence" in json.dumps(d["title"]["subtitle"])
+    assert "without the head the model errs further from calibration" in json.dumps(
+        d["title"]["subtitle"])
 
 
 def test_suppression_scatter_labels_the_top_heads_in_both_panels():

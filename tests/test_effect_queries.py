@@ -195,10 +195,9 @@ def binned(values, hits, n_bins):
     return n, k
 
 
-def overconfidence(n, k, n_bins):
-    """Σ f·x / Σ x² over the non-empty bins."""
+def overconfidence(n, k, n_bins, full):
+    """Σ f·x / Σ x² over the bins ``full`` (a mask)."""
     mid = (np.arange(n_bins) + 0.5) / n_bins
-    full = n > 0
     f = k[full] / n[full] - mid[full]
     x = 0.5 - mid[full]
     return (f * x).sum() / (x * x).sum() if full.any() else None
@@ -226,7 +225,7 @@ def test_calibration(warehouse, run_id, n_bins, top_k):
     toks, comp = predictions(warehouse, run_id)
     values, hits = entries(prob_matrix(toks, ""), toks["target_rank"].fill_null(0).to_numpy(),
                            top_k)
-    base = overconfidence(*binned(values, hits, n_bins), n_bins)
+    base_n, base_k = binned(values, hits, n_bins)
     lookup = {(r["layer"], r["head"], r["kind"]): r for r in got.iter_rows(named=True)}
     assert len(lookup) == 10
     for key, frame in groups(comp).items():
@@ -236,13 +235,27 @@ def test_calibration(warehouse, run_id, n_bins, top_k):
         n, k = binned(values, hits, n_bins)
         assert row["component"] == label(*key)
         assert row["n_predictions"] == frame.height == toks.height
-        assert row["empty_bins"] == (n == 0).sum()
-        want = overconfidence(n, k, n_bins)
+        common = (n > 0) & (base_n > 0)  # the bins both the model and the ablated fill
+        assert row["empty_bins"] == (~common).sum()
+        want = overconfidence(n, k, n_bins, common)
+        base = overconfidence(base_n, base_k, n_bins, common)
         assert row["overconfidence"] == pytest.approx(want, rel=1e-12, abs=1e-14)
         assert row["baseline_overconfidence"] == pytest.approx(base, rel=1e-12, abs=1e-14)
         assert row["relative_change"] == pytest.approx(want / base - 1, rel=1e-9, abs=1e-12)
     if n_bins == 50:
         assert got["empty_bins"].min() > 0  # the study's NaN case, summed over filled bins
+
+
+def test_calibration_without_hits_compares_like_with_like(warehouse):
+    """The tiny model never has an IOI prompt's next token among its top 3, with or without
+    any component: every bin's accuracy is 0, so no component changes the overconfidence,
+    however its ablation moves entries into bins the model leaves empty."""
+    toks, comp = predictions(warehouse, "ioi-all")
+    assert toks["target_rank"].null_count() == toks.height
+    assert comp["ablated_target_rank"].null_count() == comp.height
+    got = run_query(warehouse, "calibration", run_id="ioi-all")
+    assert (got["empty_bins"] > 0).all()
+    assert got["relative_change"].to_list() == pytest.approx([0.0] * 10, abs=1e-12)
 
 
 def test_calibration_curve(warehouse):

@@ -6,9 +6,10 @@
 -- of its entries whose token is the next token; overconfidence = Σ f_i·x_i / Σ x_i² with
 -- f_i = accuracy_i − (i+0.5)/n_bins and x_i = 0.5 − (i+0.5)/n_bins (the slope of the
 -- accuracy gap against 0.5 − p); relative_change = overconfidence /
--- baseline_overconfidence − 1. Empty bins are left out of both sums and counted in
--- empty_bins (the study's result is NaN when any bin is empty, the same otherwise). NULL for
--- a run without the calibration measures.
+-- baseline_overconfidence − 1. A bin empty for the model or for the ablated model is left
+-- out of every sum of that component's row and counted in empty_bins, so that the two
+-- overconfidences compare the same bins (the study's result is NaN when any bin is empty,
+-- the same otherwise). NULL for a run without the calibration measures.
 -- @param run_id NULL one run id, or NULL for the latest run
 -- @param n_bins 50 how many equal probability bins on [0, 1)
 -- @param top_k 3 how many of the largest probabilities of each prediction to bin (1 to 3)
@@ -81,36 +82,27 @@ ablated_bins as (
     group by b.layer, b.head, b.kind, b.bin
 ),
 
--- f_i·x_i and x_i² of each non-empty bin, summed in bin order (the same bits every time)
-model_terms as (
-    select
-        m.bin,
-        overconfidence_fx(m.hits, m.n, m.bin, s.n_bins) as fx,
-        overconfidence_xx(m.bin, s.n_bins) as xx
-    from model_bins as m, settings as s
-),
-
-baseline as (
-    select
-        list_sum(list(fx order by bin)) / list_sum(list(xx order by bin))
-            as baseline_overconfidence
-    from model_terms
-),
-
-ablated_terms as (
+-- f_i·x_i of the ablated model and of the model, and x_i², of each bin that both fill
+common_terms as (
     select
         a.layer, a.head, a.kind, a.bin,
         overconfidence_fx(a.hits, a.n, a.bin, s.n_bins) as fx,
+        overconfidence_fx(m.hits, m.n, m.bin, s.n_bins) as baseline_fx,
         overconfidence_xx(a.bin, s.n_bins) as xx
-    from ablated_bins as a, settings as s
+    from ablated_bins as a
+    join model_bins as m using (bin)
+    cross join settings as s
 ),
 
+-- each sum in bin order (the same bits every time)
 per_component as (
     select
         layer, head, kind,
-        count(*) as filled_bins,
-        list_sum(list(fx order by bin)) / list_sum(list(xx order by bin)) as overconfidence
-    from ablated_terms
+        count(*) as common_bins,
+        list_sum(list(fx order by bin)) / list_sum(list(xx order by bin)) as overconfidence,
+        list_sum(list(baseline_fx order by bin)) / list_sum(list(xx order by bin))
+            as baseline_overconfidence
+    from common_terms
     group by layer, head, kind
 ),
 
@@ -123,13 +115,12 @@ final as (
         case when c.kind = 'mlp' then 'MLP ' || c.layer else c.layer || '.' || c.head end
             as component,
         c.n_predictions,
-        s.n_bins - coalesce(p.filled_bins, 0) as empty_bins,
+        s.n_bins - coalesce(p.common_bins, 0) as empty_bins,
         p.overconfidence,
-        b.baseline_overconfidence,
-        p.overconfidence / b.baseline_overconfidence - 1 as relative_change
+        p.baseline_overconfidence,
+        p.overconfidence / p.baseline_overconfidence - 1 as relative_change
     from components as c
     cross join settings as s
-    cross join baseline as b
     left join per_component as p
         on p.layer = c.layer and p.kind = c.kind and p.head is not distinct from c.head
 )
