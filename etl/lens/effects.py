@@ -182,7 +182,7 @@ def component_effects(ablated: LogitStats, final: LogitStats, ctx: ContextColumn
     if wanted.p_dot:
         p_dot = ablated.p_dot.to(f64)
         if "kl" in wanted.measures:
-            out["kl"] = (a - p_dot - h_p).clamp(min=0).float()
+            out["kl"] = (a - p_dot - h_p).float()  # unclamped: float error shows, both signs
     if "context" in wanted.measures:
         out.update(_context_effects(a, b, h_p, p_dot, z_c, zt_c, ctx))
     if wanted.top:
@@ -214,7 +214,7 @@ def _context_effects(a, b, h_p, p_dot, z_c, zt_c, ctx: ContextColumns) -> dict:
              else torch.full_like(h_p, -1, dtype=torch.int64))
     value = torch.where(has, lowest, 0.0) if lowest is not None else torch.zeros_like(h_p)
     return {"entropy_context": (h_p - h_ctx).float(),
-            "kl_context_kept": kl_kept.clamp(min=0).float(),
+            "kl_context_kept": kl_kept.float(),
             "suppressed_token": token.to(torch.int32), "suppressed_logit": value.float()}
 
 

@@ -2,7 +2,8 @@
 -- whose diff, marginal or in-context part of the marginal (entropy_marginal_context) lies
 -- outside [−ln(d_vocab), ln(d_vocab)] (a difference of two such entropies); 1e-4 nats of
 -- float32 rounding allowed. Also the other effects' bounds: a KL divergence (kl_marginal,
--- kl_context_kept) below −1e-6; a top-3 probability (ablated_top*_prob in
+-- kl_context_kept) below −1e-4 (stored unclamped: float32 rounding of an exact KL of 0
+-- gives either sign); a top-3 probability (ablated_top*_prob in
 -- component_effects, top*_prob in tokens) outside [0, 1] or out of order (top1 ≥ top2 ≥
 -- top3), 1e-6 allowed; a rank (ablated_target_rank, target_rank) outside 1..3; a
 -- suppressed_token_id that is not in context (no token of the sequence at positions 1..t,
@@ -45,12 +46,12 @@ bad_effects as (
     select 'component_effects' as view_name, run_id, seq, position, layer, head,
            'kl_marginal' as what, kl_marginal as value
     from component_effects
-    where kl_marginal < -1e-6
+    where kl_marginal < -1e-4
     union all
     select 'component_effects', run_id, seq, position, layer, head,
            'kl_context_kept', kl_context_kept
     from component_effects
-    where kl_context_kept < -1e-6
+    where kl_context_kept < -1e-4
     union all
     select 'component_effects', run_id, seq, position, layer, head,
            'ablated_top' || k.k || '_prob',
