@@ -163,3 +163,16 @@ def test_a_migration_stopped_after_the_move_is_finished_by_the_next(old_warehous
     con = connect(Warehouse(old_warehouse))
     assert set(counts(con, "component_effects")) == {"new", "seed", "v1", "v2", "v3"}
     assert capsys.readouterr().err == ""
+
+
+def test_files_left_under_the_earlier_name_are_reported(tmp_path, capsys):
+    """A run written before the rename, then replaced by ``--overwrite`` (a new generation
+    under today's names) before it was migrated: its old component files are invisible, and
+    ``check`` says so."""
+    root = tmp_path / "wh"
+    write_run(root, "r1", component_table="component_entropy")
+    write_run(root, "r1", gen="g2")
+    assert query_main(["--warehouse", str(root), "check"]) == 0
+    out = capsys.readouterr().out
+    stray = shard(root, "component_entropy", "r1")
+    assert f"WARN stray file {stray}: no manifest lists it, so no view reads it" in out

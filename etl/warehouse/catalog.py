@@ -18,7 +18,7 @@ import pyarrow as pa
 from etl.errors import UserError
 from etl.warehouse.files import sha256_of
 from etl.warehouse.manifest import load_manifest, manifest_problem
-from etl.warehouse.migration import MIGRATE, outdated
+from etl.warehouse.migration import MIGRATE, RENAMED_TABLES, outdated
 from etl.warehouse.storage import read_parquet_metadata, storage_errors
 from etl.warehouse.tables import TABLES
 
@@ -163,8 +163,11 @@ def run_problems(run: Run, full: bool = False) -> list[Problem]:
 
 
 def stray_files(warehouse: Warehouse, runs: list[Run]) -> list[Path]:
-    """Parquet files in partition folders that no manifest lists (invisible to the views)."""
+    """Parquet files in partition folders that no manifest lists (invisible to the views),
+    the folders of tables under an earlier name included (a run written then and replaced
+    by ``--overwrite`` before ``python -m queries migrate`` moved its files leaves them
+    there)."""
     listed = {s.path for run in runs for s in run.shards}
     root = warehouse.absolute_root
-    return [path for table in TABLES for path in sorted(root.glob(f"{table}/*/*.parquet"))
-            if path not in listed]
+    return [path for table in (*TABLES, *RENAMED_TABLES)
+            for path in sorted(root.glob(f"{table}/*/*.parquet")) if path not in listed]
