@@ -3,8 +3,6 @@ loss_effects, calibration, calibration_curve, token_drilldown's new columns) aga
 statistics computed from the raw Parquet; the calibration against the study's algorithm run
 in float64 on the model itself; and the data tests that guard the new columns."""
 
-import hashlib
-import json
 import math
 import shutil
 
@@ -12,7 +10,6 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,6 +20,7 @@ from queries.cli import main as query_main
 from queries.commands import run_checks
 from queries.db import connect, views_sql
 from queries.saved import saved_queries
+from tests.test_saved_queries import _rewrite_shard
 
 NEW_QUERIES = ("copy_suppression", "loss_effects", "calibration", "calibration_curve")
 KEY = ["run_id", "layer", "head", "kind"]
@@ -439,19 +437,6 @@ def test_stable_cov_equals_float64(pairs):
 
 
 # 6. The data tests guard the new columns ----------------------------------------------------
-
-def _rewrite_shard(root, table, run_id, change):
-    """Replace the first listed shard of ``table`` in ``run_id`` by ``change(table)`` and
-    record its rows and sha256 in the manifest, as a publish would."""
-    path = root / "runs" / f"run_id={run_id}" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    entry = manifest["shards"][table][0]
-    part = root / table / f"run_id={run_id}" / entry["file"]
-    new = change(pq.read_table(part))
-    pq.write_table(new, part)
-    entry.update(rows=new.num_rows, sha256=hashlib.sha256(part.read_bytes()).hexdigest())
-    path.write_text(json.dumps(manifest))
-
 
 def _set(table, column, index, value):
     values = table[column].to_pylist()
