@@ -31,10 +31,10 @@ def old_warehouse(tmp_path):
     old)."""
     root = tmp_path / "wh"
     write_run(root, "new", seed=0)
-    for run_id, options in (("v1", {"schema_version": 1}), ("seed", {"lens": "seed"}),
-                            ("v2", {"measures": None}), ("v3", {})):
-        write_run(root, run_id, seed=len(run_id) + ord(run_id[-1]),
-                  component_table="component_entropy", **options)
+    for seed, (run_id, options) in enumerate((
+            ("v1", {"schema_version": 1}), ("seed", {"lens": "seed"}),
+            ("v2", {"measures": None}), ("v3", {})), start=1):
+        write_run(root, run_id, seed=seed, component_table="component_entropy", **options)
     return root
 
 
@@ -176,3 +176,43 @@ def test_files_left_under_the_earlier_name_are_reported(tmp_path, capsys):
     out = capsys.readouterr().out
     stray = shard(root, "component_entropy", "r1")
     assert f"WARN stray file {stray}: no manifest lists it, so no view reads it" in out
+
+
+def test_a_migration_stopped_between_two_moves_is_finished_by_the_next(old_warehouse,
+                                                                      monkeypatch, capsys):
+    """v3's component rows are in two files; the first moves, the second fails to (a full
+    disk, or a kill): the next migration moves the other and lists both."""
+    import etl.warehouse.migration as migration
+
+    manifest = old_warehouse / "runs" / "run_id=v3" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    first = shard(old_warehouse, "component_entropy", "v3")
+    second = first.with_name("part-g1-00001.parquet")
+    rows = pq.read_table(first)
+    half = rows.num_rows // 2
+    entries = []
+    for path, part in ((first, rows.slice(0, half)), (second, rows.slice(half))):
+        pq.write_table(part, path)
+        entries.append({"file": path.name, "rows": part.num_rows,
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    data["shards"]["component_entropy"] = entries
+    manifest.write_text(json.dumps(data))
+    real = migration.replace
+
+    def failing_second(src, dst):
+        if src.name == second.name:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(migration, "replace", failing_second)
+    with pytest.raises(OSError, match="No space left"):
+        migrate(Warehouse(old_warehouse))
+    monkeypatch.undo()
+    assert not first.exists() and second.exists()  # stopped between the two moves
+    assert [m.run_id for m in migrate(Warehouse(old_warehouse))] == ["v3"]
+    capsys.readouterr()
+    assert query_main(["--warehouse", str(old_warehouse), "check"]) == 0
+    assert not (old_warehouse / "component_entropy").exists()
+    con = connect(Warehouse(old_warehouse))
+    assert counts(con, "component_effects")["v3"] == rows.num_rows
+    assert capsys.readouterr().err == ""
