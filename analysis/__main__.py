@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from analysis.caption import ChartOptions
 from etl.errors import ArgumentParser, UserError, one_line
 from etl.warehouse import DEFAULT_WAREHOUSE, Warehouse, storage_errors
 
@@ -35,6 +36,15 @@ def build_parser():
                         help="comma-separated formats among html, png, svg (default all)")
     parser.add_argument("--chart", action="append", dest="charts", metavar="NAME",
                         help="render only this chart (repeatable; see --list)")
+    parser.add_argument("--positions", choices=("real", "all"), default="real",
+                        help="positions the means are taken over: 'real', the text's tokens "
+                             "(BOS and padding excluded; default), or 'all' (every position, "
+                             "as the study averaged)")
+    parser.add_argument("--title", help="title of the chart instead of its own (with one "
+                                        "--chart)")
+    parser.add_argument("--label", action="append", dest="labels", default=[],
+                        metavar="RUN_ID=TEXT", help="a label for a run, shown in subtitles "
+                                                     "and the index (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the charts and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -58,6 +68,20 @@ def check_out_folder(out: Path) -> None:
         raise UserError(f"cannot write --out {str(out)!r}: {str(existing)!r} is not writable")
 
 
+def chart_options(args) -> ChartOptions:
+    """The ``ChartOptions`` of parsed arguments; ``UserError`` for a ``--label`` without
+    ``=`` or a ``--title`` without exactly one ``--chart``."""
+    labels = {}
+    for text in args.labels:
+        run, sep, label = text.partition("=")
+        if not sep or not run or not label.strip():
+            raise UserError(f"--label {text!r}: give RUN_ID=TEXT")
+        labels[run] = label.strip()
+    if args.title is not None and len(args.charts or []) != 1:
+        raise UserError("--title names one chart: pass exactly one --chart NAME with it")
+    return ChartOptions(positions=args.positions, title=args.title, labels=labels)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for bad input)."""
     from analysis.render import ALL_CHARTS, render
@@ -71,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<{width}}  {spec.description} (query "
                       f"{' + '.join(spec.queries)}{needs})")
             return 0
+        options = chart_options(args)
         formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
         out = Path(args.out)
         check_out_folder(out)
@@ -80,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         warehouse = Warehouse(args.warehouse)
         try:
             written = render(warehouse, out, runs=args.runs, formats=formats, only=args.charts,
-                             progress=progress)
+                             progress=progress, options=options)
         except storage_errors() as exc:
             reason = getattr(exc, "strerror", None) or one_line(exc)
             if warehouse.remote:  # the error may come from reading the warehouse

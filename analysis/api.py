@@ -70,17 +70,26 @@ class Warehouse(warehouse.Warehouse):
         given = {k: "null" if v is None else str(v) for k, v in params.items()}
         return self.sql(query.sql, **query.bind(given))
 
-    def chart(self, name: str, run: str, other: str | None = None):
+    def chart(self, name: str, run: str, other: str | None = None, *, positions: str = "real",
+              title: str | None = None, labels: dict[str, str] | None = None):
         """The chart ``name`` (``python -m analysis --list``) of ``run`` as an Altair chart;
         comparison charts take the ``other`` run too.
+
+        Args:
+            positions: ``'real'`` (the text's tokens; BOS and padding excluded) or ``'all'``.
+            title: a title instead of the chart's own.
+            labels: a label per run id, shown instead of the id in the subtitle.
 
         Raises:
             etl.errors.UserError: an unknown chart, a run that is not in the warehouse, or
                 one that lacks a measure group the chart needs.
         """
+        from analysis.caption import POSITIONS, ChartOptions
         from analysis.render import ALL_CHARTS, build_chart, check_runs, run_measures, skip_note
         from etl.errors import UserError
 
+        if positions not in POSITIONS:
+            raise UserError(f"positions must be 'real' or 'all', not {positions!r}")
         if name not in ALL_CHARTS:
             raise UserError(f"unknown chart {name!r}; known: {', '.join(ALL_CHARTS)}")
         spec = ALL_CHARTS[name]
@@ -91,5 +100,6 @@ class Warehouse(warehouse.Warehouse):
         note = skip_note(spec, runs, run_measures(self.con))
         if note:
             raise UserError(f"cannot draw {name}: {note}")
-        chart, _ = build_chart(self.views, spec, runs)
+        options = ChartOptions(positions=positions, title=title, labels=labels or {})
+        chart, _ = build_chart(self.views, spec, runs, options)
         return chart

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import altair as alt
 import polars as pl
 
-from analysis import charts, effect_charts
+from analysis import charts, effect_charts, heatmaps
+from analysis.caption import Caption
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,11 @@ class ChartSpec:
     name: str
     description: str
     query: str
-    build: Callable[[pl.DataFrame], alt.TopLevelMixin]
+    build: Callable[[pl.DataFrame, Caption], alt.TopLevelMixin]
+    """The builder: the query's result and the caption (runs, positions, title) to state."""
     params: Callable[[list[str]], dict[str, str]]
-    """Saved-query parameters from the chart's runs (one run, or A and B)."""
+    """Saved-query parameters from the chart's runs (one run, or A and B); the positions
+    convention is added for every query that takes one (``ChartOptions.positions``)."""
     runs: int = 1
     """1 for a per-run chart, 2 for a comparison of two runs."""
     extra: tuple[str, ...] = ()
@@ -48,12 +51,13 @@ def _run(runs: list[str]) -> dict[str, str]:
 
 
 CHARTS: dict[str, ChartSpec] = {spec.name: spec for spec in [
-    ChartSpec("heatmap", "layer × head heatmaps of mean diff and marginal, MLP included",
-              "head_summary", charts.component_heatmap, _run),
-    ChartSpec("heatmap_heads", "the same heatmaps without the MLP column, own scale",
-              "head_summary", charts.head_heatmap, _run),
+    ChartSpec("heatmap", "layer × head heatmaps of mean diff and marginal, the MLP column "
+              "on its own colour scale",
+              "head_summary", heatmaps.component_heatmap, _run),
+    ChartSpec("heatmap_heads", "the same heatmaps without the MLP column",
+              "head_summary", heatmaps.head_heatmap, _run),
     ChartSpec("heatmap_increases", "only entropy increases (values ≤ 0 masked)",
-              "head_summary", charts.increase_heatmap, _run),
+              "head_summary", heatmaps.increase_heatmap, _run),
     ChartSpec("resid_steps", "residual stream: entropy change per layer from attention "
               "and MLP", "resid_summary", charts.resid_steps, _run),
     ChartSpec("head_distribution", "per-token diffs of the top 5 heads (box plot)",

@@ -12,7 +12,10 @@ import math
 import altair as alt
 import polars as pl
 
-from analysis.theme import DIVERGING_SCHEME, POSITIVE_MEANS, SEQUENTIAL_SCHEME
+from analysis.caption import Caption
+from analysis.theme import POSITIVE_MEANS
+
+NO_CAPTION = Caption()
 
 MEASURE_LABELS = {"mean_diff": "diff", "mean_marginal": "marginal"}
 
@@ -45,98 +48,7 @@ def _run_title(frame: pl.DataFrame) -> str:
     return f"run {runs[0]}" if len(runs) == 1 else f"{len(runs)} runs"
 
 
-def increase_limit(values) -> float:
-    """Upper end of the increases' colour scale: the largest positive value, at least 1e-6."""
-    return max([v for v in values if v is not None and math.isfinite(v) and v > 0] + [1e-6])
-
-
-def _heatmap_colors(summary: pl.DataFrame, include_mlp: bool, increases_only: bool,
-                    subtitle: list[str]) -> tuple[alt.Scale, bool]:
-    """The colour scale of a heatmap, and whether it draws the MLP column (not when only
-    increases are drawn and the MLP has none; ``subtitle`` then says so)."""
-    rows = summary if include_mlp else summary.filter(pl.col("kind") == "head")
-    values = rows["mean_diff"].to_list() + rows["mean_marginal"].to_list()
-    if not increases_only:
-        limit = symmetric_limit(values)
-        return alt.Scale(scheme=DIVERGING_SCHEME, reverse=True, domain=[-limit, limit],
-                         domainMid=0), include_mlp
-    mlp = summary.filter(pl.col("kind") == "mlp")
-    mlp_values = mlp["mean_diff"].to_list() + mlp["mean_marginal"].to_list()
-    if include_mlp and increase_limit(mlp_values) == 1e-6:  # no MLP cell is drawn
-        include_mlp = False
-        subtitle.insert(1, "MLP: no increases")
-    return alt.Scale(scheme=SEQUENTIAL_SCHEME, domain=[0, increase_limit(values)]), include_mlp
-
-
-def _heatmap(summary: pl.DataFrame, include_mlp: bool, increases_only: bool,
-             title: str) -> alt.FacetChart:
-    subtitle = [_run_title(summary), "mean over positions", POSITIVE_MEANS]
-    color_scale, include_mlp = _heatmap_colors(summary, include_mlp, increases_only, subtitle)
-    order = _component_order(summary, include_mlp)
-    heat = alt.Chart().mark_rect(stroke="white", strokeWidth=0.5).encode(
-        x=alt.X("component:O", sort=order, scale=alt.Scale(domain=order),
-                title="head" + (" (and MLP)" if include_mlp else ""),
-                axis=alt.Axis(labelAngle=0)),
-        y=alt.Y("layer:O", title="layer", sort="ascending"),
-        color=alt.Color("mean:Q", scale=color_scale, title="mean (nats)",
-                        legend=alt.Legend(format=".3f")),
-        tooltip=[
-            alt.Tooltip("layer:O"), alt.Tooltip("component:N"), alt.Tooltip("measure:N"),
-            alt.Tooltip("mean:Q", format=".5f", title="mean (nats)"),
-            alt.Tooltip("ci95_low:Q", format=".5f", title="95% CI low"),
-            alt.Tooltip("ci95_high:Q", format=".5f", title="95% CI high"),
-            alt.Tooltip("n:Q", format=","),
-        ],
-    ).properties(width=max(180, 26 * len(order)),
-                 height=max(120, 22 * summary["layer"].n_unique()))
-    # The transforms sit on the facet, not in its inner spec, so the column sort (diff, then
-    # marginal) is computed after `measure` exists and the order is the same every time.
-    chart = heat.facet(
-        column=alt.Column("measure:N", sort=["diff", "marginal"], title=None),
-        data=_records(summary),
-    ).transform_calculate(
-        component="datum.kind == 'mlp' ? 'MLP' : toString(datum.head)",
-    ).transform_fold(
-        ["mean_diff", "mean_marginal"], as_=["measure_field", "mean"],
-    ).transform_calculate(
-        measure="datum.measure_field == 'mean_diff' ? 'diff' : 'marginal'",
-        ci95_low="datum.measure_field == 'mean_diff' ? datum.ci95_low_diff "
-                 ": datum.ci95_low_marginal",
-        ci95_high="datum.measure_field == 'mean_diff' ? datum.ci95_high_diff "
-                  ": datum.ci95_high_marginal",
-    )
-    if not include_mlp:
-        chart = chart.transform_filter("datum.kind == 'head'")
-    if increases_only:
-        chart = chart.transform_filter("datum.mean > 0")
-    return chart.properties(title=alt.TitleParams(title, subtitle=" · ".join(subtitle))
-                            ).resolve_scale(color="shared")
-
-
-def component_heatmap(summary: pl.DataFrame) -> alt.FacetChart:
-    """Layer × head heatmaps of mean diff and marginal side by side, MLP column included.
-
-    Args:
-        summary: ``head_summary`` rows of one run (``layer, head, kind, n, mean_diff,
-            mean_marginal, ci95_*``).
-    """
-    return _heatmap(summary, include_mlp=True, increases_only=False,
-                    title="Entropy effect of every head and MLP (nats)")
-
-
-def head_heatmap(summary: pl.DataFrame) -> alt.FacetChart:
-    """The same heatmaps without the MLP column, on the heads' own symmetric scale."""
-    return _heatmap(summary, include_mlp=False, increases_only=False,
-                    title="Entropy effect of attention heads (nats)")
-
-
-def increase_heatmap(summary: pl.DataFrame) -> alt.FacetChart:
-    """Only entropy increases: cells whose mean is ≤ 0 are left blank."""
-    return _heatmap(summary, include_mlp=True, increases_only=True,
-                    title="Where entropy increases (nats; ≤ 0 masked)")
-
-
-def resid_steps(resid: pl.DataFrame) -> alt.LayerChart:
+def resid_steps(resid: pl.DataFrame, caption: Caption = NO_CAPTION) -> alt.LayerChart:
     """Entropy change per layer from attention and from the MLP (``resid_summary`` rows);
     for parallel attention+MLP blocks, which have no ``resid_mid``, the whole block's step
     (next pre − pre)."""
@@ -166,8 +78,10 @@ def resid_steps(resid: pl.DataFrame) -> alt.LayerChart:
     zero = alt.Chart().mark_rule(color="#808b96", strokeDash=[4, 4]).encode(y=alt.datum(0))
     return alt.layer(zero, lines, data=_records(resid)).properties(
         width=460, height=280,
-        title=alt.TitleParams("Residual stream: entropy change per layer (nats)",
-                              subtitle=f"{_run_title(resid)} · {POSITIVE_MEANS}"))
+        title=alt.TitleParams(
+            caption.heading("Residual stream: entropy change per layer (nats)"),
+            subtitle=[caption.runs or _run_title(resid),
+                      f"{caption.averaged} · {POSITIVE_MEANS}"]))
 
 
 def nice_limit(value: float) -> float:
@@ -182,25 +96,38 @@ def nice_limit(value: float) -> float:
     return round(10.0 ** (exponent + 2), 12)
 
 
-def _farthest_labels(base: alt.Chart, label_top: int) -> alt.Chart:
-    """Text labels (``layer.head``) for the ``label_top`` heads with the largest |B − A|."""
-    return base.transform_filter(
+def _farthest_labels(base: alt.Chart, label_top: int, limit: float) -> list[alt.Chart]:
+    """Labels (``layer.head``) of the ``label_top`` heads with the largest |B − A|, in a
+    column right of the plot in the order of their points' heights, each joined to its point
+    by a thin leader line: labels never overlap each other or the point cloud, and leaders
+    do not cross."""
+    step = 2 * limit / (int(label_top) + 1)
+    ranked = base.transform_filter(
         "isValid(datum.mean_diff_a) && isValid(datum.mean_diff_b)",
     ).transform_calculate(
         gap="abs(datum.mean_diff_b - datum.mean_diff_a)",
     ).transform_window(
         rank="row_number()", sort=[alt.SortField("gap", order="descending")],
-    ).transform_filter(f"datum.rank <= {int(label_top)}").mark_text(
-        align="left", dx=6, dy=-6, fontSize=12, fontWeight="bold",
-    ).encode(x="mean_diff_a:Q", y="mean_diff_b:Q", text="component:N")
+    ).transform_filter(f"datum.rank <= {int(label_top)}").transform_window(
+        slot="row_number()", sort=[alt.SortField("mean_diff_b", order="descending")],
+    ).transform_calculate(
+        label_x=f"{limit}", label_y=f"{limit} - datum.slot * {step}",
+    )
+    leaders = ranked.mark_rule(color="#808b96", strokeWidth=0.8).encode(
+        x="mean_diff_a:Q", y="mean_diff_b:Q", x2="label_x:Q", y2="label_y:Q")
+    labels = ranked.mark_text(align="left", dx=8, fontSize=12, fontWeight="bold").encode(
+        x="label_x:Q", y="label_y:Q", text="component:N")
+    return [leaders, labels]
 
 
-def run_comparison(compare: pl.DataFrame, label_top: int = 5) -> alt.LayerChart:
+def run_comparison(compare: pl.DataFrame, caption: Caption = NO_CAPTION,
+                   label_top: int = 5) -> alt.LayerChart:
     """Each head's mean diff in run A against run B, the most different heads labelled.
 
     Args:
         compare: ``compare_runs`` rows (``run_a, run_b, layer, head, kind, mean_diff_a,
             mean_diff_b, delta_diff, ...``).
+        caption: runs (A and B), positions and title to state.
         label_top: how many heads to label: those with the largest |B − A| (farthest from
             the dashed A = B line).
     """
@@ -227,19 +154,19 @@ def run_comparison(compare: pl.DataFrame, label_top: int = 5) -> alt.LayerChart:
                  alt.Tooltip("delta_diff:Q", format=".5f", title="B − A"),
                  alt.Tooltip("n_a:Q", format=","), alt.Tooltip("n_b:Q", format=",")],
     )
-    labels = _farthest_labels(base, label_top)
     diagonal = alt.Chart(alt.Data(values=[{"v": -limit}, {"v": limit}])).mark_line(
         color="#808b96", strokeDash=[4, 4]).encode(x="v:Q", y="v:Q")
-    return alt.layer(diagonal, points, labels, data=_records(compare)).properties(
+    layers = [diagonal, points, *_farthest_labels(base, label_top, limit)]
+    return alt.layer(*layers, data=_records(compare)).properties(
         width=380, height=380,
-        title=alt.TitleParams("Run comparison: mean entropy diff per head (nats)",
-                              subtitle=[f"run A = {run_a}, run B = {run_b}",
-                                        f"labelled: the {int(label_top)} heads with the "
-                                        f"largest |B − A| · dashed: A = B · "
-                                        f"{POSITIVE_MEANS}"]))
+        title=alt.TitleParams(
+            caption.heading("Run comparison: mean entropy diff per head (nats)"),
+            subtitle=[caption.runs or f"run A = {run_a}, run B = {run_b}",
+                      f"{caption.averaged} · right: the {int(label_top)} heads with the "
+                      f"largest |B − A| · dashed: A = B · {POSITIVE_MEANS}"]))
 
 
-def head_distribution(dist: pl.DataFrame) -> alt.LayerChart:
+def head_distribution(dist: pl.DataFrame, caption: Caption = NO_CAPTION) -> alt.LayerChart:
     """Per-token spread of the top heads: 5–95 % whiskers, 25–75 % box, median tick.
 
     Args:
@@ -264,22 +191,39 @@ def head_distribution(dist: pl.DataFrame) -> alt.LayerChart:
     zero = alt.Chart().mark_rule(color="#808b96", strokeDash=[4, 4]).encode(x=alt.datum(0))
     return alt.layer(zero, whisker, box, median, data=_records(dist)).properties(
         width=460, height=max(120, 34 * dist.height),
-        title=alt.TitleParams(f"Per-token entropy {measure} of the top heads (nats)",
-                              subtitle=f"{_run_title(dist)} · box 25–75 %, whiskers 5–95 %, "
-                                       f"tick median · {POSITIVE_MEANS}"))
+        title=alt.TitleParams(
+            caption.heading(f"Per-token entropy {measure} of the top heads (nats)"),
+            subtitle=[caption.runs or _run_title(dist),
+                      f"{caption.over} · box 25–75 %, "
+                      f"whiskers 5–95 %, tick median · {POSITIVE_MEANS}"]))
 
 
-def token_drilldown(rows: pl.DataFrame) -> alt.Chart:
+SHOWN_AS = {"<|endoftext|>": "‹eot›", "\n": "↵", "\t": "⇥"}
+"""How token text is drawn in labels: GPT-2's end-of-text (also its BOS and padding) and
+white space that would be invisible or break a label."""
+
+
+def shown(field: str) -> str:
+    """A Vega expression of ``datum[field]`` as drawn (``SHOWN_AS``)."""
+    expression = f"datum.{field}"
+    for raw, drawn in SHOWN_AS.items():
+        pattern = raw.replace("|", "\\|").replace("\n", "\\n").replace("\t", "\\t")
+        expression = f"replace({expression}, /{pattern}/g, '{drawn}')"
+    return expression
+
+
+def token_drilldown(rows: pl.DataFrame, caption: Caption = NO_CAPTION) -> alt.Chart:
     """The positions where one component raises entropy most, with their context.
 
     Args:
         rows: ``token_drilldown`` rows (``rank, component, context, token, entropy_diff,
             entropy_marginal, role, seq, position``).
+        caption: run, positions and title to state.
     """
     component = rows["component"][0] if rows.height else "?"
     chart = alt.Chart(_records(rows)).transform_calculate(
-        label="'#' + datum.rank + '  …' + replace(replace(datum.context, /\\n/g, '⏎'), "
-              "/^\\s+/, '') + ' [' + replace(datum.token, /\\n/g, '⏎') + ']'",
+        label=f"'#' + datum.rank + '  …' + replace({shown('context')}, /^\\s+/, '') + ' [' "
+              f"+ {shown('token')} + ']'",
     ).mark_bar(color="#c0392b").encode(
         y=alt.Y("label:N", sort=alt.EncodingSortField("rank", order="ascending"),
                 title=None, axis=alt.Axis(labelLimit=420, labelFontSize=11)),
@@ -292,6 +236,9 @@ def token_drilldown(rows: pl.DataFrame) -> alt.Chart:
     )
     return chart.properties(
         width=360, height=max(120, 20 * rows.height),
-        title=alt.TitleParams(f"Where component {component} changes entropy most (nats)",
-                              subtitle=f"{_run_title(rows)} · [token] after its context · "
-                                       f"{POSITIVE_MEANS}"))
+        title=alt.TitleParams(
+            caption.heading(f"Where component {component} changes entropy most (nats)"),
+            subtitle=[caption.runs or _run_title(rows),
+                      "the entropy of the next-token distribution at [token] (what the model "
+                      "predicts to follow it), after its context",
+                      f"‹eot›: <|endoftext|> (BOS, padding) · ↵: line break · {POSITIVE_MEANS}"]))

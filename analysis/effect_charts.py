@@ -10,6 +10,7 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
+from analysis.caption import Caption
 from analysis.charts import _component_order, _records, _run_title, symmetric_limit
 from analysis.theme import DIVERGING_SCHEME, POSITIVE_MEANS
 
@@ -17,6 +18,7 @@ RAISES_OVERCONFIDENCE = ("> 0: without the head the model errs further from cali
                          "(the head calibrates)")
 LOWERS_LOSS = "< 0: the component lowers the loss"
 GREY = "#808b96"
+NO_CAPTION = Caption()
 
 
 def stack(**frames: pl.DataFrame) -> pl.DataFrame:
@@ -52,7 +54,8 @@ def _head_panel(rows: pl.DataFrame, query: str, field: str, title: str,
     ).properties(width=max(180, 26 * n_heads), height=max(120, 22 * n_layers))
 
 
-def calibration_heatmaps(stacked: pl.DataFrame) -> alt.HConcatChart:
+def calibration_heatmaps(stacked: pl.DataFrame,
+                         caption: Caption = NO_CAPTION) -> alt.HConcatChart:
     """The Copy Suppression paper's Fig. 13 pair (McDougall et al. 2023, App. D): layer ×
     head heatmaps of the mean entropy marginal and of the relative change in overconfidence
     when the head is ablated, side by side, each on its own diverging symmetric scale.
@@ -77,14 +80,15 @@ def calibration_heatmaps(stacked: pl.DataFrame) -> alt.HConcatChart:
          alt.Tooltip("n_predictions:Q", format=",", title="predictions")])
     return alt.hconcat(entropy, calibration, data=_records(stacked), spacing=40).properties(
         title=alt.TitleParams(
-            "Entropy-raising heads and calibration (nats; relative change)",
-            subtitle=[f"{_run_title(stacked)} · left: {POSITIVE_MEANS}",
-                      f"right: overconfidence with the head ablated / the model's − 1; "
-                      f"{RAISES_OVERCONFIDENCE}"]),
+            caption.heading("Entropy-raising heads and calibration (nats; relative change)"),
+            subtitle=[caption.runs or _run_title(stacked),
+                      f"left: {caption.averaged} · {POSITIVE_MEANS}",
+                      f"right: overconfidence with the head ablated / the model's − 1, "
+                      f"{caption.over}; {RAISES_OVERCONFIDENCE}"]),
     ).resolve_scale(color="independent").resolve_legend(color="independent")
 
 
-def loss_heatmap(effects: pl.DataFrame) -> alt.Chart:
+def loss_heatmap(effects: pl.DataFrame, caption: Caption = NO_CAPTION) -> alt.Chart:
     """Layer × component heatmap of the mean loss marginal (NLL with − without the
     component), MLP column included, on a diverging symmetric scale.
 
@@ -110,9 +114,10 @@ def loss_heatmap(effects: pl.DataFrame) -> alt.Chart:
     ).properties(
         width=max(180, 26 * len(order)), height=max(120, 22 * effects["layer"].n_unique()),
         title=alt.TitleParams(
-            "Loss effect of every head and MLP (nats)",
-            subtitle=f"{_run_title(effects)} · mean over positions of NLL with − without the "
-                     f"component · {LOWERS_LOSS}"))
+            caption.heading("Loss effect of every head and MLP (nats)"),
+            subtitle=[caption.runs or _run_title(effects),
+                      f"{caption.averaged} of NLL with − without the component · "
+                      f"{LOWERS_LOSS}"]))
 
 
 SHARES = {"entropy_share": "entropy: in-context part / marginal",
@@ -161,7 +166,8 @@ def _share_layers(domain: list[float], label_top: int) -> list[alt.Chart]:
     return [*rules, zero_x, bars, points, labels]
 
 
-def suppression_scatter(copy: pl.DataFrame, label_top: int = 5) -> alt.FacetChart:
+def suppression_scatter(copy: pl.DataFrame, caption: Caption = NO_CAPTION,
+                        label_top: int = 5) -> alt.FacetChart:
     """Each head's mean entropy marginal (x) against the share of its effect that the
     in-context tokens account for (y, with 95 % CI bars): the entropy share and the KL
     share side by side, the ``label_top`` heads with the largest marginal labelled.
@@ -185,14 +191,16 @@ def suppression_scatter(copy: pl.DataFrame, label_top: int = 5) -> alt.FacetChar
     limits = "…".join(f"{v:g}".replace("-", "−") for v in SHARE_LIMITS)
     note = f" · shares beyond {limits} drawn on the edge" if clamped else ""
     return chart.properties(title=alt.TitleParams(
-        "Are the entropy-raising heads copy-suppression heads? (nats; fraction)",
-        subtitle=[f"{_run_title(copy)} · heads only · labelled: the {int(label_top)} heads "
+        caption.heading("Are the entropy-raising heads copy-suppression heads? (nats; "
+                        "fraction)"),
+        subtitle=[caption.runs or _run_title(copy),
+                  f"heads only, {caption.averaged} · labelled: the {int(label_top)} heads "
                   f"with the largest mean entropy marginal · {POSITIVE_MEANS}",
                   "y: share of the head's effect due to tokens already in the context "
                   f"(1: all, 0: none; dotted) · bars: 95 % CI{note}"]))
 
 
-def calibration_curve(curve: pl.DataFrame) -> alt.LayerChart:
+def calibration_curve(curve: pl.DataFrame, caption: Caption = NO_CAPTION) -> alt.LayerChart:
     """Accuracy against predicted probability (reliability diagram) of the model and with
     one head ablated, the diagonal of perfect calibration dashed.
 
@@ -222,8 +230,10 @@ def calibration_curve(curve: pl.DataFrame) -> alt.LayerChart:
     return alt.layer(diagonal, lines, points, data=_records(curve)).properties(
         width=360, height=360,
         title=alt.TitleParams(
-            "Calibration with the top entropy-raising head ablated (probability)",
-            subtitle=[f"{_run_title(curve)} · the model's top predictions binned by "
-                      f"probability · dashed: perfect calibration, below it: overconfident",
+            caption.heading("Calibration with the top entropy-raising head ablated "
+                            "(probability)"),
+            subtitle=[caption.runs or _run_title(curve),
+                      f"the model's top predictions {caption.over} binned by probability · "
+                      "dashed: perfect calibration, below it: overconfident",
                       f"{ablated}: with that head ablated (by default the head with the "
                       f"largest mean entropy marginal, nats)"]))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import jinja2
 
 from analysis import theme
+from analysis.caption import POSITIONS_READ, ChartOptions
 
 if TYPE_CHECKING:
     from etl.warehouse import Warehouse
@@ -31,12 +32,15 @@ p.skipped { color: #566573; font-style: italic; }
 <body>
 <h1>Entropy effects of attention heads and MLPs</h1>
 <p>Warehouse <code>{{ warehouse }}</code>, rendered {{ stamp }}. Entropies in nats;
-positive values increase entropy.</p>
+positive values increase entropy. Means are taken {{ positions }}.</p>
 <table id="runs">
-<thead><tr><th>run id</th><th>model</th><th>dataset</th><th>tokens</th></tr></thead>
+<thead><tr><th>run</th><th>run id</th><th>model</th><th>dataset</th><th>variant</th>
+<th>lens</th><th>ablation</th><th>measures</th><th>tokens</th></tr></thead>
 <tbody>
 {%- for run in runs %}
-<tr><td><code>{{ run.run_id }}</code></td><td>{{ run.model }}</td><td>{{ run.dataset }}</td>
+<tr><td>{{ run.label }}</td><td><code>{{ run.run_id }}</code></td><td>{{ run.model }}</td>
+<td>{{ run.dataset }}</td><td>{{ run.variant or "" }}</td><td>{{ run.lens }}</td>
+<td>{{ run.ablation }}</td><td>{{ ", ".join(run.measures or ["entropy"]) }}</td>
 <td class="num">{{ "{:,}".format(run.n_tokens) if run.n_tokens is not none else "" }}</td></tr>
 {%- endfor %}
 </tbody></table>
@@ -72,19 +76,22 @@ def _section(spec, job_runs: list[str], rel: Path, n_rows: int | None,
 
 
 def write_index(out: Path, entries, formats: tuple[str, ...], warehouse: Warehouse,
-                runs: list[dict] | None = None) -> Path:
+                runs: list[dict] | None = None, options: ChartOptions | None = None) -> Path:
     """``out/index.html``: a table of the runs, a table of contents, then every chart of
     this render as an image, linked to its HTML.
 
     Args:
         entries: ``(spec, runs, rel, n_rows, note)`` per chart in the order shown: ``note``
             is None for a chart drawn, else why it was left out (``n_rows`` None).
-        runs: rows ``run_id, model, dataset, n_tokens`` for the summary table.
+        runs: rows for the runs' table (``render.run_entry``: ``label, run_id, model,
+            dataset, variant, lens, ablation, measures, n_tokens``).
+        options: the charts' options (their positions convention is stated).
     """
     image = "svg" if "svg" in formats else "png" if "png" in formats else None
     sections = [_section(*entry) for entry in entries]
     page = INDEX_TEMPLATE.render(
         font=theme.FONT, warehouse=str(warehouse), runs=runs or [], sections=sections,
+        positions=POSITIONS_READ[(options or ChartOptions()).positions],
         formats=formats, image=image,
         stamp=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
     path = out / "index.html"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from analysis import theme
+from analysis.caption import ChartOptions, caption_for, describe_run
 from analysis.catalog import ALL_CHARTS, ChartSpec, missing_measures
 from analysis.catalog import CHARTS as CHARTS  # re-exported: the entropy charts
 from analysis.effect_charts import stack
@@ -21,25 +22,50 @@ if TYPE_CHECKING:
     from queries.db import Views
 
 FORMATS = ("html", "png", "svg")
+DEFAULT_OPTIONS = ChartOptions()
 
 
-def chart_frame(views: Views, spec: ChartSpec, runs: list[str]) -> pl.DataFrame:
-    """The saved query's result that ``spec`` is drawn from, for ``runs``; a chart of
-    several queries gets their results stacked (``effect_charts.stack``)."""
+def chart_frame(views: Views, spec: ChartSpec, runs: list[str],
+                options: ChartOptions = DEFAULT_OPTIONS) -> pl.DataFrame:
+    """The saved query's result that ``spec`` is drawn from, for ``runs``, over the
+    positions of ``options``; a chart of several queries gets their results stacked
+    (``effect_charts.stack``)."""
     from queries.saved import get_query
 
     frames = {}
     for name in spec.queries:
         query = get_query(name)
-        frames[name] = views.sql(query.sql, query.bind(spec.params(runs)))
+        params = spec.params(runs)
+        if any(p.name == "positions" for p in query.params):
+            params["positions"] = options.positions
+        frames[name] = views.sql(query.sql, query.bind(params))
     return frames[spec.query] if len(frames) == 1 else stack(**frames)
 
 
-def build_chart(views: Views, spec: ChartSpec, runs: list[str]):
-    """The chart ``spec`` for ``runs`` (theme applied), and the frame it shows."""
+def run_rows(con) -> dict[str, dict]:
+    """The ``runs`` view's row (``run_id, model, dataset, variant, lens, ablation,
+    measures, n_tokens``) of each complete run, by run id."""
+    columns = ("run_id", "model", "dataset", "variant", "lens", "ablation", "measures",
+               "n_tokens")
+    rows = con.sql(f"select {', '.join(columns)} from runs").fetchall()
+    return {row[0]: dict(zip(columns, row, strict=True)) for row in rows}
+
+
+def run_entry(row: dict, options: ChartOptions) -> dict:
+    """One run's line of the index's table: its ``runs`` row, its label (``options``, else
+    its id) and what tells it apart (``caption.describe_run``)."""
+    return {**row, "label": options.labels.get(row["run_id"], row["run_id"]),
+            "described": describe_run(row)}
+
+
+def build_chart(views: Views, spec: ChartSpec, runs: list[str],
+                options: ChartOptions = DEFAULT_OPTIONS):
+    """The chart ``spec`` for ``runs`` drawn as ``options`` say (theme applied), and the
+    frame it shows."""
     theme.enable()
-    frame = chart_frame(views, spec, runs)
-    return spec.build(frame), frame
+    frame = chart_frame(views, spec, runs, options)
+    caption = caption_for(run_rows(views.con), runs, options)
+    return spec.build(frame, caption), frame
 
 
 def save_chart(chart, stem: Path, formats: tuple[str, ...]) -> list[Path]:
@@ -148,17 +174,10 @@ def _with_notes(jobs, measures: dict[str, list[str]]) -> list:
     return noted
 
 
-def run_table(con, runs: list[str]) -> list[dict]:
-    """``run_id, model, dataset, n_tokens`` of ``runs`` (from the ``runs`` view), in order."""
-    rows = {r[0]: r for r in con.sql(
-        "select run_id, model, dataset, n_tokens from runs").fetchall()}
-    return [dict(zip(("run_id", "model", "dataset", "n_tokens"), rows[run], strict=True))
-            for run in runs if run in rows]
-
-
 def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
            formats: tuple[str, ...] = FORMATS, only: list[str] | None = None,
-           progress: Callable[[int], object] | None = None) -> list[Path]:
+           progress: Callable[[int], object] | None = None,
+           options: ChartOptions = DEFAULT_OPTIONS) -> list[Path]:
     """Render charts for ``runs`` (default: every complete run) into ``out``.
 
     Per-run charts go to ``out/<run_id>/<chart>.<format>``; comparisons of the first run
@@ -169,9 +188,11 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
     Args:
         progress: called once the inputs are checked with the number of charts to render;
             returns a bar (``update()``, ``close()``), updated per chart and closed at the end.
+        options: positions convention, title and run labels of every chart.
 
     Raises:
-        UserError: unknown chart, format or run, or a warehouse without runs.
+        UserError: unknown chart, format or run, a label of a run not drawn, or a warehouse
+            without runs.
     """
     from queries.db import Views
 
@@ -180,6 +201,10 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
     available = complete_runs(views.con)
     runs = runs or _drawable(available)
     check_runs(runs, available, warehouse)
+    unlabelled = [run for run in options.labels if run not in runs]
+    if unlabelled:
+        raise UserError(f"--label names run {unlabelled[0]!r}, which is not drawn "
+                        f"(runs: {', '.join(runs)})")
     reserved = [r for r in runs if r in RESERVED_RUN_IDS]
     if reserved:
         raise UserError(f"run {reserved[0]!r} cannot be drawn: its folder would take the "
@@ -191,9 +216,10 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
         raise UserError(f"run_comparison compares runs of one model, and no other run given is "
                         f"of {runs[0]!r}'s model; pass two runs of one model")
     jobs = _with_notes(jobs, run_measures(views.con))
-    written, entries = _save_charts(views, jobs, out, formats, progress)
+    written, entries = _save_charts(views, jobs, out, formats, progress, options)
+    rows = run_rows(views.con)
     written.append(write_index(out, entries, formats, warehouse,
-                               run_table(views.con, runs)))
+                               [run_entry(rows[run], options) for run in runs], options))
     return written
 
 
@@ -211,7 +237,8 @@ def _chart_names(formats: tuple[str, ...], only: list[str] | None) -> list[str]:
 
 
 def _save_charts(views: Views, jobs: list, out: Path, formats: tuple[str, ...],
-                 progress: Callable[[int], object] | None) -> tuple[list[Path], list]:
+                 progress: Callable[[int], object] | None,
+                 options: ChartOptions) -> tuple[list[Path], list]:
     """Build and save the chart of every job ``(spec, runs, rel, note)`` but those with a
     note (left out); the files written, and the index entries ``(spec, runs, rel, n_rows,
     note)``."""
@@ -223,7 +250,7 @@ def _save_charts(views: Views, jobs: list, out: Path, formats: tuple[str, ...],
             if note:
                 entries.append((spec, job_runs, rel, None, note))
                 continue
-            chart, frame = build_chart(views, spec, job_runs)
+            chart, frame = build_chart(views, spec, job_runs, options)
             written += save_chart(chart, out / rel, formats)
             entries.append((spec, job_runs, rel, frame.height, None))
             if bar is not None:

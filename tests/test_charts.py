@@ -9,7 +9,7 @@ import pytest
 import vl_convert as vlc
 from PIL import Image
 
-from analysis import charts
+from analysis import charts, heatmaps
 from analysis.__main__ import main as analysis_main
 from analysis.render import ALL_CHARTS, CHARTS, build_chart, save_chart
 from etl.lens.modes import DEFAULT_MEASURES
@@ -65,39 +65,63 @@ def _heat_spec(views, name):
     return chart.to_dict(), frame
 
 
-def test_main_heatmap_facets_measures_with_symmetric_diverging_scale(views):
+def _cells(panel, kind):
+    """The heads' or the MLP's rectangles of one heatmap panel (a spec)."""
+    layers = panel.get("layer", [panel])
+    matches = [lay for lay in layers if f"datum.kind == '{kind}'" in lay["transform"][0]["filter"]]
+    return matches[0] if matches else None
+
+
+def _limit(rows):
+    return max(abs(v) for v in rows["mean_diff"].to_list() + rows["mean_marginal"].to_list())
+
+
+def test_main_heatmap_has_diff_and_marginal_panels_heads_and_mlp_on_own_scales(views):
     d, frame = _heat_spec(views, "heatmap")
-    assert d["facet"]["column"]["field"] == "measure"
-    assert d["facet"]["column"]["sort"] == ["diff", "marginal"]
-    enc = d["spec"]["encoding"]
+    diff, marginal = d["hconcat"]
+    assert diff["title"] == "diff" and marginal["title"] == "marginal"
+    heads, mlp = _cells(diff, "head"), _cells(diff, "mlp")
+    assert heads["encoding"]["color"]["field"] == mlp["encoding"]["color"]["field"] == "mean_diff"
+    assert _cells(marginal, "head")["encoding"]["color"]["field"] == "mean_marginal"
+    enc = heads["encoding"]
     assert enc["x"]["field"] == "component" and enc["x"]["type"] == "ordinal"
     assert enc["x"]["sort"][-1] == "MLP" and enc["x"]["sort"][:4] == ["0", "1", "2", "3"]
     assert enc["y"]["field"] == "layer"
+    head_limit = _limit(frame.filter(frame["kind"] == "head"))
+    mlp_limit = _limit(frame.filter(frame["kind"] == "mlp"))
+    assert head_limit < mlp_limit  # the MLP's means are larger: one scale would blank heads
+    for panel in (diff, marginal):  # each kind on its own scale, the same in both panels
+        assert _cells(panel, "head")["encoding"]["color"]["scale"]["domain"] == [
+            -head_limit, head_limit]
+        assert _cells(panel, "mlp")["encoding"]["color"]["scale"]["domain"] == [
+            -mlp_limit, mlp_limit]
     scale = enc["color"]["scale"]
-    limit = max(abs(v) for v in frame["mean_diff"].to_list() + frame["mean_marginal"].to_list())
-    assert scale["domain"] == [-limit, limit] and scale["domainMid"] == 0
-    assert scale["scheme"] == "redblue" and scale["reverse"] is True
+    assert scale["domainMid"] == 0 and scale["scheme"] == "redblue" and scale["reverse"] is True
+    assert diff["resolve"]["scale"]["color"] == "independent"
+    assert enc["color"].get("legend", {}) is None  # legends drawn once, by the right panel
+    assert _cells(marginal, "mlp")["encoding"]["color"]["title"] == "MLP (nats)"
     tooltips = {t["field"] for t in enc["tooltip"]}
-    assert {"mean", "n", "ci95_low", "ci95_high", "layer", "component"} <= tooltips
-    folds = [t for t in d["transform"] if "fold" in t]
-    assert folds[0]["fold"] == ["mean_diff", "mean_marginal"]
+    assert {"mean_diff", "n", "ci95_low_diff", "ci95_high_diff", "layer", "component"} <= tooltips
 
 
 def test_head_heatmap_drops_mlp_and_uses_its_own_scale(views):
     d, frame = _heat_spec(views, "heatmap_heads")
     heads = frame.filter(frame["kind"] == "head")
-    limit = max(abs(v) for v in heads["mean_diff"].to_list() + heads["mean_marginal"].to_list())
-    enc = d["spec"]["encoding"]
-    assert enc["color"]["scale"]["domain"] == [-limit, limit]
-    assert "MLP" not in enc["x"]["sort"]
-    assert {"filter": "datum.kind == 'head'"} in d["transform"]
+    for panel in d["hconcat"]:
+        assert _cells(panel, "mlp") is None
+        enc = _cells(panel, "head")["encoding"]
+        assert enc["color"]["scale"]["domain"] == [-_limit(heads), _limit(heads)]
+        assert "MLP" not in enc["x"]["sort"]
 
 
 def test_increase_heatmap_masks_non_positive_cells(views):
     d, frame = _heat_spec(views, "heatmap_increases")
-    assert {"filter": "datum.mean > 0"} in d["transform"]
-    scale = d["spec"]["encoding"]["color"]["scale"]
-    values = frame["mean_diff"].to_list() + frame["mean_marginal"].to_list()
+    diff = d["hconcat"][0]
+    heads = _cells(diff, "head")
+    assert heads["transform"][0] == {"filter": "datum.kind == 'head' && datum.mean_diff > 0"}
+    scale = heads["encoding"]["color"]["scale"]
+    rows = frame.filter(frame["kind"] == "head")
+    values = rows["mean_diff"].to_list() + rows["mean_marginal"].to_list()
     assert scale["domain"] == [0, max(v for v in values if v > 0)]
     assert scale["scheme"] == "reds"
 
@@ -119,36 +143,21 @@ def _summary(head_values, mlp_value):
 
 def test_increase_heatmap_scale_spans_only_the_drawn_cells():
     # head 0 never increases entropy and the MLP decreases it a lot
-    d = charts.increase_heatmap(_summary([-0.02, 0.01, 0.03, -0.01], -0.9)).to_dict()
-    enc = d["spec"]["encoding"]
+    d = heatmaps.increase_heatmap(_summary([-0.02, 0.01, 0.03, -0.01], -0.9)).to_dict()
+    heads = _cells(d["hconcat"][0], "head")
+    enc = heads["encoding"]
     assert enc["color"]["scale"]["domain"] == [0, 0.06]  # not [0, 0.9]
     assert enc["x"]["scale"]["domain"] == ["0", "1", "2", "3"]  # head 0 kept, no MLP
     assert enc["x"]["title"] == "head"
-    assert "MLP: no increases" in d["title"]["subtitle"]
-    assert {"filter": "datum.kind == 'head'"} in d["transform"]
+    assert "MLP: no increases" in json.dumps(d["title"]["subtitle"])
+    assert _cells(d["hconcat"][0], "mlp") is None
 
-    d = charts.increase_heatmap(_summary([-0.02, 0.01, 0.03, -0.01], 0.2)).to_dict()
-    enc = d["spec"]["encoding"]
-    assert enc["color"]["scale"]["domain"] == [0, 0.2]
+    d = heatmaps.increase_heatmap(_summary([-0.02, 0.01, 0.03, -0.01], 0.2)).to_dict()
+    enc = _cells(d["hconcat"][0], "head")["encoding"]
+    assert enc["color"]["scale"]["domain"] == [0, 0.06]
+    assert _cells(d["hconcat"][0], "mlp")["encoding"]["color"]["scale"]["domain"] == [0, 0.2]
     assert enc["x"]["scale"]["domain"] == ["0", "1", "2", "3", "MLP"]
     assert enc["x"]["title"] == "head (and MLP)"
-
-
-@pytest.mark.parametrize("name", ["heatmap", "heatmap_heads", "heatmap_increases"])
-def test_heatmap_columns_are_sorted_after_measure_is_computed(name):
-    chart = CHARTS[name].build(_summary([-0.02, 0.01, 0.03, -0.01], 0.2))
-    d = chart.to_dict()
-    assert d["facet"]["column"]["sort"] == ["diff", "marginal"]
-    # in the compiled Vega, the column sort index must be computed from `measure`, so after
-    # the formula that defines it (else every row gets the same index and the order drifts)
-    for data in vlc.vegalite_to_vega(d)["data"]:
-        outputs = [t.get("as") for t in data.get("transform", [])]
-        sort = [i for i, o in enumerate(outputs) if str(o).endswith("measure_sort_index")]
-        if sort:
-            assert "measure" in outputs[:sort[0]]
-            break
-    else:
-        raise AssertionError("no column sort index in the compiled spec")
 
 
 def test_resid_and_comparison_encodings(views):
@@ -251,9 +260,12 @@ def test_cli_renders_every_chart_and_an_index(warehouse, tmp_path, capsys):
     runs_table = index[index.index('id="runs"'):index.index("</table>")]
     rows = [re.findall(r"<td[^>]*>(?:<code>)?([^<]*)", row)
             for row in re.findall(r"<tr>(.*?)</tr>", runs_table, re.S)[1:]]
-    assert [(run, dataset, tokens) for run, _, dataset, tokens in rows] == [
-        ("ioi", "ioi", "132"), ("text", "text", "64")]  # run id, dataset, tokens
-    assert all(model for _, model, _, _ in rows)
+    # label, run id, model, dataset, variant, lens, ablation, measures, tokens
+    assert [(r[0], r[1], r[3], r[4], r[5], r[6], r[8]) for r in rows] == [
+        ("ioi", "ioi", "ioi", "clean", "final-scale", "zero", "132"),
+        ("text", "text", "text", "", "final-scale", "zero", "64")]
+    assert all(r[2] for r in rows) and rows[0][7] == ", ".join(DEFAULT_MEASURES)
+    assert "over the text's tokens (BOS and padding excluded)" in index
 
 
 def test_cli_progress_bar_has_a_total_and_none_on_errors(warehouse, tmp_path, capsys):

@@ -219,7 +219,7 @@ def test_loss_heatmap_includes_the_mlp_column_on_a_symmetric_scale():
     assert enc["color"]["scale"]["domain"] == [-0.4, 0.4]
     assert enc["color"]["scale"]["domainMid"] == 0
     assert {t["field"] for t in enc["tooltip"]} >= {"loss_ci95_low", "loss_ci95_high", "n"}
-    assert "nats" in d["title"]["text"] and "lowers the loss" in d["title"]["subtitle"]
+    assert "nats" in d["title"]["text"] and "lowers the loss" in json.dumps(d["title"]["subtitle"])
 
 
 @pytest.mark.parametrize("name", list(EFFECT_CHARTS))

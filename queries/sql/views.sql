@@ -15,7 +15,7 @@
 -- `.read` this file again to see runs completed since.
 --
 -- Views:
---   runs(run_id, created_at, model, dataset, lens, ablation, n_layers, n_heads,
+--   runs(run_id, created_at, model, dataset, variant, lens, ablation, n_layers, n_heads,
 --        normalization, parallel_blocks, n_kv_heads, n_seqs, seq_len, n_tokens, ...)
 --                                           one row per complete run (its manifest)
 --   tokens(run_id, seq, position, token_id, token, is_bos, is_pad, role, variant, example,
@@ -136,6 +136,10 @@ select
     created_at::timestamptz as created_at,
     model,
     dataset,
+    -- the IOI prompt set: 'clean', 'abc' (corrupted) or 'both'; NULL for other datasets
+    case when dataset = 'ioi'
+         then coalesce(json_extract_string(to_json(config), '$.ioi_variant'), 'clean') end
+        as variant,
     lens,
     ablation,
     measures::varchar[] as measures,
@@ -203,8 +207,9 @@ from query(case when len(getvariable('resid_entropy_files')) > 0
 
 -- Macros shared by the saved queries.
 
--- positions_param(p): p when it is 'all' (every position: the study's convention, BOS and
--- padding included) or 'real' (BOS and padding excluded); an error otherwise.
+-- positions_param(p): p when it is 'real' (the tokens of the text: BOS and padding
+-- excluded; every saved query's default) or 'all' (every position, BOS and padding included,
+-- as the study averaged); an error otherwise.
 create or replace macro positions_param(p) as
     case when p in ('all', 'real') then p
          else error('positions must be ''all'' or ''real''') end;
@@ -310,13 +315,15 @@ create or replace macro overconfidence_fx(hits, n, bin, n_bins) as
 
 create or replace macro overconfidence_xx(bin, n_bins) as (0.5 - (bin + 0.5) / n_bins) ** 2;
 
--- predicted_positions(run): the (run_id, seq, position) of run's tokens that have a next
--- token (the study's [:, :-1], less positions before padding), with the model's top-3
--- probabilities and the next token's rank.
-create or replace macro predicted_positions(run) as table
+-- predicted_positions(run, positions): the (run_id, seq, position) of run's tokens that have
+-- a next token (the study's [:, :-1], less positions before padding) and that the
+-- positions convention keeps ('real': not BOS), with the model's top-3 probabilities and
+-- the next token's rank.
+create or replace macro predicted_positions(run, positions) as table
     select t.run_id, t.seq, t.position, t.top1_prob, t.top2_prob, t.top3_prob, t.target_rank
     from tokens as t
-    where t.run_id = run and t.next_token_id is not null;
+    where t.run_id = run and t.next_token_id is not null
+      and (positions_param(positions) = 'all' or not t.is_bos);
 
 -- stable_mean(x), stable_sd(x): the mean and sample standard deviation of x (aggregates),
 -- the same to the last bit however the rows are split over threads and files. DuckDB's

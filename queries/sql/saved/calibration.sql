@@ -13,6 +13,7 @@
 -- @param run_id NULL one run id, or NULL for the latest run
 -- @param n_bins 50 how many equal probability bins on [0, 1)
 -- @param top_k 3 how many of the largest probabilities of each prediction to bin (1 to 3)
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 
 settings as (
@@ -27,7 +28,8 @@ ranks as (
 ),
 
 predicted as (
-    select * from predicted_positions(coalesce($run_id::varchar, latest_run()))
+    select * from predicted_positions(coalesce($run_id::varchar, latest_run()),
+                                        $positions::varchar)
 ),
 
 components as (

@@ -9,6 +9,7 @@
 -- @param component NULL 'L.H' for head H of layer L, 'L.mlp' for the MLP of layer L, or NULL for the head with the largest mean entropy marginal in the run
 -- @param n_bins 50 how many equal probability bins on [0, 1)
 -- @param top_k 3 how many of the largest probabilities of each prediction to bin (1 to 3)
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 
 settings as (
@@ -55,7 +56,8 @@ ranks as (
 ),
 
 predicted as (
-    select * from predicted_positions(coalesce($run_id::varchar, latest_run()))
+    select * from predicted_positions(coalesce($run_id::varchar, latest_run()),
+                                        $positions::varchar)
 ),
 
 entries as (

@@ -5,7 +5,7 @@
 -- anything else is an error, not a table of nulls.
 -- @param run_a NULL run A, or NULL for the earliest run
 -- @param run_b NULL run B, or NULL for the latest other run of A's model
--- @param positions 'all' 'all' (BOS and padding included) or 'real' (excluded)
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 -- @param models 'same' 'same' (one model) or 'any' (two models of one shape)
 with
 

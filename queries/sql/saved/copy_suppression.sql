@@ -8,7 +8,7 @@
 -- and MLPs among MLPs by mean entropy_marginal, largest first. The in-context columns are
 -- NULL for a run without the context measures.
 -- @param run_id NULL one run id, or NULL for the latest run
--- @param positions 'all' 'all' (BOS and padding included) or 'real' (excluded)
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 
 settings as (

@@ -4,7 +4,7 @@
 -- @param run_id NULL one run id, or NULL for the latest run
 -- @param measure 'diff' rank and describe 'diff' or 'marginal'
 -- @param k 5 how many heads
--- @param positions 'real' 'all' (BOS and padding included) or 'real' (excluded)
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 
 settings as (

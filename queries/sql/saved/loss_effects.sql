@@ -5,7 +5,7 @@
 -- KL(p ‖ q) over every kept position (the KL needs no next token). NULL for a run without
 -- the loss or kl measures.
 -- @param run_id NULL one run id, or NULL for every run
--- @param positions 'all' 'all' (BOS and padding included) or 'real' (excluded)
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 
 settings as (

@@ -4,7 +4,7 @@
 -- increase entropy. Runs of parallel attention+MLP blocks (runs.parallel_blocks) have no
 -- resid_mid: mean_resid_mid, attn_step and mlp_step are NULL there, and the block's step is
 -- mean_next − mean_resid_pre.
--- @param positions 'all' 'all' (BOS and padding included) or 'real' (excluded)
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 -- @param run_id NULL one run id, or NULL for every run
 with
 

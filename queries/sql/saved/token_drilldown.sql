@@ -10,7 +10,7 @@
 -- @param direction 'raise' 'raise' (largest values first) or 'lower' (smallest first)
 -- @param k 20 how many positions
 -- @param context 8 how many preceding tokens to show
--- @param positions 'real' 'all' (BOS and padding included) or 'real' (excluded)
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 
 settings as (

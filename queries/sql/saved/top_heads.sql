@@ -2,7 +2,7 @@
 -- first), top k, with n and the 95 % confidence interval of the mean.
 -- @param measure 'diff' rank by 'diff' or 'marginal'
 -- @param k 10 how many heads to return per run
--- @param positions 'all' 'all' (BOS and padding included) or 'real' (excluded)
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 -- @param run_id NULL one run id, or NULL for every run
 -- @param dataset NULL one dataset ('openwebtext', 'ioi', 'text'), or NULL for every dataset
 with
