@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import altair as alt
 import polars as pl
 
-from analysis import charts, effect_charts, heatmaps
+from analysis import charts, effect_charts, explorer, heatmaps
 from analysis.caption import Caption
 
 
@@ -92,5 +92,13 @@ EFFECT_CHARTS: dict[str, ChartSpec] = {spec.name: spec for spec in [
 """The charts of the effect measures: each needs measure groups (``ChartSpec.needs``) that
 a run may not hold, and is left out, with a note, for a run that does not."""
 
-ALL_CHARTS: dict[str, ChartSpec] = {**CHARTS, **EFFECT_CHARTS}
+EXPLORER = ChartSpec(
+    "explorer", "the head explorer: click a head or MLP in the heatmap to see its facts, "
+    "the spread of its effects and the tokens where it raises and lowers the entropy most, "
+    "in context (interactive in the HTML)", "head_summary", explorer.explorer, _run,
+    extra=("copy_suppression", "loss_effects", "component_spread", "component_tokens"))
+"""The head explorer, one page per run (effects a run did not measure read "not
+measured")."""
+
+ALL_CHARTS: dict[str, ChartSpec] = {**CHARTS, **EFFECT_CHARTS, EXPLORER.name: EXPLORER}
 """Every chart by name, in the order ``python -m analysis`` draws them."""

@@ -74,8 +74,8 @@ def save_chart(chart, stem: Path, formats: tuple[str, ...]) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
-        if fmt == "html":
-            chart.save(path, format="html", inline=True)
+        if fmt == "html":  # drawn as SVG: its text can be found and copied
+            chart.save(path, format="html", inline=True, embed_options={"renderer": "svg"})
         elif fmt == "png":
             chart.save(path, format="png", scale_factor=2)
         else:

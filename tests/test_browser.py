@@ -1,6 +1,7 @@
 """Open the rendered charts in headless Chromium and check they are drawn (not blank).
 
-Needs Debian's chromium (``sudo apt-get update && sudo apt-get install -y chromium``); left
+Needs Debian's chromium (``sudo apt-get update && sudo apt-get install -y chromium``) and the
+``browser`` extra (``pip install -e ".[browser]"``, playwright driving that chromium); left
 out of the default run.
 Run it with: ``python -m pytest -m browser``.
 """
@@ -63,3 +64,49 @@ def test_index_and_interactive_chart_render_offline(tiny_checkpoint, tmp_path):
                        size="1200,800")
     reds = sum(1 for r, g, b in chart.getdata() if r > 150 and g < 120 and b < 120)
     assert drawn_fraction(chart) > 0.02 and reds > 100  # coloured heatmap cells
+
+
+def test_explorer_shows_the_clicked_components_tokens(tiny_checkpoint, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    wh, out = tmp_path / "wh", tmp_path / "charts"
+    assert extract_main(["--model", str(tiny_checkpoint), "--warehouse", str(wh),
+                         "--no-progress", "--dataset", "ioi", "--n-prompts", "8",
+                         "--run-id", "ioi"]) == 0
+    assert analysis_main(["--warehouse", str(wh), "--out", str(out), "--no-progress",
+                          "--chart", "explorer", "--format", "html"]) == 0
+    index = (out / "index.html").read_text()
+    assert 'href="ioi/explorer.html"' in index
+
+    def texts(page, title):
+        """The text marks of the panel titled ``title`` (a token list or the facts)."""
+        return page.evaluate("""title => {
+            const heading = [...document.querySelectorAll('g.role-title-text text')]
+                .find(t => t.textContent === title);
+            const panel = heading.closest('g.role-title').parentElement;
+            const marks = panel.querySelectorAll('g.mark-text.role-mark text');
+            return [...marks].map(t => t.textContent);
+        }""", title)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS[1:])
+        page = browser.new_page(viewport={"width": 1400, "height": 2000})
+        page.goto((out / "ioi" / "explorer.html").as_uri())
+        page.wait_for_selector("g.mark-rect path")
+        before = texts(page, "where it raises the entropy most (nats)")
+        facts = texts(page, "the clicked component")
+        assert before and facts[0].startswith("head ")  # the top head, chosen at start
+        cells = page.locator("g.mark-rect.role-mark path")
+        chosen = None
+        for i in range(cells.count()):
+            cells.nth(i).click()
+            facts_now = texts(page, "the clicked component")
+            if facts_now[0] != facts[0]:
+                chosen = facts_now[0]
+                break
+        assert chosen is not None, "no click changed the facts"
+        after = texts(page, "where it raises the entropy most (nats)")
+        assert after and after != before  # the table follows the click
+        page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+        browser.close()
+    assert drawn_fraction(Image.open(tmp_path / "explorer.png").convert("RGB")) > 0.01
