@@ -60,10 +60,10 @@ def check_out_folder(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for bad input)."""
-    from analysis.render import ALL_CHARTS, render
-
     try:
         args = build_parser().parse_args(argv)
+        from analysis.render import ALL_CHARTS, render  # Altair: after the arguments
+
         if args.list:
             width = max(len(n) for n in ALL_CHARTS)
             for name, spec in ALL_CHARTS.items():

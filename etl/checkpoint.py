@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from etl.errors import ArgumentParser, UserError
-from etl.model.random_init import all_architectures, write_checkpoint
+from etl.model.architectures import all_architectures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     try:
         args = parser.parse_args(argv)
+        from etl.model.random_init import write_checkpoint  # torch: after the arguments
+
         out = write_checkpoint(args.arch, args.out, seed=args.seed)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

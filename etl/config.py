@@ -18,11 +18,11 @@ from etl.lens.modes import (
     canonical_lens,
     parse_measures,
 )
-from etl.lens.types import CHUNK_VOCAB, default_chunk_tokens
-from etl.model.loading import DEFAULT_MODEL
 from etl.model.memory import CUDA_FORWARD_TOKENS, GPT2_SMALL, ModelSizes, forward_tokens
 from etl.warehouse import DEFAULT_WAREHOUSE
 
+DEFAULT_MODEL = "openai-community/gpt2"
+"""``--model`` when none is given: GPT-2 small on the Hugging Face hub."""
 DATASETS = ("openwebtext", "ioi", "text")
 IOI_VARIANTS = ("clean", "abc", "both")
 DTYPES = ("float32", "float64")
@@ -136,6 +136,8 @@ class ExtractConfig:
     def resolved_chunk_tokens(self, device: str, d_vocab: int | None = None) -> int:
         """``chunk_tokens``, with 0 (auto) resolved for ``device`` and a vocabulary of
         ``d_vocab`` entries (``default_chunk_tokens``)."""
+        from etl.lens.types import CHUNK_VOCAB, default_chunk_tokens  # torch: not at import
+
         return self.chunk_tokens or default_chunk_tokens(device, d_vocab or CHUNK_VOCAB)
 
     def sequences_per_forward(self, device: str, seq_len: int,
