@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from etl.errors import ArgumentParser, UserError, one_line
+from etl.errors import ArgumentParser, UserError, add_version_flag, one_line
 from etl.warehouse import DEFAULT_WAREHOUSE, Warehouse, storage_errors
 
 
@@ -37,6 +37,7 @@ def build_parser():
                         help="render only this chart (repeatable; see --list)")
     parser.add_argument("--list", action="store_true", help="list the charts and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_version_flag(parser)
     return parser
 
 

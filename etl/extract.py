@@ -26,6 +26,7 @@ from etl.errors import (
     ArgumentParser,
     Terminated,
     UserError,
+    add_version_flag,
     one_line,
     sigterm_raises_terminated,
     write_failure,
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute per-token logit-lens entropy diffs and marginals of every "
                     "attention head and MLP, and residual-stream lens entropies, and write "
                     "them to a Parquet warehouse.")
+    add_version_flag(parser)
     add_arguments(parser, ExtractConfig, unset=tuple(DATASET_OPTIONS))
     add_arguments(parser, RunOptions)
     return parser

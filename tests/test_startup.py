@@ -3,6 +3,8 @@
 TransformerLens nor transformers (an import of torch alone took 0.9 s on 2 idle cores and
 more than 10 s on busy ones). Timings: ``python -m etl.bench.startup`` (BENCHMARKS.md)."""
 
+import importlib
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -11,6 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = {"etl.extract": "etl.extract", "etl.checkpoint": "etl.checkpoint",
+                "analysis": "analysis.__main__", "queries": "queries.cli"}
+"""Each ``python -m`` entry point → the module whose ``main`` it runs."""
 HEAVY = ("torch", "transformer_lens", "transformers")
 RUNNER = ("import json, runpy, sys\n"
           "sys.argv = sys.argv[1:]\n"
@@ -32,9 +37,20 @@ def heavy_imports(module: str, *args: str, cwd: Path = ROOT) -> list[str]:
     return [name for name in HEAVY if name in loaded]
 
 
-@pytest.mark.parametrize("module", ["etl.extract", "etl.checkpoint", "analysis", "queries"])
-def test_help_imports_no_torch(module):
-    assert heavy_imports(module, "--help") == []
+@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_no_torch(module, flag):
+    assert heavy_imports(module, flag) == []
+
+
+@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+def test_every_command_prints_the_same_version(module, capsys):
+    main = importlib.import_module(ENTRY_POINTS[module]).main
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    version = importlib.metadata.version("entropy-warehouse")
+    assert capsys.readouterr().out == f"entropy-warehouse {version}\n"
 
 
 @pytest.mark.parametrize("args", [("queries", "list"), ("queries", "show", "top_heads"),
