@@ -161,12 +161,15 @@ class ExtractConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
     def default_run_id(self) -> str:
-        """``<dataset>-<model>[-<lens>-lens][-<ablation>-ablation]-<fingerprint>``, naming the
-        lens and the ablation only where they are not the defaults: ``ioi-gpt2-3f9a01c2``,
+        """``<dataset>-<model>[-<variant>-variant][-<lens>-lens][-<ablation>-ablation]-
+        <fingerprint>``, naming the IOI variant, the lens and the ablation only where they are
+        not the defaults: ``ioi-gpt2-3f9a01c2``, ``ioi-gpt2-abc-variant-150b7eba``,
         ``ioi-gpt2-recomputed-ln-lens-mean-ablation-5d0e77b1``."""
         model = Path(self.model.rstrip("/")).name or "model"
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.")[:40] or "model"
         parts = [self.dataset, model]
+        if self.ioi_variant != IOI_VARIANTS[0]:
+            parts.append(f"{self.ioi_variant}-variant")
         if self.lens != LENS_MODES[0]:
             parts.append(f"{self.lens}-lens")
         if self.ablation != ABLATION_MODES[0]:

@@ -65,6 +65,21 @@ def test_default_run_ids_read_naturally():
         assert validate_run_id(each) == each and "seed" not in each
 
 
+def test_default_run_ids_name_the_ioi_variant():
+    """Runs of the clean and of the corrupted IOI prompts can be told apart by their ids."""
+    ids = {variant: ExtractConfig(model="data/models/gpt2-small-random/", dataset="ioi",
+                                  ioi_variant=variant).default_run_id()
+           for variant in ("clean", "abc", "both")}
+    assert re.fullmatch(r"ioi-gpt2-small-random-[0-9a-f]{8}", ids["clean"])
+    assert re.fullmatch(r"ioi-gpt2-small-random-abc-variant-[0-9a-f]{8}", ids["abc"])
+    assert re.fullmatch(r"ioi-gpt2-small-random-both-variant-[0-9a-f]{8}", ids["both"])
+    longest = ExtractConfig(model="m" * 200, dataset="ioi", ioi_variant="both",
+                            lens="recomputed-ln", ablation="mean").default_run_id()
+    assert re.fullmatch(r"ioi-m{40}-both-variant-recomputed-ln-lens-mean-ablation-[0-9a-f]{8}",
+                        longest)
+    assert validate_run_id(longest) == longest
+
+
 def test_views_show_runs_written_under_the_earlier_names_by_the_new_ones(tmp_path):
     for run_id, lens in (("a", "seed"), ("b", "recomputed"), ("c", "final-scale"),
                          ("d", "recomputed-ln")):
