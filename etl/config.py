@@ -78,9 +78,10 @@ class ExtractConfig:
     seed: int = field(default=420, metadata=option(
         "seed for document shuffling and the IOI generator"))
     lens: str = field(default=LENS_MODES[0], metadata=option(
-        "final-scale: residuals divided by the final LayerNorm scale, no b_U (the study's "
-        "lens); recomputed-ln: LayerNorm recomputed per residual, b_U included (the earlier "
-        "names seed and recomputed still work)", choices=LENS_MODES, type=canonical_lens))
+        "final-scale: residuals divided by the final LayerNorm scale, no b_U (the lens of "
+        "McDougall et al. 2023, Copy Suppression, arXiv:2310.04625); recomputed-ln: "
+        "LayerNorm recomputed per residual, b_U included (the earlier names seed and "
+        "recomputed still work)", choices=LENS_MODES, type=canonical_lens))
     ablation: str = field(default=ABLATION_MODES[0], metadata=option(
         "how the marginal removes a component: zero, or mean (its per-position mean over "
         "the run)", choices=ABLATION_MODES))

@@ -48,6 +48,15 @@ def test_help_names_the_modes_and_the_aliases(capsys):
     assert "seed and recomputed still work" in text
 
 
+def test_help_names_the_study_it_follows(capsys):
+    """--help says whose lens final-scale is, not "the study's"."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "McDougall et al. 2023, Copy Suppression, arXiv:2310.04625" in text
+    assert "study" not in text
+
+
 def test_default_run_ids_read_naturally():
     plain = ExtractConfig(model="data/models/gpt2-small-random/", dataset="ioi")
     assert re.fullmatch(r"ioi-gpt2-small-random-[0-9a-f]{8}", plain.default_run_id())
