@@ -162,9 +162,10 @@ class ExtractConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
     def default_run_id(self) -> str:
-        """``<dataset>-<model>[-<variant>-variant][-<lens>-lens][-<ablation>-ablation]-
-        <fingerprint>``, naming the IOI variant, the lens and the ablation only where they are
-        not the defaults: ``ioi-gpt2-3f9a01c2``, ``ioi-gpt2-abc-variant-150b7eba``,
+        """The run id derived from the configuration:
+        ``<dataset>-<model>[-<variant>-variant][-<lens>-lens][-<ablation>-ablation]-<hash>``
+        (``<hash>``: ``fingerprint``), naming the IOI variant, the lens and the ablation only
+        where they are not the defaults: ``ioi-gpt2-3f9a01c2``, ``ioi-gpt2-abc-variant-150b7eba``,
         ``ioi-gpt2-recomputed-ln-lens-mean-ablation-5d0e77b1``."""
         model = Path(self.model.rstrip("/")).name or "model"
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.")[:40] or "model"
