@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from analysis.caption import ChartOptions
-from etl.errors import ArgumentParser, UserError, one_line
+from etl.errors import ArgumentParser, UserError, add_version_flag, one_line
 from etl.warehouse import DEFAULT_WAREHOUSE, Warehouse, storage_errors
 
 
@@ -47,6 +47,7 @@ def build_parser():
                                                      "and the index (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the charts and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_version_flag(parser)
     return parser
 
 
@@ -84,10 +85,10 @@ def chart_options(args) -> ChartOptions:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for bad input)."""
-    from analysis.render import ALL_CHARTS, render
-
     try:
         args = build_parser().parse_args(argv)
+        from analysis.render import ALL_CHARTS, render  # Altair: after the arguments
+
         if args.list:
             width = max(len(n) for n in ALL_CHARTS)
             for name, spec in ALL_CHARTS.items():

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from etl.errors import ArgumentParser, UserError
-from etl.model.random_init import all_architectures, write_checkpoint
+from etl.errors import ArgumentParser, UserError, add_version_flag
+from etl.model.architectures import all_architectures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
                              "decoder family (default: gpt2-small)")
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    add_version_flag(parser)
     try:
         args = parser.parse_args(argv)
+        from etl.model.random_init import write_checkpoint  # torch: after the arguments
+
         out = write_checkpoint(args.arch, args.out, seed=args.seed)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,11 +18,11 @@ from etl.lens.modes import (
     canonical_lens,
     parse_measures,
 )
-from etl.lens.types import CHUNK_VOCAB, default_chunk_tokens
-from etl.model.loading import DEFAULT_MODEL
 from etl.model.memory import CUDA_FORWARD_TOKENS, GPT2_SMALL, ModelSizes, forward_tokens
 from etl.warehouse import DEFAULT_WAREHOUSE
 
+DEFAULT_MODEL = "openai-community/gpt2"
+"""``--model`` when none is given: GPT-2 small on the Hugging Face hub."""
 DATASETS = ("openwebtext", "ioi", "text")
 IOI_VARIANTS = ("clean", "abc", "both")
 DTYPES = ("float32", "float64")
@@ -78,9 +78,10 @@ class ExtractConfig:
     seed: int = field(default=420, metadata=option(
         "seed for document shuffling and the IOI generator"))
     lens: str = field(default=LENS_MODES[0], metadata=option(
-        "final-scale: residuals divided by the final LayerNorm scale, no b_U (the study's "
-        "lens); recomputed-ln: LayerNorm recomputed per residual, b_U included (the earlier "
-        "names seed and recomputed still work)", choices=LENS_MODES, type=canonical_lens))
+        "final-scale: residuals divided by the final LayerNorm scale, no b_U (the lens of "
+        "McDougall et al. 2023, Copy Suppression, arXiv:2310.04625); recomputed-ln: "
+        "LayerNorm recomputed per residual, b_U included (the earlier names seed and "
+        "recomputed still work)", choices=LENS_MODES, type=canonical_lens))
     ablation: str = field(default=ABLATION_MODES[0], metadata=option(
         "how the marginal removes a component: zero, or mean (its per-position mean over "
         "the run)", choices=ABLATION_MODES))
@@ -136,6 +137,8 @@ class ExtractConfig:
     def resolved_chunk_tokens(self, device: str, d_vocab: int | None = None) -> int:
         """``chunk_tokens``, with 0 (auto) resolved for ``device`` and a vocabulary of
         ``d_vocab`` entries (``default_chunk_tokens``)."""
+        from etl.lens.types import CHUNK_VOCAB, default_chunk_tokens  # torch: not at import
+
         return self.chunk_tokens or default_chunk_tokens(device, d_vocab or CHUNK_VOCAB)
 
     def sequences_per_forward(self, device: str, seq_len: int,
@@ -159,12 +162,16 @@ class ExtractConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
     def default_run_id(self) -> str:
-        """``<dataset>-<model>[-<lens>-lens][-<ablation>-ablation]-<fingerprint>``, naming the
-        lens and the ablation only where they are not the defaults: ``ioi-gpt2-3f9a01c2``,
+        """The run id derived from the configuration:
+        ``<dataset>-<model>[-<variant>-variant][-<lens>-lens][-<ablation>-ablation]-<hash>``
+        (``<hash>``: ``fingerprint``), naming the IOI variant, the lens and the ablation only
+        where they are not the defaults: ``ioi-gpt2-3f9a01c2``, ``ioi-gpt2-abc-variant-150b7eba``,
         ``ioi-gpt2-recomputed-ln-lens-mean-ablation-5d0e77b1``."""
         model = Path(self.model.rstrip("/")).name or "model"
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.")[:40] or "model"
         parts = [self.dataset, model]
+        if self.ioi_variant != IOI_VARIANTS[0]:
+            parts.append(f"{self.ioi_variant}-variant")
         if self.lens != LENS_MODES[0]:
             parts.append(f"{self.lens}-lens")
         if self.ablation != ABLATION_MODES[0]:

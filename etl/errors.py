@@ -1,12 +1,13 @@
 """Errors that the command-line tools report as one line and exit code 2, and the helpers
 that make them so (an argparse parser that raises them, SIGTERM as an interrupt, one-line
-messages for write failures)."""
+messages for write failures); also the ``--version`` every command shares."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
+import importlib.metadata
 import os
 import signal
 import threading
@@ -33,6 +34,23 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         """Raise instead of printing the usage block and exiting."""
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def package_version() -> str:
+    """The installed version of the ``entropy-warehouse`` package, or ``unknown`` when it
+    is run from a checkout that was never installed."""
+    try:
+        return importlib.metadata.version("entropy-warehouse")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` the ``--version`` of every command: it prints
+    ``entropy-warehouse VERSION`` and exits 0."""
+    parser.add_argument("--version", action="version",
+                        version=f"entropy-warehouse {package_version()}",
+                        help="print the version and exit")
 
 
 class Terminated(KeyboardInterrupt):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from etl.config import (
     DATASET_OPTIONS,
@@ -25,14 +26,19 @@ from etl.errors import (
     ArgumentParser,
     Terminated,
     UserError,
+    add_version_flag,
     one_line,
     sigterm_raises_terminated,
     write_failure,
 )
 from etl.run.preflight import preflight
-from etl.run.resolved import resolve
-from etl.run.runner import RunResult, run_extract
+from etl.run.resolved import ResolvedOptions, resolve
 from etl.warehouse import storage_errors
+
+if TYPE_CHECKING:
+    from etl.model.loading import LoadedModel
+    from etl.run.runner import RunResult
+    from etl.sources.dataset import Texts
 
 __all__ = ["build_parser", "main", "run_extract"]
 
@@ -45,9 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute per-token logit-lens entropy diffs and marginals of every "
                     "attention head and MLP, and residual-stream lens entropies, and write "
                     "them to a Parquet warehouse.")
+    add_version_flag(parser)
     add_arguments(parser, ExtractConfig, unset=tuple(DATASET_OPTIONS))
     add_arguments(parser, RunOptions)
     return parser
+
+
+def run_extract(config: ExtractConfig, options: RunOptions | ResolvedOptions | None = None,
+                model: LoadedModel | None = None, texts: Texts | None = None) -> RunResult:
+    """``etl.run.runner.run_extract``, imported when a run starts: the runner imports torch,
+    which ``--help``, ``--version`` and the checks of the arguments do without."""
+    from etl.run import runner
+
+    return runner.run_extract(config, options, model=model, texts=texts)
 
 
 def main(argv: list[str] | None = None) -> int:

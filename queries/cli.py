@@ -17,11 +17,10 @@ outside the warehouse. ``shell`` is a full DuckDB session.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 from pathlib import Path
 
-from etl.errors import ArgumentParser, UserError, one_line
+from etl.errors import ArgumentParser, UserError, add_version_flag, one_line
 from etl.warehouse import DEFAULT_WAREHOUSE, Warehouse, storage_errors
 from queries.commands import COMMANDS
 from queries.output import FORMATS
@@ -61,13 +60,6 @@ def _add_warehouse_arg(parser: argparse.ArgumentParser, default=DEFAULT_WAREHOUS
                              "the command")
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("entropy-warehouse")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m queries`` argument parser."""
     parser = ArgumentParser(
@@ -75,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explore the entropy warehouse: saved DuckDB queries, ad-hoc SQL, data "
                     "tests and the DuckDB shell over its Parquet files.")
     _add_warehouse_arg(parser)
-    parser.add_argument("--version", action="version",
-                        version=f"entropy-warehouse {_version()}",
-                        help="print the version and exit")
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_query_commands(sub)
     _add_warehouse_commands(sub)

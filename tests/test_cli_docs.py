@@ -66,7 +66,7 @@ def test_extract_flags_are_the_config_fields_and_the_readme_shows_their_defaults
     table = {m.group(1): m.group(2).strip() for m in
              re.finditer(r"^\| `(--[a-z-]+)[^|]*\|([^|]*)\|", section, re.M)}
     flags = {a.option_strings[0]: a.dest for a in extract_parser()._actions
-             if a.option_strings and a.dest != "help"}
+             if a.option_strings and a.dest not in ("help", "version")}
     defaults = {f.name: f.default for cls in (ExtractConfig, RunOptions) for f in fields(cls)}
     assert sorted(flags.values()) == sorted(defaults)
     for flag, name in flags.items():

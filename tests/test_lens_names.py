@@ -48,6 +48,15 @@ def test_help_names_the_modes_and_the_aliases(capsys):
     assert "seed and recomputed still work" in text
 
 
+def test_help_names_the_study_it_follows(capsys):
+    """--help says whose lens final-scale is, not "the study's"."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "McDougall et al. 2023, Copy Suppression, arXiv:2310.04625" in text
+    assert "study" not in text
+
+
 def test_default_run_ids_read_naturally():
     plain = ExtractConfig(model="data/models/gpt2-small-random/", dataset="ioi")
     assert re.fullmatch(r"ioi-gpt2-small-random-[0-9a-f]{8}", plain.default_run_id())
@@ -63,6 +72,21 @@ def test_default_run_ids_read_naturally():
                             ablation="mean").default_run_id()
     for each in (plain.default_run_id(), run_id, lens_only, ablation_only, longest):
         assert validate_run_id(each) == each and "seed" not in each
+
+
+def test_default_run_ids_name_the_ioi_variant():
+    """Runs of the clean and of the corrupted IOI prompts can be told apart by their ids."""
+    ids = {variant: ExtractConfig(model="data/models/gpt2-small-random/", dataset="ioi",
+                                  ioi_variant=variant).default_run_id()
+           for variant in ("clean", "abc", "both")}
+    assert re.fullmatch(r"ioi-gpt2-small-random-[0-9a-f]{8}", ids["clean"])
+    assert re.fullmatch(r"ioi-gpt2-small-random-abc-variant-[0-9a-f]{8}", ids["abc"])
+    assert re.fullmatch(r"ioi-gpt2-small-random-both-variant-[0-9a-f]{8}", ids["both"])
+    longest = ExtractConfig(model="m" * 200, dataset="ioi", ioi_variant="both",
+                            lens="recomputed-ln", ablation="mean").default_run_id()
+    assert re.fullmatch(r"ioi-m{40}-both-variant-recomputed-ln-lens-mean-ablation-[0-9a-f]{8}",
+                        longest)
+    assert validate_run_id(longest) == longest
 
 
 def test_views_show_runs_written_under_the_earlier_names_by_the_new_ones(tmp_path):

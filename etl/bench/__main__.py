@@ -6,8 +6,9 @@ against pipelined loop (``etl.bench.e2e``). Benchmarks, not tests; nothing impor
     python -m etl.bench --device cuda --tokens 4000 --json
     python -m etl.bench --e2e --device cuda --tokens 100000
 
-The other benchmarks: ``python -m etl.bench.memory`` (peak memory for large vocabularies)
-and ``python -m etl.bench.gpu_check`` (the fused kernels against float64, timed).
+The other benchmarks: ``python -m etl.bench.memory`` (peak memory for large vocabularies),
+``python -m etl.bench.gpu_check`` (the fused kernels against float64, timed) and
+``python -m etl.bench.startup`` (the start-up time of every command).
 """
 
 from __future__ import annotations

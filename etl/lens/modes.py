@@ -5,7 +5,10 @@ from __future__ import annotations
 
 LENS_MODES = ("final-scale", "recomputed-ln")
 """``final-scale``: every residual divided by the final LayerNorm scale of its token, then
-``@ W_U`` (the original study's lens); ``recomputed-ln``: the model's final normalisation
+``@ W_U`` (the lens of the entropy notebook in Callum McDougall's
+SERI-MATS-2023-Streamlit-pages, github.com/callummcdougall/SERI-MATS-2023-Streamlit-pages,
+and of the Copy Suppression paper, McDougall, Conmy, Rushing, McGrath & Nanda 2023,
+arXiv:2310.04625); ``recomputed-ln``: the model's final normalisation
 (LayerNorm, or RMSNorm without centring) recomputed for every residual the lens reads,
 ``b_U`` added. Each mode is a class of ``etl.lens.lenses``
 (``LENSES``)."""

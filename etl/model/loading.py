@@ -21,8 +21,6 @@ from etl.model.files import (
 from etl.model.hub import cached_snapshot, is_unreachable
 from etl.model.weights import check_weights_complete
 
-DEFAULT_MODEL = "openai-community/gpt2"
-
 
 @dataclass
 class LoadedModel:
