@@ -190,3 +190,12 @@ def test_a_file_url_warehouse_is_that_folder(tiny_checkpoint, tmp_path, capsys, 
                          "--warehouse", f"file://{target}"]) == 0
     assert Warehouse(target).has_run("r")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wh"]  # no ./file:/... folder
+
+
+def test_progress_bars_end_full_in_a_log(tiny_checkpoint, tmp_path, capsys):
+    assert extract_main(["--model", str(tiny_checkpoint), "--warehouse", str(tmp_path / "wh"),
+                         "--dataset", "ioi", "--n-prompts", "5", "--batch-size", "2"]) == 0
+    log = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    for bar in ("rows written", "extract"):
+        last = [line for line in log if line.lstrip().startswith(bar)][-1]
+        assert "100%" in last, last

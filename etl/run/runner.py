@@ -156,8 +156,10 @@ class ExtractRunner:
         attempt): the mean pass first under mean ablation, then every batch."""
         tokens, run = batches.tokens, self.run_options
         n_tokens = tokens.n_seqs * tokens.seq_len
+        # left on screen when closed: a bar that vanished would leave its last refresh (not
+        # 100 %) as the final line of a log
         rows = self._bar(self._rows_per_token(model) * n_tokens, "rows written", unit="row",
-                         position=1, leave=False)
+                         position=1)
         rows.update(self._rows_per_token(model) * resumed)
         started = time.perf_counter()
         means, mean_pass_s = None, 0.0
