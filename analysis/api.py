@@ -65,10 +65,15 @@ class Warehouse(warehouse.Warehouse):
 
     def query(self, name: str, **params) -> pl.DataFrame:
         """The saved query ``name`` with its defaults overridden by ``params``
-        (``python -m queries show NAME`` lists them) as a polars DataFrame."""
+        (``python -m queries show NAME`` lists them) as a polars DataFrame.
+
+        Raises:
+            etl.errors.UserError: an unknown query or parameter, a run id that is not a
+                complete run, a component the run does not have, or the SQL fails.
+        """
         query = get_query(name)
         given = {k: "null" if v is None else str(v) for k, v in params.items()}
-        return self.sql(query.sql, **query.bind(given))
+        return self.views.sql(query.sql, query.bind(given))
 
     def chart(self, name: str, run: str, other: str | None = None, *, positions: str = "real",
               title: str | None = None, labels: dict[str, str] | None = None):

@@ -27,6 +27,7 @@ from etl.warehouse import (
     read_run,
     run_problems,
 )
+from queries.saved import Bound, check_bound
 
 VIEWS_SQL = "sql/views.sql"
 """The views and shared macros, relative to the ``queries`` package."""
@@ -189,7 +190,13 @@ class Views:
 
     def sql(self, query: str, params: dict | None = None):
         """Run ``query`` with ``$name`` ``params``; a polars DataFrame, or one-line UserError
-        (``run_sql``)."""
+        (``run_sql``). A saved query's ``params`` (``Bound``, from ``SavedQuery.bind``) are
+        checked first: the runs and the component they name must be in the views
+        (``check_bound``)."""
+        if isinstance(params, Bound):
+            runs = self.sql("select run_id, n_layers, n_heads from runs "
+                            "order by created_at, run_id")
+            check_bound(params, runs.rows(), str(self.warehouse))
         for attempt in range(1, REREAD_ATTEMPTS + 1):
             try:
                 return _frame(self.con, query, params)
