@@ -84,16 +84,31 @@ def usable_runs(warehouse: Warehouse, runs: list[Run]) -> list[Run]:
     return good
 
 
+def current_runs(warehouse: Warehouse) -> list[Run]:
+    """The runs the views show: the complete runs whose files pass the cheap check
+    (``usable_runs``, which warns of each one left out).
+
+    Raises:
+        UserError: the warehouse does not exist, holds no complete run, or no usable one.
+    """
+    return usable_runs(warehouse, complete_runs(warehouse))
+
+
+def table_files(runs: list[Run], table: str) -> list[str]:
+    """The files of ``table`` that the manifests of ``runs`` list: what its view reads, and
+    all it reads (no stale generation, staged or stray file), as paths or ``s3://`` URLs."""
+    return [str(s.path) for run in runs for s in run.shards if s.table == table]
+
+
 def view_variables(warehouse: Warehouse, runs: list[Run]) -> dict[str, object]:
     """The DuckDB variables ``views.sql`` reads: the warehouse root, the manifests of
-    ``runs`` and, per table, the shard files they list."""
+    ``runs`` and, per table, the shard files they list (``table_files``)."""
     values: dict[str, object] = {
         "warehouse": str(warehouse.absolute_root),
         "manifest_files": [str(run.manifest) for run in runs],
     }
     for table in TABLES:
-        values[f"{table}_files"] = [str(s.path) for run in runs for s in run.shards
-                                    if s.table == table]
+        values[f"{table}_files"] = table_files(runs, table)
     return values
 
 
@@ -160,8 +175,7 @@ def connect(warehouse: Warehouse, read_only: bool = False) -> duckdb.DuckDBPyCon
     """
     for attempt in range(1, REREAD_ATTEMPTS + 1):
         try:
-            return open_views(warehouse, usable_runs(warehouse, complete_runs(warehouse)),
-                              read_only=read_only)
+            return open_views(warehouse, current_runs(warehouse), read_only=read_only)
         except FilesReplaced:
             if attempt == REREAD_ATTEMPTS:
                 raise
