@@ -9,6 +9,7 @@
     wh.chart("heatmap", "...")                 # an Altair chart; a notebook displays it
     wh.chart("suppression_scatter", "...")     # effect charts need the run's measures
     wh.con                                     # the DuckDB connection, for anything else
+    wh.scan("component_effects")               # a polars LazyFrame over the current files
 
 Entropies are in nats; positive diffs and marginals increase entropy.
 """
@@ -21,7 +22,8 @@ import duckdb
 import polars as pl
 
 from etl import warehouse
-from queries.db import Views
+from etl.errors import UserError
+from queries.db import Views, current_runs, table_files
 from queries.saved import get_query, saved_queries
 
 
@@ -65,10 +67,15 @@ class Warehouse(warehouse.Warehouse):
 
     def query(self, name: str, **params) -> pl.DataFrame:
         """The saved query ``name`` with its defaults overridden by ``params``
-        (``python -m queries show NAME`` lists them) as a polars DataFrame."""
+        (``python -m queries show NAME`` lists them) as a polars DataFrame.
+
+        Raises:
+            etl.errors.UserError: an unknown query or parameter, a run id that is not a
+                complete run, a component the run does not have, or the SQL fails.
+        """
         query = get_query(name)
         given = {k: "null" if v is None else str(v) for k, v in params.items()}
-        return self.sql(query.sql, **query.bind(given))
+        return self.views.sql(query.sql, query.bind(given))
 
     def chart(self, name: str, run: str, other: str | None = None, *, positions: str = "real",
               title: str | None = None, labels: dict[str, str] | None = None):
@@ -86,7 +93,6 @@ class Warehouse(warehouse.Warehouse):
         """
         from analysis.caption import POSITIONS, ChartOptions
         from analysis.render import ALL_CHARTS, build_chart, check_runs, run_measures, skip_note
-        from etl.errors import UserError
 
         if positions not in POSITIONS:
             raise UserError(f"positions must be 'real' or 'all', not {positions!r}")
@@ -103,3 +109,50 @@ class Warehouse(warehouse.Warehouse):
         options = ChartOptions(positions=positions, title=title, labels=labels or {})
         chart, _ = build_chart(self.views, spec, runs, options)
         return chart
+
+    def scan(self, table: str, runs: str | list[str] | None = None,
+             storage_options: dict | None = None) -> pl.LazyFrame:
+        """``table`` (``component_effects``, ``resid_entropy`` or ``tokens``) as a polars
+        LazyFrame over exactly the files that the manifests of ``runs`` list (a run id or
+        a list of them; default: every run the views show), with the view's columns and
+        types (``run_id`` from the partition folder; a column an older file lacks is null):
+        the rows of the view. A glob such as ``component_effects/**/*.parquet`` also reads
+        files no manifest lists (an earlier generation of a run replaced by
+        ``--overwrite``, a run whose publish stopped half-way), so it can read wrong rows.
+
+        The manifests are read now, the files when the frame is collected: a run replaced
+        meanwhile makes that fail; scan again. In object storage polars reads the files
+        with its own client, which takes the credentials and ``AWS_ENDPOINT_URL`` from the
+        same AWS variables the warehouse uses; ``storage_options`` (those of
+        ``pl.scan_parquet``) set anything else.
+
+        Raises:
+            etl.errors.UserError: an unknown table, or a run that is not a complete run.
+        """
+        if table not in warehouse.TABLES:
+            raise UserError(f"unknown table {table!r}; known: {', '.join(warehouse.TABLES)}")
+        schema = self.sql(f"select * from {table} limit 0").schema
+        files = table_files(self._current_runs(runs), table)
+        if not files:
+            return pl.LazyFrame(schema=schema)
+        return pl.scan_parquet(
+            files, schema={name: dtype for name, dtype in schema.items() if name != "run_id"},
+            hive_partitioning=True, hive_schema={"run_id": pl.String}, glob=False,
+            missing_columns="insert", extra_columns="ignore",
+            storage_options=storage_options).select(list(schema))
+
+    def _current_runs(self, runs: str | list[str] | None) -> list[warehouse.Run]:
+        """The runs the views show (``queries.db.current_runs``), or those of them that
+        ``runs`` names, in that order.
+
+        Raises:
+            etl.errors.UserError: a run of ``runs`` that is not one of them.
+        """
+        from analysis.render import check_runs
+
+        listed = {run.run_id: run for run in current_runs(self)}
+        if runs is None:
+            return list(listed.values())
+        wanted = [runs] if isinstance(runs, str) else list(runs)
+        check_runs(wanted, list(listed), self)
+        return [listed[run_id] for run_id in wanted]

@@ -15,7 +15,7 @@ import duckdb
 
 from etl.errors import UserError
 from etl.warehouse import Run, Warehouse, complete_runs, migrate, run_problems, stray_files
-from queries.db import Views, init_sql, open_views, run_sql, sql_error, usable_runs
+from queries.db import Views, current_runs, init_sql, open_views, run_sql, sql_error
 from queries.output import check_output, output_format, render, write_result
 from queries.saved import data_checks, get_query, saved_queries
 
@@ -156,7 +156,7 @@ def cmd_shell(args: argparse.Namespace, warehouse: Warehouse) -> int:
     if exe is None:
         raise UserError("the duckdb shell is not installed; pip install duckdb-cli (it comes "
                         "with the test extra)")
-    runs = usable_runs(warehouse, complete_runs(warehouse))
+    runs = current_runs(warehouse)
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as init:
         init.write(init_sql(warehouse, runs))
     command = [exe, "-cmd", f'.read "{init.name}"']  # -init would announce the file

@@ -27,6 +27,7 @@ from etl.warehouse import (
     read_run,
     run_problems,
 )
+from queries.saved import Bound, check_bound
 
 VIEWS_SQL = "sql/views.sql"
 """The views and shared macros, relative to the ``queries`` package."""
@@ -83,16 +84,31 @@ def usable_runs(warehouse: Warehouse, runs: list[Run]) -> list[Run]:
     return good
 
 
+def current_runs(warehouse: Warehouse) -> list[Run]:
+    """The runs the views show: the complete runs whose files pass the cheap check
+    (``usable_runs``, which warns of each one left out).
+
+    Raises:
+        UserError: the warehouse does not exist, holds no complete run, or no usable one.
+    """
+    return usable_runs(warehouse, complete_runs(warehouse))
+
+
+def table_files(runs: list[Run], table: str) -> list[str]:
+    """The files of ``table`` that the manifests of ``runs`` list: what its view reads, and
+    all it reads (no stale generation, staged or stray file), as paths or ``s3://`` URLs."""
+    return [str(s.path) for run in runs for s in run.shards if s.table == table]
+
+
 def view_variables(warehouse: Warehouse, runs: list[Run]) -> dict[str, object]:
     """The DuckDB variables ``views.sql`` reads: the warehouse root, the manifests of
-    ``runs`` and, per table, the shard files they list."""
+    ``runs`` and, per table, the shard files they list (``table_files``)."""
     values: dict[str, object] = {
         "warehouse": str(warehouse.absolute_root),
         "manifest_files": [str(run.manifest) for run in runs],
     }
     for table in TABLES:
-        values[f"{table}_files"] = [str(s.path) for run in runs for s in run.shards
-                                    if s.table == table]
+        values[f"{table}_files"] = table_files(runs, table)
     return values
 
 
@@ -159,8 +175,7 @@ def connect(warehouse: Warehouse, read_only: bool = False) -> duckdb.DuckDBPyCon
     """
     for attempt in range(1, REREAD_ATTEMPTS + 1):
         try:
-            return open_views(warehouse, usable_runs(warehouse, complete_runs(warehouse)),
-                              read_only=read_only)
+            return open_views(warehouse, current_runs(warehouse), read_only=read_only)
         except FilesReplaced:
             if attempt == REREAD_ATTEMPTS:
                 raise
@@ -189,7 +204,13 @@ class Views:
 
     def sql(self, query: str, params: dict | None = None):
         """Run ``query`` with ``$name`` ``params``; a polars DataFrame, or one-line UserError
-        (``run_sql``)."""
+        (``run_sql``). A saved query's ``params`` (``Bound``, from ``SavedQuery.bind``) are
+        checked first: the runs and the component they name must be in the views
+        (``check_bound``)."""
+        if isinstance(params, Bound):
+            runs = self.sql("select run_id, n_layers, n_heads from runs "
+                            "order by created_at, run_id")
+            check_bound(params, runs.rows(), str(self.warehouse))
         for attempt in range(1, REREAD_ATTEMPTS + 1):
             try:
                 return _frame(self.con, query, params)

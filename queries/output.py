@@ -76,9 +76,12 @@ TABLE_SIGNIFICANT_DIGITS = 4
 
 def _readable_floats(frame: pl.DataFrame) -> pl.DataFrame:
     """Float columns rounded to ``TABLE_SIGNIFICANT_DIGITS`` significant digits, so that a
-    diff of 1.234e-05 nats keeps its digits and a mean of 2.3456789 takes 6 characters."""
+    diff of 1.234e-05 nats keeps its digits and a mean of 2.3456789 takes 6 characters.
+    Float32 columns (DuckDB ``FLOAT``: the warehouse's measures) are widened to Float64
+    first: rounded in float32, 0.01585 is 0.015850000083446503, which the table's full
+    float format would print whole."""
     return frame.with_columns(
-        pl.col(name).round_sig_figs(TABLE_SIGNIFICANT_DIGITS)
+        pl.col(name).cast(pl.Float64).round_sig_figs(TABLE_SIGNIFICANT_DIGITS)
         for name, dtype in frame.schema.items() if dtype.is_float())
 
 

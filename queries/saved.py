@@ -10,6 +10,11 @@ A saved query's file starts with comment lines::
 parameters as DuckDB ``$name`` placeholders. Data tests in ``queries/sql/checks/`` follow
 the same header convention and return the offending rows (empty = pass). The views and
 the macros the queries share are in ``queries/sql/views.sql`` (see ``queries.db``).
+
+Parameters named ``run_id``, ``run_a`` or ``run_b`` name a complete run, and ``component`` a
+component of one (``'L.H'`` or ``'L.mlp'``): ``bind`` returns ``Bound`` values, which
+``queries.db.Views.sql`` checks against the warehouse (``check_bound``) before it runs them,
+so that a typo is an error rather than an empty result.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from etl.errors import UserError
 
 SAVED_FOLDER = "sql/saved"
 CHECKS_FOLDER = "sql/checks"
+RUN_PARAMS = ("run_id", "run_a", "run_b")
+"""Parameters that name a complete run; NULL (the query's default: the latest run, the
+earliest, every run) is not checked."""
+COMPONENT = re.compile(r"(?P<layer>\d+)\.(?P<head>\d+|mlp)")
+"""A ``component`` parameter: head H of layer L (``'L.H'``) or its MLP (``'L.mlp'``)."""
 PARAM_LINE = re.compile(
     r"^--\s*@param\s+(?P<name>\w+)\s+(?P<default>'(?:[^']|'')*'|NULL|-?\d+(?:\.\d+)?)"
     r"\s*(?P<doc>.*)$")
@@ -68,8 +78,9 @@ class SavedQuery:
         first = re.split(r"(?<=[^.])\.(\s|$)", self.description, maxsplit=1)[0]
         return first.strip().rstrip(".") + "."
 
-    def bind(self, given: dict[str, str] | None = None) -> dict[str, object]:
-        """Parameter values: defaults overridden by ``given`` (text values from the CLI).
+    def bind(self, given: dict[str, str] | None = None) -> Bound:
+        """Parameter values: defaults overridden by ``given`` (text values from the CLI);
+        ``Views.sql`` checks the runs and components among them (``check_bound``).
 
         Raises:
             UserError: a name the query does not take.
@@ -81,8 +92,47 @@ class SavedQuery:
             takes = ", ".join(known) or "no parameters"
             raise UserError(f"query {self.name} has no parameter {unknown[0]!r} "
                             f"(it takes: {takes})")
-        return {name: (p.parse(given[name]) if name in given else p.default)
-                for name, p in known.items()}
+        return Bound({name: (p.parse(given[name]) if name in given else p.default)
+                      for name, p in known.items()})
+
+
+class Bound(dict):
+    """A saved query's parameter values, ``$name`` → value (``SavedQuery.bind``): a dict
+    whose type tells ``queries.db.Views.sql`` to check them (``check_bound``) first."""
+
+
+def check_bound(values: dict, runs: list[tuple[str, int, int]], warehouse: str) -> None:
+    """Raise ``UserError`` when a run parameter (``RUN_PARAMS``) names no run of ``runs``
+    or ``component`` names no component of its run: the run ``run_id`` names, else the
+    latest (which the queries that take a component read when ``run_id`` is NULL).
+
+    Args:
+        runs: ``(run_id, n_layers, n_heads)`` of each complete run, oldest first (the
+            ``runs`` view ordered as ``latest_run()`` orders it).
+        warehouse: the warehouse, as the errors name it.
+    """
+    shapes = {run_id: (n_layers, n_heads) for run_id, n_layers, n_heads in runs}
+    for name in RUN_PARAMS:
+        value = values.get(name)
+        if value is not None and value not in shapes:
+            raise UserError(f"{name} {value!r} is not a complete run in {warehouse!r} "
+                            f"(runs: {', '.join(shapes)})")
+    component = values.get("component")
+    run_id = values.get("run_id") or (runs[-1][0] if runs else None)
+    if component is not None and run_id in shapes:
+        check_component(str(component), run_id, *shapes[run_id])
+
+
+def check_component(text: str, run_id: str, n_layers: int, n_heads: int) -> None:
+    """Raise ``UserError`` unless ``text`` is ``'L.H'`` or ``'L.mlp'`` with layer L and
+    head H in a run of ``n_layers`` × ``n_heads`` (every manifest records both)."""
+    match = COMPONENT.fullmatch(text.strip())
+    if match and int(match["layer"]) < n_layers and (
+            match["head"] == "mlp" or int(match["head"]) < n_heads):
+        return
+    raise UserError(f"component {text!r} is not in run {run_id!r} ({n_layers} layers × "
+                    f"{n_heads} heads: 'L.H' with L in 0–{n_layers - 1}, H in "
+                    f"0–{n_heads - 1}, or 'L.mlp')")
 
 
 def _literal(text: str):

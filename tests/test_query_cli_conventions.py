@@ -178,6 +178,17 @@ def test_table_floats_have_four_significant_digits_and_files_keep_all(warehouse,
         "0.0123456789,-0.0000123456789,2.3456789,1234567.0"
 
 
+def test_table_float32_columns_have_four_significant_digits_too(warehouse, capsys):
+    """DuckDB FLOAT (polars Float32) prints like DOUBLE, not as the float32 value's full
+    decimal expansion (0.015850000083446503)."""
+    sql = ("select 0.01585::float as a, -0.0000123456789::float as b, 2.3456789::float as c, "
+           "null::float as d")
+    assert run(warehouse, "sql", sql) == 0
+    row = capsys.readouterr().out.splitlines()[3]
+    cells = [cell.strip() for cell in row.strip("│").split("┆")]
+    assert cells == ["0.01585", "-0.00001235", "2.346", "null"]
+
+
 def test_head_summary_table_is_as_narrow_as_its_column_names(warehouse, capsys):
     assert run(warehouse, "run", "head_summary") == 0
     lines = capsys.readouterr().out.splitlines()

@@ -156,7 +156,7 @@ def test_compare_runs_defaults_and_unknown_run(warehouse, capsys):
     assert got["run_a"][0] == "ioi" and got["run_b"][0] == "text-lens"
     assert query_main(["--warehouse", str(warehouse), "run", "compare_runs", "--param",
                        "run_a=nope"]) == 2
-    assert "run_a nope is not in the warehouse" in capsys.readouterr().err
+    assert "run_a 'nope' is not a complete run in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("component,direction", [("1.2", "raise"), ("0.mlp", "lower")])
