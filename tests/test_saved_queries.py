@@ -98,7 +98,8 @@ def test_head_summary_rejects_unknown_positions(warehouse, capsys):
 
 @pytest.mark.parametrize("measure", ["diff", "marginal"])
 def test_top_heads(warehouse, measure):
-    got = run_query(warehouse, "top_heads", measure=measure, k=3, run_id="text-seed")
+    got = run_query(warehouse, "top_heads", measure=measure, k=3, run_id="text-seed",
+                    positions="all")
     heads = raw(warehouse, "component_effects").filter(
         (pl.col("run_id") == "text-seed") & (pl.col("kind") == "head"))
     means = heads.group_by("layer", "head").agg(pl.col(f"entropy_{measure}").cast(pl.Float64)
@@ -114,7 +115,7 @@ def test_top_heads(warehouse, measure):
 
 
 def test_resid_summary(warehouse):
-    got = run_query(warehouse, "resid_summary", run_id="ioi")
+    got = run_query(warehouse, "resid_summary", run_id="ioi", positions="all")
     resid = raw(warehouse, "resid_entropy").filter(pl.col("run_id") == "ioi")
 
     def mean(point, layer=None):
@@ -135,7 +136,8 @@ def test_resid_summary(warehouse):
 
 
 def test_compare_runs(warehouse):
-    got = run_query(warehouse, "compare_runs", run_a="text-seed", run_b="text-lens")
+    got = run_query(warehouse, "compare_runs", run_a="text-seed", run_b="text-lens",
+                    positions="all")
     comp = raw(warehouse, "component_effects")
     means = comp.group_by("run_id", "layer", "head", "kind").agg(
         pl.col("entropy_diff").cast(pl.Float64).mean().alias("d"),
