@@ -39,7 +39,7 @@ def build_parser():
     parser.add_argument("--positions", choices=("real", "all"), default="real",
                         help="positions the means are taken over: 'real', the text's tokens "
                              "(BOS and padding excluded; default), or 'all' (every position, "
-                             "as the study averaged)")
+                             "as McDougall et al. 2023, arXiv:2310.04625, averaged)")
     parser.add_argument("--title", help="title of the chart instead of its own (with one "
                                         "--chart)")
     parser.add_argument("--label", action="append", dest="labels", default=[],

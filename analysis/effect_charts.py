@@ -88,30 +88,41 @@ def calibration_heatmaps(stacked: pl.DataFrame,
     ).resolve_scale(color="independent").resolve_legend(color="independent")
 
 
-def loss_heatmap(effects: pl.DataFrame, caption: Caption = NO_CAPTION) -> alt.Chart:
-    """Layer × component heatmap of the mean loss marginal (NLL with − without the
-    component), MLP column included, on a diverging symmetric scale.
-
-    Args:
-        effects: ``loss_effects`` rows of one run (``layer, head, kind, component, n,
-            loss_marginal, loss_ci95_*, kl_marginal, kl_ci95_*``).
-    """
-    order = _component_order(effects, include_mlp=True)
-    return alt.Chart(_records(effects)).transform_calculate(
-        column="datum.kind == 'mlp' ? 'MLP' : toString(datum.head)",
-    ).mark_rect(stroke="white", strokeWidth=0.5).encode(
+def _loss_cells(effects: pl.DataFrame, kind: str, legend: str, order: list[str]) -> alt.Chart:
+    """One kind's cells (``'head'`` or ``'mlp'``) of the loss heatmap, on its own scale."""
+    values = effects.filter(pl.col("kind") == kind)["loss_marginal"].to_list()
+    return alt.Chart().transform_filter(f"datum.kind == '{kind}'").mark_rect(
+        stroke="white", strokeWidth=0.5,
+    ).encode(
         x=alt.X("column:O", sort=order, scale=alt.Scale(domain=order),
                 title="head (and MLP)", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("layer:O", title="layer", sort="ascending"),
-        color=alt.Color("loss_marginal:Q", scale=_diverging(effects["loss_marginal"].to_list()),
-                        title="mean (nats)", legend=alt.Legend(format=".3~g")),
+        color=alt.Color("loss_marginal:Q", scale=_diverging(values), title=legend,
+                        legend=alt.Legend(format=".3~g")),
         tooltip=[alt.Tooltip("component:N"),
                  alt.Tooltip("loss_marginal:Q", format=".5f", title="loss marginal (nats)"),
                  alt.Tooltip("loss_ci95_low:Q", format=".5f", title="95% CI low"),
                  alt.Tooltip("loss_ci95_high:Q", format=".5f", title="95% CI high"),
                  alt.Tooltip("kl_marginal:Q", format=".5f", title="KL marginal (nats)"),
                  alt.Tooltip("n:Q", format=",")],
-    ).properties(
+    )
+
+
+def loss_heatmap(effects: pl.DataFrame, caption: Caption = NO_CAPTION) -> alt.LayerChart:
+    """Layer × component heatmap of the mean loss marginal (NLL with − without the
+    component), the heads and the MLP column each on its own diverging symmetric scale.
+
+    Args:
+        effects: ``loss_effects`` rows of one run (``layer, head, kind, component, n,
+            loss_marginal, loss_ci95_*, kl_marginal, kl_ci95_*``).
+        caption: run, positions and title to state.
+    """
+    order = _component_order(effects, include_mlp=True)
+    cells = [_loss_cells(effects, "head", "heads (nats)", order),
+             _loss_cells(effects, "mlp", "MLP (nats)", order)]
+    return alt.layer(*cells, data=_records(effects)).transform_calculate(
+        column="datum.kind == 'mlp' ? 'MLP' : toString(datum.head)",
+    ).resolve_scale(color="independent").properties(
         width=max(180, 26 * len(order)), height=max(120, 22 * effects["layer"].n_unique()),
         title=alt.TitleParams(
             caption.heading("Loss effect of every head and MLP (nats)"),

@@ -207,18 +207,23 @@ def test_calibration_curve_has_the_diagonal_and_both_curves():
     assert "'ablated 8.0'" in json.dumps(d["title"]["subtitle"])
 
 
-def test_loss_heatmap_includes_the_mlp_column_on_a_symmetric_scale():
+def test_loss_heatmap_has_heads_and_mlp_on_their_own_symmetric_scales():
     frame = _loss_effects()
     d = effect_charts.loss_heatmap(frame).to_dict()
     assert _clean(_values(d)) == _clean(frame.to_dicts())
-    assert d["mark"]["type"] == "rect"
-    enc = d["encoding"]
-    assert enc["x"]["field"] == "column" and enc["x"]["sort"] == ["0", "1", "2", "3", "MLP"]
-    assert enc["y"]["field"] == "layer"
-    assert enc["color"]["field"] == "loss_marginal"
-    assert enc["color"]["scale"]["domain"] == [-0.4, 0.4]
-    assert enc["color"]["scale"]["domainMid"] == 0
-    assert {t["field"] for t in enc["tooltip"]} >= {"loss_ci95_low", "loss_ci95_high", "n"}
+    heads, mlp = d["layer"]
+    assert heads["transform"] == [{"filter": "datum.kind == 'head'"}]
+    assert mlp["transform"] == [{"filter": "datum.kind == 'mlp'"}]
+    assert d["resolve"]["scale"]["color"] == "independent"
+    for cells, limit in ((heads, 0.03), (mlp, 0.4)):  # the MLP's ±0.4 would blank the heads
+        assert cells["mark"]["type"] == "rect"
+        enc = cells["encoding"]
+        assert enc["x"]["field"] == "column" and enc["x"]["sort"] == ["0", "1", "2", "3", "MLP"]
+        assert enc["y"]["field"] == "layer"
+        assert enc["color"]["field"] == "loss_marginal"
+        assert enc["color"]["scale"]["domain"] == [-limit, limit]
+        assert enc["color"]["scale"]["domainMid"] == 0
+        assert {t["field"] for t in enc["tooltip"]} >= {"loss_ci95_low", "loss_ci95_high", "n"}
     assert "nats" in d["title"]["text"] and "lowers the loss" in json.dumps(d["title"]["subtitle"])
 
 
@@ -240,7 +245,7 @@ def test_effect_charts_build_from_results_without_values(name):
 def test_measures_a_chart_needs():
     assert all(not spec.needs for spec in CHARTS.values())
     assert all(spec.needs for spec in EFFECT_CHARTS.values())
-    assert list(ALL_CHARTS) == [*CHARTS, *EFFECT_CHARTS]
+    assert list(ALL_CHARTS) == [*CHARTS, *EFFECT_CHARTS, "explorer"]
     spec = EFFECT_CHARTS["suppression_scatter"]
     assert missing_measures(spec, ["entropy"]) == ["kl", "context"]
     assert missing_measures(spec, None) == ["kl", "context"]

@@ -3,7 +3,8 @@
 -- the diff and marginal (nats). Also its other direct effects there (loss_marginal,
 -- kl_marginal, entropy_marginal_context, kl_context_kept: NULL where not measured), the
 -- in-context token whose logit it lowered most (id, text, and the change of its logit,
--- suppressed_logit) and the IOI role where there is one.
+-- suppressed_logit) and the IOI role where there is one. The entropies at a position are those
+-- of the distribution the model reads there, the one predicting the token after [token].
 -- @param run_id NULL one run id, or NULL for the latest run
 -- @param component NULL 'L.H' for head H of layer L, 'L.mlp' for the MLP of layer L, or NULL for the head with the largest mean diff in the run
 -- @param measure 'diff' rank positions by 'diff' or 'marginal' (entropy), 'loss' (loss_marginal), 'kl' (kl_marginal), 'context' (entropy_marginal_context) or 'context_kept' (kl_context_kept); positions without a value come last
