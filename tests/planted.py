@@ -7,8 +7,9 @@ LayerNorm's centring leaves it alone) as embedding and, tied, as unembedding; ev
 token's embedding, the position embeddings and every other head's and MLP's output are
 projected out of ``E``. LayerNorm weights are 1 and biases 0. Then:
 
-- head 0.0 **copies**: uniform attention over the prefix, OV circuit ``+β·P_E`` (it raises
-  the logits of the tokens in context, so the model predicts them);
+- head 0.0 **copies**: uniform attention over the prefix, OV circuit ``+β·P_E`` (gain
+  ``copy`` instead of β when given; it raises the logits of the tokens in context, so the
+  model predicts them);
 - the **copy-suppression** model's head 1.0 attends the same way with OV ``−α·P_E``: it
   writes minus the unembedding directions of earlier tokens, so its direct effect lowers the
   logits of in-context tokens only (under the final-scale lens, exactly): both shares are 1;
@@ -56,7 +57,8 @@ def _basis(d: int, k: int, seed: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def planted_checkpoint(source: Path, out: Path, kind: str, alpha: float = 6.0,
-                       beta: float = 8.0, gamma: float = 12.0) -> Path:
+                       beta: float = 8.0, gamma: float = 12.0,
+                       copy: float | None = None) -> Path:
     """A copy of the checkpoint ``source`` with the planted heads of ``kind``
     (``copy-suppression`` or ``flattening``), saved to ``out``."""
     model = GPT2LMHeadModel.from_pretrained(source, torch_dtype=torch.float64)
@@ -84,7 +86,7 @@ def planted_checkpoint(source: Path, out: Path, kind: str, alpha: float = 6.0,
         block.attn.c_proj.bias.copy_(block.attn.c_proj.bias.double() @ keep)
         block.mlp.c_proj.weight.copy_(block.mlp.c_proj.weight.double() @ keep)
         block.mlp.c_proj.bias.copy_(block.mlp.c_proj.bias.double() @ keep)
-    _plant_head(tr.h[0].attn, 0, dh, e, +beta)
+    _plant_head(tr.h[0].attn, 0, dh, e, +beta if copy is None else copy)
     if kind == "copy-suppression":
         _plant_head(tr.h[1].attn, 0, dh, e, -alpha)
     elif kind == "flattening":

@@ -145,7 +145,7 @@ def test_copy_suppression_defaults_to_the_latest_run(warehouse):
 
 
 def test_loss_effects(warehouse):
-    got = run_query(warehouse, "loss_effects")
+    got = run_query(warehouse, "loss_effects", positions="all")
     assert got.columns == ["run_id", "layer", "head", "kind", "component", "n", "loss_marginal",
                            "loss_ci95_low", "loss_ci95_high", "kl_marginal", "kl_ci95_low",
                            "kl_ci95_high"]
@@ -216,7 +216,8 @@ def prob_matrix(frame, prefix):
 @pytest.mark.parametrize("run_id,n_bins,top_k", [("text-mean", 50, 3), ("text-mean", 5, 3),
                                                  ("ioi-all", 7, 1), ("ioi-all", 10, 2)])
 def test_calibration(warehouse, run_id, n_bins, top_k):
-    got = run_query(warehouse, "calibration", run_id=run_id, n_bins=n_bins, top_k=top_k)
+    got = run_query(warehouse, "calibration", run_id=run_id, n_bins=n_bins, top_k=top_k,
+                    positions="all")
     assert got.columns == ["run_id", "layer", "head", "kind", "component", "n_predictions",
                            "empty_bins", "overconfidence", "baseline_overconfidence",
                            "relative_change"]
@@ -251,7 +252,7 @@ def test_calibration_without_hits_compares_like_with_like(warehouse):
     toks, comp = predictions(warehouse, "ioi-all")
     assert toks["target_rank"].null_count() == toks.height
     assert comp["ablated_target_rank"].null_count() == comp.height
-    got = run_query(warehouse, "calibration", run_id="ioi-all")
+    got = run_query(warehouse, "calibration", run_id="ioi-all", positions="all")
     assert (got["empty_bins"] > 0).all()
     assert got["relative_change"].to_list() == pytest.approx([0.0] * 10, abs=1e-12)
 
@@ -265,7 +266,8 @@ def test_calibration_curve(warehouse):
     for component, params in [(f"{top['layer']}.{top['head']}", {}),
                               ("1.mlp", {"component": "1.mlp", "n_bins": 8, "top_k": 2})]:
         n_bins, top_k = params.get("n_bins", 50), params.get("top_k", 3)
-        got = run_query(warehouse, "calibration_curve", run_id="text-mean", **params)
+        got = run_query(warehouse, "calibration_curve", run_id="text-mean", positions="all",
+                        **params)
         assert got.columns == ["run_id", "curve", "bin", "p_mid", "n", "accuracy"]
         layer, rest = component.split(".")
         frame = comp.filter(pl.col("layer") == int(layer))
@@ -339,7 +341,8 @@ def test_calibration_reproduces_the_study(warehouse, tiny_model, n_bins, top_k):
         return value
 
     baseline = study(logits)
-    got = run_query(warehouse, "calibration", run_id="text-mean", n_bins=n_bins, top_k=top_k)
+    got = run_query(warehouse, "calibration", run_id="text-mean", n_bins=n_bins, top_k=top_k,
+                    positions="all")
     assert (got["empty_bins"] == 0).all() and got.height == 10
     lookup = {(r["layer"], r["head"], r["kind"]): r for r in got.iter_rows(named=True)}
     n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads

@@ -20,8 +20,10 @@ def planted(tiny_checkpoint, tmp_path_factory):
     (root / "words.txt").write_text(text())
     wh = root / "wh"
     for kind in KINDS:
+        # no copying head beside the flattening one: the absent tokens then lead at every
+        # position, not only at BOS, and lowering them flattens the text's distributions
         model = planted_checkpoint(tiny_checkpoint, root / kind, kind, alpha=3.0, beta=4.0,
-                                   gamma=4.0)
+                                   gamma=4.0, copy=0.0 if kind == "flattening" else None)
         assert extract_main(["--model", str(model), "--warehouse", str(wh), "--no-progress",
                              "--device", "cpu", "--dataset", "text", "--data-files",
                              str(root / "words.txt"), "--n-batches", "2", "--batch-size",
@@ -35,12 +37,14 @@ def query(con, name, **params):
 
 
 def head_shares(con, run_id):
-    """Per head: mean entropy marginal and both shares, straight from the rows."""
+    """Per head: mean entropy marginal and both shares over the text's tokens (BOS and
+    padding excluded, the queries' default), straight from the rows."""
     rows = con.sql(f"""
         select layer, head, avg(entropy_marginal) as marginal,
                avg(entropy_marginal_context) / avg(entropy_marginal) as entropy_share,
                1 - avg(kl_context_kept) / avg(kl_marginal) as kl_share
-        from component_effects where run_id = '{run_id}' and kind = 'head'
+        from component_effects join tokens using (run_id, seq, position)
+        where run_id = '{run_id}' and kind = 'head' and not is_bos and not is_pad
         group by layer, head order by marginal desc""").fetchall()
     return {(layer, head): (m, e, k) for layer, head, m, e, k in rows}
 
