@@ -156,7 +156,7 @@ def test_views_read_only_the_files_manifests_list(warehouse, capsys):
     got = scalar(con, "select avg(entropy_diff) from component_effects where run_id = 'good'")
     assert got == pytest.approx(mean, abs=1e-6)  # the stray generation (offset 5) is not read
     assert query_main(["--warehouse", str(warehouse), "run", "head_summary",
-                       "--format", "json"]) == 0
+                       "--param", "positions=all", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["run_id"] for r in rows} == {"good", "old"}
     assert {r["n"] for r in rows} == {N_SEQS * SEQ_LEN}

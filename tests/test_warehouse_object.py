@@ -17,8 +17,9 @@ from etl.warehouse import SCHEMAS, TABLES, Manifest, Warehouse
 from queries.cli import main as query_main
 from queries.db import connect, open_views
 
-DERIVED = {"normalization", "parallel_blocks", "n_kv_heads"}
-"""Columns of the ``runs`` view computed from the manifest's ``model_identity``."""
+DERIVED = {"normalization", "parallel_blocks", "n_kv_heads", "variant"}
+"""Columns of the ``runs`` view computed from the manifest's ``model_identity`` and
+``config``."""
 NOT_SHOWN = {"schema_version", "generation", "shards", "host"}
 """Manifest fields the ``runs`` view leaves out (the files are the other views' rows)."""
 
