@@ -151,9 +151,40 @@ def share_domain(copy: pl.DataFrame) -> tuple[list[float], bool]:
     return [round(low - pad, 12), round(high + pad, 12)], clamped
 
 
-def _share_layers(domain: list[float], label_top: int) -> list[alt.Chart]:
+def marginal_domain(copy: pl.DataFrame) -> list[float]:
+    """The x domain of the share panels: the heads' mean entropy marginals and 0, padded."""
+    values = [v for v in copy.filter(pl.col("kind") == "head")["entropy_marginal"].to_list()
+              if v is not None and v == v]
+    low, high = min([0.0, *values]), max([0.0, *values])
+    pad = 0.05 * (high - low) or 1e-6
+    return [round(low - pad, 12), round(high + pad, 12)]
+
+
+def _share_labels(base: alt.Chart, x, y_scale: alt.Scale, domains: tuple[list, list],
+                  label_top: int) -> list[alt.Chart]:
+    """Labels of the ``label_top`` heads in a column right of the panel, in the order of
+    their points' heights, each joined to its point by a leader: never on top of each
+    other or of the points."""
+    (_, x_end), (y_low, y_high) = domains
+    step = (y_high - y_low) / (int(label_top) + 1)
+    ranked = base.transform_filter(f"datum.rank <= {int(label_top)}").transform_calculate(
+        shown=f"clamp(datum.share, {y_low}, {y_high})",
+    ).transform_window(
+        slot="row_number()", sort=[alt.SortField("shown", order="descending")],
+        groupby=["share_field"],
+    ).transform_calculate(label_x=f"{x_end}", label_y=f"{y_high} - datum.slot * {step}")
+    leaders = ranked.mark_rule(color=GREY, strokeWidth=0.8).encode(
+        x=x, y=alt.Y("shown:Q", scale=y_scale), x2="label_x:Q", y2="label_y:Q")
+    labels = ranked.mark_text(align="left", dx=6, fontSize=12, fontWeight="bold").encode(
+        x="label_x:Q", y="label_y:Q", text="component:N")
+    return [leaders, labels]
+
+
+def _share_layers(domain: list[float], x_domain: list[float],
+                  label_top: int) -> list[alt.Chart]:
     """Reference rules, 95 % CI bars, points and labels of one share panel."""
-    x = alt.X("entropy_marginal:Q", title="mean entropy marginal (nats)")
+    x = alt.X("entropy_marginal:Q", title="mean entropy marginal (nats)",
+              scale=alt.Scale(domain=x_domain, nice=False))
     y_scale = alt.Scale(domain=domain, nice=False, clamp=True)
     base = alt.Chart()
     rules = [base.mark_rule(color=GREY, strokeDash=dash).encode(y=alt.datum(v))
@@ -171,10 +202,8 @@ def _share_layers(domain: list[float], label_top: int) -> list[alt.Chart]:
                  alt.Tooltip("low:Q", format=".3f", title="95% CI low"),
                  alt.Tooltip("high:Q", format=".3f", title="95% CI high"),
                  alt.Tooltip("rank:Q", title="rank by marginal"), alt.Tooltip("n:Q", format=",")])
-    labels = base.transform_filter(f"datum.rank <= {int(label_top)}").mark_text(
-        align="left", dx=6, dy=-6, fontSize=12, fontWeight="bold",
-    ).encode(x=x, y=alt.Y("share:Q", scale=y_scale), text="component:N")
-    return [*rules, zero_x, bars, points, labels]
+    labels = _share_labels(base, x, y_scale, (x_domain, domain), label_top)
+    return [*rules, zero_x, bars, points, *labels]
 
 
 def suppression_scatter(copy: pl.DataFrame, caption: Caption = NO_CAPTION,
@@ -191,10 +220,11 @@ def suppression_scatter(copy: pl.DataFrame, caption: Caption = NO_CAPTION,
     low = " : ".join(f"datum.share_field == '{f}' ? datum.{f}_ci95_low" for f in SHARES)
     high = " : ".join(f"datum.share_field == '{f}' ? datum.{f}_ci95_high" for f in SHARES)
     panel = " : ".join(f"datum.share_field == '{f}' ? '{name}'" for f, name in SHARES.items())
-    chart = alt.layer(*_share_layers(domain, label_top)).properties(width=340, height=300)
+    layers = _share_layers(domain, marginal_domain(copy), label_top)
+    chart = alt.layer(*layers).properties(width=340, height=300)
     chart = chart.facet(
         column=alt.Column("panel:N", sort=list(SHARES.values()), title=None),
-        data=_records(copy),
+        data=_records(copy), spacing=60,
     ).transform_filter("datum.kind == 'head'").transform_fold(
         list(SHARES), as_=["share_field", "share"],
     ).transform_calculate(
@@ -205,8 +235,9 @@ def suppression_scatter(copy: pl.DataFrame, caption: Caption = NO_CAPTION,
         caption.heading("Are the entropy-raising heads copy-suppression heads? (nats; "
                         "fraction)"),
         subtitle=[caption.runs or _run_title(copy),
-                  f"heads only, {caption.averaged} · labelled: the {int(label_top)} heads "
-                  f"with the largest mean entropy marginal · {POSITIVE_MEANS}",
+                  f"heads only, {caption.averaged} · right of each panel: the "
+                  f"{int(label_top)} heads with the largest mean entropy marginal · "
+                  f"{POSITIVE_MEANS}",
                   "y: share of the head's effect due to tokens already in the context "
                   f"(1: all, 0: none; dotted) · bars: 95 % CI{note}"]))
 

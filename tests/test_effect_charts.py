@@ -163,7 +163,13 @@ def test_suppression_scatter_labels_the_top_heads_in_both_panels():
         == "high"
     [labels] = _layers(d["spec"], "text")
     assert labels["encoding"]["text"]["field"] == "component"
-    assert labels["transform"] == [{"filter": "datum.rank <= 5"}]
+    assert labels["transform"][0] == {"filter": "datum.rank <= 5"}
+    # labels sit in one column right of the panel, one slot each, joined by leaders
+    assert labels["encoding"]["x"]["field"] == "label_x"
+    assert labels["encoding"]["y"]["field"] == "label_y"
+    leaders = [layer for layer in _layers(d["spec"], "rule")
+               if layer["encoding"].get("x2", {}).get("field") == "label_x"]
+    assert len(leaders) == 1 and leaders[0]["encoding"]["x"]["field"] == "entropy_marginal"
     references = [layer["encoding"] for layer in layers if layer["mark"]["type"] == "rule"
                   and "y2" not in layer["encoding"]]
     assert references == [{"y": {"datum": 0}}, {"y": {"datum": 1}}, {"x": {"datum": 0}}]
