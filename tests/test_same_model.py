@@ -80,18 +80,26 @@ def test_charts_compare_only_runs_of_one_model(mixed, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "runs of one model" in err[0]
 
 
-def test_the_weights_fingerprint_does_not_depend_on_the_thread_count(tiny_checkpoint):
-    """Runs of one checkpoint pair up (and resume) on machines with other thread counts:
-    compatibility mode's folded weights differ in their last bits between 1 and 3 threads,
-    so the fingerprint is taken before folding."""
+def test_the_weights_and_their_fingerprint_do_not_depend_on_the_thread_count(tiny_checkpoint):
+    """Runs of one checkpoint pair up (and resume) on machines with other thread counts, and
+    a run resumed by a process with other threads stores the same bytes: compatibility mode
+    folds on one thread (centring ``b_U`` takes its mean, a sum torch splits among threads;
+    the checkpoint's ``b_U`` and final norm bias are not zero), and the number of threads is
+    as before afterwards."""
     from etl.model.loading import load_model
 
     threads = torch.get_num_threads()
-    identities = []
+    loaded = []
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
-            identities.append(load_model(str(tiny_checkpoint)).identity)
+            model = load_model(str(tiny_checkpoint))
+            assert torch.get_num_threads() == n
+            loaded.append((model.identity, model.unembed_weights()))
     finally:
         torch.set_num_threads(threads)
-    assert identities[0] == identities[1]
+    (identity_1, weights_1), (identity_3, weights_3) = loaded
+    assert identity_1 == identity_3
+    assert bool(weights_1.b_U.abs().max() > 0)
+    for name in ("W_U", "b_U", "W_O", "b_O"):
+        assert torch.equal(getattr(weights_1, name), getattr(weights_3, name)), name

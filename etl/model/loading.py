@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -124,8 +125,8 @@ def check_tokenizer(tokenizer, d_vocab: int, name: str) -> None:
 
 def _weights_fingerprint(bridge) -> str:
     """sha256 over the first values of every parameter: cheap, stable, sensitive. Taken
-    from the weights as loaded, before compatibility mode folds them: the folded values
-    depend on the number of threads that computed them."""
+    from the weights as loaded, before compatibility mode folds them (the checkpoint's own
+    values, whatever the folding makes of them)."""
     digest = hashlib.sha256()
     for name, param in sorted(bridge.original_model.state_dict().items()):
         digest.update(name.encode())
@@ -172,7 +173,8 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     check_weights_finite(bridge.original_model, name)
     check_tokenizer(bridge.tokenizer, int(bridge.cfg.d_vocab), name)
     weights_sha256 = _weights_fingerprint(bridge)
-    bridge.enable_compatibility_mode()
+    with one_thread():
+        bridge.enable_compatibility_mode()
     bridge.eval()
     cfg = bridge.cfg
     identity = {
@@ -189,6 +191,26 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         "tokenizer": _tokenizer_identity(bridge.tokenizer),
     }
     return LoadedModel(bridge=bridge, name=name, identity=identity)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one CPU thread, as many as before afterwards.
+
+    Compatibility mode centres the unembedding, ``b_U`` included: it subtracts
+    ``b_U.mean()``, one float32 sum over the whole vocabulary, which torch splits among its
+    threads and adds up in an order that depends on how many there are. Centred on 1 thread
+    and on 2, the mean differs in its last bit, and with it some entries of ``b_U`` and the
+    logits that read them. Folded on one thread, a process gets the same weights whatever its thread
+    count, so a run resumed by a process with other threads (or by a worker given its share
+    of them) stores the same bytes as an uninterrupted one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _boot(name: str, local: bool, device: str, dtype: torch.dtype):

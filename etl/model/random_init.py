@@ -4,9 +4,12 @@ families (Llama with grouped-query attention, Mistral, Qwen2, Gemma, GPT-NeoX/Py
 
 Default initialisations give near-uniform logits (entropy ≈ ln V everywhere), which hides
 almost every bug in an entropy measurement. These checkpoints scale the token embedding
-(and unembedding) and the attention/MLP output projections up, enlarge the position
-embedding and give LayerNorms and biases non-trivial values, so that lens entropies spread
-over several nats. Their numbers mean nothing about any real model.
+(and unembedding) and the attention/MLP output projections up and enlarge the position
+embedding, so that lens entropies spread over several nats. Every bias gets std
+``BIAS_STD`` and every norm weight a scale ``1 + NORM_SPREAD·u``, ``u ~ U(-1, 1)``
+(``randomise_biases_and_norms``), so that folding normalisation weights and biases into the
+neighbouring matrices (as TransformerLens does) is exercised. Their numbers mean nothing
+about any real model.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ OUT_PROJ_GAIN = 4.0
 POS_STD = 0.5
 """Standard deviation of the position embedding (GPT-2's init: 0.01); it keeps a token's
 own embedding from dominating its residual stream."""
+BIAS_STD = 0.1
+"""Standard deviation of every bias (attention, MLP, and LayerNorm's); default inits: 0."""
+NORM_SPREAD = 0.2
+"""Every normalisation's scale is ``1 + NORM_SPREAD·u``, ``u`` uniform on (-1, 1): bounded,
+so no feature is switched off or blown up (default inits: exactly 1)."""
+OFFSET_NORM_FAMILIES = ("gemma",)
+"""Families whose RMSNorm stores its weight as an offset: the scale is ``1 + weight``."""
 
 
 def gpt2_tokenizer():
@@ -79,17 +89,29 @@ def random_gpt2(arch: Architecture, seed: int = 0, vocab_size: int = GPT2_VOCAB)
         for block in model.transformer.h:
             block.attn.c_proj.weight.mul_(OUT_PROJ_GAIN)
             block.mlp.c_proj.weight.mul_(OUT_PROJ_GAIN)
-            for bias in (block.attn.c_attn.bias, block.attn.c_proj.bias, block.mlp.c_fc.bias,
-                         block.mlp.c_proj.bias):
-                bias.normal_(0.0, 0.02, generator=generator)
-            for ln in (block.ln_1, block.ln_2):
-                ln.weight.copy_(1.0 + 0.1 * torch.randn(ln.weight.shape, generator=generator))
-                ln.bias.normal_(0.0, 0.05, generator=generator)
-        ln_f = model.transformer.ln_f
-        ln_f.weight.copy_(1.0 + 0.2 * torch.randn(ln_f.weight.shape, generator=generator))
-        ln_f.bias.normal_(0.0, 0.05, generator=generator)
+    randomise_biases_and_norms(model, generator)
     model.eval()
     return model
+
+
+def randomise_biases_and_norms(model, generator: torch.Generator, offset: bool = False):
+    """Give every bias of ``model`` std ``BIAS_STD`` and every normalisation (any module
+    whose class name has ``Norm``) the scale ``1 + NORM_SPREAD·u``, ``u ~ U(-1, 1)``.
+
+    Args:
+        model: a ``transformers`` model, changed in place.
+        generator: the draws' source, for a checkpoint that ``--seed`` determines.
+        offset: the norms store their weight as an offset from 1 (Gemma's RMSNorm).
+    """
+    norms = {id(module.weight) for module in model.modules()
+             if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, BIAS_STD, generator=generator)
+            elif id(param) in norms:
+                u = torch.rand(param.shape, generator=generator, dtype=param.dtype) * 2 - 1
+                param.copy_((0.0 if offset else 1.0) + NORM_SPREAD * u)
 
 
 def write_checkpoint(arch_name: str, out: Path, seed: int = 0) -> Path:
@@ -158,4 +180,5 @@ def random_family_model(family: str, seed: int = 0):
         for name, param in model.named_parameters():
             if name.endswith(OUTPUT_PROJECTIONS):
                 param.mul_(OUT_PROJ_GAIN)
+    randomise_biases_and_norms(model, generator, offset=family in OFFSET_NORM_FAMILIES)
     return model.eval()
