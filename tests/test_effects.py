@@ -4,7 +4,16 @@ independent float64 computation from TransformerLens' cache, every lens and abla
 import pytest
 import torch
 
-from etl.lens.effects import MEASURES, context_columns, parse_measures
+from etl.lens.effects import (
+    MEASURES,
+    ContextColumns,
+    Wanted,
+    component_effects,
+    context_columns,
+    final_stats,
+    logit_stats,
+    parse_measures,
+)
 from etl.lens.measures import measure_batch
 from etl.lens.types import BatchTokens, MeasureOptions
 from etl.model.activations import MeanAccumulator, run_batch
@@ -162,3 +171,45 @@ def test_fused_kernel_with_one_group_asks_only_for_its_sums(tiny_model, batch):
     B, P, L, C = ref["loss"].shape
     err = (got.loss.double().reshape(B, P, L, C) - ref["loss"])[ref["has_target"]].abs().max()
     assert err < 1e-4 and got.kl is None and got.top_probs is None
+
+
+def _in_context_parts64(z, zt, in_c):
+    """``entropy_context`` and ``kl_context_kept`` from their definitions, float64."""
+    z, zt = z.double(), zt.double()
+    logp = torch.log_softmax(z, -1)
+
+    def ent(x):
+        lx = torch.log_softmax(x, -1)
+        return -(lx.exp() * lx).sum(-1)
+
+    kept = torch.log_softmax(torch.where(in_c, z, zt), -1)
+    return ent(z) - ent(torch.where(in_c, zt, z)), (logp.exp() * (logp - kept)).sum(-1)
+
+
+@pytest.mark.parametrize("shift", [-26.0, 26.0])
+def test_in_context_parts_where_one_distribution_is_all_in_context(shift):
+    # shift > 0: the ablation raises the context 26 nats, q puts all but ~1e-9 on C (what
+    # a copy-suppression head's ablation does); shift < 0: p does, and the ablation lowers
+    # C (an induction head's). Float32 logits, as the extraction has them; the old sums
+    # read the outside part as 1 − Σ_C q or 1 − Σ_C p, which is then rounding.
+    gen = torch.Generator().manual_seed(0)
+    t, V, S = 24, 2000, 6
+    z = torch.randn(t, V, generator=gen)
+    cols = torch.arange(S) * 7
+    in_c = torch.zeros(t, V, dtype=torch.bool)
+    in_c[:, cols] = torch.rand(t, S, generator=gen) < 0.8
+    in_c[:, cols[0]] = True
+    if shift < 0:
+        z = torch.where(in_c, z - shift, z)
+    zt = torch.where(in_c, z + shift, z + 0.3 * torch.randn(t, V, generator=gen))
+    ctx = ContextColumns(cols, in_c[:, cols], torch.full((t,), -1))
+    wanted = Wanted(parse_measures("kl,context"))
+    final = final_stats(z, wanted, ctx)
+    p = (z - final.lse[:, None]).exp()
+    got = component_effects(logit_stats(zt, wanted, p, cols, ctx), final, ctx, wanted)
+    ref_ctx, ref_kept = _in_context_parts64(z, zt, in_c)
+    assert (got.kl_context_kept.double() - ref_kept).abs().max() < 1e-4
+    assert (got.entropy_context.double() - ref_ctx).abs().max() < 1e-4
+    outside = (torch.softmax((zt if shift > 0 else z).double(), -1) * ~in_c).sum(-1)
+    assert outside.max() < 1e-8  # not vacuous: and the parts are large
+    assert (ref_kept if shift > 0 else ref_ctx.abs()).max() > 0.01

@@ -3,27 +3,42 @@ distribution through tokens absent from the context (``tests.planted``), whose
 copy-suppression shares are 1 and 0 by construction."""
 
 import pytest
+import torch
 
 from etl.extract import main as extract_main
+from etl.lens.measures import measure_batch
+from etl.lens.types import BatchTokens, MeasureOptions
+from etl.model.activations import run_batch
+from etl.model.loading import load_model
+from etl.model.random_init import gpt2_tokenizer
 from etl.warehouse import Warehouse
 from queries.db import connect
 from queries.saved import saved_queries
 from tests.planted import WORDS, planted_checkpoint, text
+from tests.reference import reference_effects
 
 KINDS = ("copy-suppression", "flattening")
 
 
 @pytest.fixture(scope="module")
-def planted(tiny_checkpoint, tmp_path_factory):
+def models(tiny_checkpoint, tmp_path_factory):
+    """The planted checkpoints, by kind."""
+    root = tmp_path_factory.mktemp("planted-models")
+    # no copying head beside the flattening one: the absent tokens then lead at every
+    # position, not only at BOS, and lowering them flattens the text's distributions
+    return {kind: planted_checkpoint(tiny_checkpoint, root / kind, kind, alpha=3.0, beta=4.0,
+                                     gamma=4.0, copy=0.0 if kind == "flattening" else None)
+            for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def planted(models, tmp_path_factory):
     """A warehouse with one run per planted model, on text made of ``tests.planted.WORDS``."""
     root = tmp_path_factory.mktemp("planted")
     (root / "words.txt").write_text(text())
     wh = root / "wh"
     for kind in KINDS:
-        # no copying head beside the flattening one: the absent tokens then lead at every
-        # position, not only at BOS, and lowering them flattens the text's distributions
-        model = planted_checkpoint(tiny_checkpoint, root / kind, kind, alpha=3.0, beta=4.0,
-                                   gamma=4.0, copy=0.0 if kind == "flattening" else None)
+        model = models[kind]
         assert extract_main(["--model", str(model), "--warehouse", str(wh), "--no-progress",
                              "--device", "cpu", "--dataset", "text", "--data-files",
                              str(root / "words.txt"), "--n-batches", "2", "--batch-size",
@@ -78,3 +93,36 @@ def test_a_head_flattening_through_absent_tokens_has_no_in_context_share(planted
 def test_the_planted_runs_stay_in_their_vocabulary(planted):
     words = planted.sql("select distinct token from tokens where not is_bos").fetchall()
     assert {w for (w,) in words} <= {*WORDS, "<|endoftext|>"}
+
+
+@pytest.mark.xfail(strict=True, reason="float32 Σ p·z̃ on this model's large logits leaves "
+                   "kl_marginal 1.2e-4 and kl_context_kept 3.6e-4 off float64 (was 4.5–56)")
+def test_in_context_parts_hold_where_the_ablated_distribution_is_all_in_context(planted):
+    # head 1.0's ablation puts all but ~1e-7 of q on the context: a KL read as 1 − Σ_C q
+    # came out between −15.7 and +2.3 nats
+    ((low, n),) = planted.sql("""select min(kl_context_kept), count(*) from component_effects
+                                 where run_id = 'copy-suppression'""").fetchall()
+    assert n > 0 and low >= -1e-4
+
+
+@pytest.mark.xfail(strict=True, reason="float32 Σ p·z̃ on this model's large logits leaves "
+                   "kl_marginal 1.2e-4 and kl_context_kept 3.6e-4 off float64 (was 4.5–56)")
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("lens", ["final-scale", "recomputed-ln"])
+def test_planted_in_context_parts_match_float64(models, fused, lens):
+    model = load_model(str(models["copy-suppression"]), device="cpu")
+    ids = gpt2_tokenizer().encode(text())[:78]
+    tokens = torch.cat([torch.full((2, 1), 50256), torch.tensor(ids).view(2, 39)], dim=1)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    got = measure_batch(run_batch(model.bridge, tokens), model.unembed_weights(),
+                        MeasureOptions(lens=lens, measures=("all",), fused=fused,
+                                       chunk_tokens=32),
+                        tokens=BatchTokens(tokens, ~mask))
+    ref = reference_effects(model.bridge, tokens, lens, "zero", mask)
+    shape = ref["kl"].shape
+    for name in ("kl_context_kept", "entropy_context", "kl"):
+        err = (getattr(got, name).double().reshape(shape) - ref[name]).abs().max()
+        assert err < 1e-4, (name, float(err))
+    assert got.kl_context_kept.min() >= -1e-4
+    # not vacuous: head 1.0's kept KL is large, and its q is all but ~1e-6 in context
+    assert ref["kl_context_kept"][:, :, 1, 0].max() > 0.1

@@ -50,6 +50,11 @@ class Wanted:
         return "calibration" in self.measures
 
     @property
+    def outside(self) -> bool:
+        """The sums outside the context (the in-context parts)."""
+        return "context" in self.measures
+
+    @property
     def cols(self) -> bool:
         """``z̃`` at the context columns (the loss and the in-context parts)."""
         return "loss" in self.measures or "context" in self.measures
@@ -107,6 +112,12 @@ class LogitStats(NamedTuple):
     """``[t, 3]`` int64 their vocabulary indices."""
     at_cols: torch.Tensor | None
     """``[t, S]`` ``x`` at the context columns."""
+    lse_out: torch.Tensor | None = None
+    """``[t]`` ``log Σ_{v∉C(t)} e^x``, summed outside the context itself (never as the full
+    sum minus the in-context part, which cancels when ``C`` holds nearly all the mass)."""
+    mean_out: torch.Tensor | None = None
+    """``[t]`` the mean of ``x`` under ``softmax(x)`` restricted to ``v ∉ C(t)`` (final
+    logits only; 0 where nothing is outside)."""
 
 
 BLOCK_ROWS = 16
@@ -115,9 +126,11 @@ cache through the passes)."""
 
 
 def logit_stats(x: torch.Tensor, wanted: Wanted, p: torch.Tensor | None = None,
-                cols: torch.Tensor | None = None) -> LogitStats:
+                cols: torch.Tensor | None = None, ctx: ContextColumns | None = None,
+                mean_out: bool = False) -> LogitStats:
     """The sums of ``x [t, V]`` the measures need: ``p [t, V]`` for ``Σ p·x`` (when
-    ``wanted.p_dot``), ``cols [S]`` for ``x`` at the context columns (``wanted.cols``);
+    ``wanted.p_dot``), ``cols [S]`` for ``x`` at the context columns (``wanted.cols``),
+    ``ctx`` for the sums outside the context (``lse_out``, and ``mean_out`` if asked);
     float32 accumulation or wider, in blocks of rows on the CPU."""
     step = BLOCK_ROWS if x.device.type == "cpu" else max(1, x.shape[0])
     parts = []
@@ -132,11 +145,29 @@ def logit_stats(x: torch.Tensor, wanted: Wanted, p: torch.Tensor | None = None,
         p_dot = (torch.linalg.vecdot(p[i:i + step].to(block.dtype), block)
                  if wanted.p_dot else None)
         top = block.topk(3, dim=-1) if wanted.top else None
+        outside = (_outside(weights, shifted, ctx.cols, ctx.in_context[i:i + step], mean_out)
+                   if ctx is not None else (None, None))
         parts.append((m[:, 0] + total.log(), entropy, p_dot,
                       None if top is None else top.values, None if top is None else top.indices,
-                      block[:, cols] if wanted.cols else None))
+                      block[:, cols] if wanted.cols else None,
+                      *(None if o is None else m[:, 0] + o for o in outside)))
     joined = [None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True)]
     return LogitStats(*joined)
+
+
+def _outside(weights: torch.Tensor, shifted: torch.Tensor, cols: torch.Tensor,
+             in_context: torch.Tensor, mean: bool):
+    """``(log Σ_{v∉C} w, mean of shifted under w restricted to v ∉ C or None)`` per row of
+    a block's ``weights = e^shifted`` (``[r, V]``, overwritten: the in-context entries are
+    zeroed in place, so no exponential is taken again)."""
+    if len(cols):
+        kept = weights[:, cols]
+        weights[:, cols] = torch.where(in_context, 0.0, kept)
+    total = weights.sum(dim=-1)
+    if not mean:
+        return total.log(), None
+    dot = torch.linalg.vecdot(weights, shifted)
+    return total.log(), torch.where(total > 0, dot / total, 0.0)
 
 
 def _rank(top_index: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -183,30 +214,35 @@ def component_effects(ablated: LogitStats, final: LogitStats, ctx: ContextColumn
         p_dot = ablated.p_dot.to(f64)
         if "kl" in wanted.measures:
             out["kl"] = (a - p_dot - h_p).float()  # unclamped: float error shows, both signs
-    if "context" in wanted.measures:
-        out.update(_context_effects(a, b, h_p, p_dot, z_c, zt_c, ctx))
+    if wanted.outside:
+        out.update(_context_effects(ablated.lse_out.to(f64), final, h_p, p_dot, z_c, zt_c,
+                                    ctx))
     if wanted.top:
         out["top_probs"] = (ablated.top_values.to(f64) - a[:, None]).exp().float()
         out["target_rank"] = _rank(ablated.top_index, _target_ids(ctx))
     return ComponentEffects(**out)
 
 
-def _context_effects(a, b, h_p, p_dot, z_c, zt_c, ctx: ContextColumns) -> dict:
+def _context_effects(a_out, final: LogitStats, h_p, p_dot, z_c, zt_c,
+                     ctx: ContextColumns) -> dict:
     """``entropy_context``, ``kl_context_kept`` and the most lowered in-context token
-    (float64 inputs: ``[t]`` sums, ``[t, S]`` logits at the context columns)."""
+    (float64 inputs: ``a_out`` = ``log Σ_{v∉C} e^z̃``, ``[t]`` sums, ``[t, S]`` logits at the
+    context columns; ``final`` the final logits' sums). The parts outside ``C`` come from
+    their own sums, never as 1 minus the in-context part: where ``C`` holds all but 1e-6 of
+    the mass that difference is float32 rounding and the result nats off."""
+    b = final.lse.to(torch.float64)
     m = ctx.in_context.to(z_c.dtype)
     p_c = (z_c - b[:, None]).exp() * m                 # p on C
     r_c = (zt_c - b[:, None]).exp() * m                # e^(z̃ − B) on C
-    q_c = (zt_c - a[:, None]).exp() * m                # q on C
     pz_c, pzt_c = (p_c * z_c).sum(1), (p_c * zt_c).sum(1)
     # z_C: the effect removed on C only; its normaliser relative to e^B
-    rest = (1.0 - p_c.sum(1)).clamp(min=0.0)
+    rest = (final.lse_out.to(torch.float64) - b).exp()  # Σ_{v∉C} p
     total = rest + r_c.sum(1)
-    weighted = (b - h_p) - pz_c + (r_c * zt_c).sum(1)  # Σ e^(z_C − B)·z_C
+    weighted = rest * final.mean_out.to(torch.float64) + (r_c * zt_c).sum(1)
     h_ctx = b + total.log() - weighted / total
     # z_¬C: the effect kept on C only
-    lse_kept = a + ((1.0 - q_c.sum(1)).clamp(min=0.0) + ((z_c - a[:, None]).exp() * m).sum(1)).log()
-    kl_kept = -h_p - pz_c - (p_dot - pzt_c) + lse_kept
+    lse_c = torch.where(ctx.in_context, z_c, -torch.inf).logsumexp(1)
+    kl_kept = -h_p - pz_c - (p_dot - pzt_c) + torch.logaddexp(a_out, lse_c)
     change = torch.where(ctx.in_context, z_c - zt_c, torch.inf)
     lowest, where = change.min(dim=1) if change.shape[1] else (None, None)
     has = ctx.in_context.any(dim=1)
@@ -220,10 +256,11 @@ def _context_effects(a, b, h_p, p_dot, z_c, zt_c, ctx: ContextColumns) -> dict:
 
 def final_stats(logits: torch.Tensor, wanted: Wanted, ctx: ContextColumns) -> LogitStats:
     """The sums of the final logits ``[t, V]`` the effects need (no ``Σ p·z``: that is
-    ``B − H(p)``)."""
+    ``B − H(p)``; the sums outside the context with their mean for the in-context parts)."""
     return logit_stats(logits, Wanted(tuple(m for m in wanted.measures if m != "kl"
                                             and m != "context") + ("loss",)),
-                       cols=ctx.cols)
+                       cols=ctx.cols, ctx=ctx if wanted.outside else None,
+                       mean_out=True)
 
 
 def final_effects(final: LogitStats, ctx: ContextColumns) -> dict[str, torch.Tensor]:

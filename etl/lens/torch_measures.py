@@ -105,7 +105,7 @@ class ChunkEffects:
                  effects: list[ComponentEffects]) -> torch.Tensor:
         """``[t]`` the marginal of ``comp``; its effects are appended to ``effects``."""
         stats = logit_stats(lens.ablated(final, comp), self.wanted, self.probs,
-                            self.context.cols)
+                            self.context.cols, self.context if self.wanted.outside else None)
         effects.append(component_effects(stats, self.final, self.context, self.wanted))
         return final.entropy - stats.entropy.to(final.entropy.dtype)
 
