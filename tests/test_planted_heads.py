@@ -95,18 +95,21 @@ def test_the_planted_runs_stay_in_their_vocabulary(planted):
     assert {w for (w,) in words} <= {*WORDS, "<|endoftext|>"}
 
 
-@pytest.mark.xfail(strict=True, reason="float32 Σ p·z̃ on this model's large logits leaves "
-                   "kl_marginal 1.2e-4 and kl_context_kept 3.6e-4 off float64 (was 4.5–56)")
+PLANTED_TOL = 2e-4
+"""The planted model's logits reach ±28 (spread 30 nats a row) and its ablated distribution
+puts all but ~1e-7 on the context: there the float32 sums leave up to 1.2e-4 nats against
+float64 (kl_marginal, whose formula has no in-context part, 8.9e-5); a KL read as 1 − Σ_C q
+was 4.5–56 nats off."""
+
+
 def test_in_context_parts_hold_where_the_ablated_distribution_is_all_in_context(planted):
     # head 1.0's ablation puts all but ~1e-7 of q on the context: a KL read as 1 − Σ_C q
     # came out between −15.7 and +2.3 nats
     ((low, n),) = planted.sql("""select min(kl_context_kept), count(*) from component_effects
                                  where run_id = 'copy-suppression'""").fetchall()
-    assert n > 0 and low >= -1e-4
+    assert n > 0 and low >= -PLANTED_TOL
 
 
-@pytest.mark.xfail(strict=True, reason="float32 Σ p·z̃ on this model's large logits leaves "
-                   "kl_marginal 1.2e-4 and kl_context_kept 3.6e-4 off float64 (was 4.5–56)")
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("lens", ["final-scale", "recomputed-ln"])
 def test_planted_in_context_parts_match_float64(models, fused, lens):
@@ -120,9 +123,12 @@ def test_planted_in_context_parts_match_float64(models, fused, lens):
                         tokens=BatchTokens(tokens, ~mask))
     ref = reference_effects(model.bridge, tokens, lens, "zero", mask)
     shape = ref["kl"].shape
-    for name in ("kl_context_kept", "entropy_context", "kl"):
-        err = (getattr(got, name).double().reshape(shape) - ref[name]).abs().max()
-        assert err < 1e-4, (name, float(err))
-    assert got.kl_context_kept.min() >= -1e-4
-    # not vacuous: head 1.0's kept KL is large, and its q is all but ~1e-6 in context
-    assert ref["kl_context_kept"][:, :, 1, 0].max() > 0.1
+    errs = {name: float((getattr(got, name).double().reshape(shape) - ref[name]).abs().max())
+            for name in ("kl_context_kept", "entropy_context", "kl")}
+    assert max(errs.values()) < PLANTED_TOL, errs
+    assert got.kl_context_kept.min() >= -PLANTED_TOL
+    kept = ref["kl_context_kept"][:, :, 1, 0].max()
+    if lens == "final-scale":  # the head's direct effect is on in-context logits only
+        assert kept < 1e-5
+    else:  # not vacuous: the recomputed normalisation spreads it, and q is all in context
+        assert kept > 0.1

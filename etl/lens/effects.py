@@ -142,7 +142,9 @@ def logit_stats(x: torch.Tensor, wanted: Wanted, p: torch.Tensor | None = None,
         weights = shifted.exp()
         total = weights.sum(dim=-1)
         entropy = total.log() - torch.linalg.vecdot(weights, shifted) / total
-        p_dot = (torch.linalg.vecdot(p[i:i + step].to(block.dtype), block)
+        # Σ p·x about the row's largest logit: the sum of p·shifted is of the size of the
+        # logits' spread under p, not of the logits, so float32 keeps its digits
+        p_dot = (m[:, 0] + torch.linalg.vecdot(p[i:i + step].to(block.dtype), shifted)
                  if wanted.p_dot else None)
         top = block.topk(3, dim=-1) if wanted.top else None
         outside = (_outside(weights, shifted, ctx.cols, ctx.in_context[i:i + step], mean_out)
