@@ -265,7 +265,7 @@ def test_cli_renders_every_chart_and_an_index(warehouse, tmp_path, capsys):
         ("ioi", "ioi", "ioi", "clean", "final-scale", "zero", "132"),
         ("text", "text", "text", "", "final-scale", "zero", "64")]
     assert all(r[2] for r in rows) and rows[0][7] == ", ".join(DEFAULT_MEASURES)
-    assert "over the text's tokens (BOS and padding excluded)" in index
+    assert "(BOS and padding excluded)" in index and "Means are taken over" in index
 
 
 def test_cli_progress_bar_has_a_total_and_none_on_errors(warehouse, tmp_path, capsys):
