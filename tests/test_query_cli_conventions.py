@@ -166,13 +166,17 @@ def test_table_cells_with_line_breaks_are_one_line(warehouse, capsys):
     assert '"p\nq"' in capsys.readouterr().out
 
 
+def table_cells(warehouse, sql, capsys) -> list[str]:
+    """The cells of the first row of ``sql``'s table output."""
+    assert run(warehouse, "sql", sql) == 0
+    row = capsys.readouterr().out.splitlines()[3]
+    return [cell.strip() for cell in row.strip("│").split("┆")]
+
+
 def test_table_floats_have_four_significant_digits_and_files_keep_all(warehouse, capsys):
     sql = ("select 0.0123456789::double as a, -0.0000123456789::double as b, "
            "2.3456789::double as c, 1234567.0::double as d")
-    assert run(warehouse, "sql", sql) == 0
-    row = capsys.readouterr().out.splitlines()[3]
-    cells = [cell.strip() for cell in row.strip("│").split("┆")]
-    assert cells == ["0.01235", "-0.00001235", "2.346", "1235000"]
+    assert table_cells(warehouse, sql, capsys) == ["0.01235", "-0.00001235", "2.346", "1235000"]
     assert run(warehouse, "sql", sql, "--format", "csv") == 0
     assert capsys.readouterr().out.splitlines()[1] == \
         "0.0123456789,-0.0000123456789,2.3456789,1234567.0"
@@ -183,10 +187,7 @@ def test_table_float32_columns_have_four_significant_digits_too(warehouse, capsy
     decimal expansion (0.015850000083446503)."""
     sql = ("select 0.01585::float as a, -0.0000123456789::float as b, 2.3456789::float as c, "
            "null::float as d")
-    assert run(warehouse, "sql", sql) == 0
-    row = capsys.readouterr().out.splitlines()[3]
-    cells = [cell.strip() for cell in row.strip("│").split("┆")]
-    assert cells == ["0.01585", "-0.00001235", "2.346", "null"]
+    assert table_cells(warehouse, sql, capsys) == ["0.01585", "-0.00001235", "2.346", "null"]
 
 
 def test_head_summary_table_is_as_narrow_as_its_column_names(warehouse, capsys):
