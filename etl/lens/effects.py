@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from etl.lens.modes import MEASURES, TOP_K, parse_measures  # noqa: F401 (re-exported)
+from etl.lens.outside import outside_sums
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,15 @@ def logit_stats(x: torch.Tensor, wanted: Wanted, p: torch.Tensor | None = None,
         shifted = block - m
         weights = shifted.exp()
         total = weights.sum(dim=-1)
-        entropy = total.log() - torch.linalg.vecdot(weights, shifted) / total
+        dot = torch.linalg.vecdot(weights, shifted)
+        entropy = total.log() - dot / total
         # Σ p·x about the row's largest logit: the sum of p·shifted is of the size of the
         # logits' spread under p, not of the logits, so float32 keeps its digits
         p_dot = (m[:, 0] + torch.linalg.vecdot(p[i:i + step].to(block.dtype), shifted)
                  if wanted.p_dot else None)
         top = block.topk(3, dim=-1) if wanted.top else None
-        outside = (_outside(weights, shifted, ctx.cols, ctx.in_context[i:i + step], mean_out)
+        outside = (outside_sums(weights, shifted, (total, dot), ctx.cols,
+                                ctx.in_context[i:i + step], mean_out)
                    if ctx is not None else (None, None))
         parts.append((m[:, 0] + total.log(), entropy, p_dot,
                       None if top is None else top.values, None if top is None else top.indices,
@@ -155,21 +158,6 @@ def logit_stats(x: torch.Tensor, wanted: Wanted, p: torch.Tensor | None = None,
                       *(None if o is None else m[:, 0] + o for o in outside)))
     joined = [None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True)]
     return LogitStats(*joined)
-
-
-def _outside(weights: torch.Tensor, shifted: torch.Tensor, cols: torch.Tensor,
-             in_context: torch.Tensor, mean: bool):
-    """``(log Σ_{v∉C} w, mean of shifted under w restricted to v ∉ C or None)`` per row of
-    a block's ``weights = e^shifted`` (``[r, V]``, overwritten: the in-context entries are
-    zeroed in place, so no exponential is taken again)."""
-    if len(cols):
-        kept = weights[:, cols]
-        weights[:, cols] = torch.where(in_context, 0.0, kept)
-    total = weights.sum(dim=-1)
-    if not mean:
-        return total.log(), None
-    dot = torch.linalg.vecdot(weights, shifted)
-    return total.log(), torch.where(total > 0, dot / total, 0.0)
 
 
 def _rank(top_index: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
