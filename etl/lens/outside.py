@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 
-def outside_sums(weights: torch.Tensor, shifted: torch.Tensor, sums: tuple, cols: torch.Tensor,
-             in_context: torch.Tensor, mean: bool):
+def outside_sums(weights: torch.Tensor, shifted: torch.Tensor, sums: tuple,
+                 cols: torch.Tensor, in_context: torch.Tensor, mean: bool):
     """``(log Σ_{v∉C} w, mean of shifted under w restricted to v ∉ C or None)`` per row of
     a block's ``weights = e^shifted`` (``[r, V]``; ``sums``: the rows' ``Σ w`` and
     ``Σ w·shifted``). A row whose context holds at most half its mass takes the full sums
