@@ -87,3 +87,7 @@ def caption_for(rows: Mapping[str, Mapping[str, object]], runs: list[str],
     named = [run_label(rows[run], options.labels) for run in runs]
     text = f"run {named[0]}" if len(named) == 1 else f"A = {named[0]}; B = {named[1]}"
     return Caption(runs=text, positions=options.positions, title=options.title)
+
+
+NO_CAPTION = Caption()
+"""The caption of a chart built from its frame alone: the builder names the frame's runs."""

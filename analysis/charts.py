@@ -12,10 +12,8 @@ import math
 import altair as alt
 import polars as pl
 
-from analysis.caption import Caption
+from analysis.caption import NO_CAPTION, Caption
 from analysis.theme import POSITIVE_MEANS
-
-NO_CAPTION = Caption()
 
 MEASURE_LABELS = {"mean_diff": "diff", "mean_marginal": "marginal"}
 

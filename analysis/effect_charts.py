@@ -10,7 +10,7 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from analysis.caption import Caption
+from analysis.caption import NO_CAPTION, Caption
 from analysis.charts import _component_order, _records, _run_title, symmetric_limit
 from analysis.theme import DIVERGING_SCHEME, POSITIVE_MEANS
 
@@ -18,7 +18,6 @@ RAISES_OVERCONFIDENCE = ("> 0: without the head the model errs further from cali
                          "(the head calibrates)")
 LOWERS_LOSS = "< 0: the component lowers the loss"
 GREY = "#808b96"
-NO_CAPTION = Caption()
 
 
 def stack(**frames: pl.DataFrame) -> pl.DataFrame:

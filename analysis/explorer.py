@@ -12,11 +12,10 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from analysis.caption import Caption
+from analysis.caption import NO_CAPTION, Caption
 from analysis.charts import _component_order, _records, _run_title, shown, symmetric_limit
 from analysis.theme import DIVERGING_SCHEME, POSITIVE_MEANS
 
-NO_CAPTION = Caption()
 FACTS = [  # (label, column, format)
     ("positions", "n", ",d"), ("mean diff (nats)", "mean_diff", "+.5f"),
     ("mean marginal (nats)", "mean_marginal", "+.5f"),

@@ -11,11 +11,9 @@ import math
 import altair as alt
 import polars as pl
 
-from analysis.caption import Caption
+from analysis.caption import NO_CAPTION, Caption
 from analysis.charts import _component_order, _records, _run_title, symmetric_limit
 from analysis.theme import DIVERGING_SCHEME, POSITIVE_MEANS, SEQUENTIAL_SCHEME
-
-NO_CAPTION = Caption()
 
 
 def increase_limit(values) -> float:

@@ -136,23 +136,35 @@ def test_the_earlier_name_is_a_view_of_the_same_rows(old_warehouse):
     assert con.sql("select count(*) from component_entropy").fetchall()[0][0] > 0
 
 
-def test_a_migration_stopped_after_the_move_is_finished_by_the_next(old_warehouse,
-                                                                    monkeypatch, capsys):
+def migrate_until_disk_full(root, monkeypatch, name, full) -> None:
+    """Run a migration of ``root`` whose ``etl.warehouse.migration.<name>`` fails with a full
+    disk on the calls ``full(*args)`` picks, and see it stop with that error."""
     import etl.warehouse.migration as migration
 
+    real = getattr(migration, name)
+
+    def failing(*args):
+        if full(*args):
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(migration, name, failing)
+    with pytest.raises(OSError, match="No space left"):
+        migrate(Warehouse(root))
+    monkeypatch.undo()
+
+
+def test_a_migration_stopped_after_the_move_is_finished_by_the_next(old_warehouse,
+                                                                    monkeypatch, capsys):
     writes = []
-    real = migration.write_json_atomically
 
     def stopping(path, data):
         if "component_effects" in data.get("shards", {}):
             writes.append(path)
-            raise OSError(28, "No space left on device")
-        real(path, data)
+            return True
+        return False
 
-    monkeypatch.setattr(migration, "write_json_atomically", stopping)
-    with pytest.raises(OSError, match="No space left"):
-        migrate(Warehouse(old_warehouse))
-    monkeypatch.undo()
+    migrate_until_disk_full(old_warehouse, monkeypatch, "write_json_atomically", stopping)
     stopped = Warehouse.run_id_of(writes[0])
     assert shard(old_warehouse, "component_effects", stopped).exists()  # moved, not listed
     assert not shard(old_warehouse, "component_entropy", stopped).exists()
@@ -182,8 +194,6 @@ def test_a_migration_stopped_between_two_moves_is_finished_by_the_next(old_wareh
                                                                       monkeypatch, capsys):
     """v3's component rows are in two files; the first moves, the second fails to (a full
     disk, or a kill): the next migration moves the other and lists both."""
-    import etl.warehouse.migration as migration
-
     manifest = old_warehouse / "runs" / "run_id=v3" / "manifest.json"
     data = json.loads(manifest.read_text())
     first = shard(old_warehouse, "component_entropy", "v3")
@@ -197,17 +207,8 @@ def test_a_migration_stopped_between_two_moves_is_finished_by_the_next(old_wareh
                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     data["shards"]["component_entropy"] = entries
     manifest.write_text(json.dumps(data))
-    real = migration.replace
-
-    def failing_second(src, dst):
-        if src.name == second.name:
-            raise OSError(28, "No space left on device")
-        real(src, dst)
-
-    monkeypatch.setattr(migration, "replace", failing_second)
-    with pytest.raises(OSError, match="No space left"):
-        migrate(Warehouse(old_warehouse))
-    monkeypatch.undo()
+    migrate_until_disk_full(old_warehouse, monkeypatch, "replace",
+                            lambda src, dst: src.name == second.name)
     assert not first.exists() and second.exists()  # stopped between the two moves
     assert [m.run_id for m in migrate(Warehouse(old_warehouse))] == ["v3"]
     capsys.readouterr()
