@@ -19,7 +19,7 @@ import duckdb
 
 from etl.errors import UserError
 from etl.warehouse import (
-    TABLES,
+    STORED_TABLES,
     Problem,
     Run,
     Warehouse,
@@ -107,7 +107,7 @@ def view_variables(warehouse: Warehouse, runs: list[Run]) -> dict[str, object]:
         "warehouse": str(warehouse.absolute_root),
         "manifest_files": [str(run.manifest) for run in runs],
     }
-    for table in TABLES:
+    for table in STORED_TABLES:
         values[f"{table}_files"] = table_files(runs, table)
     return values
 

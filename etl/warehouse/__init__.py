@@ -25,11 +25,20 @@ from etl.warehouse.manifest import Manifest
 from etl.warehouse.migration import migrate
 from etl.warehouse.staging import StagingArea
 from etl.warehouse.storage import storage_errors
-from etl.warehouse.tables import SCHEMAS, TABLES, TokenRows, component_table, resid_table
+from etl.warehouse.tables import (
+    SCHEMAS,
+    STORED_TABLES,
+    SUMS_TABLES,
+    TABLES,
+    TokenRows,
+    component_table,
+    resid_table,
+)
 from etl.warehouse.writer import RunWriter
 
 __all__ = [
-    "DEFAULT_WAREHOUSE", "RESERVED_RUN_IDS", "SCHEMAS", "TABLES", "Manifest", "Problem", "Run",
+    "DEFAULT_WAREHOUSE", "RESERVED_RUN_IDS", "SCHEMAS", "STORED_TABLES", "SUMS_TABLES",
+    "TABLES", "Manifest", "Problem", "Run",
     "RunWriter", "Shard", "StagingArea", "TokenRows", "Warehouse", "complete_runs",
     "component_table", "migrate", "read_run", "read_runs", "resid_table", "run_problems",
     "storage_errors", "stray_files", "validate_run_id",

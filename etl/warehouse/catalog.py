@@ -20,7 +20,7 @@ from etl.warehouse.files import sha256_of
 from etl.warehouse.manifest import load_manifest, manifest_problem
 from etl.warehouse.migration import MIGRATE, RENAMED_TABLES, outdated
 from etl.warehouse.storage import read_parquet_metadata, storage_errors
-from etl.warehouse.tables import TABLES
+from etl.warehouse.tables import STORED_TABLES
 
 if TYPE_CHECKING:
     from etl.warehouse.layout import Warehouse
@@ -70,7 +70,7 @@ def _listed_shards(warehouse: Warehouse, run_id: str, shards: dict) -> list[Shar
     its entries); ``ValueError`` when a file is reached through a symbolic link."""
     root = warehouse.absolute_root
     listed = []
-    for table in TABLES:
+    for table in STORED_TABLES:
         for entry in shards[table]:
             path = warehouse.partition(table, run_id, root) / entry["file"]
             if not warehouse.remote and path.resolve() != path:
@@ -169,5 +169,5 @@ def stray_files(warehouse: Warehouse, runs: list[Run]) -> list[Path]:
     there)."""
     listed = {s.path for run in runs for s in run.shards}
     root = warehouse.absolute_root
-    return [path for table in (*TABLES, *RENAMED_TABLES)
+    return [path for table in (*STORED_TABLES, *RENAMED_TABLES)
             for path in sorted(root.glob(f"{table}/*/*.parquet")) if path not in listed]

@@ -12,10 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 from etl.lens.modes import MEASURES
-from etl.warehouse.tables import TABLES
+from etl.warehouse.tables import STORED_TABLES
 
-SCHEMA_VERSION = 2
-"""The manifest's layout: version 2 lists the run's files under ``shards``. Older
+SCHEMA_VERSION = 3
+"""The manifest's layout: version 2 lists the run's files under ``shards``; version 3 adds
+the run's partial sums (``component_sums``, ``resid_sums``) to them. Older
 manifests are rewritten by ``python -m queries migrate`` (``etl.warehouse.migration``)."""
 MANIFEST = "manifest.json"
 
@@ -161,7 +162,7 @@ def _is_time(text: str) -> bool:
 
 
 def _shards_problem(shards: dict) -> str | None:
-    for table in TABLES:
+    for table in STORED_TABLES:
         entries = shards.get(table)
         if not isinstance(entries, list):
             return f"it lists no {table} shards"

@@ -14,6 +14,9 @@ What changed since those versions:
   ``component_effects`` (``RENAMED_TABLES``): the run's files move to the new folder and
   its manifest lists them under the new name. The views keep ``component_entropy`` as
   another name of the same rows.
+- runs are published with their partial sums (``etl.warehouse.sums``; manifest schema 3),
+  which the saved summaries read. Migrated, a run gets them from its rows, exactly as a
+  publish sums them.
 
 Until it is migrated, such a run is left out of the views with a warning that says so.
 """
@@ -28,6 +31,8 @@ from etl.lens.modes import LENS_ALIASES
 from etl.warehouse.files import sha256_of, write_json_atomically
 from etl.warehouse.manifest import SCHEMA_VERSION, load_manifest
 from etl.warehouse.storage import make_dirs, read_parquet_metadata, remove_empty_dir, replace
+from etl.warehouse.sums import write_sums
+from etl.warehouse.tables import SUMS_TABLES, TABLES
 
 if TYPE_CHECKING:
     from etl.warehouse.layout import Warehouse
@@ -56,6 +61,8 @@ def outdated(data: dict) -> str | None:
     shards = data.get("shards")
     found += [f"table {old}" for old in RENAMED_TABLES
               if isinstance(shards, dict) and old in shards]
+    if not isinstance(shards, dict) or not all(t in shards for t in SUMS_TABLES):
+        found.append("no partial sums")
     if not found:
         return None
     return f"written by an earlier version ({', '.join(found)})"
@@ -136,11 +143,31 @@ def moved(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[str
     return data, changes
 
 
+def summed(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[str]]:
+    """Write the partial sums of ``run_id`` from the files ``data`` lists (once its tables
+    have today's names) into its partitions; returns ``data`` listing them, and what
+    changed."""
+    shards = data.get("shards")
+    if not isinstance(shards, dict) or all(t in shards for t in SUMS_TABLES) \
+            or not all(t in shards for t in TABLES):
+        return data, []
+    files = {table: [str(warehouse.partition(table, run_id) / s["file"])
+                     for s in shards[table]] for table in TABLES}
+    config = data.get("config") if isinstance(data.get("config"), dict) else {}
+    sums = write_sums(warehouse, files, config.get("batch_size"),
+                      lambda table: warehouse.partition(table, run_id),
+                      str(data.get("generation") or "migrated"))
+    rows = ", ".join(f"{t} {v[0]['rows']:,} rows" for t, v in sums.items())
+    return dict(data, shards=shards | sums, schema_version=SCHEMA_VERSION), [
+        f"partial sums written ({rows})"]
+
+
 def migrate(warehouse: Warehouse) -> list[Migrated]:
     """Rewrite every manifest of ``warehouse`` that an earlier version wrote, each under
     its run's lock: its fields in one atomic write, then, if a table was renamed, its files
-    moved and the manifest written again (so a migration stopped at any point is taken up
-    where it stopped by the next); returns the runs migrated (none: nothing was to do).
+    moved and the manifest written again, then its partial sums written and the manifest
+    written again (so a migration stopped at any point is taken up where it stopped by the
+    next); returns the runs migrated (none: nothing was to do).
 
     Raises:
         UserError: a run is being written by an extraction (its lock is held).
@@ -162,6 +189,9 @@ def migrate(warehouse: Warehouse) -> list[Migrated]:
             data, renamed = moved(warehouse, run_id, data)
             if renamed:
                 write_json_atomically(path, data)
-        changes += renamed
+            data, sums = summed(warehouse, run_id, data)
+            if sums:
+                write_json_atomically(path, data)
+        changes += renamed + sums
         done.append(Migrated(run_id, tuple(changes)))
     return done

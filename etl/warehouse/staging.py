@@ -38,7 +38,15 @@ from etl.warehouse.storage import (
     write_bytes_atomically,
     write_parquet,
 )
-from etl.warehouse.tables import DICTIONARY_COLUMNS, ROW_GROUP_ROWS, TABLES
+from etl.warehouse.sums import write_sums
+from etl.warehouse.tables import (
+    DICTIONARY_COLUMNS,
+    ROW_GROUP_ROWS,
+    SPLIT_COLUMNS,
+    STORED_TABLES,
+    TABLES,
+    split_points,
+)
 
 if TYPE_CHECKING:
     from etl.warehouse.layout import Warehouse
@@ -119,12 +127,15 @@ class StagingArea:
 
     def write(self, table: str, data: pa.Table, batch: int) -> None:
         """Write ``data`` as shard ``batch`` of ``table``: zstd, dictionary-encoded
-        low-cardinality columns, ``ROW_GROUP_ROWS`` per row group, whole or absent (so
-        writing it again replaces it); then its record (sha256 and rows)."""
+        low-cardinality columns, at most ``ROW_GROUP_ROWS`` per row group and a new one at
+        every layer of a table in ``SPLIT_COLUMNS``, whole or absent (so writing it again
+        replaces it); then its record (sha256 and rows)."""
         columns = [c for c in DICTIONARY_COLUMNS if c in data.column_names]
-        digest = write_parquet(self.shard_path(table, batch), data, compression="zstd",
-                               use_dictionary=columns, row_group_size=ROW_GROUP_ROWS,
-                               write_statistics=True)
+        splits = (split_points(data, SPLIT_COLUMNS[table]) if table in SPLIT_COLUMNS
+                  else [])
+        digest = write_parquet(self.shard_path(table, batch), data, splits=splits,
+                               compression="zstd", use_dictionary=columns,
+                               row_group_size=ROW_GROUP_ROWS, write_statistics=True)
         fault_point(f"shard:{table}:{batch}")
         record = json.dumps({"sha256": digest, "rows": data.num_rows}).encode()
         write_bytes_atomically(self.record_path(table, batch), record, durable=False)
@@ -190,11 +201,17 @@ class StagingArea:
         return found
 
     def publish(self, manifest: Manifest, n_batches: int) -> Manifest:
-        """Publish the staged shards as the run: check them (``staged_shards``), move them
-        into place and replace the manifest, which gets their list; the staging folder is
-        removed. Returns the manifest as written."""
-        manifest = manifest.published(self.generation, self.staged_shards(n_batches))
-        for table in TABLES:
+        """Publish the staged shards as the run: check them (``staged_shards``), sum them
+        (``etl.warehouse.sums``), move shards and sums into place and replace the manifest,
+        which gets their list; the staging folder is removed. Returns the manifest as
+        written."""
+        shards = self.staged_shards(n_batches)
+        files = {table: [str(self.folder / table / s["file"]) for s in entries]
+                 for table, entries in shards.items()}
+        shards |= write_sums(self.warehouse, files, manifest.config.get("batch_size"),
+                             lambda table: self.folder / table, self.generation)
+        manifest = manifest.published(self.generation, shards)
+        for table in STORED_TABLES:
             target = self.warehouse.partition(table, self.run_id)
             make_dirs(target)
             for shard in manifest.shards[table]:
@@ -204,7 +221,7 @@ class StagingArea:
         make_dirs(path.parent)
         write_json_atomically(path, manifest.to_json())
         fault_point("publish:manifest")
-        for table in TABLES:
+        for table in STORED_TABLES:
             listed = {s["file"] for s in manifest.shards[table]}
             for stale in self.warehouse.partition(table, self.run_id).glob("*.parquet"):
                 if stale.name not in listed:

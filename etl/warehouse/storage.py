@@ -194,17 +194,22 @@ def write_bytes_atomically(path: Path, data: bytes, durable: bool = True) -> Non
         os.close(dir_fd)
 
 
-def write_parquet(path: Path, data: pa.Table, **options) -> str:
-    """Write ``data`` as the Parquet file ``path`` (``options``: ``pq.write_table``'s), whole
-    or absent: encoded in memory, then locally through ``<name>.tmp`` and a rename, in object
-    storage as one upload.
+def write_parquet(path: Path, data: pa.Table, splits: list[int] = (),
+                  row_group_size: int | None = None, **options) -> str:
+    """Write ``data`` as the Parquet file ``path`` (``options``: ``pq.ParquetWriter``'s),
+    whole or absent: encoded in memory, then locally through ``<name>.tmp`` and a rename, in
+    object storage as one upload. A row group ends at each row index of ``splits`` and
+    after at most ``row_group_size`` rows.
 
     Returns:
         The hex sha256 of the bytes written: taken before they reach the disk, so that any
         later change to the file shows.
     """
     sink = pa.BufferOutputStream()
-    pq.write_table(data, sink, **options)
+    bounds = [0, *splits, data.num_rows]
+    with pq.ParquetWriter(sink, data.schema, **options) as writer:
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            writer.write_table(data.slice(start, stop - start), row_group_size=row_group_size)
     body = memoryview(sink.getvalue())
     write_bytes_atomically(path, body, durable=False)
     return hashlib.sha256(body).hexdigest()

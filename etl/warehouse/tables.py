@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from etl.sources.corpus import TokenSet
 
 TABLES = ("component_effects", "resid_entropy", "tokens")
+"""The tables written batch by batch, one shard per batch."""
+
+SUMS_TABLES = ("component_sums", "resid_sums")
+"""The tables written once per run when it is published (``etl.warehouse.sums``)."""
+
+STORED_TABLES = TABLES + SUMS_TABLES
+"""Every table a manifest lists files of."""
 
 
 COMPONENT_SCHEMA = pa.schema([
@@ -74,6 +81,18 @@ ROW_GROUP_ROWS = 1_000_000
 """Rows per Parquet row group: DuckDB scans one row group per thread, so shards of a few
 million rows still spread over every core, while row groups stay large enough to compress
 well and to skip on statistics."""
+
+
+SPLIT_COLUMNS = {"component_effects": "layer"}
+"""Tables whose rows are ordered by a column and whose row groups start anew wherever it
+changes: a filter on one layer then reads that layer's row groups only (readers skip the
+others by their statistics). Measured in BENCHMARKS.md (``python -m queries.bench``)."""
+
+
+def split_points(data: pa.Table, column: str) -> list[int]:
+    """The row indices where ``column`` of ``data`` changes value (its rows in order)."""
+    values = data.column(column).to_numpy(zero_copy_only=False)
+    return (np.flatnonzero(values[1:] != values[:-1]) + 1).tolist()
 
 
 SCHEMAS = {"component_effects": COMPONENT_SCHEMA, "resid_entropy": RESID_SCHEMA,

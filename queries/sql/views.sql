@@ -41,15 +41,15 @@
 
 set variable warehouse = coalesce(getvariable('warehouse'), 'data/warehouse');
 
--- The files to read, unless already set: every manifest that lists its shards (a manifest
--- written by an earlier version lists none until `python -m queries migrate` rewrites it),
--- and the shards each lists.
+-- The files to read, unless already set: every manifest that lists its shards and partial
+-- sums (a manifest written by an earlier version lists none until `python -m queries
+-- migrate` rewrites it), and the files each lists.
 
 set variable manifest_files = coalesce(
     getvariable('manifest_files'),
     (select coalesce(list(filename order by filename), []::varchar[])
      from read_text(getvariable('warehouse') || '/runs/*/manifest.json')
-     where json_extract(content, '$.shards') is not null)
+     where json_extract(content, '$.shards.component_sums') is not null)
 );
 
 -- manifest_shards(tbl): the files of table tbl that the manifests in manifest_files list
@@ -84,6 +84,15 @@ set variable resid_entropy_files = coalesce(
 set variable tokens_files = coalesce(
     getvariable('tokens_files'),
     (select coalesce(list(file order by file), []::varchar[]) from manifest_shards('tokens'))
+);
+set variable component_sums_files = coalesce(
+    getvariable('component_sums_files'),
+    (select coalesce(list(file order by file), []::varchar[])
+     from manifest_shards('component_sums'))
+);
+set variable resid_sums_files = coalesce(
+    getvariable('resid_sums_files'),
+    (select coalesce(list(file order by file), []::varchar[]) from manifest_shards('resid_sums'))
 );
 
 -- shard_rows(files): the rows of Parquet files, run_id from their run_id=<id> folder.
@@ -205,6 +214,31 @@ from query(case when len(getvariable('resid_entropy_files')) > 0
                 then 'from shard_rows(getvariable(''resid_entropy_files''))'
                 else 'from no_resid_rows()' end);
 
+-- The runs' partial sums (etl/warehouse/sums.py), written when each run was published: one
+-- row per (run_id, batch, layer, head, kind, class, role, variant) of component_effects and
+-- per (run_id, batch, layer, point, class, role, variant) of resid_entropy, where class is
+-- 'bos', 'pad' or 'real' and batch = seq // the run's batch size. Per measure m: m_n
+-- (count), m_pos (count of m > 0), m_sum and m_sq (Σ fixed_point(m), Σ fixed_point(m²)),
+-- and for the copy-suppression measures the finer sums of stable_cov. The summaries add
+-- them up with the summed_* macros below, to the bytes a scan of the rows gives. (Without
+-- any run, the views have the key columns only.)
+create or replace view component_sums as
+from query(case when len(getvariable('component_sums_files')) > 0
+                then 'from shard_rows(getvariable(''component_sums_files''))'
+                else 'select null::varchar as run_id, null::integer as batch,
+                             null::smallint as layer, null::smallint as head,
+                             null::varchar as kind, null::varchar as class,
+                             null::varchar as role, null::varchar as variant,
+                             null::bigint as n where false' end);
+
+create or replace view resid_sums as
+from query(case when len(getvariable('resid_sums_files')) > 0
+                then 'from shard_rows(getvariable(''resid_sums_files''))'
+                else 'select null::varchar as run_id, null::integer as batch,
+                             null::smallint as layer, null::varchar as point,
+                             null::varchar as class, null::varchar as role,
+                             null::varchar as variant, null::bigint as n where false' end);
+
 -- Macros shared by the saved queries.
 
 -- positions_param(p): p when it is 'real' (the tokens of the text: BOS and padding
@@ -241,6 +275,22 @@ create or replace macro resid_rows(positions, only_run) as table
     from resid_entropy as r
     anti join excluded_positions(positions) as x using (run_id, seq, position)
     where only_run is null or r.run_id = only_run;
+
+-- component_partials(positions, only_run), resid_partials(positions, only_run): the rows of
+-- component_sums and resid_sums of run only_run (every run when NULL) for the kinds of
+-- position that the convention positions keeps ('real': class 'real'; 'all': every class):
+-- what the summaries add up, as component_rows and resid_rows are what they would scan.
+create or replace macro component_partials(positions, only_run) as table
+    select p.*
+    from component_sums as p
+    where (positions_param(positions) = 'all' or p.class = 'real')
+      and (only_run is null or p.run_id = only_run);
+
+create or replace macro resid_partials(positions, only_run) as table
+    select p.*
+    from resid_sums as p
+    where (positions_param(positions) = 'all' or p.class = 'real')
+      and (only_run is null or p.run_id = only_run);
 
 -- head_values(positions, measure, only_run): the heads' rows of component_rows with the
 -- chosen measure ('diff' or 'marginal', see measure_param) as value.
@@ -332,31 +382,55 @@ create or replace macro predicted_positions(run, positions) as table
 -- integers (x × 2^40, rounded: within 2^-41 of x, ample for entropies in nats), which is
 -- exact in 128 bits and so independent of the order. For |x| < 2,896 (entropies are below
 -- ln(vocabulary size)). stable_sd is NULL for fewer than 2 values, as stddev_samp is.
+-- fixed_mean(s, n) and fixed_sd(s, q, n) give them from the integer sums s = Σ fixed_point(x)
+-- and q = Σ fixed_point(x²) of n values; summed_mean(s, n) and summed_sd(s, q, n) (aggregates)
+-- from partial sums, such as the sums views' m_sum, m_sq and m_n columns, to the same bytes.
+-- fixed_point and fine_point are also spelt in etl/warehouse/sums.py, which writes those
+-- sums.
 create or replace macro fixed_point(x) as (x::double * 1099511627776)::bigint;
 
-create or replace macro stable_mean(x) as
-    sum(fixed_point(x)) / count(x) / 1099511627776;
+create or replace macro fixed_mean(s, n) as s / n / 1099511627776;
+
+create or replace macro fixed_sd(s, q, n) as
+    case when n > 1 then sqrt(greatest(0,
+        (q / 1099511627776 - (s / 1099511627776) ** 2 / n) / (n - 1))) end;
+
+create or replace macro stable_mean(x) as fixed_mean(sum(fixed_point(x)), count(x));
 
 create or replace macro stable_sd(x) as
-    case when count(x) > 1 then sqrt(greatest(0,
-        (sum(fixed_point(x::double * x::double)) / 1099511627776
-         - (sum(fixed_point(x)) / 1099511627776) ** 2 / count(x)) / (count(x) - 1))) end;
+    fixed_sd(sum(fixed_point(x)), sum(fixed_point(x::double * x::double)), count(x));
+
+create or replace macro summed_mean(s, n) as fixed_mean(sum(s::hugeint), sum(n)::bigint);
+
+create or replace macro summed_sd(s, q, n) as
+    fixed_sd(sum(s::hugeint), sum(q::hugeint), sum(n)::bigint);
+
+-- summed_fraction(k, n): Σk / Σn (an aggregate) as double: the fraction of n values counted
+-- by k (the sums views' m_pos and m_n columns: the fraction of positive values).
+create or replace macro summed_fraction(k, n) as sum(k)::double / sum(n)::bigint;
 
 -- stable_cov(x, y): the sample covariance of x and y (an aggregate) over the rows where both
 -- are non-NULL; stable_cov(x, x) is the sample variance. Order-independent like stable_sd,
 -- but finer: its fixed-point integers are x × 2^80 (128 bits, within 2^-81 of x·y, whose
 -- product of two float32 values is exact in double), so the small values and near-equal
 -- terms of a delta-method variance keep their digits. For Σ|x·y| and Σ|x|, Σ|y| below 10^14.
--- NULL for fewer than 2 such rows.
+-- NULL for fewer than 2 such rows. fine_cov(sxy, sx, sy, n) gives it from the sums
+-- sxy = Σ fine_point(x·y), sx = Σ fine_point(x), sy = Σ fine_point(y) over the n rows where
+-- both are present; summed_cov(sxy, sx, sy, n) (an aggregate) from partial sums.
 create or replace macro fine_point(x) as (x::double * 2.0 ** 80)::hugeint;
 
+create or replace macro fine_cov(sxy, sx, sy, n) as
+    case when n > 1 then
+        (sxy / 2.0 ** 80 - sx / 2.0 ** 80 * (sy / 2.0 ** 80) / n) / (n - 1) end;
+
 create or replace macro stable_cov(x, y) as
-    case when count(x::double * y::double) > 1 then
-        (sum(fine_point(x::double * y::double)) / 2.0 ** 80
-         - sum(fine_point(case when y is not null then x end)) / 2.0 ** 80
-           * (sum(fine_point(case when x is not null then y end)) / 2.0 ** 80)
-           / count(x::double * y::double))
-        / (count(x::double * y::double) - 1) end;
+    fine_cov(sum(fine_point(x::double * y::double)),
+             sum(fine_point(case when y is not null then x end)),
+             sum(fine_point(case when x is not null then y end)),
+             count(x::double * y::double));
+
+create or replace macro summed_cov(sxy, sx, sy, n) as
+    fine_cov(sum(sxy::hugeint), sum(sx::hugeint), sum(sy::hugeint), sum(n)::bigint);
 
 -- ratio_se(mean_x, mean_y, var_x, var_y, cov_xy, n): the standard error of the ratio of
 -- means mean_x / mean_y of n paired values by the delta method:

@@ -74,14 +74,20 @@ same_model as (
 ),
 
 kept as (
-    select c.*
-    from component_rows($positions::varchar, null) as c, same_model as s
-    where c.run_id in (s.run_a, s.run_b)
+    select p.*
+    from component_partials($positions::varchar, null) as p, same_model as s
+    where p.run_id in (s.run_a, s.run_b)
 ),
 
 means as (
-    select run_id, layer, head, kind, count(*) as n,
-           stable_mean(entropy_diff) as mean_diff, stable_mean(entropy_marginal) as mean_marginal
+    select
+        run_id,
+        layer,
+        head,
+        kind,
+        sum(n)::bigint as n,
+        summed_mean(entropy_diff_sum, entropy_diff_n) as mean_diff,
+        summed_mean(entropy_marginal_sum, entropy_marginal_n) as mean_marginal
     from kept
     group by run_id, layer, head, kind
 ),

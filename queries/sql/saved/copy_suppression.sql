@@ -18,28 +18,34 @@ settings as (
 ),
 
 kept as (
-    select c.*
-    from component_rows($positions::varchar,
-                        coalesce($run_id::varchar, latest_run())) as c
+    select p.*
+    from component_partials($positions::varchar,
+                            coalesce($run_id::varchar, latest_run())) as p
 ),
 
+-- variances: summed_cov(Σx², Σx, Σx, n) of the fine sums
 per_component as (
     select
         run_id, layer, head, kind,
-        count(*) as n,
-        count(entropy_marginal_context) as n_context,
-        stable_mean(entropy_marginal) as entropy_marginal,
-        stable_cov(entropy_marginal, entropy_marginal) as var_marginal,
-        stable_mean(entropy_marginal_context) as entropy_marginal_context,
-        stable_cov(entropy_marginal_context, entropy_marginal_context)
-            as var_context,
-        stable_cov(entropy_marginal_context, entropy_marginal) as cov_entropy,
-        stable_mean(kl_marginal) as kl_marginal,
-        stable_cov(kl_marginal, kl_marginal) as var_kl,
-        stable_mean(kl_context_kept) as kl_context_kept,
-        stable_cov(kl_context_kept, kl_context_kept) as var_kept,
-        stable_cov(kl_context_kept, kl_marginal) as cov_kl,
-        count(kl_context_kept::double * kl_marginal::double) as n_kl
+        sum(n)::bigint as n,
+        sum(entropy_marginal_context_n)::bigint as n_context,
+        summed_mean(entropy_marginal_sum, entropy_marginal_n) as entropy_marginal,
+        summed_cov(entropy_marginal_fine_sq, entropy_marginal_fine, entropy_marginal_fine,
+                   entropy_marginal_n) as var_marginal,
+        summed_mean(entropy_marginal_context_sum, entropy_marginal_context_n)
+            as entropy_marginal_context,
+        summed_cov(entropy_marginal_context_fine_sq, entropy_marginal_context_fine,
+                   entropy_marginal_context_fine, entropy_marginal_context_n) as var_context,
+        summed_cov(entropy_pair_xy, entropy_pair_x, entropy_pair_y, entropy_pair_n)
+            as cov_entropy,
+        summed_mean(kl_marginal_sum, kl_marginal_n) as kl_marginal,
+        summed_cov(kl_marginal_fine_sq, kl_marginal_fine, kl_marginal_fine, kl_marginal_n)
+            as var_kl,
+        summed_mean(kl_context_kept_sum, kl_context_kept_n) as kl_context_kept,
+        summed_cov(kl_context_kept_fine_sq, kl_context_kept_fine, kl_context_kept_fine,
+                   kl_context_kept_n) as var_kept,
+        summed_cov(kl_pair_xy, kl_pair_x, kl_pair_y, kl_pair_n) as cov_kl,
+        sum(kl_pair_n)::bigint as n_kl
     from kept
     group by run_id, layer, head, kind
 ),

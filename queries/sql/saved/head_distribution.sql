@@ -15,29 +15,43 @@ settings as (
         positions_param($positions::varchar) as positions
 ),
 
-kept as (
-    select *
-    from head_values($positions::varchar, $measure::varchar,
-                     coalesce($run_id::varchar, latest_run()))
+-- the heads ranked by their mean (from the partial sums), then the rows of the top k alone
+ranked as (
+    select
+        p.run_id,
+        p.layer,
+        p.head,
+        sum(p.n)::bigint as n,
+        case when s.measure = 'diff' then summed_mean(p.entropy_diff_sum, p.entropy_diff_n)
+             else summed_mean(p.entropy_marginal_sum, p.entropy_marginal_n) end as mean,
+        row_number() over (order by mean desc, p.layer, p.head) as rank
+    from component_partials($positions::varchar,
+                            coalesce($run_id::varchar, latest_run())) as p, settings as s
+    where p.kind = 'head'
+    group by p.run_id, p.layer, p.head, s.measure
 ),
 
-per_head as (
+chosen as (
+    select r.* from ranked as r, settings as s where r.rank <= s.k
+),
+
+kept as (
+    select h.*
+    from head_values($positions::varchar, $measure::varchar,
+                     coalesce($run_id::varchar, latest_run())) as h
+    semi join chosen using (run_id, layer, head)
+),
+
+spread as (
     select
         run_id,
         layer,
         head,
-        count(*) as n,
-        stable_mean(value) as mean,
         min(value) as min,
         quantile_cont(value, [0.05, 0.25, 0.5, 0.75, 0.95]) as q,
         max(value) as max
     from kept
     group by run_id, layer, head
-),
-
-ranked as (
-    select *, row_number() over (order by mean desc, layer, head) as rank
-    from per_head
 ),
 
 final as (
@@ -50,15 +64,16 @@ final as (
         s.measure,
         r.n,
         r.mean,
-        r.min,
-        r.q[1] as q05,
-        r.q[2] as q25,
-        r.q[3] as median,
-        r.q[4] as q75,
-        r.q[5] as q95,
-        r.max
-    from ranked as r, settings as s
-    where r.rank <= s.k
+        d.min,
+        d.q[1] as q05,
+        d.q[2] as q25,
+        d.q[3] as median,
+        d.q[4] as q75,
+        d.q[5] as q95,
+        d.max
+    from chosen as r
+    join spread as d using (run_id, layer, head)
+    cross join settings as s
 )
 
 select * from final

@@ -17,9 +17,9 @@ settings as (
 ),
 
 kept as (
-    select c.*, c.seq // (r.config ->> 'batch_size')::integer as batch
-    from component_rows($positions::varchar, $run_id::varchar) as c
-    join runs as r using (run_id)
+    select c.*
+    from component_partials($positions::varchar, $run_id::varchar) as c
+    semi join runs as r using (run_id)
 ),
 
 -- per batch under weighting 'batch'; one group of every position under 'token'
@@ -30,13 +30,15 @@ groups as (
         k.head,
         k.kind,
         case when s.weighting = 'batch' then k.batch end as batch,
-        count(*) as n,
-        stable_mean(k.entropy_diff) as mean_diff,
-        stable_sd(k.entropy_diff) as sd_diff,
-        stable_mean(k.entropy_marginal) as mean_marginal,
-        stable_sd(k.entropy_marginal) as sd_marginal,
-        avg((k.entropy_diff > 0)::double) as frac_increase_diff,
-        avg((k.entropy_marginal > 0)::double) as frac_increase_marginal,
+        sum(k.n)::bigint as n,
+        summed_mean(k.entropy_diff_sum, k.entropy_diff_n) as mean_diff,
+        summed_sd(k.entropy_diff_sum, k.entropy_diff_sq, k.entropy_diff_n) as sd_diff,
+        summed_mean(k.entropy_marginal_sum, k.entropy_marginal_n) as mean_marginal,
+        summed_sd(k.entropy_marginal_sum, k.entropy_marginal_sq, k.entropy_marginal_n)
+            as sd_marginal,
+        summed_fraction(k.entropy_diff_pos, k.entropy_diff_n) as frac_increase_diff,
+        summed_fraction(k.entropy_marginal_pos, k.entropy_marginal_n)
+            as frac_increase_marginal,
         count(distinct k.batch) as n_batches
     from kept as k, settings as s
     group by all

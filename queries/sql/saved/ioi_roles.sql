@@ -19,28 +19,27 @@ ioi_runs as (
     where r.dataset = 'ioi' and (s.run_id is null or r.run_id = s.run_id)
 ),
 
-role_tokens as (
-    select t.run_id, t.seq, t.position, t.role
-    from tokens as t
+role_sums as (
+    select p.*
+    from component_sums as p
     join ioi_runs using (run_id)
     cross join settings as s
-    where t.role in ('IO', 'S1', 'S2', 'end')
-      and (s.variant is null or t.variant = s.variant)
+    where p.role in ('IO', 'S1', 'S2', 'end')
+      and (s.variant is null or p.variant = s.variant)
 ),
 
 final as (
     select
-        c.run_id,
-        c.layer,
-        c.head,
-        c.kind,
-        t.role,
-        count(*) as n,
-        stable_mean(c.entropy_diff) as mean_diff,
-        stable_mean(c.entropy_marginal) as mean_marginal
-    from component_effects as c
-    join role_tokens as t using (run_id, seq, position)
-    group by c.run_id, c.layer, c.head, c.kind, t.role
+        run_id,
+        layer,
+        head,
+        kind,
+        role,
+        sum(n)::bigint as n,
+        summed_mean(entropy_diff_sum, entropy_diff_n) as mean_diff,
+        summed_mean(entropy_marginal_sum, entropy_marginal_n) as mean_marginal
+    from role_sums
+    group by run_id, layer, head, kind, role
 )
 
 select * from final

@@ -13,19 +13,19 @@ settings as (
 ),
 
 kept as (
-    select c.*
-    from component_rows($positions::varchar, $run_id::varchar) as c
+    select p.*
+    from component_partials($positions::varchar, $run_id::varchar) as p
 ),
 
 per_component as (
     select
         run_id, layer, head, kind,
-        count(loss_marginal) as n,
-        stable_mean(loss_marginal) as loss_marginal,
-        stable_sd(loss_marginal) as sd_loss,
-        count(kl_marginal) as n_kl,
-        stable_mean(kl_marginal) as kl_marginal,
-        stable_sd(kl_marginal) as sd_kl
+        sum(loss_marginal_n)::bigint as n,
+        summed_mean(loss_marginal_sum, loss_marginal_n) as loss_marginal,
+        summed_sd(loss_marginal_sum, loss_marginal_sq, loss_marginal_n) as sd_loss,
+        sum(kl_marginal_n)::bigint as n_kl,
+        summed_mean(kl_marginal_sum, kl_marginal_n) as kl_marginal,
+        summed_sd(kl_marginal_sum, kl_marginal_sq, kl_marginal_n) as sd_kl
     from kept
     group by run_id, layer, head, kind
 ),

@@ -9,11 +9,16 @@
 with
 
 kept as (
-    select * from resid_rows($positions::varchar, $run_id::varchar)
+    select * from resid_partials($positions::varchar, $run_id::varchar)
 ),
 
 point_means as (
-    select run_id, layer, point, count(*) as n, stable_mean(entropy) as mean_entropy
+    select
+        run_id,
+        layer,
+        point,
+        sum(n)::bigint as n,
+        summed_mean(entropy_sum, entropy_n) as mean_entropy
     from kept
     group by run_id, layer, point
 ),

@@ -30,11 +30,11 @@ settings as (
 ),
 
 top_head as (
-    select c.layer || '.' || c.head as component
-    from component_effects as c, settings as s
-    where c.run_id = s.run_id and c.kind = 'head'
-    group by c.layer, c.head
-    order by stable_mean(c.entropy_diff) desc, c.layer, c.head
+    select p.layer || '.' || p.head as component
+    from component_sums as p, settings as s
+    where p.run_id = s.run_id and p.kind = 'head'
+    group by p.layer, p.head
+    order by summed_mean(p.entropy_diff_sum, p.entropy_diff_n) desc, p.layer, p.head
     limit 1
 ),
 

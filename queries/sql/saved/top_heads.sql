@@ -24,15 +24,26 @@ chosen_runs as (
 ),
 
 kept as (
-    select h.*
-    from head_values($positions::varchar, $measure::varchar, $run_id::varchar) as h
+    select p.*
+    from component_partials($positions::varchar, $run_id::varchar) as p
     semi join chosen_runs using (run_id)
+    where p.kind = 'head'
 ),
 
 per_head as (
-    select run_id, layer, head, count(*) as n, stable_mean(value) as mean, stable_sd(value) as sd
-    from kept
-    group by run_id, layer, head
+    select
+        k.run_id,
+        k.layer,
+        k.head,
+        sum(k.n)::bigint as n,
+        case when s.measure = 'diff' then summed_mean(k.entropy_diff_sum, k.entropy_diff_n)
+             else summed_mean(k.entropy_marginal_sum, k.entropy_marginal_n) end as mean,
+        case when s.measure = 'diff'
+             then summed_sd(k.entropy_diff_sum, k.entropy_diff_sq, k.entropy_diff_n)
+             else summed_sd(k.entropy_marginal_sum, k.entropy_marginal_sq,
+                            k.entropy_marginal_n) end as sd
+    from kept as k, settings as s
+    group by k.run_id, k.layer, k.head, s.measure
 ),
 
 ranked as (

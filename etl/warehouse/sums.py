@@ -1,0 +1,171 @@
+"""A run's partial sums: per batch, layer, component (or residual point) and kind of
+position, the row count and exact fixed-point sums of every measure, written once when the
+run is published (``component_sums``, ``resid_sums``: one small Parquet file each) so that
+the saved summaries add a few thousand partial sums instead of scanning every row.
+
+Kinds of position: ``class`` is 'bos', 'pad' or 'real' (the text's own tokens), with the
+token's IOI ``role`` and ``variant`` (NULL outside IOI runs); ``batch`` is ``seq //
+batch_size`` (the run's ``--batch-size``; NULL when the run records none).
+
+The sums are those of the views' ``stable_mean``/``stable_sd``/``stable_cov`` macros
+(``queries/sql/views.sql``), whose integer sums are exact, so partials add up to the very
+integers a scan of the rows adds and a summary read from them has the same bytes:
+
+- ``<m>_n`` = count(m), ``<m>_pos`` = count(m > 0) (the increase fractions);
+- ``<m>_sum`` = Σ round(m·2^40), ``<m>_sq`` = Σ round(m²·2^40) (``fixed_point``);
+- for the copy-suppression measures, ``<m>_fine`` = Σ round(m·2^80) and ``<m>_fine_sq`` =
+  Σ round(m²·2^80) (``fine_point``), and per pair of measures x, y (``PAIRS``) the sums
+  over the rows where both are present: ``<pair>_n``, ``<pair>_xy`` = Σ round(x·y·2^80),
+  ``<pair>_x``, ``<pair>_y``.
+
+Sums are stored as ``decimal(38, 0)`` (128-bit integers): exact while a group's Σ|m|·2^80
+stays below 10^38 (Σ|m| below 8·10^13 nats).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from etl.warehouse.storage import make_dirs, write_parquet
+from etl.warehouse.tables import SCHEMAS
+
+if TYPE_CHECKING:
+    from etl.warehouse.catalog import Shard
+    from etl.warehouse.layout import Warehouse
+
+MEASURES = ("entropy_diff", "entropy_marginal", "loss_marginal", "kl_marginal",
+            "entropy_marginal_context", "kl_context_kept")
+"""The component measures summed (float32 nats)."""
+
+FINE_MEASURES = ("entropy_marginal", "entropy_marginal_context", "kl_marginal",
+                 "kl_context_kept")
+"""Those whose variances and covariances copy_suppression takes (``stable_cov``)."""
+
+PAIRS = {"entropy_pair": ("entropy_marginal_context", "entropy_marginal"),
+         "kl_pair": ("kl_context_kept", "kl_marginal")}
+"""Pair name → (x, y) of the covariances copy_suppression takes."""
+
+FIXED_POINT = ("create or replace macro fixed_point(x) as "
+               "(x::double * 1099511627776)::bigint;\n"
+               "create or replace macro fine_point(x) as (x::double * 2.0 ** 80)::hugeint;\n")
+"""The views' ``fixed_point`` and ``fine_point``, word for word (a test holds them equal)."""
+
+INT128 = "::decimal(38, 0)"
+
+
+def _measure_sums(m: str) -> list[str]:
+    sums = [f"count({m}) as {m}_n", f"count_if({m} > 0)::bigint as {m}_pos",
+            f"sum(fixed_point({m}))::hugeint{INT128} as {m}_sum",
+            f"sum(fixed_point({m}::double * {m}::double))::hugeint{INT128} as {m}_sq"]
+    if m in FINE_MEASURES:
+        sums += [f"sum(fine_point({m})){INT128} as {m}_fine",
+                 f"sum(fine_point({m}::double * {m}::double)){INT128} as {m}_fine_sq"]
+    return sums
+
+
+def _pair_sums(name: str, x: str, y: str) -> list[str]:
+    return [f"count({x}::double * {y}::double) as {name}_n",
+            f"sum(fine_point({x}::double * {y}::double)){INT128} as {name}_xy",
+            f"sum(fine_point(case when {y} is not null then {x} end)){INT128} as {name}_x",
+            f"sum(fine_point(case when {x} is not null then {y} end)){INT128} as {name}_y"]
+
+
+MARKED = """
+    with marks as (
+        select seq, position,
+               case when is_bos then 'bos' when is_pad then 'pad' end as class, role, variant
+        from read_parquet($tokens_files)
+        where is_bos or is_pad or role is not null or variant is not null
+    )
+    select r.*, coalesce(m.class, 'real') as class, m.role, m.variant,
+           r.seq // $batch_size::integer as batch
+    from (from read_parquet($rows_files, union_by_name = true)
+          union all by name from no_rows) as r
+    left join marks as m using (seq, position)
+"""
+"""The rows of the files ``$rows_files`` (every column of the table's schema, registered as
+``no_rows``: files written before a column existed read it as NULL) with their kind of
+position (from the tokens of ``$tokens_files``) and batch (``$batch_size``)."""
+
+
+KEYS = {"component_sums": ("batch", "layer", "head", "kind", "class", "role", "variant"),
+        "resid_sums": ("batch", "layer", "point", "class", "role", "variant")}
+"""Each sums table's grain: one row per distinct key."""
+
+
+def sums_sql(table: str) -> str:
+    """The query that sums the rows of ``$rows_files`` into ``table`` (``KEYS``), ordered
+    by its keys."""
+    keys = KEYS[table]
+    if table == "component_sums":
+        sums = [s for m in MEASURES for s in _measure_sums(m)]
+        sums += [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)]
+    else:
+        sums = ["count(entropy) as entropy_n",
+                f"sum(fixed_point(entropy))::hugeint{INT128} as entropy_sum",
+                f"sum(fixed_point(entropy::double * entropy::double))::hugeint{INT128} "
+                "as entropy_sq"]
+    columns = ",\n       ".join([*keys, "count(*) as n", *sums])
+    order = ", ".join(f"{k} nulls first" for k in keys)
+    return (f"select {columns}\nfrom ({MARKED})\ngroup by {', '.join(keys)}\n"
+            f"order by {order}")
+
+
+SOURCES = {"component_sums": "component_effects", "resid_sums": "resid_entropy"}
+"""Each sums table → the table whose rows it sums."""
+
+
+def run_sums(warehouse: Warehouse, files: dict[str, list[str]], batch_size: int | None
+             ) -> dict[str, pa.Table]:
+    """The sums tables of a run whose shards are ``files`` (table → paths or URLs of
+    ``component_effects``, ``resid_entropy`` and ``tokens``), as Arrow tables.
+
+    Args:
+        batch_size: the run's sequences per batch (``batch`` = seq // batch_size), or None.
+    """
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        if warehouse.remote:
+            con.register_filesystem(warehouse.root.fs)
+        con.execute(FIXED_POINT)
+        sums = {}
+        for table, source in SOURCES.items():
+            con.register("no_rows", SCHEMAS[source].empty_table())
+            sums[table] = con.sql(sums_sql(table), params={
+                "rows_files": files[source], "tokens_files": files["tokens"],
+                "batch_size": batch_size}).to_arrow_table()
+            con.unregister("no_rows")
+        return sums
+    finally:
+        con.close()
+
+
+def write_sums(warehouse: Warehouse, files: dict[str, list[str]], batch_size: int | None,
+               folder: Callable[[str], Path], generation: str) -> dict[str, list[dict]]:
+    """Write the sums tables of a run (``run_sums`` of ``files``) as
+    ``folder(table)/sums-<generation>.parquet``, zstd.
+
+    Returns:
+        Table → its one-entry list of files, as a manifest lists shards.
+    """
+    written = {}
+    for table, data in run_sums(warehouse, files, batch_size).items():
+        path = folder(table) / f"sums-{generation}.parquet"
+        make_dirs(path.parent)
+        digest = write_parquet(path, data, compression="zstd")
+        written[table] = [{"file": path.name, "rows": data.num_rows, "sha256": digest}]
+    return written
+
+
+def shard_files(shards: list[Shard]) -> dict[str, list[str]]:
+    """Table → the paths of ``shards`` (what ``run_sums`` reads)."""
+    files: dict[str, list[str]] = {}
+    for shard in shards:
+        files.setdefault(shard.table, []).append(str(shard.path))
+    return files

@@ -1,0 +1,85 @@
+-- head_summary: per run, layer and component (each head and the MLP), the mean entropy diff
+-- and marginal in nats, their standard deviations, n, 95 % confidence intervals of the means
+-- (normal approximation: mean ± 1.96·sd/√n) and the fraction of positions where the
+-- component increases entropy (> 0). With weighting 'batch' every mean (and fraction) is the
+-- mean of the per-batch means, batches being the run's consecutive groups of --batch-size
+-- sequences, as the study's notebook averaged; its sd and CI columns are then NULL (n and
+-- n_batches still count positions and batches).
+-- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
+-- @param run_id NULL one run id, or NULL for every run
+-- @param weighting 'token' 'token' (every position counts once) or 'batch' (every batch counts once: the study's mean of batch means; equal to 'token' when every batch holds as many positions)
+with
+
+settings as (
+    select
+        case when $weighting::varchar in ('token', 'batch') then $weighting::varchar
+             else error('weighting must be ''token'' or ''batch''') end as weighting
+),
+
+kept as (
+    select c.*, c.seq // (r.config ->> 'batch_size')::integer as batch
+    from component_rows($positions::varchar, $run_id::varchar) as c
+    join runs as r using (run_id)
+),
+
+-- per batch under weighting 'batch'; one group of every position under 'token'
+groups as (
+    select
+        k.run_id,
+        k.layer,
+        k.head,
+        k.kind,
+        case when s.weighting = 'batch' then k.batch end as batch,
+        count(*) as n,
+        stable_mean(k.entropy_diff) as mean_diff,
+        stable_sd(k.entropy_diff) as sd_diff,
+        stable_mean(k.entropy_marginal) as mean_marginal,
+        stable_sd(k.entropy_marginal) as sd_marginal,
+        avg((k.entropy_diff > 0)::double) as frac_increase_diff,
+        avg((k.entropy_marginal > 0)::double) as frac_increase_marginal,
+        count(distinct k.batch) as n_batches
+    from kept as k, settings as s
+    group by all
+),
+
+stats as (
+    select
+        run_id,
+        layer,
+        head,
+        kind,
+        sum(n)::bigint as n,
+        sum(n_batches)::bigint as n_batches,
+        stable_mean(mean_diff) as mean_diff,
+        case when count(*) = 1 then any_value(sd_diff) end as sd_diff,
+        stable_mean(mean_marginal) as mean_marginal,
+        case when count(*) = 1 then any_value(sd_marginal) end as sd_marginal,
+        avg(frac_increase_diff) as frac_increase_diff,
+        avg(frac_increase_marginal) as frac_increase_marginal
+    from groups
+    group by run_id, layer, head, kind
+),
+
+final as (
+    select
+        run_id,
+        layer,
+        head,
+        kind,
+        n,
+        n_batches,
+        mean_diff,
+        sd_diff,
+        ci95_low(mean_diff, sd_diff, n) as ci95_low_diff,
+        ci95_high(mean_diff, sd_diff, n) as ci95_high_diff,
+        mean_marginal,
+        sd_marginal,
+        ci95_low(mean_marginal, sd_marginal, n) as ci95_low_marginal,
+        ci95_high(mean_marginal, sd_marginal, n) as ci95_high_marginal,
+        frac_increase_diff,
+        frac_increase_marginal
+    from stats
+)
+
+select * from final
+order by run_id, layer, kind, head
