@@ -1,13 +1,16 @@
-"""``python -m queries.bench``: time the saved queries over a large synthetic warehouse.
+"""``python -m queries.bench``: time the saved queries over large synthetic warehouses.
 
-A benchmark, not a test. It writes a synthetic run of GPT-2-small shape (12 layers, 12
-heads + MLP) with the project's own writer (``etl.warehouse.RunWriter``: same schemas,
-shards, zstd and manifest as a real run), with random entropy values, then times saved
-queries on it through the same views the CLI uses and prints rows, seconds and rows/s,
-and the ratio to the same query with DuckDB's plain ``avg``/``stddev_samp`` in place of the
-order-independent ``stable_mean``/``stable_sd`` (timed in the same run).
+A benchmark, not a test. For each size it writes a synthetic run of GPT-2-small shape (12
+layers, 12 heads + MLP) with the project's own writer (``etl.warehouse.RunWriter``: same
+schemas, shards, zstd, partial sums and manifest as a real run), with random entropy
+values, in its own warehouse under ``--warehouse`` (reused when present), then times each
+query through the same views the CLI uses: best of ``--repeats``, plus one run under
+DuckDB's profiler for the bytes it read and the ``component_effects`` row groups it
+scanned. The baseline, timed once in the same run, is each saved query as it was before the
+partial sums (``--reference``: the same summaries scanning every row).
 
-    python -m queries.bench --warehouse /tmp/bench-warehouse --component-rows 100000000
+    python -m queries.bench --warehouse /tmp/bench --component-rows 10000000 100000000 \
+        1000000000
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ def _tokens_table(start: int, stop: int, rng: np.random.Generator) -> pa.Table:
 
 
 def write_synthetic_run(warehouse: Warehouse, run_id: str, component_rows: int,
-                        seed: int = 0) -> Manifest:
-    """Write a synthetic run with at least ``component_rows`` component rows.
+                        seed: int = 0, timings: dict | None = None) -> Manifest:
+    """Write a synthetic run with at least ``component_rows`` component rows; ``timings``
+    gets the seconds of its publish (``publish_s``: partial sums included).
 
     Returns:
         Its manifest.
@@ -79,6 +83,7 @@ def write_synthetic_run(warehouse: Warehouse, run_id: str, component_rows: int,
         print(f"\rwrote {stop}/{n_seqs} sequences", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     writer.close()
+    written = time.perf_counter()
     now = datetime.now(UTC).isoformat()
     manifest = Manifest(
         run_id=run_id, created_at=now, completed_at=now, model="synthetic-gpt2-small-shape",
@@ -86,26 +91,48 @@ def write_synthetic_run(warehouse: Warehouse, run_id: str, component_rows: int,
         n_layers=N_LAYERS,
         n_heads=N_HEADS, d_vocab=VOCAB, n_seqs=n_seqs, seq_len=SEQ_LEN,
         n_tokens=n_seqs * SEQ_LEN, device="none", dtype="float32",
-        seconds=round(time.perf_counter() - started, 3), tokens_per_s=0.0, timing={},
-        config={"synthetic": True, "seed": seed}, model_identity={},
+        seconds=round(written - started, 3), tokens_per_s=0.0, timing={},
+        config={"synthetic": True, "seed": seed, "batch_size": SEQS_PER_SHARD},
+        model_identity={},
         dataset_fingerprint="", dataset_source={"generator": "queries.bench"}, packages={},
         git_commit=None, host="")
-    return writer.staging.publish(manifest, -(-n_seqs // SEQS_PER_SHARD))
+    published = writer.staging.publish(manifest, -(-n_seqs // SEQS_PER_SHARD))
+    if timings is not None:
+        timings["publish_s"] = round(time.perf_counter() - written, 2)
+    return published
 
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.parquet"))
 
 
-def plain_aggregates(sql: str) -> str:
-    """``sql`` with DuckDB's own ``avg``/``stddev_samp`` in place of the order-independent
-    ``stable_mean``/``stable_sd`` (the baseline their cost is measured against)."""
-    return sql.replace("stable_mean(", "avg(").replace("stable_sd(", "stddev_samp(")
+ADHOC = "adhoc:select layer, kind, count(*), avg(entropy_diff) from component_entropy group by all"
+"""The default ad-hoc query: one over the table's earlier name, reading every row."""
+
+QUERIES = ["head_summary", "head_summary:positions=all", "head_summary:weighting=batch",
+           "top_heads", "resid_summary", "ioi_roles", "loss_effects", "copy_suppression",
+           "token_drilldown:component=10.7", "head_distribution:k=1", ADHOC]
 
 
-def _best_time(warehouse: Warehouse, sql: str, params: dict,
-               repeats: int) -> tuple[float, int]:
+def _query(spec: str, reference: Path | None) -> tuple[str, str | None, dict]:
+    """``spec`` (NAME[:k=v,...] or adhoc:SQL) → (its SQL, the full-scan SQL of the same
+    query in ``reference`` or None, its bound parameters)."""
+    from queries.saved import get_query
+
+    if spec.startswith("adhoc:"):
+        return spec.removeprefix("adhoc:"), None, {}
+    name, _, params_text = spec.partition(":")
+    params = dict(p.split("=", 1) for p in params_text.split(",") if p)
+    query = get_query(name)
+    old = reference / f"{name}.sql" if reference else None
+    return query.sql, (old.read_text() if old and old.is_file() else None), query.bind(params)
+
+
+def _measure(warehouse: Warehouse, sql: str, params: dict, repeats: int) -> dict:
+    """Best-of-``repeats`` seconds of ``sql`` (a fresh connection each time), its result
+    rows, and what one more, profiled run read (``queries.profile``)."""
     from queries.db import connect, run_sql
+    from queries.profile import profiled
 
     best, rows = float("inf"), 0
     for _ in range(repeats):
@@ -114,70 +141,110 @@ def _best_time(warehouse: Warehouse, sql: str, params: dict,
         rows = run_sql(con, sql, params).height
         best = min(best, time.perf_counter() - t0)
         con.close()
-    return best, rows
+    con = connect(warehouse)
+    reads = profiled(con, sql, params)
+    con.close()
+    scanned, total = reads.row_groups.get("component_effects", (0, 0))
+    return {"seconds": round(best, 3), "result_rows": rows, "bytes_read": reads.bytes_read,
+            "component_row_groups": [scanned, total]}
 
 
-def time_queries(warehouse: Warehouse, names: list[str], repeats: int) -> list[dict]:
-    """Best-of-``repeats`` wall time of each saved query (defaults, all runs), and of the
-    same query with plain aggregates (``plain_aggregates``), interleaved query by query."""
-    from queries.saved import get_query
-
+def time_queries(warehouse: Warehouse, specs: list[str], repeats: int,
+                 reference: Path | None) -> list[dict]:
+    """Each query of ``specs`` measured (``_measure``), with its full scan in ``reference``
+    (when there is one) measured once as ``full_scan``."""
     results = []
-    for spec in names:
-        name, _, params_text = spec.partition(":")
-        params = dict(p.split("=", 1) for p in params_text.split(",") if p)
-        query = get_query(name)
-        bound = query.bind(params)
-        seconds, rows = _best_time(warehouse, query.sql, bound, repeats)
-        plain, _ = _best_time(warehouse, plain_aggregates(query.sql), bound, repeats)
-        results.append({"query": spec, "seconds": round(seconds, 3), "result_rows": rows,
-                        "plain_seconds": round(plain, 3)})
+    for spec in specs:
+        sql, old, params = _query(spec, reference)
+        result = {"query": spec, **_measure(warehouse, sql, params, repeats)}
+        if old is not None:
+            result["full_scan"] = _measure(warehouse, old, params, 1)
+        results.append(result)
     return results
+
+
+def sized_run(root: Path, component_rows: int) -> tuple[Warehouse, dict, float | None]:
+    """The warehouse ``root/rows-<N>`` holding one synthetic run of at least ``N`` component
+    rows, its manifest and the seconds its publish took (written unless already there:
+    None)."""
+    warehouse = Warehouse(root / f"rows-{component_rows}")
+    path = warehouse.manifest_path("synthetic")
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        if manifest.get("n_component_rows", 0) >= component_rows and "component_sums" in \
+                manifest.get("shards", {}):
+            return warehouse, manifest, None
+    timings: dict = {}
+    manifest = write_synthetic_run(warehouse, "synthetic", component_rows, timings=timings)
+    return warehouse, manifest.to_json(), timings["publish_s"]
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def report(sizes: list[dict]) -> None:
+    """Print each size's measurements, then each query's growth from the smallest size to
+    the largest."""
+    for size in sizes:
+        published = ("(reused)" if size["publish_s"] is None
+                     else f"published in {size['publish_s']} s, partial sums included")
+        print(f"\n{size['component_rows']:,} component rows, {_gib(size['parquet_bytes'])} "
+              f"of Parquet; shards written in {size['write_s']} s, {published}")
+        for r in size["results"]:
+            scanned, total = r["component_row_groups"]
+            line = (f"  {r['query'][:40]:<40} {r['seconds']:8.3f} s  read "
+                    f"{_gib(r['bytes_read']):>10}  row groups {scanned}/{total}")
+            if "full_scan" in r:
+                old = r["full_scan"]
+                line += (f"  | full scan {old['seconds']:.3f} s, {_gib(old['bytes_read'])}: "
+                         f"{old['seconds'] / r['seconds']:.1f}x")
+            print(line)
+    if len(sizes) > 1:
+        first, last = sizes[0], sizes[-1]
+        grow = last["component_rows"] / first["component_rows"]
+        print(f"\ngrowth from {first['component_rows']:,} to {last['component_rows']:,} rows "
+              f"({grow:.0f}x):")
+        for a, b in zip(first["results"], last["results"], strict=True):
+            print(f"  {a['query'][:40]:<40} seconds {b['seconds'] / a['seconds']:6.2f}x, "
+                  f"bytes read {b['bytes_read'] / max(a['bytes_read'], 1):6.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = ArgumentParser(prog="python -m queries.bench",
-                            description="Time saved queries over a large synthetic warehouse.")
+                            description="Time saved queries over large synthetic warehouses.")
     parser.add_argument("--warehouse", type=Path, required=True,
-                        help="where to write the synthetic warehouse (reused if present)")
-    parser.add_argument("--component-rows", type=int, default=100_000_000,
-                        help="component rows to generate (default 100,000,000)")
+                        help="folder of the synthetic warehouses, one per size (reused)")
+    parser.add_argument("--component-rows", type=int, nargs="+", default=[100_000_000],
+                        help="sizes in component rows (default 100,000,000)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings (default 3)")
-    parser.add_argument("--queries", nargs="+",
-                        default=["head_summary", "head_summary:positions=real", "top_heads",
-                                 "resid_summary"],
-                        help="saved queries to time, NAME or NAME:param=value,...")
+    parser.add_argument("--queries", nargs="+", default=QUERIES,
+                        help="NAME or NAME:param=value,... of saved queries, or adhoc:SQL")
+    parser.add_argument("--reference", type=Path,
+                        default=Path(__file__).parent.parent / "tests" / "sql" / "full_scan",
+                        help="folder of the full-scan versions of the saved queries, timed "
+                             "once as the baseline (default: tests/sql/full_scan)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     try:
         args = parser.parse_args(argv)
-        warehouse = Warehouse(args.warehouse)
-        path = warehouse.manifest_path("synthetic")
-        if path.exists() and json.loads(path.read_text())[
-                "n_component_rows"] >= args.component_rows:
-            manifest = json.loads(path.read_text())
-        else:
-            manifest = write_synthetic_run(warehouse, "synthetic",
-                                           args.component_rows).to_json()
-        results = time_queries(warehouse, args.queries, args.repeats)
+        sizes = []
+        for rows in sorted(args.component_rows):
+            warehouse, manifest, publish_s = sized_run(args.warehouse, rows)
+            sizes.append({
+                "component_rows": manifest["n_component_rows"],
+                "resid_rows": manifest["n_resid_rows"], "token_rows": manifest["n_token_rows"],
+                "parquet_bytes": _size(Path(str(warehouse.root))),
+                "write_s": manifest["seconds"], "publish_s": publish_s,
+                "results": time_queries(warehouse, args.queries, args.repeats,
+                                        args.reference if args.reference.is_dir() else None)})
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    component_rows = manifest["n_component_rows"]
-    summary = {"component_rows": component_rows, "resid_rows": manifest["n_resid_rows"],
-               "token_rows": manifest["n_token_rows"],
-               "parquet_bytes": _size(args.warehouse), "results": results}
     if args.json:
-        print(json.dumps(summary))
-        return 0
-    print(f"warehouse {args.warehouse}: {component_rows:,} component rows, "
-          f"{summary['parquet_bytes'] / 2**30:.2f} GiB of Parquet")
-    for r in results:
-        print(f"  {r['query']:<32} {r['seconds']:8.3f} s  "
-              f"{component_rows / r['seconds'] / 1e6:8.1f} M component rows/s  "
-              f"({r['result_rows']} result rows); plain avg/stddev_samp "
-              f"{r['plain_seconds']:.3f} s: stable aggregates cost "
-              f"{r['seconds'] / r['plain_seconds']:.2f}x")
+        print(json.dumps({"sizes": sizes}))
+    else:
+        report(sizes)
     return 0
 
 

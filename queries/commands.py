@@ -14,7 +14,15 @@ from pathlib import Path
 import duckdb
 
 from etl.errors import UserError
-from etl.warehouse import Run, Warehouse, complete_runs, migrate, run_problems, stray_files
+from etl.warehouse import (
+    Run,
+    Warehouse,
+    complete_runs,
+    migrate,
+    run_problems,
+    stray_files,
+    sums_problems,
+)
 from queries.db import Views, current_runs, init_sql, open_views, run_sql, sql_error
 from queries.output import check_output, output_format, render, write_result
 from queries.saved import data_checks, get_query, saved_queries
@@ -123,6 +131,18 @@ def check_files(warehouse: Warehouse, runs: list[Run]) -> tuple[list[Run], int]:
     return [run for run in runs if not problems[run.run_id]], len(bad)
 
 
+def check_sums(warehouse: Warehouse, runs: list[Run]):
+    """The sums files of ``runs`` that differ from the sums of their rows (``sums_problems``),
+    as a data test's offending rows (run_id, file, problem)."""
+    import polars as pl
+
+    found = [p for run in runs for p in sums_problems(warehouse, run)]
+    return pl.DataFrame({"run_id": [p.run_id for p in found],
+                         "file": [str(p.path) for p in found],
+                         "problem": [p.message for p in found]}, schema=dict.fromkeys(
+                             ("run_id", "file", "problem"), pl.String))
+
+
 def cmd_check(args: argparse.Namespace, warehouse: Warehouse) -> int:
     """``check``: every run's files against its manifest, then the data tests; 1 when
     anything fails."""
@@ -133,6 +153,7 @@ def cmd_check(args: argparse.Namespace, warehouse: Warehouse) -> int:
         print(f"0 passed, {n_bad} bad files")
         return 1
     results = run_checks(open_views(warehouse, sound, read_only=True))
+    results["partial_sums"] = check_sums(warehouse, sound)
     failed = [name for name, frame in results.items() if frame.height]
     for name, frame in results.items():
         if frame.height:

@@ -147,7 +147,7 @@ def open_views(warehouse: Warehouse, runs: list[Run], read_only: bool = False
     fsspec filesystem (``register_filesystem``; no DuckDB extension)."""
     con = duckdb.connect()
     if warehouse.remote:
-        con.register_filesystem(warehouse.root.fs)
+        con.register_filesystem(warehouse.filesystem)
     try:
         for name, value in view_variables(warehouse, runs).items():
             cast = "::varchar[]" if isinstance(value, list) else ""

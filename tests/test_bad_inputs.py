@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import etl.extract
 import etl.run.runner
+import etl.warehouse.storage
 from etl.errors import Terminated, UserError
 from etl.extract import main
 from etl.lens.measures import first_non_finite
@@ -461,7 +462,7 @@ def test_disk_full_while_writing_keeps_nothing_published(tmp_path, monkeypatch, 
                                     "space left on device")
 
     monkeypatch.setattr(etl.run.runner, "load_model", lambda *a, **k: tiny_model)
-    monkeypatch.setattr(pq, "write_table", full)
+    monkeypatch.setattr(etl.warehouse.storage, "encode_parquet", full)
     assert main(_ioi_argv(tiny_checkpoint, tmp_path / "wh")) == 2
     line = _one_error_line(capsys)
     assert "No space left on device; nothing was published; run the same command" in line

@@ -34,6 +34,7 @@ def old_warehouse(tmp_path):
     for seed, (run_id, options) in enumerate((
             ("v1", {"schema_version": 1}), ("seed", {"lens": "seed"}),
             ("v2", {"measures": None}), ("v3", {})), start=1):
+        options = {"schema_version": 2} | options
         write_run(root, run_id, seed=seed, component_table="component_entropy", **options)
     return root
 
@@ -43,10 +44,10 @@ def test_old_runs_are_left_out_with_a_warning_naming_migrate(old_warehouse, caps
     assert counts(con, "tokens") == {"new": N_SEQS * SEQ_LEN}
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 4 and all(w.startswith("warning: left out run ") for w in warnings)
-    assert "(lens name 'seed', table component_entropy)" in warnings[0]
-    assert "(manifest schema 1)" in warnings[1]
-    assert "(no measures listed, table component_entropy)" in warnings[2]
-    assert "(table component_entropy)" in warnings[3]
+    assert "(lens name 'seed', table component_entropy, no partial sums)" in warnings[0]
+    assert "(manifest schema 1, no partial sums)" in warnings[1]
+    assert "(no measures listed, table component_entropy, no partial sums)" in warnings[2]
+    assert "(table component_entropy, no partial sums)" in warnings[3]
     assert all(w.endswith("; run python -m queries migrate") for w in warnings)
     assert query_main(["--warehouse", str(old_warehouse), "check"]) == 1
     assert "FAIL files: run v1: " in capsys.readouterr().out
@@ -56,16 +57,18 @@ def test_migrate_rewrites_the_old_manifests_and_then_has_nothing_to_do(old_wareh
     untouched = (old_warehouse / "runs" / "run_id=new" / "manifest.json").read_bytes()
     assert query_main(["--warehouse", str(old_warehouse), "migrate"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    moved = "table component_entropy → component_effects (its files moved)"
+    moved = ("table component_entropy → component_effects (its files moved); partial sums "
+             "written (component_sums 12 rows, resid_sums 10 rows)")
     assert out == [f"migrated run seed: lens 'seed' → 'final-scale'; {moved}",
-                   "migrated run v1: schema 1 → 2 (3 files listed with their rows and sha256); "
+                   "migrated run v1: schema 1 → 3 (3 files listed with their rows and sha256); "
                    f"{moved}",
                    f"migrated run v2: measures: entropy (the only group measured then); {moved}",
                    f"migrated run v3: {moved}",
                    "4 runs migrated"]
     assert not (old_warehouse / "component_entropy").exists()
     v1 = _manifest(old_warehouse, "v1")
-    assert v1["schema_version"] == 2 and set(v1["shards"]) == set(TABLES)
+    assert v1["schema_version"] == 3
+    assert set(v1["shards"]) == {*TABLES, "component_sums", "resid_sums"}
     for table in TABLES:
         path = shard(old_warehouse, table, "v1")
         assert v1["shards"][table] == [{

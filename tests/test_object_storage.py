@@ -67,7 +67,9 @@ def test_an_s3_warehouse_holds_the_rows_of_a_local_one_and_queries_and_charts_re
     assert outputs[0] == outputs[1] and outputs[0].count("\n") > 5
 
     assert queries_main(["check", "--warehouse", url]) == 0
-    assert "PASS files: 9 files of 1 runs match their manifests" in capsys.readouterr().out
+    checked = capsys.readouterr().out  # 3 batches of 3 tables, and the run's 2 sums files
+    assert "PASS files: 11 files of 1 runs match their manifests" in checked
+    assert "PASS partial_sums" in checked
 
     out = tmp_path / "charts"
     assert analysis_main(["--warehouse", url, "--out", str(out), "--format", "svg",
@@ -206,16 +208,16 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_the_run_resumes(
 
     from etl.warehouse import storage
 
-    real, calls = storage.pq.write_table, [0]
+    real, calls = storage.encode_parquet, [0]
 
-    def failing(table, where, **kwargs):
+    def failing(table, **kwargs):
         calls[0] += 1
         if calls[0] == 4:
             raise EndpointConnectionError(endpoint_url="http://gone:9000")
-        return real(table, where, **kwargs)
+        return real(table, **kwargs)
 
     url = "s3://bucket/flaky"
-    monkeypatch.setattr(storage.pq, "write_table", failing)
+    monkeypatch.setattr(storage, "encode_parquet", failing)
     capsys.readouterr()
     assert _extract(tiny_checkpoint, url, "r") == 2
     err = capsys.readouterr().err

@@ -31,6 +31,7 @@ CASES = [
     ("compare_runs", {"run_a": "ioi-entropy", "run_b": "ioi-all"}),
     ("token_drilldown", {}), ("token_drilldown", {"run_id": "ioi-all", "measure": "loss"}),
     ("calibration_curve", {"run_id": "text-all"}),
+    ("head_distribution", {}), ("head_distribution", {"measure": "marginal", "k": "3"}),
 ]
 
 
@@ -112,7 +113,7 @@ def test_the_sums_published_are_those_of_the_rows(warehouse):
     for run_id in ("text-all", "ioi-all"):
         run = read_run(wh, wh.manifest_path(run_id))
         config = json.loads(run.manifest.read_text())["config"]
-        again = run_sums(wh, shard_files(run.shards), config["batch_size"])
+        again = run_sums(shard_files(run.shards), config["batch_size"])
         stored = stored_sums(warehouse, run_id)
         assert set(stored) == {"component_sums", "resid_sums"}
         for table, data in again.items():

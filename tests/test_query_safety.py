@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.warehouse import Warehouse, migrate
+from etl.warehouse.sums import write_sums
 from queries.cli import main as query_main
 from queries.db import connect
 
@@ -64,7 +65,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_run(root: Path, run_id: str, schema_version: int = 2, seed: int = 0,
+def write_run(root: Path, run_id: str, schema_version: int = 3, seed: int = 0,
               offset: float = 0.0, gen: str = "g1", manifest: bool = True,
               lens: str = "final-scale", measures: list | None = ("entropy",),
               component_table: str = "component_effects") -> dict:
@@ -72,7 +73,8 @@ def write_run(root: Path, run_id: str, schema_version: int = 2, seed: int = 0,
     its shards have the entropy columns only (as before the effects were measured), and
     ``measures=None`` leaves them out of the manifest too (as a run of that time);
     ``component_table``: the component table's name (``component_entropy`` before it
-    held the effects)."""
+    held the effects); ``schema_version`` 3 adds the run's partial sums, as a publish
+    does (with its manifest)."""
     shards = {}
     for table, data in _tables(seed, offset).items():
         table = component_table if table == "component_effects" else table
@@ -95,6 +97,10 @@ def write_run(root: Path, run_id: str, schema_version: int = 2, seed: int = 0,
         "dataset_fingerprint": None, "git_commit": None, "config": {"seed": seed},
         "model_identity": {}, "dataset_source": {}, "packages": {}, "timing": {},
     }
+    if schema_version >= 3 and manifest:
+        files = {t: [str(root / t / f"run_id={run_id}" / s["file"]) for s in entries]
+                 for t, entries in shards.items()}
+        shards |= write_sums(files, None, lambda t: root / t / f"run_id={run_id}", gen)
     if schema_version >= 2:
         data["shards"] = shards
     if measures is not None:
@@ -303,7 +309,7 @@ def test_check_warns_about_partial_runs_and_stray_files(warehouse, capsys):
     strays = {shard(warehouse, t, "good", "g2") for t in TABLES} | \
              {shard(warehouse, t, "partial") for t in TABLES}
     assert {Path(line.split()[3].rstrip(":")) for line in warns if "stray" in line} == strays
-    assert "FAIL" not in out and "5 passed, 0 failed" in out
+    assert "FAIL" not in out and "6 passed, 0 failed" in out
 
 
 # 4. sql and run are read-only --------------------------------------------------------------

@@ -8,7 +8,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from etl.warehouse import Manifest, RunWriter, Warehouse, component_table, resid_table
+from etl.warehouse import (
+    SUMS_TABLES,
+    TABLES,
+    Manifest,
+    RunWriter,
+    Warehouse,
+    component_table,
+    resid_table,
+)
 from etl.warehouse.tables import TOKENS_SCHEMA
 
 N_LAYERS, N_HEADS, SEQ_LEN = 2, 3, 4
@@ -64,7 +72,8 @@ def test_abort_keeps_the_staged_batches_for_a_resume(tmp_path):
     again.close()
     again.staging.publish(bare_manifest("r"), n_batches=2)
     manifest = json.loads(manifest_path(tmp_path, "r").read_text())
-    assert {len(manifest["shards"][t]) for t in manifest["shards"]} == {2}
+    assert {len(manifest["shards"][t]) for t in TABLES} == {2}
+    assert {len(manifest["shards"][t]) for t in SUMS_TABLES} == {1}
     assert not (tmp_path / "_staging" / "r").exists()
 
 

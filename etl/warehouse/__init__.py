@@ -14,6 +14,7 @@ from etl.warehouse.catalog import (
     read_runs,
     run_problems,
     stray_files,
+    sums_problems,
 )
 from etl.warehouse.layout import (
     DEFAULT_WAREHOUSE,
@@ -41,5 +42,5 @@ __all__ = [
     "TABLES", "Manifest", "Problem", "Run",
     "RunWriter", "Shard", "StagingArea", "TokenRows", "Warehouse", "complete_runs",
     "component_table", "migrate", "read_run", "read_runs", "resid_table", "run_problems",
-    "storage_errors", "stray_files", "validate_run_id",
+    "storage_errors", "stray_files", "sums_problems", "validate_run_id",
 ]

@@ -19,7 +19,8 @@ from etl.errors import UserError
 from etl.warehouse.files import sha256_of
 from etl.warehouse.manifest import load_manifest, manifest_problem
 from etl.warehouse.migration import MIGRATE, RENAMED_TABLES, outdated
-from etl.warehouse.storage import read_parquet_metadata, storage_errors
+from etl.warehouse.storage import read_parquet_metadata, read_parquet_table, storage_errors
+from etl.warehouse.sums import run_sums, shard_files
 from etl.warehouse.tables import STORED_TABLES
 
 if TYPE_CHECKING:
@@ -159,6 +160,20 @@ def run_problems(run: Run, full: bool = False) -> list[Problem]:
             problems.append(Problem(run.run_id, shard.path, message))
             if not full:
                 break
+    return problems
+
+
+def sums_problems(warehouse: Warehouse, run: Run) -> list[Problem]:
+    """The sums files of ``run`` (sound files) whose rows differ from the sums of its rows
+    as a publish writes them (``etl.warehouse.sums``): a full read of the run."""
+    config = load_manifest(run.manifest).get("config") or {}
+    again = run_sums(shard_files(run.shards), config.get("batch_size"), warehouse.filesystem)
+    problems = []
+    for shard in run.shards:
+        if shard.table in again and not read_parquet_table(shard.path).equals(again[shard.table]):
+            problems.append(Problem(run.run_id, shard.path,
+                                    f"its {shard.table} differ from the sums of the run's rows "
+                                    "(publish the run again with --overwrite)"))
     return problems
 
 

@@ -89,6 +89,12 @@ class Warehouse:
         return is_remote(self.root)
 
     @property
+    def filesystem(self) -> object | None:
+        """The fsspec filesystem of an object-storage root (what DuckDB reads it through),
+        or None for a local folder."""
+        return self.root.fs if self.remote else None
+
+    @property
     def absolute_root(self) -> Path:
         """The root as an absolute path (URLs already are): what DuckDB is given."""
         return absolute(self.root)

@@ -154,9 +154,9 @@ def summed(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[st
     files = {table: [str(warehouse.partition(table, run_id) / s["file"])
                      for s in shards[table]] for table in TABLES}
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
-    sums = write_sums(warehouse, files, config.get("batch_size"),
+    sums = write_sums(files, config.get("batch_size"),
                       lambda table: warehouse.partition(table, run_id),
-                      str(data.get("generation") or "migrated"))
+                      str(data.get("generation") or "migrated"), warehouse.filesystem)
     rows = ", ".join(f"{t} {v[0]['rows']:,} rows" for t, v in sums.items())
     return dict(data, shards=shards | sums, schema_version=SCHEMA_VERSION), [
         f"partial sums written ({rows})"]

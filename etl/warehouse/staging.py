@@ -208,8 +208,9 @@ class StagingArea:
         shards = self.staged_shards(n_batches)
         files = {table: [str(self.folder / table / s["file"]) for s in entries]
                  for table, entries in shards.items()}
-        shards |= write_sums(self.warehouse, files, manifest.config.get("batch_size"),
-                             lambda table: self.folder / table, self.generation)
+        shards |= write_sums(files, manifest.config.get("batch_size"),
+                             lambda table: self.folder / table, self.generation,
+                             self.warehouse.filesystem)
         manifest = manifest.published(self.generation, shards)
         for table in STORED_TABLES:
             target = self.warehouse.partition(table, self.run_id)

@@ -194,23 +194,29 @@ def write_bytes_atomically(path: Path, data: bytes, durable: bool = True) -> Non
         os.close(dir_fd)
 
 
-def write_parquet(path: Path, data: pa.Table, splits: list[int] = (),
-                  row_group_size: int | None = None, **options) -> str:
-    """Write ``data`` as the Parquet file ``path`` (``options``: ``pq.ParquetWriter``'s),
-    whole or absent: encoded in memory, then locally through ``<name>.tmp`` and a rename, in
-    object storage as one upload. A row group ends at each row index of ``splits`` and
-    after at most ``row_group_size`` rows.
-
-    Returns:
-        The hex sha256 of the bytes written: taken before they reach the disk, so that any
-        later change to the file shows.
-    """
+def encode_parquet(data: pa.Table, splits: list[int] = (), row_group_size: int | None = None,
+                   **options) -> pa.Buffer:
+    """``data`` encoded as a Parquet file in memory (``options``: ``pq.ParquetWriter``'s). A
+    row group ends at each row index of ``splits`` and after at most ``row_group_size``
+    rows."""
     sink = pa.BufferOutputStream()
     bounds = [0, *splits, data.num_rows]
     with pq.ParquetWriter(sink, data.schema, **options) as writer:
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             writer.write_table(data.slice(start, stop - start), row_group_size=row_group_size)
-    body = memoryview(sink.getvalue())
+    return sink.getvalue()
+
+
+def write_parquet(path: Path, data: pa.Table, **options) -> str:
+    """Write ``data`` as the Parquet file ``path`` (``options``: ``encode_parquet``'s), whole
+    or absent: encoded in memory, then locally through ``<name>.tmp`` and a rename, in object
+    storage as one upload.
+
+    Returns:
+        The hex sha256 of the bytes written: taken before they reach the disk, so that any
+        later change to the file shows.
+    """
+    body = memoryview(encode_parquet(data, **options))
     write_bytes_atomically(path, body, durable=False)
     return hashlib.sha256(body).hexdigest()
 
@@ -221,6 +227,14 @@ def read_parquet_metadata(path: Path) -> pq.FileMetaData:
         with path.open("rb") as f:
             return pq.read_metadata(f)
     return pq.read_metadata(path)
+
+
+def read_parquet_table(path: Path) -> pa.Table:
+    """The rows of the Parquet file ``path``, local or in object storage."""
+    if is_remote(path):
+        with path.open("rb") as f:
+            return pq.read_table(f)
+    return pq.read_table(path)
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

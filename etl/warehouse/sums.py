@@ -35,7 +35,6 @@ from etl.warehouse.tables import SCHEMAS
 
 if TYPE_CHECKING:
     from etl.warehouse.catalog import Shard
-    from etl.warehouse.layout import Warehouse
 
 MEASURES = ("entropy_diff", "entropy_marginal", "loss_marginal", "kl_marginal",
             "entropy_marginal_context", "kl_context_kept")
@@ -78,18 +77,26 @@ MARKED = """
     with marks as (
         select seq, position,
                case when is_bos then 'bos' when is_pad then 'pad' end as class, role, variant
-        from read_parquet($tokens_files)
+        from run_tokens
         where is_bos or is_pad or role is not null or variant is not null
     )
     select r.*, coalesce(m.class, 'real') as class, m.role, m.variant,
            r.seq // $batch_size::integer as batch
-    from (from read_parquet($rows_files, union_by_name = true)
-          union all by name from no_rows) as r
+    from run_rows as r
     left join marks as m using (seq, position)
 """
-"""The rows of the files ``$rows_files`` (every column of the table's schema, registered as
-``no_rows``: files written before a column existed read it as NULL) with their kind of
-position (from the tokens of ``$tokens_files``) and batch (``$batch_size``)."""
+"""The rows of the view ``run_rows`` with their kind of position (from the view
+``run_tokens``) and batch (``$batch_size``)."""
+
+
+def _define(con, name: str, files: list[str], table: str) -> None:
+    """The view ``name``: the rows of Parquet ``files`` of ``table``, with every column of
+    its schema (files written before a column existed read it as NULL; no file: no row)."""
+    con.register(f"{name}_schema", SCHEMAS[table].empty_table())
+    listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    source = (f"from read_parquet([{listed}], union_by_name = true) union all by name "
+              if files else "")
+    con.execute(f"create or replace temp view {name} as {source}from {name}_schema")
 
 
 KEYS = {"component_sums": ("batch", "layer", "head", "kind", "class", "role", "variant"),
@@ -119,35 +126,36 @@ SOURCES = {"component_sums": "component_effects", "resid_sums": "resid_entropy"}
 """Each sums table → the table whose rows it sums."""
 
 
-def run_sums(warehouse: Warehouse, files: dict[str, list[str]], batch_size: int | None
-             ) -> dict[str, pa.Table]:
+def run_sums(files: dict[str, list[str]], batch_size: int | None,
+             filesystem: object | None = None) -> dict[str, pa.Table]:
     """The sums tables of a run whose shards are ``files`` (table → paths or URLs of
     ``component_effects``, ``resid_entropy`` and ``tokens``), as Arrow tables.
 
     Args:
         batch_size: the run's sequences per batch (``batch`` = seq // batch_size), or None.
+        filesystem: the fsspec filesystem of URLs (object storage), or None.
     """
     import duckdb
 
     con = duckdb.connect()
     try:
-        if warehouse.remote:
-            con.register_filesystem(warehouse.root.fs)
+        if filesystem is not None:
+            con.register_filesystem(filesystem)
         con.execute(FIXED_POINT)
+        _define(con, "run_tokens", files.get("tokens", []), "tokens")
         sums = {}
         for table, source in SOURCES.items():
-            con.register("no_rows", SCHEMAS[source].empty_table())
-            sums[table] = con.sql(sums_sql(table), params={
-                "rows_files": files[source], "tokens_files": files["tokens"],
-                "batch_size": batch_size}).to_arrow_table()
-            con.unregister("no_rows")
+            _define(con, "run_rows", files.get(source, []), source)
+            sums[table] = con.sql(sums_sql(table), params={"batch_size": batch_size}
+                                  ).to_arrow_table()
         return sums
     finally:
         con.close()
 
 
-def write_sums(warehouse: Warehouse, files: dict[str, list[str]], batch_size: int | None,
-               folder: Callable[[str], Path], generation: str) -> dict[str, list[dict]]:
+def write_sums(files: dict[str, list[str]], batch_size: int | None,
+               folder: Callable[[str], Path], generation: str,
+               filesystem: object | None = None) -> dict[str, list[dict]]:
     """Write the sums tables of a run (``run_sums`` of ``files``) as
     ``folder(table)/sums-<generation>.parquet``, zstd.
 
@@ -155,7 +163,7 @@ def write_sums(warehouse: Warehouse, files: dict[str, list[str]], batch_size: in
         Table → its one-entry list of files, as a manifest lists shards.
     """
     written = {}
-    for table, data in run_sums(warehouse, files, batch_size).items():
+    for table, data in run_sums(files, batch_size, filesystem).items():
         path = folder(table) / f"sums-{generation}.parquet"
         make_dirs(path.parent)
         digest = write_parquet(path, data, compression="zstd")
