@@ -112,7 +112,8 @@ class Warehouse(warehouse.Warehouse):
 
     def scan(self, table: str, runs: str | list[str] | None = None,
              storage_options: dict | None = None) -> pl.LazyFrame:
-        """``table`` (``component_effects``, ``resid_entropy`` or ``tokens``) as a polars
+        """``table`` (``component_effects``, ``resid_entropy``, ``tokens``, or the partial
+        sums ``component_sums`` or ``resid_sums``) as a polars
         LazyFrame over exactly the files that the manifests of ``runs`` list (a run id or
         a list of them; default: every run the views show), with the view's columns and
         types (``run_id`` from the partition folder; a column an older file lacks is null):
@@ -129,8 +130,9 @@ class Warehouse(warehouse.Warehouse):
         Raises:
             etl.errors.UserError: an unknown table, or a run that is not a complete run.
         """
-        if table not in warehouse.TABLES:
-            raise UserError(f"unknown table {table!r}; known: {', '.join(warehouse.TABLES)}")
+        if table not in warehouse.STORED_TABLES:
+            raise UserError(f"unknown table {table!r}; known: "
+                            f"{', '.join(warehouse.STORED_TABLES)}")
         schema = self.sql(f"select * from {table} limit 0").schema
         files = table_files(self._current_runs(runs), table)
         if not files:

@@ -450,7 +450,7 @@ def _set(table, column, index, value):
 
 def test_checks_pass_then_catch_each_planted_value(warehouse, tmp_path, capsys):
     assert query_main(["--warehouse", str(warehouse), "check"]) == 0
-    assert "5 passed, 0 failed" in capsys.readouterr().out
+    assert "6 passed, 0 failed" in capsys.readouterr().out
     bad = tmp_path / "bad"
     shutil.copytree(warehouse, bad)
     toks = raw(warehouse, "tokens").filter(pl.col("run_id") == "ioi-all")

@@ -314,7 +314,7 @@ def test_integrity_checks_count_no_resid_mid_for_parallel_blocks(warehouse, tmp_
     from tests.test_saved_queries import _rewrite_shard
 
     assert query_main(["--warehouse", str(warehouse), "check"]) == 0
-    assert "5 passed, 0 failed" in capsys.readouterr().out
+    assert "6 passed, 0 failed" in capsys.readouterr().out
     bad = tmp_path / "bad"
     shutil.copytree(warehouse, bad)
     _rewrite_shard(bad, "resid_entropy", "pythia-final-scale-zero", lambda t: t.slice(1))

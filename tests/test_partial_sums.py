@@ -3,15 +3,18 @@ the very bytes of the same queries scanning every row (``tests/sql/full_scan``: 
 queries as they were before the sums); publish, migration and ``queries check`` keep them
 true to the rows; the layout lets a one-component query read one layer."""
 
+import hashlib
 import json
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from etl.warehouse import Warehouse, read_run
+from etl.warehouse import SUMS_TABLES, Warehouse, read_run
 from etl.warehouse.sums import FIXED_POINT, run_sums, shard_files
+from queries.cli import main as query_main
 from queries.db import Views, views_sql
 from queries.profile import profiled
 from queries.saved import get_query
@@ -156,3 +159,51 @@ def test_a_summary_reads_the_sums_alone(layered):
     query = get_query("head_summary")
     reads = profiled(Views(Warehouse(layered)).con, query.sql, query.bind({}))
     assert set(reads.row_groups) == {"component_sums"}, reads
+
+
+def copied(warehouse: Path, tmp_path: Path) -> Path:
+    """A copy of the session's warehouse that a test may change."""
+    import shutil
+
+    return Path(shutil.copytree(warehouse, tmp_path / "wh"))
+
+
+def test_check_fails_on_sums_that_are_not_those_of_the_rows(warehouse, tmp_path, capsys):
+    root = copied(warehouse, tmp_path)
+    path, = (root / "component_sums" / "run_id=text-all").glob("*.parquet")
+    sums = pq.read_table(path)
+    n = sums.column("n").to_pylist()
+    sums = sums.set_column(sums.schema.get_field_index("n"), "n",
+                           pa.array([n[0] + 1, *n[1:]], pa.int64()))
+    pq.write_table(sums, path)
+    manifest = root / "runs" / "run_id=text-all" / "manifest.json"
+    data = json.loads(manifest.read_text())  # a manifest that agrees with the changed file
+    data["shards"]["component_sums"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    data["shards"]["component_sums"][0]["rows"] = sums.num_rows
+    manifest.write_text(json.dumps(data))
+    assert query_main(["--warehouse", str(root), "check"]) == 1
+    out = capsys.readouterr().out
+    assert "PASS files:" in out and "FAIL partial_sums: 1 offending rows" in out
+    assert "text-all" in out and "5 passed, 1 failed" in out
+
+
+def test_a_run_published_before_the_sums_is_left_out_until_migrate_sums_it(
+        warehouse, tmp_path, capsys):
+    root = copied(warehouse, tmp_path)
+    manifest = root / "runs" / "run_id=ioi-all" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    published = {t: pq.read_table(root / t / "run_id=ioi-all" / data["shards"][t][0]["file"])
+                 for t in SUMS_TABLES}
+    for table in SUMS_TABLES:
+        (root / table / "run_id=ioi-all" / data["shards"].pop(table)[0]["file"]).unlink()
+    manifest.write_text(json.dumps(dict(data, schema_version=2)))
+    capsys.readouterr()
+    views = Views(Warehouse(root))
+    assert "left out run ioi-all" in capsys.readouterr().err
+    assert views.sql("select distinct run_id from runs order by 1")["run_id"].to_list() == [
+        "ioi-entropy", "text-all"]
+    assert query_main(["--warehouse", str(root), "migrate"]) == 0
+    assert capsys.readouterr().out.startswith("migrated run ioi-all: partial sums written")
+    assert stored_sums(root, "ioi-all") == published
+    summed, scanned = both_ways(Views(Warehouse(root)), "ioi_roles", {"run_id": "ioi-all"})
+    assert summed.height > 0 and summed.equals(scanned, null_equal=True)

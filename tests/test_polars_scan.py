@@ -14,7 +14,7 @@ from analysis.api import Warehouse
 from etl.errors import UserError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TABLES = ("component_effects", "resid_entropy", "tokens")
+TABLES = ("component_effects", "resid_entropy", "tokens", "component_sums", "resid_sums")
 
 
 def _sorted(frame: pl.DataFrame) -> pl.DataFrame:

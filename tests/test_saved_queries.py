@@ -308,7 +308,7 @@ def _rewrite_shard(root, table, run_id, change):
 
 def test_check_passes_then_fails_on_planted_rows(warehouse, tmp_path, capsys):
     assert query_main(["--warehouse", str(warehouse), "check"]) == 0
-    assert "5 passed, 0 failed" in capsys.readouterr().out
+    assert "6 passed, 0 failed" in capsys.readouterr().out
     bad = tmp_path / "bad"
     shutil.copytree(warehouse, bad)
 

@@ -37,6 +37,11 @@
 --                                           point 'resid_pre', 'resid_mid' or 'final';
 --                                           layer is NULL for 'final'; no 'resid_mid'
 --                                           rows where runs.parallel_blocks
+--   component_sums(run_id, batch, layer, head, kind, class, role, variant, n, m_n, m_pos,
+--        m_sum, m_sq, ...), resid_sums(run_id, batch, layer, point, class, role, variant,
+--        n, entropy_n, entropy_sum, entropy_sq)
+--                                           each run's partial sums, written when it was
+--                                           published: what the summaries add up (below)
 -- Entropies are in nats; positive diffs and marginals increase entropy.
 
 set variable warehouse = coalesce(getvariable('warehouse'), 'data/warehouse');
