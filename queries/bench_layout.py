@@ -28,13 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from etl.errors import ArgumentParser, UserError
-from etl.warehouse import component_table
-from etl.warehouse.storage import encode_parquet
-from etl.warehouse.tables import DICTIONARY_COLUMNS, ROW_GROUP_ROWS, split_points
+from etl.warehouse import component_table, encode_parquet, shard_options
 
 N_LAYERS, N_HEADS, SEQ_LEN, SEQS_PER_SHARD = 12, 12, 500, 16
-OPTIONS = {"compression": "zstd", "use_dictionary": DICTIONARY_COLUMNS,
-           "row_group_size": ROW_GROUP_ROWS, "write_statistics": True}
 LAYOUTS = {"row groups": "groups", "layer row groups": "layer_groups",
            "layer= folders": "layer_folders"}
 """Each layout → its folder."""
@@ -63,7 +59,8 @@ def write_layouts(folder: Path, component_rows: int) -> dict[str, float]:
     shutil.rmtree(folder, ignore_errors=True)
     for index in range(-(-component_rows // per_shard)):
         table = _shard(index, rng)
-        splits = split_points(table, "layer")
+        options = shard_options("component_effects", table)
+        splits = options.pop("splits")  # today's: a row group at each layer
         writes = {"row groups": [("", table, [])], "layer row groups": [("", table, splits)]}
         bounds = [0, *splits, table.num_rows]
         writes["layer= folders"] = [
@@ -74,7 +71,7 @@ def write_layouts(folder: Path, component_rows: int) -> dict[str, float]:
             for sub, data, points in parts:
                 target = folder / LAYOUTS[layout] / sub / f"part-{index:05d}.parquet"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(encode_parquet(data, splits=points, **OPTIONS))
+                target.write_bytes(encode_parquet(data, splits=points, **options))
             seconds[layout] += time.perf_counter() - started
     return seconds
 

@@ -130,12 +130,8 @@ class StagingArea:
         low-cardinality columns, at most ``ROW_GROUP_ROWS`` per row group and a new one at
         every layer of a table in ``SPLIT_COLUMNS``, whole or absent (so writing it again
         replaces it); then its record (sha256 and rows)."""
-        columns = [c for c in DICTIONARY_COLUMNS if c in data.column_names]
-        splits = (split_points(data, SPLIT_COLUMNS[table]) if table in SPLIT_COLUMNS
-                  else [])
-        digest = write_parquet(self.shard_path(table, batch), data, splits=splits,
-                               compression="zstd", use_dictionary=columns,
-                               row_group_size=ROW_GROUP_ROWS, write_statistics=True)
+        digest = write_parquet(self.shard_path(table, batch), data,
+                               **shard_options(table, data))
         fault_point(f"shard:{table}:{batch}")
         record = json.dumps({"sha256": digest, "rows": data.num_rows}).encode()
         write_bytes_atomically(self.record_path(table, batch), record, durable=False)
@@ -234,6 +230,16 @@ class StagingArea:
         """Delete the staging folder and everything staged in it."""
         remove_tree(self.folder)
         remove_empty_dir(self.warehouse.staging_root())
+
+
+def shard_options(table: str, data: pa.Table) -> dict:
+    """How a shard of ``table`` holding ``data`` is encoded (``encode_parquet``'s options):
+    zstd, dictionary-encoded low-cardinality columns, at most ``ROW_GROUP_ROWS`` per row
+    group and a new one wherever the column of ``SPLIT_COLUMNS`` changes."""
+    return {"compression": "zstd", "write_statistics": True, "row_group_size": ROW_GROUP_ROWS,
+            "use_dictionary": [c for c in DICTIONARY_COLUMNS if c in data.column_names],
+            "splits": (split_points(data, SPLIT_COLUMNS[table]) if table in SPLIT_COLUMNS
+                       else [])}
 
 
 def _read_plan(folder: Path) -> dict | None:
