@@ -55,12 +55,19 @@ checked as (
     from target as t
 ),
 
+-- the run's tokens, read once for the three uses below
+run_tokens as materialized (
+    select tok.seq, tok.position, tok.token_id, tok.token, tok.role, tok.is_bos, tok.is_pad
+    from tokens as tok
+    join checked as s on tok.run_id = s.run_id
+),
+
 rows_of_component as (
     select
         c.run_id, c.seq, c.position, c.layer, c.head, c.kind, c.entropy_diff,
         c.entropy_marginal, c.loss_marginal, c.kl_marginal, c.entropy_marginal_context,
         c.kl_context_kept, c.suppressed_token_id, c.suppressed_logit,
-        case s.measure when 'diff' then c.entropy_diff
+        case $measure::varchar when 'diff' then c.entropy_diff
                        when 'marginal' then c.entropy_marginal
                        when 'loss' then c.loss_marginal
                        when 'kl' then c.kl_marginal
@@ -71,8 +78,7 @@ rows_of_component as (
     join checked as s
         on c.run_id = s.run_id and c.layer = s.layer and c.kind = s.kind
         and c.head is not distinct from s.head
-    join tokens as tok
-        on tok.run_id = c.run_id and tok.seq = c.seq and tok.position = c.position
+    join run_tokens as tok on tok.seq = c.seq and tok.position = c.position
     where s.positions = 'all' or not (tok.is_bos or tok.is_pad)
 ),
 
@@ -98,9 +104,9 @@ contexts as (
         string_agg(tok.token, '' order by tok.position) as context
     from top_rows as r
     cross join checked as s
-    join tokens as tok
-        on tok.run_id = r.run_id and tok.seq = r.seq
-        and tok.position >= r.position - s.context and tok.position < r.position
+    join run_tokens as tok
+        on tok.seq = r.seq and tok.position >= r.position - s.context
+        and tok.position < r.position
     group by r.seq, r.position
 ),
 
@@ -108,8 +114,7 @@ contexts as (
 suppressed as (
     select r.seq, r.position, min(tok.token) as suppressed_token
     from top_rows as r
-    join tokens as tok
-        on tok.run_id = r.run_id and tok.seq = r.seq and tok.token_id = r.suppressed_token_id
+    join run_tokens as tok on tok.seq = r.seq and tok.token_id = r.suppressed_token_id
     group by r.seq, r.position
 ),
 
