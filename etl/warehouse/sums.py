@@ -1,7 +1,9 @@
-"""A run's partial sums: per batch, layer, component (or residual point) and kind of
-position, the row count and exact fixed-point sums of every measure, written once when the
-run is published (``component_sums``, ``resid_sums``: one small Parquet file each) so that
-the saved summaries add a few thousand partial sums instead of scanning every row.
+"""A run's partial sums: per layer, component (or residual point) and kind of position, the
+row count and exact fixed-point sums of every measure, written once when the run is
+published (``component_sums``, ``resid_sums``: one small Parquet file each) so that the
+saved summaries add a few thousand partial sums instead of scanning every row; and the
+same for the entropy diffs and marginals per batch too (``component_batch_sums``), for the
+batch-weighted means.
 
 Kinds of position: ``class`` is 'bos', 'pad' or 'real' (the text's own tokens), with the
 token's IOI ``role`` and ``variant`` (NULL outside IOI runs); ``batch`` is ``seq //
@@ -99,30 +101,39 @@ def _define(con, name: str, files: list[str], table: str) -> None:
     con.execute(f"create or replace temp view {name} as {source}from {name}_schema")
 
 
-KEYS = {"component_sums": ("batch", "layer", "head", "kind", "class", "role", "variant"),
-        "resid_sums": ("batch", "layer", "point", "class", "role", "variant")}
-"""Each sums table's grain: one row per distinct key."""
+KEYS = {"component_sums": ("layer", "head", "kind", "class", "role", "variant"),
+        "component_batch_sums": ("batch", "layer", "head", "kind", "class"),
+        "resid_sums": ("layer", "point", "class", "role", "variant")}
+"""Each sums table's grain: one row per distinct key. The batch grain serves the
+batch-weighted means alone (``head_summary``'s ``weighting='batch'``), so the other sums
+stay as small however many batches a run has."""
+
+
+def _measures(table: str) -> list[str]:
+    """The sums columns of ``table`` (see the module's docstring)."""
+    if table == "component_sums":
+        return ([s for m in MEASURES for s in _measure_sums(m)]
+                + [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)])
+    if table == "component_batch_sums":
+        return [s for m in MEASURES[:2] for s in _measure_sums(m) if "_fine" not in s]
+    return ["count(entropy) as entropy_n",
+            f"sum(fixed_point(entropy))::hugeint{INT128} as entropy_sum",
+            f"sum(fixed_point(entropy::double * entropy::double))::hugeint{INT128} "
+            "as entropy_sq"]
 
 
 def sums_sql(table: str) -> str:
-    """The query that sums the rows of ``$rows_files`` into ``table`` (``KEYS``), ordered
-    by its keys."""
+    """The query that sums the rows of the view ``run_rows`` into ``table`` (``KEYS``),
+    ordered by its keys."""
     keys = KEYS[table]
-    if table == "component_sums":
-        sums = [s for m in MEASURES for s in _measure_sums(m)]
-        sums += [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)]
-    else:
-        sums = ["count(entropy) as entropy_n",
-                f"sum(fixed_point(entropy))::hugeint{INT128} as entropy_sum",
-                f"sum(fixed_point(entropy::double * entropy::double))::hugeint{INT128} "
-                "as entropy_sq"]
-    columns = ",\n       ".join([*keys, "count(*) as n", *sums])
+    columns = ",\n       ".join([*keys, "count(*) as n", *_measures(table)])
     order = ", ".join(f"{k} nulls first" for k in keys)
     return (f"select {columns}\nfrom ({MARKED})\ngroup by {', '.join(keys)}\n"
             f"order by {order}")
 
 
-SOURCES = {"component_sums": "component_effects", "resid_sums": "resid_entropy"}
+SOURCES = {"component_sums": "component_effects", "component_batch_sums": "component_effects",
+           "resid_sums": "resid_entropy"}
 """Each sums table → the table whose rows it sums."""
 
 

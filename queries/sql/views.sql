@@ -37,9 +37,10 @@
 --                                           point 'resid_pre', 'resid_mid' or 'final';
 --                                           layer is NULL for 'final'; no 'resid_mid'
 --                                           rows where runs.parallel_blocks
---   component_sums(run_id, batch, layer, head, kind, class, role, variant, n, m_n, m_pos,
---        m_sum, m_sq, ...), resid_sums(run_id, batch, layer, point, class, role, variant,
---        n, entropy_n, entropy_sum, entropy_sq)
+--   component_sums(run_id, layer, head, kind, class, role, variant, n, m_n, m_pos, m_sum,
+--        m_sq, ...), component_batch_sums(run_id, batch, layer, head, kind, class, n, ...),
+--        resid_sums(run_id, layer, point, class, role, variant, n, entropy_n, entropy_sum,
+--        entropy_sq)
 --                                           each run's partial sums, written when it was
 --                                           published: what the summaries add up (below)
 -- Entropies are in nats; positive diffs and marginals increase entropy.
@@ -94,6 +95,11 @@ set variable component_sums_files = coalesce(
     getvariable('component_sums_files'),
     (select coalesce(list(file order by file), []::varchar[])
      from manifest_shards('component_sums'))
+);
+set variable component_batch_sums_files = coalesce(
+    getvariable('component_batch_sums_files'),
+    (select coalesce(list(file order by file), []::varchar[])
+     from manifest_shards('component_batch_sums'))
 );
 set variable resid_sums_files = coalesce(
     getvariable('resid_sums_files'),
@@ -220,9 +226,10 @@ from query(case when len(getvariable('resid_entropy_files')) > 0
                 else 'from no_resid_rows()' end);
 
 -- The runs' partial sums (etl/warehouse/sums.py), written when each run was published: one
--- row per (run_id, batch, layer, head, kind, class, role, variant) of component_effects and
--- per (run_id, batch, layer, point, class, role, variant) of resid_entropy, where class is
--- 'bos', 'pad' or 'real' and batch = seq // the run's batch size. Per measure m: m_n
+-- row per (run_id, layer, head, kind, class, role, variant) of component_effects and per
+-- (run_id, layer, point, class, role, variant) of resid_entropy, where class is 'bos', 'pad'
+-- or 'real'; component_batch_sums has the entropy diffs' and marginals' sums per (run_id,
+-- batch, layer, head, kind, class), batch = seq // the run's batch size. Per measure m: m_n
 -- (count), m_pos (count of m > 0), m_sum and m_sq (Σ fixed_point(m), Σ fixed_point(m²)),
 -- and for the copy-suppression measures the finer sums of stable_cov. The summaries add
 -- them up with the summed_* macros below, to the bytes a scan of the rows gives. (Without
@@ -230,19 +237,26 @@ from query(case when len(getvariable('resid_entropy_files')) > 0
 create or replace view component_sums as
 from query(case when len(getvariable('component_sums_files')) > 0
                 then 'from shard_rows(getvariable(''component_sums_files''))'
+                else 'select null::varchar as run_id, null::smallint as layer,
+                             null::smallint as head, null::varchar as kind,
+                             null::varchar as class, null::varchar as role,
+                             null::varchar as variant, null::bigint as n where false' end);
+
+create or replace view component_batch_sums as
+from query(case when len(getvariable('component_batch_sums_files')) > 0
+                then 'from shard_rows(getvariable(''component_batch_sums_files''))'
                 else 'select null::varchar as run_id, null::integer as batch,
                              null::smallint as layer, null::smallint as head,
                              null::varchar as kind, null::varchar as class,
-                             null::varchar as role, null::varchar as variant,
                              null::bigint as n where false' end);
 
 create or replace view resid_sums as
 from query(case when len(getvariable('resid_sums_files')) > 0
                 then 'from shard_rows(getvariable(''resid_sums_files''))'
-                else 'select null::varchar as run_id, null::integer as batch,
-                             null::smallint as layer, null::varchar as point,
-                             null::varchar as class, null::varchar as role,
-                             null::varchar as variant, null::bigint as n where false' end);
+                else 'select null::varchar as run_id, null::smallint as layer,
+                             null::varchar as point, null::varchar as class,
+                             null::varchar as role, null::varchar as variant,
+                             null::bigint as n where false' end);
 
 -- Macros shared by the saved queries.
 
@@ -281,13 +295,20 @@ create or replace macro resid_rows(positions, only_run) as table
     anti join excluded_positions(positions) as x using (run_id, seq, position)
     where only_run is null or r.run_id = only_run;
 
--- component_partials(positions, only_run), resid_partials(positions, only_run): the rows of
--- component_sums and resid_sums of run only_run (every run when NULL) for the kinds of
+-- component_partials(positions, only_run), component_batch_partials(positions, only_run) and
+-- resid_partials(positions, only_run): the rows of component_sums, component_batch_sums and
+-- resid_sums of run only_run (every run when NULL) for the kinds of
 -- position that the convention positions keeps ('real': class 'real'; 'all': every class):
 -- what the summaries add up, as component_rows and resid_rows are what they would scan.
 create or replace macro component_partials(positions, only_run) as table
     select p.*
     from component_sums as p
+    where (positions_param(positions) = 'all' or p.class = 'real')
+      and (only_run is null or p.run_id = only_run);
+
+create or replace macro component_batch_partials(positions, only_run) as table
+    select p.*
+    from component_batch_sums as p
     where (positions_param(positions) = 'all' or p.class = 'real')
       and (only_run is null or p.run_id = only_run);
 

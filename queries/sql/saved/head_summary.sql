@@ -16,10 +16,17 @@ settings as (
              else error('weighting must be ''token'' or ''batch''') end as weighting
 ),
 
+-- the sums over the run under weighting 'token', per batch under 'batch'
 kept as (
-    select c.*
+    select c.* exclude (role, variant), null::integer as batch
     from component_partials($positions::varchar, $run_id::varchar) as c
     semi join runs as r using (run_id)
+    where $weighting::varchar = 'token'
+    union all by name
+    select c.*
+    from component_batch_partials($positions::varchar, $run_id::varchar) as c
+    semi join runs as r using (run_id)
+    where $weighting::varchar = 'batch'
 ),
 
 -- per batch under weighting 'batch'; one group of every position under 'token'
@@ -38,10 +45,17 @@ groups as (
             as sd_marginal,
         summed_fraction(k.entropy_diff_pos, k.entropy_diff_n) as frac_increase_diff,
         summed_fraction(k.entropy_marginal_pos, k.entropy_marginal_n)
-            as frac_increase_marginal,
-        count(distinct k.batch) as n_batches
+            as frac_increase_marginal
     from kept as k, settings as s
     group by all
+),
+
+-- how many batches hold the positions counted (their keys alone are read)
+batches as (
+    select c.run_id, c.layer, c.head, c.kind, count(distinct c.batch) as n_batches
+    from component_batch_partials($positions::varchar, $run_id::varchar) as c
+    semi join runs as r using (run_id)
+    group by c.run_id, c.layer, c.head, c.kind
 ),
 
 stats as (
@@ -51,7 +65,6 @@ stats as (
         head,
         kind,
         sum(n)::bigint as n,
-        sum(n_batches)::bigint as n_batches,
         stable_mean(mean_diff) as mean_diff,
         case when count(*) = 1 then any_value(sd_diff) end as sd_diff,
         stable_mean(mean_marginal) as mean_marginal,
@@ -60,6 +73,14 @@ stats as (
         avg(frac_increase_marginal) as frac_increase_marginal
     from groups
     group by run_id, layer, head, kind
+),
+
+counted as (
+    select s.*, b.n_batches::bigint as n_batches
+    from stats as s
+    join batches as b
+        on b.run_id = s.run_id and b.layer = s.layer and b.kind = s.kind
+        and b.head is not distinct from s.head
 ),
 
 final as (
@@ -80,7 +101,7 @@ final as (
         ci95_high(mean_marginal, sd_marginal, n) as ci95_high_marginal,
         frac_increase_diff,
         frac_increase_marginal
-    from stats
+    from counted
 )
 
 select * from final
