@@ -318,6 +318,26 @@ create or replace macro resid_partials(positions, only_run) as table
     where (positions_param(positions) = 'all' or p.class = 'real')
       and (only_run is null or p.run_id = only_run);
 
+-- head_stats(positions, measure, only_run): per run and attention head, n and the mean and
+-- sample standard deviation of the measure ('diff' or 'marginal', see measure_param) at the
+-- positions the convention positions keeps, from the partial sums (component_partials).
+create or replace macro head_stats(positions, measure, only_run) as table
+    select
+        p.run_id,
+        p.layer,
+        p.head,
+        sum(p.n)::bigint as n,
+        case when measure_param(measure) = 'diff'
+             then summed_mean(p.entropy_diff_sum, p.entropy_diff_n)
+             else summed_mean(p.entropy_marginal_sum, p.entropy_marginal_n) end as mean,
+        case when measure_param(measure) = 'diff'
+             then summed_sd(p.entropy_diff_sum, p.entropy_diff_sq, p.entropy_diff_n)
+             else summed_sd(p.entropy_marginal_sum, p.entropy_marginal_sq,
+                            p.entropy_marginal_n) end as sd
+    from component_partials(positions, only_run) as p
+    where p.kind = 'head'
+    group by p.run_id, p.layer, p.head;
+
 -- head_values(positions, measure, only_run): the heads' rows of component_rows with the
 -- chosen measure ('diff' or 'marginal', see measure_param) as value.
 create or replace macro head_values(positions, measure, only_run) as table

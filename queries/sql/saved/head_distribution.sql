@@ -18,17 +18,14 @@ settings as (
 -- the heads ranked by their mean (from the partial sums), then the rows of the top k alone
 ranked as (
     select
-        p.run_id,
-        p.layer,
-        p.head,
-        sum(p.n)::bigint as n,
-        case when s.measure = 'diff' then summed_mean(p.entropy_diff_sum, p.entropy_diff_n)
-             else summed_mean(p.entropy_marginal_sum, p.entropy_marginal_n) end as mean,
-        row_number() over (order by mean desc, p.layer, p.head) as rank
-    from component_partials($positions::varchar,
-                            coalesce($run_id::varchar, latest_run())) as p, settings as s
-    where p.kind = 'head'
-    group by p.run_id, p.layer, p.head, s.measure
+        h.run_id,
+        h.layer,
+        h.head,
+        h.n,
+        h.mean,
+        row_number() over (order by h.mean desc, h.layer, h.head) as rank
+    from head_stats($positions::varchar, $measure::varchar,
+                    coalesce($run_id::varchar, latest_run())) as h
 ),
 
 chosen as (

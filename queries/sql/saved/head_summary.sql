@@ -69,8 +69,11 @@ stats as (
         case when count(*) = 1 then any_value(sd_diff) end as sd_diff,
         stable_mean(mean_marginal) as mean_marginal,
         case when count(*) = 1 then any_value(sd_marginal) end as sd_marginal,
-        avg(frac_increase_diff) as frac_increase_diff,
-        avg(frac_increase_marginal) as frac_increase_marginal
+        -- the mean of the batches' fractions, in fixed point (the same bytes in any order)
+        case when count(*) = 1 then any_value(frac_increase_diff)
+             else stable_mean(frac_increase_diff) end as frac_increase_diff,
+        case when count(*) = 1 then any_value(frac_increase_marginal)
+             else stable_mean(frac_increase_marginal) end as frac_increase_marginal
     from groups
     group by run_id, layer, head, kind
 ),

@@ -23,27 +23,10 @@ chosen_runs as (
       and (s.dataset is null or r.dataset = s.dataset)
 ),
 
-kept as (
-    select p.*
-    from component_partials($positions::varchar, $run_id::varchar) as p
-    semi join chosen_runs using (run_id)
-    where p.kind = 'head'
-),
-
 per_head as (
-    select
-        k.run_id,
-        k.layer,
-        k.head,
-        sum(k.n)::bigint as n,
-        case when s.measure = 'diff' then summed_mean(k.entropy_diff_sum, k.entropy_diff_n)
-             else summed_mean(k.entropy_marginal_sum, k.entropy_marginal_n) end as mean,
-        case when s.measure = 'diff'
-             then summed_sd(k.entropy_diff_sum, k.entropy_diff_sq, k.entropy_diff_n)
-             else summed_sd(k.entropy_marginal_sum, k.entropy_marginal_sq,
-                            k.entropy_marginal_n) end as sd
-    from kept as k, settings as s
-    group by k.run_id, k.layer, k.head, s.measure
+    select h.*
+    from head_stats($positions::varchar, $measure::varchar, $run_id::varchar) as h
+    semi join chosen_runs using (run_id)
 ),
 
 ranked as (
