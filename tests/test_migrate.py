@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.errors import UserError
-from etl.warehouse import Warehouse, migrate
+from etl.warehouse import SUMS_TABLES, Warehouse, migrate
 from queries.cli import main as query_main
 from queries.db import connect
 from tests.test_query_safety import N_SEQS, SEQ_LEN, TABLES, counts, shard, write_run
@@ -58,7 +58,8 @@ def test_migrate_rewrites_the_old_manifests_and_then_has_nothing_to_do(old_wareh
     assert query_main(["--warehouse", str(old_warehouse), "migrate"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     moved = ("table component_entropy → component_effects (its files moved); partial sums "
-             "written (component_sums 12 rows, resid_sums 10 rows)")
+             "written (component_sums 12 rows, component_batch_sums 12 rows, resid_sums 10 "
+             "rows)")
     assert out == [f"migrated run seed: lens 'seed' → 'final-scale'; {moved}",
                    "migrated run v1: schema 1 → 3 (3 files listed with their rows and sha256); "
                    f"{moved}",
@@ -68,7 +69,7 @@ def test_migrate_rewrites_the_old_manifests_and_then_has_nothing_to_do(old_wareh
     assert not (old_warehouse / "component_entropy").exists()
     v1 = _manifest(old_warehouse, "v1")
     assert v1["schema_version"] == 3
-    assert set(v1["shards"]) == {*TABLES, "component_sums", "resid_sums"}
+    assert set(v1["shards"]) == {*TABLES, *SUMS_TABLES}
     for table in TABLES:
         path = shard(old_warehouse, table, "v1")
         assert v1["shards"][table] == [{

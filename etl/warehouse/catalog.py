@@ -166,8 +166,15 @@ def run_problems(run: Run, full: bool = False) -> list[Problem]:
 def sums_problems(warehouse: Warehouse, run: Run) -> list[Problem]:
     """The sums files of ``run`` (sound files) whose rows differ from the sums of its rows
     as a publish writes them (``etl.warehouse.sums``): a full read of the run."""
+    import duckdb
+
     config = load_manifest(run.manifest).get("config") or {}
-    again = run_sums(shard_files(run.shards), config.get("batch_size"), warehouse.filesystem)
+    try:
+        again = run_sums(shard_files(run.shards), config.get("batch_size"),
+                         warehouse.filesystem)
+    except duckdb.Error as exc:  # a value no publish writes, such as NaN
+        return [Problem(run.run_id, run.manifest, "its rows cannot be summed ("
+                        + " ".join(str(exc).split())[:120] + ")")]
     problems = []
     for shard in run.shards:
         if shard.table in again and not read_parquet_table(shard.path).equals(again[shard.table]):

@@ -1,6 +1,6 @@
 """The warehouse's three tables as Arrow: their schemas, side by side, and the builders of
-their rows: ``component_table`` and ``resid_table`` from a batch of measures,
-``TokenRows`` from a run's token sequences. Entropies are float32 nats.
+their rows: ``component_table`` and ``resid_table`` from a batch of measures, ``TokenRows``
+from a run's token sequences. Entropies are float32 nats.
 
 Token rows are built with numpy and pyarrow (no per-token Python work): each token id is
 decoded once per run, a batch's ``token`` column is a dictionary array over the batch's
@@ -86,8 +86,7 @@ well and to skip on statistics."""
 
 SPLIT_COLUMNS = {"component_effects": "layer"}
 """Tables whose rows are ordered by a column and whose row groups start anew wherever it
-changes: a filter on one layer then reads that layer's row groups only (readers skip the
-others by their statistics). Measured in BENCHMARKS.md (``python -m queries.bench``)."""
+changes: a filter on one layer reads that layer's row groups only (BENCHMARKS.md)."""
 
 
 def split_points(data: pa.Table, column: str) -> list[int]:

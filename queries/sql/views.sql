@@ -267,6 +267,11 @@ create or replace macro positions_param(p) as
     case when p in ('all', 'real') then p
          else error('positions must be ''all'' or ''real''') end;
 
+-- weighting_param(w): w when it is 'token' or 'batch'; an error otherwise.
+create or replace macro weighting_param(w) as
+    case when w in ('token', 'batch') then w
+         else error('weighting must be ''token'' or ''batch''') end;
+
 -- measure_param(m): m when it is 'diff' or 'marginal'; an error otherwise.
 create or replace macro measure_param(m) as
     case when m in ('diff', 'marginal') then m

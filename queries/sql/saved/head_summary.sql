@@ -11,9 +11,7 @@
 with
 
 settings as (
-    select
-        case when $weighting::varchar in ('token', 'batch') then $weighting::varchar
-             else error('weighting must be ''token'' or ''batch''') end as weighting
+    select weighting_param($weighting::varchar) as weighting
 ),
 
 -- the sums over the run under weighting 'token', per batch under 'batch'
@@ -21,12 +19,12 @@ kept as (
     select c.* exclude (role, variant), null::integer as batch
     from component_partials($positions::varchar, $run_id::varchar) as c
     semi join runs as r using (run_id)
-    where $weighting::varchar = 'token'
+    where weighting_param($weighting::varchar) = 'token'
     union all by name
     select c.*
     from component_batch_partials($positions::varchar, $run_id::varchar) as c
     semi join runs as r using (run_id)
-    where $weighting::varchar = 'batch'
+    where weighting_param($weighting::varchar) = 'batch'
 ),
 
 -- per batch under weighting 'batch'; one group of every position under 'token'

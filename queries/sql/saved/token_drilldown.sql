@@ -67,7 +67,7 @@ rows_of_component as (
         c.run_id, c.seq, c.position, c.layer, c.head, c.kind, c.entropy_diff,
         c.entropy_marginal, c.loss_marginal, c.kl_marginal, c.entropy_marginal_context,
         c.kl_context_kept, c.suppressed_token_id, c.suppressed_logit,
-        case $measure::varchar when 'diff' then c.entropy_diff
+        case s.measure when 'diff' then c.entropy_diff
                        when 'marginal' then c.entropy_marginal
                        when 'loss' then c.loss_marginal
                        when 'kl' then c.kl_marginal
