@@ -211,3 +211,19 @@ def test_a_run_published_before_the_sums_is_left_out_until_migrate_sums_it(
     assert stored_sums(root, "ioi-all") == published
     summed, scanned = both_ways(Views(Warehouse(root)), "ioi_roles", {"run_id": "ioi-all"})
     assert summed.height > 0 and summed.equals(scanned, null_equal=True)
+
+
+def test_the_benchmarks_run_and_report_what_they_read(tmp_path, capsys):
+    from queries.bench import main as bench_main
+    from queries.bench_layout import main as layout_main
+
+    assert bench_main(["--warehouse", str(tmp_path / "bench"), "--component-rows", "1000000",
+                       "2000000", "--repeats", "1", "--queries", "head_summary",
+                       "token_drilldown:component=10.7"]) == 0
+    out = capsys.readouterr().out
+    assert "full scan" in out and "growth from 1,014,000 to 2,028,000 rows" in out
+    assert "row groups 1/12" in out and "row groups 2/24" in out  # one layer of 12
+    assert layout_main(["--folder", str(tmp_path / "layouts"), "--component-rows", "1000000",
+                        "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "layer row groups: 1 files" in out and "layer= folders: 12 files" in out

@@ -16,7 +16,7 @@ from etl.warehouse.tables import STORED_TABLES
 
 SCHEMA_VERSION = 3
 """The manifest's layout: version 2 lists the run's files under ``shards``; version 3 adds
-the run's partial sums (``component_sums``, ``resid_sums``) to them. Older
+the run's partial sums (``SUMS_TABLES``) to them. Older
 manifests are rewritten by ``python -m queries migrate`` (``etl.warehouse.migration``)."""
 MANIFEST = "manifest.json"
 

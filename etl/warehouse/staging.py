@@ -236,8 +236,8 @@ def shard_options(table: str, data: pa.Table) -> dict:
     """How a shard of ``table`` holding ``data`` is encoded (``encode_parquet``'s options):
     zstd, dictionary-encoded low-cardinality columns, at most ``ROW_GROUP_ROWS`` per row
     group and a new one wherever the column of ``SPLIT_COLUMNS`` changes, in version 2
-    data pages (which encode 10 % faster here: BENCHMARKS.md, "Layout of the component
-    table")."""
+    data pages (they encode faster: BENCHMARKS.md, "Host side with the layer row
+    groups")."""
     return {"compression": "zstd", "write_statistics": True, "row_group_size": ROW_GROUP_ROWS,
             "data_page_version": "2.0",
             "use_dictionary": [c for c in DICTIONARY_COLUMNS if c in data.column_names],

@@ -74,8 +74,8 @@ _KINDS = pa.array(["head", "mlp"])
 DICTIONARY_COLUMNS = ["kind", "point", "token", "role", "variant", "is_bos", "is_pad"]
 """Low-cardinality columns worth dictionary encoding. Floats are not (it costs 3× the time
 for no gain on entropies), nor are the integer keys seq, layer and head: under zstd their
-files are as small without, encode 11 % faster and read as fast (BENCHMARKS.md, "Layout of
-the component table")."""
+files are as small without, and encode faster (BENCHMARKS.md, "Host side with the layer row
+groups")."""
 
 
 ROW_GROUP_ROWS = 1_000_000
