@@ -55,7 +55,9 @@ set variable manifest_files = coalesce(
     getvariable('manifest_files'),
     (select coalesce(list(filename order by filename), []::varchar[])
      from read_text(getvariable('warehouse') || '/runs/*/manifest.json')
-     where json_extract(content, '$.shards.component_sums') is not null)
+     where json_extract(content, '$.shards.component_sums') is not null
+       and json_extract(content, '$.shards.component_batch_sums') is not null
+       and json_extract(content, '$.shards.resid_sums') is not null)
 );
 
 -- manifest_shards(tbl): the files of table tbl that the manifests in manifest_files list
