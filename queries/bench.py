@@ -27,6 +27,7 @@ import pyarrow as pa
 from etl.errors import ArgumentParser, UserError
 from etl.warehouse import (
     SCHEMAS,
+    SUMS_TABLES,
     Manifest,
     RunWriter,
     Warehouse,
@@ -171,8 +172,8 @@ def sized_run(root: Path, component_rows: int) -> tuple[Warehouse, dict, float |
     path = warehouse.manifest_path("synthetic")
     if path.exists():
         manifest = json.loads(path.read_text())
-        if manifest.get("n_component_rows", 0) >= component_rows and "component_sums" in \
-                manifest.get("shards", {}):
+        if manifest.get("n_component_rows", 0) >= component_rows and \
+                set(SUMS_TABLES) <= set(manifest.get("shards", {})):
             return warehouse, manifest, None
     timings: dict = {}
     manifest = write_synthetic_run(warehouse, "synthetic", component_rows, timings=timings)

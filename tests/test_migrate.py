@@ -181,6 +181,30 @@ def test_a_migration_stopped_after_the_move_is_finished_by_the_next(old_warehous
     assert capsys.readouterr().err == ""
 
 
+def test_a_migration_stopped_after_writing_the_sums_is_finished_by_the_next(old_warehouse,
+                                                                         monkeypatch, capsys):
+    writes = []
+
+    def stopping(path, data):
+        if "component_sums" in data.get("shards", {}):
+            writes.append(path)
+            return True
+        return False
+
+    migrate_until_disk_full(old_warehouse, monkeypatch, "write_json_atomically", stopping)
+    stopped = Warehouse.run_id_of(writes[0])
+    partition = old_warehouse / "component_sums" / f"run_id={stopped}"
+    assert list(partition.glob("*.parquet"))  # written, not listed
+    assert "component_sums" not in _manifest(old_warehouse, stopped)["shards"]
+    assert len(migrate(Warehouse(old_warehouse))) == 4
+    assert len(list(partition.glob("*.parquet"))) == 1  # written again in place
+    capsys.readouterr()
+    assert query_main(["--warehouse", str(old_warehouse), "check"]) == 0
+    assert "PASS partial_sums" in capsys.readouterr().out
+    con = connect(Warehouse(old_warehouse))
+    assert set(counts(con, "component_sums")) == {"new", "seed", "v1", "v2", "v3"}
+
+
 def test_files_left_under_the_earlier_name_are_reported(tmp_path, capsys):
     """A run written before the rename, then replaced by ``--overwrite`` (a new generation
     under today's names) before it was migrated: its old component files are invisible, and

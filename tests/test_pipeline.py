@@ -200,6 +200,36 @@ def test_a_failed_shard_write_fails_the_run_then_the_run_resumes(tiny_checkpoint
     assert not (tmp_path / "_staging").exists()
 
 
+def test_a_failed_write_of_the_sums_at_publish_publishes_nothing_and_resumes(
+        tiny_checkpoint, text_glob, tmp_path, monkeypatch, capsys):
+    real = storage_module.encode_parquet
+
+    def failing(table, **kwargs):
+        if "n" in table.column_names:  # a sums table, written at publish
+            raise OSError(28, "No space left on device")
+        return real(table, **kwargs)
+
+    args = ["--data-files", text_glob, "--n-batches", "3", "--batch-size", "2",
+            "--seq-len", "24"]
+    monkeypatch.setattr(storage_module, "encode_parquet", failing)
+    assert _extract(tiny_checkpoint, tmp_path, *args, "--run-id", "doomed") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert not (tmp_path / "runs" / "run_id=doomed").exists()
+    assert len(list((tmp_path / "_staging" / "doomed").rglob("part-*.parquet"))) == 9
+    monkeypatch.undo()
+    assert _extract(tiny_checkpoint, tmp_path, *args, "--run-id", "doomed") == 0
+    assert _extract(tiny_checkpoint, tmp_path, *args, "--run-id", "whole") == 0
+    manifest = json.loads((tmp_path / "runs" / "run_id=doomed" / "manifest.json").read_text())
+    assert manifest["timing"]["batches_resumed"] == 3  # every batch staged, none measured again
+    assert _rows(tmp_path, "doomed") == _rows(tmp_path, "whole")
+    con = connect(Warehouse(tmp_path))
+    sums = {run: con.sql(f"select * exclude (run_id) from component_sums where run_id = "
+                         f"'{run}' order by all").fetchall() for run in ("doomed", "whole")}
+    assert sums["doomed"] == sums["whole"] and sums["doomed"]
+    assert not (tmp_path / "_staging").exists()
+
+
 def test_writer_raises_a_failed_shard_at_the_next_write(tmp_path, monkeypatch):
     def failing(table, **kwargs):
         raise OSError(5, "Input/output error")
