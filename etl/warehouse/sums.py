@@ -83,12 +83,12 @@ MARKED = """
         where is_bos or is_pad or role is not null or variant is not null
     )
     select r.*, coalesce(m.class, 'real') as class, m.role, m.variant,
-           r.seq // getvariable('batch_size') as batch
+           r.seq // $batch_size::integer as batch
     from run_rows as r
     left join marks as m using (seq, position)
 """
 """The rows of the view ``run_rows`` with their kind of position (from the view
-``run_tokens``) and batch (the variable ``batch_size``)."""
+``run_tokens``) and batch (``$batch_size``)."""
 
 
 def _define(con, name: str, files: list[str], table: str) -> None:
@@ -111,49 +111,33 @@ stay as small however many batches a run has."""
 BATCH_MEASURES = ("entropy_diff", "entropy_marginal")
 """The measures ``component_batch_sums`` holds (those the batch-weighted means take)."""
 
-FINEST = ("batch", "layer", "head", "kind", "class", "role", "variant")
-"""The grain the component rows are summed at, once: both component sums tables add its
-rows up (exact: the sums are integers)."""
 
-
-def _resid_measures() -> list[str]:
+def _measures(table: str) -> list[str]:
+    """The sums columns of ``table`` (see the module's docstring)."""
+    if table == "component_sums":
+        return ([s for m in MEASURES for s in _measure_sums(m)]
+                + [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)])
+    if table == "component_batch_sums":
+        return [s for m in BATCH_MEASURES for s in _measure_sums(m) if "_fine" not in s]
     return ["count(entropy) as entropy_n",
             f"sum(fixed_point(entropy))::hugeint{INT128} as entropy_sum",
             f"sum(fixed_point(entropy::double * entropy::double))::hugeint{INT128} "
             "as entropy_sq"]
 
 
-def summed_sql(keys: tuple[str, ...], sums: list[str]) -> str:
-    """The query that sums the rows of the view ``run_rows`` by ``keys`` (``sums``: the
-    aggregate columns), ordered by its keys."""
-    columns = ",\n       ".join([*keys, "count(*) as n", *sums])
+def sums_sql(table: str) -> str:
+    """The query that sums the rows of the view ``run_rows`` into ``table`` (``KEYS``),
+    ordered by its keys."""
+    keys = KEYS[table]
+    columns = ",\n       ".join([*keys, "count(*) as n", *_measures(table)])
     order = ", ".join(f"{k} nulls first" for k in keys)
     return (f"select {columns}\nfrom ({MARKED})\ngroup by {', '.join(keys)}\n"
             f"order by {order}")
 
 
-def rollup_sql(table: str, columns: list[str]) -> str:
-    """The query that adds the rows of the temporary table ``finest`` (``columns``: its
-    sums columns) up to the grain of ``table``, with the types a direct sum gives."""
-    keys = KEYS[table]
-    counts = [c for c in columns if c == "n" or c.endswith(("_n", "_pos"))]
-    added = [f"sum({c})::{'bigint' if c in counts else 'decimal(38, 0)'} as {c}"
-             for c in columns]
-    order = ", ".join(f"{k} nulls first" for k in keys)
-    return (f"select {', '.join([*keys, *added])}\nfrom finest\n"
-            f"group by {', '.join(keys)}\norder by {order}")
-
-
-def _component_sums(con) -> dict[str, pa.Table]:
-    """Both component sums tables, from one pass over the view ``run_rows``."""
-    sums = [s for m in MEASURES for s in _measure_sums(m)]
-    sums += [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)]
-    con.sql(summed_sql(FINEST, sums)).to_table("finest")
-    columns = ["n", *(s.rsplit(" as ", 1)[1] for s in sums)]
-    batch = ["n", *(f"{m}_{part}" for m in BATCH_MEASURES for part in ("n", "pos", "sum", "sq"))]
-    return {"component_sums": con.sql(rollup_sql("component_sums", columns)).to_arrow_table(),
-            "component_batch_sums": con.sql(rollup_sql("component_batch_sums", batch)
-                                            ).to_arrow_table()}
+SOURCES = {"component_sums": "component_effects", "component_batch_sums": "component_effects",
+           "resid_sums": "resid_entropy"}
+"""Each sums table → the table whose rows it sums."""
 
 
 def run_sums(files: dict[str, list[str]], batch_size: int | None,
@@ -172,13 +156,12 @@ def run_sums(files: dict[str, list[str]], batch_size: int | None,
         if filesystem is not None:
             con.register_filesystem(filesystem)
         con.execute(FIXED_POINT)
-        con.execute("set variable batch_size = $size::integer", {"size": batch_size})
         _define(con, "run_tokens", files.get("tokens", []), "tokens")
-        _define(con, "run_rows", files.get("component_effects", []), "component_effects")
-        sums = _component_sums(con)
-        _define(con, "run_rows", files.get("resid_entropy", []), "resid_entropy")
-        sums["resid_sums"] = con.sql(summed_sql(KEYS["resid_sums"], _resid_measures())
-                                     ).to_arrow_table()
+        sums = {}
+        for table, source in SOURCES.items():
+            _define(con, "run_rows", files.get(source, []), source)
+            sums[table] = con.sql(sums_sql(table), params={"batch_size": batch_size}
+                                  ).to_arrow_table()
         return sums
     finally:
         con.close()
