@@ -26,9 +26,10 @@ SMALL_TILES = KernelConfig(block_t=64, block_v=64, num_warps=4, num_stages=1,
 
 
 def _inputs(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=False, seed=0):
-    return random_layer(n_tokens, n_heads, k, vocab, scale=scale, mean=mean, last=last,
-                        generator=torch.Generator().manual_seed(seed), positions=5,
-                        device="cpu")
+    inputs, w, _ = random_layer(n_tokens, n_heads, k, vocab, scale=scale, mean=mean,
+                                last=last, generator=torch.Generator().manual_seed(seed),
+                                positions=5, device="cpu")
+    return inputs, w
 
 
 def _poisoned(numel):

@@ -75,9 +75,11 @@ def floors(ceil: dict, mean: bool = False) -> dict:
 
 
 def random_layer(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=False,
-                 generator=None, positions=7, device="cuda"):
+                 generator=None, positions=7, device="cuda", d_model=None):
     """Random ``LayerInputs`` of realistic magnitudes (both lenses row-scaled, as
-    ``lens_product`` leaves them) and the unsplit weights they use."""
+    ``lens_product`` leaves them), the unsplit head weights ``[H, K, V]`` they use, and,
+    with ``d_model``, the unsplit ``W_U [d, V]`` of the folded lens (``mlp`` rows given;
+    else None)."""
     def r(*shape):
         return torch.randn(*shape, device=device, generator=generator)
 
@@ -85,7 +87,8 @@ def random_layer(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=F
         return torch.rand(*shape, device=device, generator=generator) + 0.5
 
     w = r(n_heads, k, vocab) * (2.0 / math.sqrt(k))
-    w_hi, w_lo, w_scale = split_heads(w)
+    w_hi, w_lo, w_scale = split_heads(torch.nn.functional.pad(w, (0, -vocab % ROW_ALIGN)))
+    w_hi, w_lo = w_hi[..., :vocab], w_lo[..., :vocab]  # views of padded rows, as in runs
     u_ds = u(n_tokens)
     inputs = LayerInputs(
         u=r(n_tokens, vocab) * 4 / u_ds[:, None], u_descale=u_ds,
@@ -99,7 +102,11 @@ def random_layer(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=F
                    if mean else None),
         scales=u(n_tokens, n_slots(n_heads, last)) if scale else None,
         bias=r(vocab) if scale else None, is_last=last)
-    return inputs, w
+    if d_model is None:
+        return inputs, w, None
+    w_u = r(d_model, vocab + -vocab % ROW_ALIGN) * (4.0 / math.sqrt(d_model))
+    inputs = replace(inputs, mlp=r(n_tokens, d_model), w_u=split_operand(w_u))
+    return inputs, w, w_u[:, :vocab]
 
 
 def _poisoned_workspace(numel: int) -> dict:
@@ -116,7 +123,7 @@ def check_kernels(config: KernelConfig, seed: int) -> list[dict]:
         for i, (scale, mean) in enumerate([(False, False), (True, False), (False, True),
                                            (True, True)]):
             last = (i + n_tokens) % 2 == 0
-            inputs, w = random_layer(n_tokens, n_heads, k, vocab, scale=scale, mean=mean,
+            inputs, w, _ = random_layer(n_tokens, n_heads, k, vocab, scale=scale, mean=mean,
                                      last=last, generator=g)
             ws = _poisoned_workspace(n_slots(n_heads, last) * 4096 * n_tokens)
             got = layer_entropies(inputs, config, ws)
@@ -156,7 +163,7 @@ def time_configs(n_tokens: int, seed: int) -> list[dict]:
     lens product configuration in ``split_product.LENS_CONFIG``."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     H, K, d, V = (SHAPE[k] for k in ("heads", "d_head", "d_model", "vocab"))
-    inputs, w = random_layer(n_tokens, H, K, V, generator=g)
+    inputs, w, _ = random_layer(n_tokens, H, K, V, generator=g)
     x = torch.randn(n_tokens, d, device="cuda", generator=g)
     pad = -V % ROW_ALIGN
     w_split = split_operand(torch.nn.functional.pad(

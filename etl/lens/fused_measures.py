@@ -1,6 +1,7 @@
 """One chunk of ``measure_batch`` through the fused layer kernel (``etl.lens.kernels``).
 
-Per layer: one split-float16 product gives the lens of the next ``resid_pre``; the layer kernel
+Per layer: one split-float16 product gives the lens of the next ``resid_pre`` (or, with
+``KernelConfig.fold``, the layer kernel unembeds the MLP's output itself and writes it); the kernel
 scores every head's diff and marginal, ``resid_pre``, ``resid_mid`` (derived from the heads'
 lenses and ``b_O``) and the MLP's marginal (its lens is ``lens(resid_pre[L+1]) −
 lens(resid_mid[L])``); the MLP's diff is ``H(lens(resid_pre[L+1])) − H(lens(resid_mid[L]))``.
@@ -23,6 +24,7 @@ from etl.lens.kernels import (
     ROW_ALIGN,
     KernelConfig,
     LayerInputs,
+    default_config,
     layer_entropies_and_sums,
 )
 from etl.lens.layernorm import center, norm_space
@@ -199,11 +201,16 @@ def measure_chunk_fused(acts: BatchActivations, weights: UnembedWeights, options
     u = run.lens(_lens_input(acts, sl, 0, run.ctx))
     ones = torch.ones_like(run.ctx.mult)
     plog = _final_log2_probs(acts.logits[sl], effects)
+    fold = (config or default_config()).fold
     slots, layers = [], []
     for layer in range(n_layers):
-        u_next = ((run.ctx.u_last, ones) if layer + 1 == n_layers
-                  else run.lens(_lens_input(acts, sl, layer + 1, run.ctx)))
-        ent, sums, ablated = _layer_slots(run, layer, u, u_next, config, ws, plog, effects)
+        if fold:  # the kernel writes the next residual's lens over this one's
+            u_next = (u[0], ones)
+        else:
+            u_next = ((run.ctx.u_last, ones) if layer + 1 == n_layers
+                      else run.lens(_lens_input(acts, sl, layer + 1, run.ctx)))
+        ent, sums, ablated = _layer_slots(run, layer, u, u_next, config, ws, plog, effects,
+                                          fold)
         slots.append(ent)
         if effects is not None:
             layers.append(layer_effects(run, layer, ent, sums, ablated, effects))
@@ -223,10 +230,12 @@ def _final_log2_probs(logits: torch.Tensor, effects: ChunkEffects | None):
     return _pad_columns(logp)[:, :logits.shape[1]]
 
 
-def _layer_slots(run: _Run, layer: int, u, u_next, config, ws, plog=None, effects=None):
+def _layer_slots(run: _Run, layer: int, u, u_next, config, ws, plog=None, effects=None,
+                 fold: bool = False):
     """The layer kernel's ``[t, n_slots]`` entropies of one layer (``u`` and ``u_next``:
-    (row-scaled lens, descale) of this and the next residual), its ``MarginalSums`` (None
-    without ``effects``), and the ``Ablated`` components the marginals removed."""
+    (row-scaled lens, descale) of this and the next residual; with ``fold``, the kernel
+    writes the next one into ``u_next``), its ``MarginalSums`` (None without ``effects``),
+    and the ``Ablated`` components the marginals removed."""
     acts, sl, ctx = run.acts, run.sl, run.ctx
     z = acts.z[sl, layer].float()
     z_abl, mean_lens = z, None
@@ -251,8 +260,17 @@ def _layer_slots(run: _Run, layer: int, u, u_next, config, ws, plog=None, effect
         bo_mult=ctx.mult, z_abl=z_abl if run.means is not None else None,
         mean_lens=mean_lens, positions=run.positions, scales=scales, bias=ctx.bias,
         is_last=layer + 1 == acts.z.shape[1], plog=plog,
-        top=effects is not None and effects.wanted.top, sums=effects is not None), config, ws)
+        top=effects is not None and effects.wanted.top, sums=effects is not None,
+        mlp=_mlp_rows(run, layer) if fold else None, w_u=run.split.w_u if fold else None),
+        config, ws)
     return ent, sums, ablated
+
+
+def _mlp_rows(run: _Run, layer: int) -> torch.Tensor:
+    """``[t, d]`` the MLP's output of ``layer`` as the lens sees it (scaled, or in the
+    normalisation's space): the rows the folded kernel unembeds."""
+    x = run.acts.mlp_out[run.sl, layer].float()
+    return run.ctx.space(x) if run.recomputed else x * run.ctx.inv_s
 
 
 def _measures_from_slots(slots: list[torch.Tensor], ent_final: torch.Tensor,

@@ -16,12 +16,34 @@ def _entropy64(logits2: torch.Tensor) -> torch.Tensor:
     return -(torch.softmax(nat, dim=-1) * torch.log_softmax(nat, dim=-1)).sum(-1)
 
 
-def layer_entropies_reference(inputs: LayerInputs, w: torch.Tensor) -> torch.Tensor:
+def _mid(inputs: LayerInputs, w: torch.Tensor) -> torch.Tensor:
+    """``[T, V]`` float64 lens of resid_mid: resid_pre's, every head's and ``b_O``'s."""
+    d = torch.float64
+    u = inputs.u.to(d) * inputs.u_descale.to(d).reshape(-1, 1)
+    heads = torch.einsum("thk,hkv->tv", inputs.z.to(d), w.to(d))
+    return u + heads + inputs.bo_mult.to(d).reshape(-1, 1) * inputs.bo.to(d)
+
+
+def next_lens_reference(inputs: LayerInputs, w: torch.Tensor,
+                        w_u: torch.Tensor | None = None) -> torch.Tensor:
+    """``[T, V]`` float64 lens of the next residual (log2 units): ``u_next`` descaled, or,
+    with ``inputs.mlp``, ``lens(resid_mid) + mlp @ w_u`` (what the folded kernel writes;
+    ``w_u``: ``[d, V]`` the unsplit ``W_U · log2 e``)."""
+    d = torch.float64
+    if inputs.mlp is None:
+        return inputs.u_next.to(d) * inputs.u_next_descale.to(d).reshape(-1, 1)
+    return _mid(inputs, w) + inputs.mlp.to(d) @ w_u.to(d)[:, :inputs.u.shape[1]]
+
+
+def layer_entropies_reference(inputs: LayerInputs, w: torch.Tensor,
+                              w_u: torch.Tensor | None = None) -> torch.Tensor:
     """``layer_entropies`` in float64 torch, one ``[T, V]`` slot at a time.
 
     Args:
-        inputs: as for ``layer_entropies`` (``w_hi``, ``w_lo``, ``w_scale`` are not read).
+        inputs: as for ``layer_entropies`` (``w_hi``, ``w_lo``, ``w_scale`` and ``w_u``'s
+            split are not read).
         w: ``[H, K, V]`` the unsplit ``W_O[h] @ W_U`` (log2 units).
+        w_u: ``[d, V]`` the unsplit ``W_U · log2 e``, with ``inputs.mlp``.
 
     Returns:
         ``[T, n_slots]`` float64 entropies in nats.
@@ -30,7 +52,7 @@ def layer_entropies_reference(inputs: LayerInputs, w: torch.Tensor) -> torch.Ten
     n_heads = inputs.z.shape[1]
     d = torch.float64
     u = inputs.u.to(d) * inputs.u_descale.to(d).reshape(-1, 1)
-    un = inputs.u_next.to(d) * inputs.u_next_descale.to(d).reshape(-1, 1)
+    un = next_lens_reference(inputs, w, w_u)
     mb = inputs.mbase.to(d)
     z = inputs.z.to(d)
     z_abl = inputs.z_abl.to(d) if inputs.z_abl is not None else z
@@ -43,14 +65,11 @@ def layer_entropies_reference(inputs: LayerInputs, w: torch.Tensor) -> torch.Ten
         return _entropy64(y)
 
     out = torch.empty(n_tokens, n_slots(n_heads, inputs.is_last), dtype=d, device=u.device)
-    usum = torch.zeros_like(u)
     for h in range(n_heads):
-        head = z[:, h] @ w[h]
-        usum += head
-        out[:, h] = scored(u + head, h)
+        out[:, h] = scored(u + z[:, h] @ w[h], h)
         out[:, n_heads + h] = scored(mb - z_abl[:, h] @ w[h], n_heads + h)
     out[:, 2 * n_heads] = scored(u, 2 * n_heads)
-    u_mid = u + usum + bo_mult * inputs.bo.to(d)
+    u_mid = _mid(inputs, w)
     out[:, 2 * n_heads + 1] = scored(u_mid, 2 * n_heads + 1)
     y = mb - (un - u_mid)
     if inputs.mean_lens is not None:

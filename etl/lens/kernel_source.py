@@ -74,6 +74,38 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _pair(hi, lo, off, ok, c0, c1, c2, R: tl.constexpr, C: tl.constexpr,
+              TMA: tl.constexpr):
+        """An ``[R, C]`` tile of a float16 ``(hi, lo)`` pair: through tensor descriptors
+        (``TMA``; block ``[c0, c1, c2]``, one of its three dimensions 1, out-of-bounds entries
+        zero) or through pointers (``off``, masked by ``ok``)."""
+        if TMA:
+            return (hi.load([c0, c1, c2]).reshape(R, C), lo.load([c0, c1, c2]).reshape(R, C))
+        else:
+            return (tl.load(hi + off, mask=ok, other=0.0), tl.load(lo + off, mask=ok, other=0.0))
+
+    @triton.jit
+    def _lens_tile(xh, xl, xds_ptr, wuh, wul, D, stride_x, stride_wu, rows, rows64, row_ok,
+                   cols, col_ok, t0, v0, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+        """``[BLOCK_T, BLOCK_V]`` tile of ``x @ W_U`` from split rows (``[T, D]``, row scales
+        undone by ``xds``) and split ``W_U`` (``[D, V]``), ``BLOCK_K`` products at a time."""
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_K):
+            k_ok = (d0 + ks) < D
+            x_hi, x_lo = _pair(xh, xl, rows64[:, None] * stride_x + (d0 + ks)[None, :],
+                               row_ok[:, None] & k_ok[None, :], t0, 0, d0, BLOCK_T, BLOCK_K,
+                               TMA)
+            w_hi, w_lo = _pair(wuh, wul,
+                               (d0 + ks).to(tl.int64)[:, None] * stride_wu + cols[None, :],
+                               k_ok[:, None] & col_ok[None, :], 0, d0, v0, BLOCK_K, BLOCK_V,
+                               TMA)
+            acc += _dot3(x_hi, x_lo, w_hi, w_lo, UPCAST)
+        xds = tl.load(xds_ptr + rows, mask=row_ok, other=0.0)
+        return acc * xds[:, None]
+
+    @triton.jit
     def _load_descaled(ptr, stride, ds_ptr, rows64, cols, ok, rows, row_ok, pad):
         """A ``[rows, cols]`` tile of a row-scaled ``[T, V]`` tensor, row scales undone,
         padding entries at -1e30."""
@@ -81,16 +113,18 @@ if triton is not None:
         ds = tl.load(ds_ptr + rows, mask=row_ok, other=0.0)
         return x * ds[:, None] + pad[None, :]
 
-    @triton.jit(do_not_specialize=["T", "V", "H", "K", "n_vt", "n_sl", "is_last"])
+    @triton.jit(do_not_specialize=["T", "V", "H", "K", "D", "n_vt", "n_sl", "is_last"])
     def _layer_kernel(u_ptr, uds_ptr, un_ptr, unds_ptr, mb_ptr, zh_ptr, zl_ptr, zds_ptr,
                       ah_ptr, al_ptr, ads_ptr, wh_ptr, wl_ptr, bo_ptr, bom_ptr, ml_ptr,
                       pos_ptr, sc_ptr, bias_ptr, lse_ptr, ent_ptr, pl_ptr, pdot_ptr,
-                      top_v_ptr, top_i_ptr,
-                      T, V, H, K, n_vt, n_sl, is_last, stride_zt, stride_zh, stride_u,
+                      top_v_ptr, top_i_ptr, xh_ptr, xl_ptr, xds_ptr, wuh_ptr, wul_ptr,
+                      T, V, H, K, D, n_vt, n_sl, is_last, stride_zt, stride_zh, stride_u,
                       stride_un, stride_mb, stride_wh, stride_wk, stride_ml, stride_pl,
+                      stride_x, stride_wu,
                       HAS_SCALE: tl.constexpr, MEAN_ABL: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                      UPCAST: tl.constexpr, PDOT: tl.constexpr, TOP: tl.constexpr):
+                      UPCAST: tl.constexpr, PDOT: tl.constexpr, TOP: tl.constexpr,
+                      FOLD: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
         pid_t = tl.program_id(0)  # token tiles vary fastest: they share weight tiles in L2
         pid_v = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -120,20 +154,21 @@ if triton is not None:
         b_off = ks[:, None].to(tl.int64) * stride_wk + cols[None, :]
         b_ok = k_ok[:, None] & col_ok[None, :]
         usum = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-        for h in range(H):
-            z_hi = tl.load(zh_ptr + a_off + h * stride_zh, mask=a_ok, other=0.0)
-            z_lo = tl.load(zl_ptr + a_off + h * stride_zh, mask=a_ok, other=0.0)
+        t0 = pid_t * BLOCK_T
+        v0 = pid_v * BLOCK_V
+        for h in tl.range(0, H, warp_specialize=WS):
+            z_hi, z_lo = _pair(zh_ptr, zl_ptr, a_off + h * stride_zh, a_ok, t0, h, 0, BLOCK_T,
+                               BLOCK_K, TMA)
             z_ds = tl.load(zds_ptr + rows * H + h, mask=row_ok, other=0.0)
-            w_off = b_off + h * stride_wh
-            w_hi = tl.load(wh_ptr + w_off, mask=b_ok, other=0.0)
-            w_lo = tl.load(wl_ptr + w_off, mask=b_ok, other=0.0)
+            w_hi, w_lo = _pair(wh_ptr, wl_ptr, b_off + h * stride_wh, b_ok, h, 0, v0, BLOCK_K,
+                               BLOCK_V, TMA)
             head = _dot3(z_hi, z_lo, w_hi, w_lo, UPCAST) * z_ds[:, None]
             usum += head
             _emit(_scaled(u + head, sc_ptr, rows, row_ok, n_sl, h, bias, HAS_SCALE),
                   lse_ptr, ent_ptr, h, pid_v, n_vt, T, rows, row_ok)
             if MEAN_ABL:
-                a_hi = tl.load(ah_ptr + a_off + h * stride_zh, mask=a_ok, other=0.0)
-                a_lo = tl.load(al_ptr + a_off + h * stride_zh, mask=a_ok, other=0.0)
+                a_hi, a_lo = _pair(ah_ptr, al_ptr, a_off + h * stride_zh, a_ok, t0, h, 0,
+                                   BLOCK_T, BLOCK_K, TMA)
                 a_ds = tl.load(ads_ptr + rows * H + h, mask=row_ok, other=0.0)
                 head = _dot3(a_hi, a_lo, w_hi, w_lo, UPCAST) * a_ds[:, None]
             y = _scaled(mb - head, sc_ptr, rows, row_ok, n_sl, H + h, bias, HAS_SCALE)
@@ -148,9 +183,18 @@ if triton is not None:
         u_mid = u + usum + bo_mult[:, None] * bo[None, :]
         _emit(_scaled(u_mid, sc_ptr, rows, row_ok, n_sl, 2 * H + 1, bias, HAS_SCALE),
               lse_ptr, ent_ptr, 2 * H + 1, pid_v, n_vt, T, rows, row_ok)
-        un = _load_descaled(un_ptr, stride_un, unds_ptr, rows64, cols, ok, rows, row_ok,
-                            pad)
-        y = mb - (un - u_mid)  # the MLP's lens is what lies between resid_mid and the next
+        if FOLD:  # the MLP's lens from its output; the next residual's written in place
+            mlp = _lens_tile(xh_ptr, xl_ptr, xds_ptr, wuh_ptr, wul_ptr, D, stride_x, stride_wu,
+                             rows, rows64, row_ok, cols, col_ok, t0, v0, BLOCK_T, BLOCK_V,
+                             BLOCK_K, UPCAST, TMA)
+            un = u_mid + mlp
+            tl.store(un_ptr + rows64[:, None] * stride_un + cols[None, :], un,
+                     mask=ok & (rows < T * (1 - is_last))[:, None])  # none on the last
+        else:  # the MLP's lens is what lies between resid_mid and the next residual
+            un = _load_descaled(un_ptr, stride_un, unds_ptr, rows64, cols, ok, rows, row_ok,
+                                pad)
+            mlp = un - u_mid
+        y = mb - mlp
         if MEAN_ABL:
             pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
             mean_mlp = tl.load(ml_ptr + pos.to(tl.int64)[:, None] * stride_ml + cols[None, :],

@@ -34,7 +34,17 @@ the products ``z_h · (W_O[h] W_U)`` with d_head = 64 per logit):
   across tiles;
 - ``lens(resid_pre)`` itself comes from one split-fp16 product per layer
   (``etl.lens.split_product.lens_product``), left scaled; the layer kernel undoes the scale as
-  it loads.
+  it loads;
+- or, folded (``KernelConfig.fold``, ``LayerInputs.mlp``): only layer 0's comes from
+  ``lens_product``; each layer's kernel unembeds its MLP's output itself (``d`` more products
+  per logit, as many as the separate product had) and writes ``lens(resid_mid) + lens(MLP)``,
+  the next layer's ``lens(resid_pre)``, over the tile it read. The separate kernel, its
+  ``[T, V]`` write and the next lens's read are gone; the products are those of the floor;
+- ``KernelConfig.tma`` streams the split tiles (head inputs, head weights, MLP rows,
+  ``W_U``) through tensor descriptors, and ``warp_specialize`` asks Triton to give the head
+  loop's loads to their own warps (a producer feeding consumers, as FlashAttention-3 does).
+  Counted and predicted in BENCHMARKS.md; the default stays the configuration measured
+  fastest.
 
 The device code is in ``etl.lens.kernel_source``. ``etl.lens.kernel_reference``'s
 ``layer_entropies_reference`` is the same computation in float64 torch: the oracle of the
@@ -50,9 +60,18 @@ from dataclasses import dataclass
 
 import torch
 
+from etl.lens.kernel_operands import (
+    flat,
+    fold_operands,
+    optional_operands,
+    row_operands,
+    split_rows,
+    sum_operands,
+    tile_descriptors,
+)
 from etl.lens.kernel_source import triton
-from etl.lens.kernel_sums import MarginalSums, entropy_buffers, marginal_sums, sum_buffers
-from etl.lens.split_product import interpreting, pow2_scale, split_f16
+from etl.lens.kernel_sums import MarginalSums, entropy_buffers, marginal_sums
+from etl.lens.split_product import SplitOperand, interpreting
 
 if triton is not None:
     from etl.lens.kernel_source import _layer_kernel, _merge_kernel
@@ -80,6 +99,13 @@ class KernelConfig:
     """Tokens per program of the merge kernel."""
     merge_block_j: int = 32
     """Vocabulary tiles merged per step of the merge kernel."""
+    fold: bool = False
+    """Fold the lens of the next residual into the layer kernel (``LayerInputs.mlp``)
+    instead of a separate ``lens_product`` per layer (read by ``etl.lens.fused_measures``)."""
+    tma: bool = False
+    """Stream the split tiles through tensor descriptors (Hopper's copy engine)."""
+    warp_specialize: bool = False
+    """Ask Triton to split the head loop into loading and computing warps."""
 
 
 GPU_CONFIG = KernelConfig()
@@ -145,6 +171,14 @@ class LayerInputs:
     """Keep each marginal's three largest logits too."""
     sums: bool = False
     """Return the marginals' ``MarginalSums`` (their log-sum-exp at least)."""
+    mlp: torch.Tensor | None = None
+    """``[T, d]`` float32 lens rows of the MLP's output (scaled like ``u``'s residual, or in
+    the normalisation's space), or None. Given, the kernel multiplies them by ``w_u`` itself
+    and *writes* the lens of the next residual, ``lens(resid_mid) + lens(MLP)``, unscaled,
+    into ``u_next`` (which may be ``u`` itself: every program writes only the tile it read;
+    the last layer writes nothing); ``u_next_descale`` is not read."""
+    w_u: SplitOperand | None = None
+    """``[d, V']`` split ``W_U · log2 e`` (``lens_product``'s right operand), with ``mlp``."""
 
 
 def n_slots(n_heads: int, is_last: bool) -> int:
@@ -166,49 +200,9 @@ def _check(inputs: LayerInputs) -> tuple[int, int, int, int]:
         raise ValueError("mean_lens and positions come together")
     if (inputs.scales is None) != (inputs.bias is None):
         raise ValueError("scales and bias come together")
+    if (inputs.mlp is None) != (inputs.w_u is None):
+        raise ValueError("mlp and w_u come together")
     return n_tokens, vocab, n_heads, k
-
-
-def _split_rows(z: torch.Tensor, w_scale: torch.Tensor):
-    """``[T, H, K]`` head inputs → (hi, lo) float16 scaled per (token, head) and the
-    ``[T, H]`` float32 factors that undo both scales of each product."""
-    z = z.float()
-    scale = pow2_scale(z, dim=2)
-    hi, lo = split_f16(z * scale[..., None])
-    return hi, lo, (1.0 / (scale * w_scale[None, :].float())).contiguous()
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with unit stride along its last axis (rows may be padded: kept as a view)."""
-    if t.dtype not in (torch.float32, torch.float16):
-        t = t.float()
-    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[-1] else t.contiguous()
-
-
-def _row_operands(inputs: LayerInputs):
-    """(u, u_next, mbase, w_hi, w_lo) with unit stride along their rows."""
-    u, u_next, mbase, w_hi, w_lo = (_rows(t) for t in (inputs.u, inputs.u_next, inputs.mbase,
-                                                       inputs.w_hi, inputs.w_lo))
-    if w_hi.stride() != w_lo.stride():
-        w_hi, w_lo = w_hi.contiguous(), w_lo.contiguous()
-    return u, u_next, mbase, w_hi, w_lo
-
-
-def _optional_operands(inputs: LayerInputs, slots: int, out: torch.Tensor):
-    """(mean_lens, positions, scales, bias) as the layer kernel reads them: placeholders
-    (``out`` or zeros) for those not given."""
-    n_tokens, vocab = inputs.u.shape
-    dev = inputs.u.device
-    mean_lens = (inputs.mean_lens.float().contiguous() if inputs.mean_lens is not None
-                 else torch.zeros(1, vocab, device=dev))
-    positions = (inputs.positions.to(device=dev, dtype=torch.int64).contiguous()
-                 if inputs.positions is not None
-                 else torch.zeros(n_tokens, dtype=torch.int64, device=dev))
-    scales = inputs.scales.float().contiguous() if inputs.scales is not None else out
-    if inputs.scales is not None and scales.shape != (n_tokens, slots):
-        raise ValueError(f"scales must be [{n_tokens}, {slots}]")
-    bias = inputs.bias.float().contiguous() if inputs.bias is not None else out
-    return mean_lens, positions, scales, bias
 
 
 def layer_entropies(inputs: LayerInputs, config: KernelConfig | None = None,
@@ -244,30 +238,46 @@ def layer_entropies_and_sums(inputs: LayerInputs, config: KernelConfig | None = 
     ws = workspace if workspace is not None else {}
     lse, ent = entropy_buffers(ws, slots * n_vt * n_tokens, dev)
     out = torch.empty(n_tokens, slots, dtype=torch.float32, device=dev)
-    z_hi, z_lo, z_ds = _split_rows(inputs.z, inputs.w_scale)
+    sums = _launch(inputs, config, ws, (lse, ent, out), n_vt)
+    return _merged(lse, ent, out, sums, inputs, config, n_heads, n_vt)
+
+
+def _launch(inputs: LayerInputs, config: KernelConfig, ws: dict, buffers, n_vt: int):
+    """Launch the layer kernel over the partial buffers ``(lse, ent, out)``; return the
+    marginals' sum buffers ``(pdot, top values, top indices)`` (placeholders when none)."""
+    lse, ent, out = buffers
+    n_tokens, slots = out.shape
+    _, vocab = inputs.u.shape
+    _, n_heads, k = inputs.z.shape
+    z_hi, z_lo, z_ds = split_rows(inputs.z, inputs.w_scale)
     mean = inputs.z_abl is not None or inputs.mean_lens is not None
     a_hi, a_lo, a_ds = ((z_hi, z_lo, z_ds) if inputs.z_abl is None
-                        else _split_rows(inputs.z_abl, inputs.w_scale))
-    mean_lens, positions, scales, bias = _optional_operands(inputs, slots, out)
-    flat = _flat
-    u, u_next, mbase, w_hi, w_lo = _row_operands(inputs)
-    plog, pdot, top_v, top_i = _sum_operands(inputs, ws, n_heads + 1, n_vt, out, mbase)
+                        else split_rows(inputs.z_abl, inputs.w_scale))
+    mean_lens, positions, scales, bias = optional_operands(inputs, slots, out)
+    u, u_next, mbase, w_hi, w_lo = row_operands(inputs)
+    plog, pdot, top_v, top_i = sum_operands(inputs, ws, n_heads + 1, n_vt, out, mbase)
+    x_hi, x_lo, x_ds, wu_hi, wu_lo = fold_operands(inputs, out)
+    block_k = max(16, triton.next_power_of_2(k))
+    tiles = [z_hi, z_lo, a_hi, a_lo, w_hi, w_lo, x_hi, x_lo, wu_hi, wu_lo]
+    if config.tma:
+        tiles = tile_descriptors(tiles, inputs.mlp is not None, config, block_k)
 
     grid = (triton.cdiv(n_tokens, config.block_t), n_vt)
     ws["kernel"] = _layer_kernel[grid](
         u, flat(inputs.u_descale), u_next, flat(inputs.u_next_descale), mbase,
-        z_hi, z_lo, z_ds, a_hi, a_lo, a_ds, w_hi, w_lo, flat(inputs.bo),
+        *tiles[:2], z_ds, *tiles[2:4], a_ds, *tiles[4:6], flat(inputs.bo),
         flat(inputs.bo_mult), mean_lens, positions, scales, bias, lse, ent,
-        plog, pdot, top_v, top_i,
-        n_tokens, vocab, n_heads, k, n_vt, slots, int(inputs.is_last),
+        plog, pdot, top_v, top_i, *tiles[6:8], x_ds, *tiles[8:],
+        n_tokens, vocab, n_heads, k, x_hi.shape[-1], n_vt, slots, int(inputs.is_last),
         z_hi.stride(0), z_hi.stride(1), u.stride(0), u_next.stride(0), mbase.stride(0),
         w_hi.stride(0), w_hi.stride(1), mean_lens.stride(0), plog.stride(0),
+        x_hi.stride(0), wu_hi.stride(0),
         HAS_SCALE=inputs.scales is not None, MEAN_ABL=mean,
-        BLOCK_T=config.block_t, BLOCK_V=config.block_v,
-        BLOCK_K=max(16, triton.next_power_of_2(k)), UPCAST=interpreting(),
-        PDOT=inputs.plog is not None, TOP=inputs.top,
+        BLOCK_T=config.block_t, BLOCK_V=config.block_v, BLOCK_K=block_k,
+        UPCAST=interpreting(), PDOT=inputs.plog is not None, TOP=inputs.top,
+        FOLD=inputs.mlp is not None, TMA=config.tma, WS=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages)
-    return _merged(lse, ent, out, (pdot, top_v, top_i), inputs, config, n_heads, n_vt)
+    return pdot, top_v, top_i
 
 
 def _merged(lse, ent, out, sums, inputs: LayerInputs, config: KernelConfig, n_heads: int,
@@ -281,18 +291,3 @@ def _merged(lse, ent, out, sums, inputs: LayerInputs, config: KernelConfig, n_he
     if not (inputs.sums or inputs.plog is not None or inputs.top):
         return out, None
     return out, marginal_sums(lse, *sums, inputs, n_heads, n_vt, slots)
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a contiguous float32 vector."""
-    return t.float().reshape(-1).contiguous()
-
-
-def _sum_operands(inputs: LayerInputs, ws: dict, n_marg: int, n_vt: int, out: torch.Tensor,
-                  mbase: torch.Tensor):
-    """(plog, pdot, top values, top indices) as the layer kernel reads them: the marginals'
-    sum buffers when ``plog`` or ``top`` asks for them, placeholders otherwise."""
-    plog = _rows(inputs.plog) if inputs.plog is not None else mbase
-    if inputs.plog is None and not inputs.top:
-        return plog, out, out, out
-    return (plog, *sum_buffers(ws, n_marg, n_vt, out.shape[0], out))

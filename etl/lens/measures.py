@@ -111,7 +111,8 @@ def _measure_chunk(acts, weights, options, means, cache, tokens, sl, fused,
                              fused and derive)
     if fused and derive:
         chunk = measure_chunk_fused(acts, weights, options, means, sl, ent_final, cache,
-                                    workspace=workspace, effects=effects)
+                                    config=options.kernel, workspace=workspace,
+                                    effects=effects)
     else:
         chunk = measure_chunk_torch(acts, weights, options.lens, means, sl, ent_final, cache,
                                     derive, effects)

@@ -5,10 +5,14 @@ activations and measures of a batch. Shapes use ``T`` tokens, ``L`` layers, ``H`
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from etl.lens.modes import ABLATION_MODES, LENS_MODES, canonical_lens, parse_measures
+
+if TYPE_CHECKING:
+    from etl.lens.kernels import KernelConfig
 
 
 @dataclass
@@ -152,6 +156,9 @@ class MeasureOptions:
     measures: tuple[str, ...] = ("entropy",)
     """Measure groups (``etl.lens.effects.MEASURES``); beyond ``entropy`` they need the
     batch's token ids."""
+    kernel: KernelConfig | None = None
+    """The fused kernel's tiles and variant (``etl.lens.kernels.KernelConfig``); None = the
+    measured default for where it runs (``default_config()``)."""
 
     def __post_init__(self) -> None:
         self.lens = canonical_lens(self.lens)
