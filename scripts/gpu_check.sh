@@ -4,8 +4,10 @@
 # float64 on fresh random inputs, each kernel configuration timed, and measure_batch on 32k
 # tokens in every mode against the plain torch path; then whole extractions of 100k tokens
 # (`python -m etl.bench --e2e`: sequential vs pipelined loop, forward sizes, rows vs the CPU
-# path) and `python -m etl.extract` at its CUDA defaults. GPU_CHECK_PARTS="kernels e2e"
-# (the default) picks the parts.
+# path) and `python -m etl.extract` at its CUDA defaults; then the stage at Llama-3-8B's
+# shape (`python -m etl.bench.gpu_llama`: its floors, one layer of 2,048 tokens per kernel
+# configuration, against float64). GPU_CHECK_PARTS="kernels e2e llama" (the default) picks
+# the parts.
 #
 # Run from the repository root on the GPU machine, with .whl/ from
 # scripts/fetch_gpu_wheels.sh carried along; results land in $OUT (default /tmp/gpu-check).
@@ -18,11 +20,11 @@ export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv | tee "$OUT/gpu.txt"
 python3 -m etl.checkpoint --arch gpt2-small --out /tmp/gpt2-small-random >/dev/null
-if [[ " ${GPU_CHECK_PARTS:-kernels e2e} " == *" kernels "* ]]; then
+if [[ " ${GPU_CHECK_PARTS:-kernels e2e llama} " == *" kernels "* ]]; then
     python3 -m etl.bench.gpu_check --model /tmp/gpt2-small-random --out "$OUT/gpu_check.json" \
         "$@" 2>&1 | tee "$OUT/gpu_check.log"
 fi
-if [[ " ${GPU_CHECK_PARTS:-kernels e2e} " == *" e2e "* ]]; then
+if [[ " ${GPU_CHECK_PARTS:-kernels e2e llama} " == *" e2e "* ]]; then
     # Whole extractions on 100k generated tokens: sequential vs pipelined loop at the
     # defaults, then other forward sizes through the pipelined loop; stored rows vs the CPU.
     python3 -m etl.bench --e2e --device cuda --tokens 100000 --model /tmp/gpt2-small-random \
@@ -39,4 +41,7 @@ write_corpus(gpt2_tokenizer(), __import__("pathlib").Path(sys.argv[1]), 100_000)
         2>&1 | tail -3 | tee "$OUT/extract.txt"
     python3 -c 'import json; m = json.load(open("/tmp/gpu-wh/runs/run_id=gpu-check/manifest.json"))
 print("extract manifest timing:", json.dumps(m["timing"]))' | tee -a "$OUT/extract.txt"
+fi
+if [[ " ${GPU_CHECK_PARTS:-kernels e2e llama} " == *" llama "* ]]; then
+    python3 -m etl.bench.gpu_llama --out "$OUT/gpu_llama.json" 2>&1 | tee "$OUT/gpu_llama.log"
 fi

@@ -7,7 +7,7 @@ through TransformerLens' cache."""
 import pytest
 import torch
 
-from etl.bench.gpu_kernels import random_layer
+from etl.bench.random_layer import random_layer
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.kernel_reference import layer_entropies_reference, next_lens_reference
 from etl.lens.kernels import (

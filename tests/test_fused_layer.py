@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from etl.bench.gpu_kernels import random_layer
+from etl.bench.random_layer import random_layer
 from etl.lens import kernels
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.fused_measures import SplitWeights

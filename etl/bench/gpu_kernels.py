@@ -1,32 +1,38 @@
 """The kernel parts of ``python -m etl.bench.gpu_check`` (CUDA only): the machine's ceilings and the
 entropy stage's floors, every fused kernel against float64 on fresh random inputs, and each
-kernel configuration timed on one GPT-2-small layer. ``random_layer`` also feeds the
-interpreter tests of the layer kernel (tests/test_fused_layer.py)."""
+kernel configuration timed on one GPT-2-small layer. Inputs from
+``etl.bench.random_layer``."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import replace
 
 import torch
 
+from etl.bench.random_layer import random_layer
 from etl.lens import fused_measures as fm
 from etl.lens import split_product
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.kernel_reference import layer_entropies_reference
 from etl.lens.kernels import (
     LOG2E,
-    ROW_ALIGN,
     KernelConfig,
     LayerInputs,
     layer_entropies,
     n_slots,
 )
-from etl.lens.split_product import lens_product, split_heads, split_operand
+from etl.lens.split_product import lens_product, split_operand
 
-CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2)]
+CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2),
+           KernelConfig(64, 64, 4, 2, fold=True),
+           KernelConfig(64, 64, 4, 2, fold=True, tma=True),
+           KernelConfig(64, 64, 4, 3, fold=True, tma=True),
+           KernelConfig(64, 64, 4, 2, fold=True, tma=True, warp_specialize=True),
+           KernelConfig(128, 64, 8, 2, fold=True, tma=True, warp_specialize=True)]
+"""The layer kernel's configurations timed: the per-layer kernel with its separate lens
+product, then the folded one with pointers, tensor descriptors and warp specialisation."""
 LENS_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                 (64, 256, 64, 4, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3)]
 SHAPE = {"layers": 12, "heads": 12, "d_head": 64, "d_model": 768, "vocab": 50257}
@@ -62,9 +68,10 @@ def ceilings() -> dict:
             "exp_per_s_datasheet": 16 * props.multi_processor_count * 1.755e9}
 
 
-def floors(ceil: dict, mean: bool = False) -> dict:
-    """Per-token floors of the entropy stage for GPT-2 small."""
-    L, H, K, d, V = (SHAPE[k] for k in ("layers", "heads", "d_head", "d_model", "vocab"))
+def floors(ceil: dict, mean: bool = False, shape: dict = SHAPE) -> dict:
+    """Per-token floors of the entropy stage for a model of ``shape`` (GPT-2 small's by
+    default)."""
+    L, H, K, d, V = (shape[k] for k in ("layers", "heads", "d_head", "d_model", "vocab"))
     exps = V * (L * (2 * H + 3) + 2)
     flops = 3 * 2 * V * (L * H * K * (2 if mean else 1) + L * d)
     min_bytes = V * 4 + L * (3 * d + H * K) * 4
@@ -72,41 +79,6 @@ def floors(ceil: dict, mean: bool = False) -> dict:
             "exp_bound_tokens_per_s": ceil["exp_per_s_datasheet"] / exps,
             "flop_bound_tokens_per_s": ceil["f16_flop_per_s"] / flops,
             "byte_bound_tokens_per_s": ceil["copy_bytes_per_s"] / min_bytes}
-
-
-def random_layer(n_tokens, n_heads, k, vocab, *, scale=False, mean=False, last=False,
-                 generator=None, positions=7, device="cuda", d_model=None):
-    """Random ``LayerInputs`` of realistic magnitudes (both lenses row-scaled, as
-    ``lens_product`` leaves them), the unsplit head weights ``[H, K, V]`` they use, and,
-    with ``d_model``, the unsplit ``W_U [d, V]`` of the folded lens (``mlp`` rows given;
-    else None)."""
-    def r(*shape):
-        return torch.randn(*shape, device=device, generator=generator)
-
-    def u(*shape):
-        return torch.rand(*shape, device=device, generator=generator) + 0.5
-
-    w = r(n_heads, k, vocab) * (2.0 / math.sqrt(k))
-    w_hi, w_lo, w_scale = split_heads(torch.nn.functional.pad(w, (0, -vocab % ROW_ALIGN)))
-    w_hi, w_lo = w_hi[..., :vocab], w_lo[..., :vocab]  # views of padded rows, as in runs
-    u_ds = u(n_tokens)
-    inputs = LayerInputs(
-        u=r(n_tokens, vocab) * 4 / u_ds[:, None], u_descale=u_ds,
-        u_next=r(n_tokens, vocab) * 32, u_next_descale=torch.full((n_tokens,), 0.125,
-                                                                  device=device),
-        mbase=r(n_tokens, vocab) * 4, z=r(n_tokens, n_heads, k), w_hi=w_hi, w_lo=w_lo,
-        w_scale=w_scale, bo=r(vocab) * 0.5, bo_mult=u(n_tokens),
-        z_abl=r(n_tokens, n_heads, k) if mean else None,
-        mean_lens=r(positions, vocab) if mean else None,
-        positions=(torch.randint(0, positions, (n_tokens,), device=device, generator=generator)
-                   if mean else None),
-        scales=u(n_tokens, n_slots(n_heads, last)) if scale else None,
-        bias=r(vocab) if scale else None, is_last=last)
-    if d_model is None:
-        return inputs, w, None
-    w_u = r(d_model, vocab + -vocab % ROW_ALIGN) * (4.0 / math.sqrt(d_model))
-    inputs = replace(inputs, mlp=r(n_tokens, d_model), w_u=split_operand(w_u))
-    return inputs, w, w_u[:, :vocab]
 
 
 def _poisoned_workspace(numel: int) -> dict:
@@ -123,14 +95,15 @@ def check_kernels(config: KernelConfig, seed: int) -> list[dict]:
         for i, (scale, mean) in enumerate([(False, False), (True, False), (False, True),
                                            (True, True)]):
             last = (i + n_tokens) % 2 == 0
-            inputs, w, _ = random_layer(n_tokens, n_heads, k, vocab, scale=scale, mean=mean,
-                                     last=last, generator=g)
+            inputs, w, w_u = random_layer(n_tokens, n_heads, k, vocab, scale=scale,
+                                          mean=mean, last=last, generator=g,
+                                          d_model=3 * k if config.fold else None)
             ws = _poisoned_workspace(n_slots(n_heads, last) * 4096 * n_tokens)
             got = layer_entropies(inputs, config, ws)
-            ref = layer_entropies_reference(inputs, w)
-            rows.append({"what": "layer kernel", "tokens": n_tokens, "heads": n_heads,
-                         "d_head": k, "vocab": vocab, "scale": scale, "mean": mean,
-                         "last": last, "finite": bool(torch.isfinite(got).all()),
+            ref = layer_entropies_reference(inputs, w, w_u)
+            rows.append({"what": f"layer kernel {config_label(config)}", "tokens": n_tokens,
+                         "heads": n_heads, "d_head": k, "vocab": vocab, "scale": scale,
+                         "mean": mean, "last": last, "finite": bool(torch.isfinite(got).all()),
                          "max_abs_err": float((got.double() - ref).abs().max())})
     for t, kdim, n in [(1, 768, 50257), (333, 768, 1001), (64, 64, 50257)]:
         x = torch.randn(t, kdim, device="cuda", generator=g) * 3
@@ -163,16 +136,12 @@ def time_configs(n_tokens: int, seed: int) -> list[dict]:
     lens product configuration in ``split_product.LENS_CONFIG``."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     H, K, d, V = (SHAPE[k] for k in ("heads", "d_head", "d_model", "vocab"))
-    inputs, w, _ = random_layer(n_tokens, H, K, V, generator=g)
-    x = torch.randn(n_tokens, d, device="cuda", generator=g)
-    pad = -V % ROW_ALIGN
-    w_split = split_operand(torch.nn.functional.pad(
-        torch.randn(d, V, device="cuda", generator=g) * 0.05 * LOG2E, (0, pad)))
-    rows = time_lens_products(x, w_split)
+    inputs, w, w_u = random_layer(n_tokens, H, K, V, generator=g, d_model=d)
+    rows = time_lens_products(inputs.mlp, inputs.w_u)
     timed = [r for r in rows if r["method"] == "triton" and "lens_ms" in r]
     best = min(timed, key=lambda r: r["lens_ms"])
     split_product.LENS_CONFIG = best["lens_config"]
-    return rows + time_layer_configs(inputs, w, best["lens_ms"])
+    return rows + time_layer_configs(inputs, (w, w_u), best["lens_ms"], SHAPE["layers"])
 
 
 def _error_text(exc: Exception) -> str:
@@ -199,36 +168,58 @@ def time_lens_products(x: torch.Tensor, w_split) -> list[dict]:
     return rows
 
 
-def time_layer_configs(inputs: LayerInputs, w: torch.Tensor, lens_ms: float) -> list[dict]:
-    """The layer kernel timed in each of ``CONFIGS`` (with ``lens_ms`` per lens product),
-    its error checked against float64 on the first 64 tokens."""
-    n_tokens, n_layers = inputs.u.shape[0], SHAPE["layers"]
+def config_label(config: KernelConfig) -> str:
+    """``64x64 w4 s2`` and the variant's flags (``fold``, ``tma``, ``ws``)."""
+    flags = [name for name, on in (("fold", config.fold), ("tma", config.tma),
+                                   ("ws", config.warp_specialize)) if on]
+    return " ".join([f"{config.block_t}x{config.block_v} w{config.num_warps} "
+                     f"s{config.num_stages}", *flags])
+
+
+def time_layer_configs(inputs: LayerInputs, weights, lens_ms: float, n_layers: int,
+                       configs: list[KernelConfig] = CONFIGS) -> list[dict]:
+    """The layer kernel timed in each of ``configs`` on folded ``inputs`` (``mlp`` given;
+    unfolded configurations get them without), its error checked against float64 on the
+    first 64 tokens; ``weights``: the unsplit (heads, ``W_U``). Per layer of the stage an
+    unfolded configuration also pays ``lens_ms`` (one lens product), a folded one
+    ``lens_ms / n_layers`` (layer 0's only)."""
+    n_tokens = inputs.u.shape[0]
     sample = replace(inputs, **{f: getattr(inputs, f)[:64] for f in
                                 ("u", "u_descale", "u_next", "u_next_descale", "mbase", "z",
-                                 "bo_mult")})
-    ref = layer_entropies_reference(sample, w)
+                                 "bo_mult", "mlp")})
+    heads, w_u = weights
+    refs = {False: layer_entropies_reference(_unfolded(sample), heads),
+            True: layer_entropies_reference(sample, heads, w_u)}
     rows = []
-    for i, config in enumerate(CONFIGS):
-        row = {"kernel": i, "config": f"{config.block_t}x{config.block_v} w{config.num_warps} "
-                         f"s{config.num_stages}"}
+    for i, config in enumerate(configs):
+        row = {"kernel": i, "config": config_label(config)}
+        run = inputs if config.fold else _unfolded(inputs)
         try:
             ws: dict = {}
             start = time.perf_counter()
-            layer_entropies(inputs, config, ws)
+            layer_entropies(run, config, ws)
             torch.cuda.synchronize()
             row["first_call_s"] = round(time.perf_counter() - start, 2)
             compiled = ws.get("kernel")
             for attr in ("n_regs", "n_spills"):
                 row[attr] = getattr(compiled, attr, None)
-            ms = _bench(lambda c=config, ws=ws: layer_entropies(inputs, c, ws))
-            err = float((layer_entropies(sample, config).double() - ref).abs().max())
-            row.update(layer_ms=ms, lens_ms=lens_ms, max_abs_err=err,
-                       tokens_per_s_12_layers=n_tokens / (n_layers * (ms + lens_ms) / 1e3))
+            ms = _bench(lambda c=config, ws=ws, run=run: layer_entropies(run, c, ws))
+            got = layer_entropies(sample if config.fold else _unfolded(sample), config)
+            lens = lens_ms / n_layers if config.fold else lens_ms
+            row.update(layer_ms=ms, lens_ms=lens, stage_ms_per_layer=ms + lens,
+                       max_abs_err=float((got.double() - refs[config.fold]).abs().max()),
+                       tokens_per_s=n_tokens / (n_layers * (ms + lens) / 1e3))
         except Exception as exc:  # a configuration that fails to compile or run is reported
             row["error"] = _error_text(exc)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _unfolded(inputs: LayerInputs) -> LayerInputs:
+    """``inputs`` for the per-layer kernel: the next lens read (the random ``u_next``), not
+    folded."""
+    return replace(inputs, mlp=None, w_u=None)
 
 
 def diagnose_real(acts, weights, sample: int,

@@ -132,8 +132,10 @@ class _Stage:
 
 
 def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: int,
-                  sample: int, chunks: list[int]) -> list[dict]:
-    """``measure_batch`` on real activations, every mode, fused vs plain torch."""
+                  sample: int, chunks: list[int], compare=()) -> list[dict]:
+    """``measure_batch`` on real activations, every mode, fused (``GPU_CONFIG``) vs plain
+    torch; each ``KernelConfig`` of ``compare`` too, final-scale/zero, entropy alone and
+    with every measure."""
     from etl.model.loading import load_model
 
     stage = _Stage(load_model(model_dir, device="cuda"), n_tokens, seq_len, sample)
@@ -152,6 +154,11 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
             print(json.dumps(rows[-1]), flush=True)
         for measures in (("all",), ("entropy", "loss", "kl", "context")):
             rows.append(_time_mode(stage, lens, ablation, chunks[0], chosen, measures))
+            print(json.dumps(rows[-1]), flush=True)
+    for kernel in compare:
+        for measures in (("entropy",), ("all",)):
+            rows.append(_time_mode(stage, "final-scale", "zero", chunks[0], chosen, measures,
+                                   kernel))
             print(json.dumps(rows[-1]), flush=True)
     split_product.LENS_METHOD = chosen
     rows += _lens_method_errors(stage, chosen)
@@ -180,18 +187,22 @@ def _effect_errors(got, ref) -> dict:
 
 
 def _time_mode(stage: _Stage, lens: str, ablation: str, chunk: int, method: str,
-               measures: tuple[str, ...] = ("entropy",)) -> dict:
+               measures: tuple[str, ...] = ("entropy",), kernel=None) -> dict:
     """One lens × ablation mode through the fused path with the measure groups
-    ``measures``, timed, checked against float64."""
+    ``measures`` and the layer kernel's ``kernel`` configuration (None: ``GPU_CONFIG``),
+    timed, checked against float64."""
+    from etl.bench.gpu_kernels import config_label
+    from etl.lens.kernels import default_config
     from etl.lens.types import MeasureOptions
 
     acts, n = stage.acts, stage.acts.z.shape[0]
     row = {"lens": lens, "ablation": ablation, "chunk_tokens": chunk, "tokens": n,
-           "lens_method": method, "measures": ",".join(measures)}
+           "lens_method": method, "measures": ",".join(measures),
+           "kernel": config_label(kernel or default_config())}
     split_product.LENS_METHOD = method
     try:
         options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=chunk,
-                                 measures=measures)
+                                 measures=measures, kernel=kernel)
         means = stage.means32 if ablation == "mean" else None
         stage.measure(_slice(acts, min(n, 1024), torch.float32), options, means)  # compile
         torch.cuda.synchronize()

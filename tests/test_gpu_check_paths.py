@@ -1,0 +1,36 @@
+"""The GPU check's timing of kernel configurations (``etl.bench.gpu_kernels``), run on the CPU
+through Triton's interpreter with its CUDA timer replaced: every configuration of the check,
+folded or not, runs and is checked against float64 before the check spends device time."""
+
+import torch
+
+from etl.bench import gpu_kernels
+from etl.bench.random_layer import random_layer
+from etl.lens.kernels import KernelConfig
+
+
+def test_every_configuration_of_the_check_runs_and_is_checked(monkeypatch):
+    calls = []
+
+    def bench(fn, reps=10):
+        fn()
+        calls.append(1)
+        return 2.0
+
+    monkeypatch.setattr(gpu_kernels, "_bench", bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    inputs, w, w_u = random_layer(70, 2, 64, 300, generator=torch.Generator().manual_seed(0),
+                                  device="cpu", d_model=64)
+    configs = [KernelConfig(64, 64, 4, 1, merge_block_t=16, merge_block_j=4,
+                            fold=c.fold, tma=c.tma, warp_specialize=c.warp_specialize)
+               for c in gpu_kernels.CONFIGS]
+    rows = gpu_kernels.time_layer_configs(inputs, (w, w_u), lens_ms=1.0, n_layers=4,
+                                          configs=configs)
+    assert len(rows) == len(configs) == len(calls)
+    assert any(gpu_kernels.config_label(c).endswith("fold tma ws") for c in configs)
+    for row, config in zip(rows, configs, strict=True):
+        assert "error" not in row, row
+        assert row["max_abs_err"] < 1e-5
+        # a folded layer pays a quarter of the one lens product (layer 0's), others all of it
+        assert row["lens_ms"] == (0.25 if config.fold else 1.0)
+        assert row["tokens_per_s"] == 70 / (4 * (2.0 + row["lens_ms"]) / 1e3)
