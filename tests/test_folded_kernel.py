@@ -24,7 +24,8 @@ from tests.reference import reference_measures
 
 VARIANTS = {"pointers": dict(fold=True),
             "descriptors": dict(fold=True, tma=True),
-            "descriptors, warp-specialised": dict(fold=True, tma=True, warp_specialize=True)}
+            "descriptors, warp-specialised": dict(fold=True, tma=True, warp_specialize=True),
+            "polynomial exponentials": dict(fold=True, tma=True, poly_heads=2)}
 
 
 def _config(variant: str, block_v: int = 64) -> KernelConfig:

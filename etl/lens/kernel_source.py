@@ -34,12 +34,37 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _emit(y, lse_ptr, ent_ptr, slot, pid_v, n_vt, T, rows, row_ok):
+    def _exp2_poly(x):
+        """``2^x`` for ``x ≤ 0`` on the FMA units instead of the special-function unit (as
+        FlashAttention-4 offloads part of its exponentials): ``x = n + f`` with ``n`` the
+        nearest integer, ``2^f`` on ``[-1/2, 1/2]`` from a degree-5 polynomial fitted for
+        relative error (2.2e-7 evaluated in float32, the hardware ``ex2``'s order), and ``n``
+        added to the exponent bits; 0 below ``2^-125``."""
+        n = tl.floor(tl.maximum(x, -125.0) + 0.5)
+        f = tl.maximum(x, -125.0) - n
+        p = 0.0013266970636323094 * f + 0.009675459936261177
+        p = p * f + 0.05550742521882057
+        p = p * f + 0.24022121727466583
+        p = p * f + 0.6931469440460205
+        p = p * f + 1.0000001192092896
+        bits = p.to(tl.int32, bitcast=True) + (n.to(tl.int32) << 23)
+        return tl.where(x < -125.0, 0.0, bits.to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _emit(y, lse_ptr, ent_ptr, slot, pid_v, n_vt, T, rows, row_ok, poly=False,
+              POLY: tl.constexpr = False):
         """Write one tile's (log2-sum-exp2, entropy in bits) of each row of ``y`` (log2
-        units; padding columns hold -1e30 and weigh nothing)."""
+        units; padding columns hold -1e30 and weigh nothing); where ``POLY`` is compiled in,
+        ``poly`` takes the exponentials from ``_exp2_poly``."""
         m = tl.max(y, axis=1)
         d = y - m[:, None]
-        e = tl.exp2(d)
+        if POLY:  # one of the two per program and slot, never both
+            if poly:
+                e = _exp2_poly(d)
+            else:
+                e = tl.exp2(d)
+        else:
+            e = tl.exp2(d)
         s = tl.sum(e, axis=1)
         w = tl.sum(e * d, axis=1)
         log_s = tl.log2(s)
@@ -124,7 +149,8 @@ if triton is not None:
                       HAS_SCALE: tl.constexpr, MEAN_ABL: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                       UPCAST: tl.constexpr, PDOT: tl.constexpr, TOP: tl.constexpr,
-                      FOLD: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+                      FOLD: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+                      POLY_HEADS: tl.constexpr):
         pid_t = tl.program_id(0)  # token tiles vary fastest: they share weight tiles in L2
         pid_v = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -165,14 +191,16 @@ if triton is not None:
             head = _dot3(z_hi, z_lo, w_hi, w_lo, UPCAST) * z_ds[:, None]
             usum += head
             _emit(_scaled(u + head, sc_ptr, rows, row_ok, n_sl, h, bias, HAS_SCALE),
-                  lse_ptr, ent_ptr, h, pid_v, n_vt, T, rows, row_ok)
+                  lse_ptr, ent_ptr, h, pid_v, n_vt, T, rows, row_ok, h < POLY_HEADS,
+                  POLY_HEADS > 0)
             if MEAN_ABL:
                 a_hi, a_lo = _pair(ah_ptr, al_ptr, a_off + h * stride_zh, a_ok, t0, h, 0,
                                    BLOCK_T, BLOCK_K, TMA)
                 a_ds = tl.load(ads_ptr + rows * H + h, mask=row_ok, other=0.0)
                 head = _dot3(a_hi, a_lo, w_hi, w_lo, UPCAST) * a_ds[:, None]
             y = _scaled(mb - head, sc_ptr, rows, row_ok, n_sl, H + h, bias, HAS_SCALE)
-            _emit(y, lse_ptr, ent_ptr, H + h, pid_v, n_vt, T, rows, row_ok)
+            _emit(y, lse_ptr, ent_ptr, H + h, pid_v, n_vt, T, rows, row_ok, h < POLY_HEADS,
+                  POLY_HEADS > 0)
             if PDOT or TOP:
                 _emit_sums(y, p, pdot_ptr, top_v_ptr, top_i_ptr, h, pid_v, n_vt, T, rows,
                            row_ok, BLOCK_V, PDOT, TOP)

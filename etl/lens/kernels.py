@@ -106,6 +106,9 @@ class KernelConfig:
     """Stream the split tiles through tensor descriptors (Hopper's copy engine)."""
     warp_specialize: bool = False
     """Ask Triton to split the head loop into loading and computing warps."""
+    poly_heads: int = 0
+    """The first this many heads' two slots take their exponentials from a polynomial on the
+    FMA units (``_exp2_poly``), the rest from the special-function unit."""
 
 
 GPU_CONFIG = KernelConfig()
@@ -276,6 +279,7 @@ def _launch(inputs: LayerInputs, config: KernelConfig, ws: dict, buffers, n_vt: 
         BLOCK_T=config.block_t, BLOCK_V=config.block_v, BLOCK_K=block_k,
         UPCAST=interpreting(), PDOT=inputs.plog is not None, TOP=inputs.top,
         FOLD=inputs.mlp is not None, TMA=config.tma, WS=config.warp_specialize,
+        POLY_HEADS=config.poly_heads,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return pdot, top_v, top_i
 
