@@ -6,9 +6,15 @@ variant on a CUDA GPU, in one run.
    token (exponentials, tensor-core operations, bytes) for GPT-2 small;
 2. correctness on fresh random inputs against ``layer_entropies_reference`` (float64): odd
    sizes (1 token, 1 head, d_head 24, a vocabulary that no tile divides), every mode, outputs
-   poisoned with NaN first; the split product and the one-pass sum kernel likewise;
+   poisoned with NaN first, for the default configuration and the folded one with tensor
+   descriptors and warp specialisation; the split product and the one-pass sum kernel
+   likewise;
 3. each kernel configuration timed on one layer (4,096 tokens, GPT-2 small shapes) with CUDA
-   events (median), its error checked on the same call;
+   events (median), its error checked on the same call: the per-layer kernel with its
+   separate lens product, and the folded one (``KernelConfig.fold``) with pointers, tensor
+   descriptors, warp specialisation and polynomial exponentials; compared per layer of the
+   stage (the lens products included), the fastest within 1e-4 nats runs part 4, and the
+   previous default is timed there too;
 4. ``measure_batch`` on real activations of a random-init GPT-2 small (``--tokens`` tokens,
    all components, both measures, all residual points) in every lens × ablation mode, against
    the plain torch path in the same run, with the peak memory of the stage and the max error
