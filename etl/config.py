@@ -35,6 +35,8 @@ about 15 GB of Parquet."""
 MAX_WORKERS = 4096
 """The most ``--workers`` a run may ask for (a larger count is a typo, not a cluster)."""
 PIPELINE_MODES = ("auto", "on", "off")
+KERNELS = ("auto", "layer", "folded")
+"""``--kernel`` choices (``etl.lens.kernels.named_config``)."""
 
 DATASET_OPTIONS = {
     "n_prompts": ("--n-prompts", ("ioi",)),
@@ -97,6 +99,11 @@ class ExtractConfig:
     chunk_tokens: int = field(default=0, metadata=option(
         "tokens per entropy chunk; bounds memory to a few [chunk, vocab] tensors (0 = auto: "
         "256 on CPU, 2048 on CUDA, fewer for vocabularies larger than GPT-2's)"))
+    kernel: str = field(default="auto", metadata=option(
+        "the fused kernel on CUDA: auto (the configuration measured fastest, BENCHMARKS.md), "
+        "layer (a kernel per layer and a separate lens product) or folded (the next "
+        "residual's lens folded into the layer kernel, tiles through tensor descriptors, a "
+        "warp-specialised head loop); results agree within 1e-4 nats", choices=KERNELS))
     forward_tokens: int = field(default=0, metadata=option(
         "tokens per forward pass, in whole sequences; results do not depend on it (0 = "
         f"auto: --batch-size sequences on CPU, {CUDA_FORWARD_TOKENS} tokens on CUDA, fewer "
@@ -126,6 +133,7 @@ class ExtractConfig:
             (self.n_prompts >= 1, "--n-prompts must be at least 1"),
             (self.chunk_tokens >= 0, "--chunk-tokens must be 0 (auto) or more"),
             (self.forward_tokens >= 0, "--forward-tokens must be 0 (auto) or more"),
+            (self.kernel in KERNELS, f"--kernel must be one of {', '.join(KERNELS)}"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED:,}"),
             (self.dataset != "text" or bool(self.data_files),
              "--dataset text needs --data-files GLOB"),
@@ -157,6 +165,7 @@ class ExtractConfig:
         """8 hex digits over every field that changes the numbers."""
         values = asdict(self)
         values.pop("chunk_tokens")  # results do not depend on these
+        values.pop("kernel")
         values.pop("forward_tokens")
         blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]

@@ -4,7 +4,7 @@
 # float64 on fresh random inputs, each kernel configuration timed, and measure_batch on 32k
 # tokens in every mode against the plain torch path; then whole extractions of 100k tokens
 # (`python -m etl.bench --e2e`: sequential vs pipelined loop, forward sizes, rows vs the CPU
-# path) and `python -m etl.extract` at its CUDA defaults; then the stage at Llama-3-8B's
+# path) and `python -m etl.extract` at its CUDA defaults and with --kernel folded; then the stage at Llama-3-8B's
 # shape (`python -m etl.bench.gpu_llama`: its floors, one layer of 2,048 tokens per kernel
 # configuration, against float64). GPU_CHECK_PARTS="kernels e2e llama" (the default) picks
 # the parts.
@@ -41,6 +41,14 @@ write_corpus(gpt2_tokenizer(), __import__("pathlib").Path(sys.argv[1]), 100_000)
         2>&1 | tail -3 | tee "$OUT/extract.txt"
     python3 -c 'import json; m = json.load(open("/tmp/gpu-wh/runs/run_id=gpu-check/manifest.json"))
 print("extract manifest timing:", json.dumps(m["timing"]))' | tee -a "$OUT/extract.txt"
+    # The same extraction through the folded kernel (--kernel folded), for the comparison.
+    python3 -m etl.extract --model /tmp/gpt2-small-random --dataset text \
+        --data-files '/tmp/corpus/*.txt' --n-batches 25 --batch-size 8 --seq-len 500 \
+        --device cuda --kernel folded --warehouse /tmp/gpu-wh --run-id gpu-check-folded \
+        --overwrite --no-progress 2>&1 | tail -3 | tee "$OUT/extract_folded.txt" || true
+    python3 -c 'import json; m = json.load(open("/tmp/gpu-wh/runs/run_id=gpu-check-folded/manifest.json"))
+print("extract --kernel folded manifest timing:", json.dumps(m["timing"]))' \
+        | tee -a "$OUT/extract_folded.txt" || true
 fi
 if [[ " ${GPU_CHECK_PARTS:-kernels e2e llama} " == *" llama "* ]]; then
     python3 -m etl.bench.gpu_llama --out "$OUT/gpu_llama.json" 2>&1 | tee "$OUT/gpu_llama.log"

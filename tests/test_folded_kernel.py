@@ -137,3 +137,38 @@ def test_the_effects_through_the_folded_kernel_equal_the_layer_kernels(tiny_mode
         assert (other - value).nan_to_num().abs().max() < 2e-5, field
         compared += 1
     assert compared > 6
+
+
+def test_the_kernel_flag_picks_a_variant_without_changing_the_run_id():
+    from etl.config import ExtractConfig
+    from etl.errors import UserError
+    from etl.lens.kernels import named_config
+
+    assert named_config("auto") is None  # the measured default
+    folded, layer = named_config("folded"), named_config("layer")
+    assert folded.fold and folded.tma and folded.warp_specialize and not layer.fold
+    assert folded.block_v == INTERPRETER_CONFIG.block_v  # the interpreter's wide tiles
+    base = ExtractConfig(dataset="ioi")
+    assert ExtractConfig(dataset="ioi", kernel="folded").default_run_id() == \
+        base.default_run_id()
+    with pytest.raises(UserError, match="--kernel must be one of auto, layer, folded"):
+        ExtractConfig(kernel="fast")
+
+
+def test_the_kernel_flag_reaches_the_measures(tiny_model, monkeypatch):
+    import numpy as np
+
+    from etl.config import ExtractConfig
+    from etl.run import steps
+    from etl.sources.corpus import TokenSet
+
+    seen = []
+    monkeypatch.setattr(steps, "measure_batch", lambda acts, w, options, *a, **k:
+                        seen.append(options.kernel))
+    ids = np.array([[50256, 464, 3290, 318]])
+    tokens = TokenSet(token_ids=ids, is_pad=np.zeros_like(ids, bool))
+    for name in ("folded", "auto"):
+        compute = steps.compute_step(ExtractConfig(dataset="ioi", kernel=name), "cpu",
+                                     tiny_model, tokens, None)
+        compute(0, 1, lambda: None)
+    assert seen[0].fold and seen[1] is None

@@ -56,7 +56,7 @@ unreliable).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -120,6 +120,24 @@ INTERPRETER_CONFIG = KernelConfig(block_t=64, block_v=8192, num_warps=4, num_sta
 def default_config() -> KernelConfig:
     """The kernel configuration for where kernels run now."""
     return INTERPRETER_CONFIG if interpreting() else GPU_CONFIG
+
+
+NAMED = {"layer": KernelConfig(),
+         "folded": KernelConfig(fold=True, tma=True, warp_specialize=True)}
+"""``--kernel``'s variants: the per-layer kernel with a separate lens product, and the
+folded one with every Hopper feature (``KernelConfig``'s fields)."""
+
+
+def named_config(name: str) -> KernelConfig | None:
+    """The configuration ``--kernel name`` asks for (``auto``: None, ``default_config()``),
+    with the interpreter's tiles where kernels run on the CPU."""
+    if name == "auto":
+        return None
+    variant = NAMED[name]
+    if interpreting():
+        return replace(INTERPRETER_CONFIG, fold=variant.fold, tma=variant.tma,
+                       warp_specialize=variant.warp_specialize)
+    return variant
 
 
 ROW_ALIGN = 64

@@ -12,6 +12,7 @@ import torch
 from etl.config import ExtractConfig
 from etl.errors import UserError
 from etl.lens.cache import HeadUnembedCache
+from etl.lens.kernels import named_config
 from etl.lens.measures import first_non_finite, measure_batch
 from etl.lens.types import AblationMeans, BatchMeasures, BatchTokens, MeasureOptions
 from etl.model.activations import run_batch
@@ -33,7 +34,8 @@ def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens:
     options = MeasureOptions(lens=config.lens, ablation=config.ablation,
                              chunk_tokens=config.resolved_chunk_tokens(
                                  device, int(model.cfg.d_vocab)),
-                             measures=tuple(config.measures.split(",")))
+                             measures=tuple(config.measures.split(",")),
+                             kernel=named_config(config.kernel))
 
     def compute(start: int, stop: int, mark) -> BatchMeasures:
         ids = torch.from_numpy(tokens.token_ids[start:stop]).to(device)
