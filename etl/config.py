@@ -36,7 +36,7 @@ MAX_WORKERS = 4096
 """The most ``--workers`` a run may ask for (a larger count is a typo, not a cluster)."""
 PIPELINE_MODES = ("auto", "on", "off")
 KERNELS = ("auto", "layer", "folded")
-"""``--kernel`` choices (``etl.lens.kernels.named_config``)."""
+"""``--kernel`` choices (``etl.lens.kernel_config.named_config``)."""
 
 DATASET_OPTIONS = {
     "n_prompts": ("--n-prompts", ("ioi",)),

@@ -9,14 +9,9 @@ import torch
 
 from etl.bench.random_layer import random_layer
 from etl.lens.cache import HeadUnembedCache
+from etl.lens.kernel_config import INTERPRETER_CONFIG, KernelConfig
 from etl.lens.kernel_reference import layer_entropies_reference, next_lens_reference
-from etl.lens.kernels import (
-    INTERPRETER_CONFIG,
-    KernelConfig,
-    layer_entropies,
-    layer_entropies_and_sums,
-    n_slots,
-)
+from etl.lens.kernels import layer_entropies, layer_entropies_and_sums, n_slots
 from etl.lens.measures import measure_batch
 from etl.lens.types import BatchTokens, MeasureOptions
 from etl.model.activations import MeanAccumulator, run_batch
@@ -142,7 +137,7 @@ def test_the_effects_through_the_folded_kernel_equal_the_layer_kernels(tiny_mode
 def test_the_kernel_flag_picks_a_variant_without_changing_the_run_id():
     from etl.config import ExtractConfig
     from etl.errors import UserError
-    from etl.lens.kernels import named_config
+    from etl.lens.kernel_config import named_config
 
     assert named_config("auto") is None  # the measured default
     folded, layer = named_config("folded"), named_config("layer")

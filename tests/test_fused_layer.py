@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from etl.bench.random_layer import random_layer
-from etl.lens import kernels
+from etl.lens import kernel_config, kernels
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.fused_measures import SplitWeights
+from etl.lens.kernel_config import KernelConfig
 from etl.lens.kernel_reference import layer_entropies_reference
-from etl.lens.kernels import KernelConfig, LayerInputs, layer_entropies, n_slots
+from etl.lens.kernels import LayerInputs, layer_entropies, n_slots
 from etl.lens.measures import _use_fused, measure_batch
 from etl.lens.split_product import lens_product, pow2_scale, split_f16, split_operand
 from etl.lens.types import MeasureOptions
@@ -184,7 +185,7 @@ def test_the_fused_path_is_chosen_only_where_it_applies(tiny_model, tokens):
 
 def test_float16_products_are_upcast_in_the_interpreter():
     assert kernels.interpreting()
-    assert kernels.default_config() == kernels.INTERPRETER_CONFIG
+    assert kernel_config.default_config() == kernel_config.INTERPRETER_CONFIG
 
 
 def _consistent_acts(rms_norm: bool, n_tokens=20, n_layers=2, n_heads=3, d_head=4, d=8,

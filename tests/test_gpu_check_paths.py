@@ -6,7 +6,7 @@ import torch
 
 from etl.bench import gpu_kernels
 from etl.bench.random_layer import random_layer
-from etl.lens.kernels import KernelConfig
+from etl.lens.kernel_config import KernelConfig
 
 
 def test_every_configuration_of_the_check_runs_and_is_checked(monkeypatch):

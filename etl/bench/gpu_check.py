@@ -44,7 +44,7 @@ from etl.bench.gpu_kernels import (
     floors,
     time_configs,
 )
-from etl.lens import kernels, split_product
+from etl.lens import kernel_config, split_product
 
 
 def _table(title: str, rows: list[dict], keys: list[str]) -> str:
@@ -83,7 +83,7 @@ def _checks() -> list[dict]:
     """Part 2 for the default configuration and the folded one with every Hopper feature
     (``CHECKED``), a failure to run reported as a failed check."""
     rows = []
-    for config in (kernels.GPU_CONFIG, CHECKED):
+    for config in (kernel_config.GPU_CONFIG, CHECKED):
         try:
             rows += check_kernels(config, seed=int(time.time()))
         except Exception as exc:
@@ -107,8 +107,8 @@ def _configs(result: dict, layer_tokens: int) -> None:
     good = [r for r in configs if "layer_ms" in r and r["max_abs_err"] <= 1e-4]
     if good:  # per layer of the stage: the kernel and the lens products it needs
         best = min(good, key=lambda r: r["stage_ms_per_layer"])
-        result["default_config"] = config_label(kernels.GPU_CONFIG)
-        kernels.GPU_CONFIG = CONFIGS[best["kernel"]]
+        result["default_config"] = config_label(kernel_config.GPU_CONFIG)
+        kernel_config.GPU_CONFIG = CONFIGS[best["kernel"]]
         result["best_config"] = best["config"]
 
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         result["stage"] = measure_stage(args.model, args.tokens, args.seq_len,
                                         args.baseline_tokens, args.sample, chunks,
                                         compare=[c for c in previous
-                                                 if c != kernels.GPU_CONFIG])
+                                                 if c != kernel_config.GPU_CONFIG])
     _print_tables(result, args.layer_tokens)
     ok = all(r["finite"] and r.get("max_abs_err", r.get("max_rel_err", 1.0)) <= 1e-4
              for r in checks) and _effects_ok(result.get("stage", []))

@@ -15,14 +15,9 @@ from etl.bench.random_layer import random_layer
 from etl.lens import fused_measures as fm
 from etl.lens import split_product
 from etl.lens.cache import HeadUnembedCache
+from etl.lens.kernel_config import KernelConfig
 from etl.lens.kernel_reference import layer_entropies_reference
-from etl.lens.kernels import (
-    LOG2E,
-    KernelConfig,
-    LayerInputs,
-    layer_entropies,
-    n_slots,
-)
+from etl.lens.kernels import LOG2E, LayerInputs, layer_entropies, n_slots
 from etl.lens.split_product import lens_product, split_operand
 
 CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2),

@@ -192,7 +192,7 @@ def _time_mode(stage: _Stage, lens: str, ablation: str, chunk: int, method: str,
     ``measures`` and the layer kernel's ``kernel`` configuration (None: ``GPU_CONFIG``),
     timed, checked against float64."""
     from etl.bench.gpu_kernels import config_label
-    from etl.lens.kernels import default_config
+    from etl.lens.kernel_config import default_config
     from etl.lens.types import MeasureOptions
 
     acts, n = stage.acts, stage.acts.z.shape[0]

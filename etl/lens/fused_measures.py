@@ -19,14 +19,8 @@ import torch
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.effects import stack_effects
 from etl.lens.fused_effects import Ablated, layer_effects
-from etl.lens.kernels import (
-    LOG2E,
-    ROW_ALIGN,
-    KernelConfig,
-    LayerInputs,
-    default_config,
-    layer_entropies_and_sums,
-)
+from etl.lens.kernel_config import KernelConfig, default_config
+from etl.lens.kernels import LOG2E, ROW_ALIGN, LayerInputs, layer_entropies_and_sums
 from etl.lens.layernorm import center, norm_space
 from etl.lens.layernorm import inv_sigma as _inv_sigma_kept
 from etl.lens.lenses import lens_type

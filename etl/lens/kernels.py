@@ -56,10 +56,11 @@ unreliable).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
+from etl.lens.kernel_config import KernelConfig, default_config
 from etl.lens.kernel_operands import (
     flat,
     fold_operands,
@@ -81,63 +82,6 @@ LOG2E = 1.0 / math.log(2.0)
 """Multiplier from nats-scale logits to log2 units."""
 LN2 = math.log(2.0)
 """Multiplier from bits to nats."""
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile shape and launch options of the layer kernel."""
-
-    block_t: int = 64
-    """Tokens per program (rows of each product)."""
-    block_v: int = 64
-    """Vocabulary entries per program (columns of each product)."""
-    num_warps: int = 4
-    """Warps per program."""
-    num_stages: int = 2
-    """Software-pipelining depth of the per-head loads."""
-    merge_block_t: int = 64
-    """Tokens per program of the merge kernel."""
-    merge_block_j: int = 32
-    """Vocabulary tiles merged per step of the merge kernel."""
-    fold: bool = False
-    """Fold the lens of the next residual into the layer kernel (``LayerInputs.mlp``)
-    instead of a separate ``lens_product`` per layer (read by ``etl.lens.fused_measures``)."""
-    tma: bool = False
-    """Stream the split tiles through tensor descriptors (Hopper's copy engine)."""
-    warp_specialize: bool = False
-    """Ask Triton to split the head loop into loading and computing warps."""
-    poly_heads: int = 0
-    """The first this many heads' two slots take their exponentials from a polynomial on the
-    FMA units (``_exp2_poly``), the rest from the special-function unit."""
-
-
-GPU_CONFIG = KernelConfig()
-"""The configuration used on GPUs (chosen by ``python -m etl.bench.gpu_check``'s timings)."""
-INTERPRETER_CONFIG = KernelConfig(block_t=64, block_v=8192, num_warps=4, num_stages=1)
-"""Large vocabulary tiles keep Triton's CPU interpreter fast."""
-
-
-def default_config() -> KernelConfig:
-    """The kernel configuration for where kernels run now."""
-    return INTERPRETER_CONFIG if interpreting() else GPU_CONFIG
-
-
-NAMED = {"layer": KernelConfig(),
-         "folded": KernelConfig(fold=True, tma=True, warp_specialize=True)}
-"""``--kernel``'s variants: the per-layer kernel with a separate lens product, and the
-folded one with every Hopper feature (``KernelConfig``'s fields)."""
-
-
-def named_config(name: str) -> KernelConfig | None:
-    """The configuration ``--kernel name`` asks for (``auto``: None, ``default_config()``),
-    with the interpreter's tiles where kernels run on the CPU."""
-    if name == "auto":
-        return None
-    variant = NAMED[name]
-    if interpreting():
-        return replace(INTERPRETER_CONFIG, fold=variant.fold, tma=variant.tma,
-                       warp_specialize=variant.warp_specialize)
-    return variant
 
 
 ROW_ALIGN = 64

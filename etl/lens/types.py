@@ -12,7 +12,7 @@ import torch
 from etl.lens.modes import ABLATION_MODES, LENS_MODES, canonical_lens, parse_measures
 
 if TYPE_CHECKING:
-    from etl.lens.kernels import KernelConfig
+    from etl.lens.kernel_config import KernelConfig
 
 
 @dataclass
@@ -157,7 +157,7 @@ class MeasureOptions:
     """Measure groups (``etl.lens.effects.MEASURES``); beyond ``entropy`` they need the
     batch's token ids."""
     kernel: KernelConfig | None = None
-    """The fused kernel's tiles and variant (``etl.lens.kernels.KernelConfig``); None = the
+    """The fused kernel's tiles and variant (``etl.lens.kernel_config.KernelConfig``); None = the
     measured default for where it runs (``default_config()``)."""
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ import torch
 from etl.config import ExtractConfig
 from etl.errors import UserError
 from etl.lens.cache import HeadUnembedCache
-from etl.lens.kernels import named_config
+from etl.lens.kernel_config import named_config
 from etl.lens.measures import first_non_finite, measure_batch
 from etl.lens.types import AblationMeans, BatchMeasures, BatchTokens, MeasureOptions
 from etl.model.activations import run_batch
