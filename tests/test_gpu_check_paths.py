@@ -35,3 +35,21 @@ def test_every_configuration_of_the_check_runs_and_is_checked(monkeypatch):
         # a folded layer pays a quarter of the one lens product (layer 0's), others all of it
         assert row["lens_ms"] == (0.25 if config.fold else 1.0)
         assert row["tokens_per_s"] == 70 / (4 * (2.0 + row["lens_ms"]) / 1e3)
+
+
+def test_the_llama_part_runs_at_a_small_shape(monkeypatch):
+    from etl.bench import gpu_llama
+
+    monkeypatch.setattr(gpu_kernels, "_bench", lambda fn, reps=10: (fn(), 2.0)[1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(gpu_llama, "ceilings", lambda: {
+        "copy_bytes_per_s": 3e12, "f16_flop_per_s": 7e14, "exp_per_s_datasheet": 3.7e12})
+    small = {"layers": 4, "heads": 2, "d_head": 32, "d_model": 64, "vocab": 200}
+    result = gpu_llama.llama_figure(20, seed=0, shape=small, device="cpu")
+    assert [r["config"] for r in result["configs"]] == [
+        gpu_kernels.config_label(c) for c in gpu_llama.TIMED]
+    lower = min(result["floors"]["exp_bound_tokens_per_s"],
+                result["floors"]["flop_bound_tokens_per_s"])
+    for row in result["configs"]:
+        assert "error" not in row and row["max_abs_err"] < 1e-5, row
+        assert row["share_of_lower_floor"] == row["tokens_per_s"] / lower

@@ -30,22 +30,22 @@ TIMED = [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[5]]
 pointers, with tensor descriptors, and with warp specialisation too."""
 
 
-def llama_figure(n_tokens: int, seed: int) -> dict:
-    """The floors, the lens product and each of ``TIMED`` at Llama-3-8B's shape."""
+def llama_figure(n_tokens: int, seed: int, shape: dict = LLAMA, device: str = "cuda") -> dict:
+    """The floors, the lens product and each of ``TIMED`` at ``shape`` (Llama-3-8B's)."""
     ceil = ceilings()
-    floor = floors(ceil, shape=LLAMA)
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    H, K, d, V = (LLAMA[k] for k in ("heads", "d_head", "d_model", "vocab"))
-    inputs, w, w_u = random_layer(n_tokens, H, K, V, generator=g, d_model=d)
+    floor = floors(ceil, shape=shape)
+    g = torch.Generator(device=device).manual_seed(seed)
+    H, K, d, V = (shape[k] for k in ("heads", "d_head", "d_model", "vocab"))
+    inputs, w, w_u = random_layer(n_tokens, H, K, V, generator=g, d_model=d, device=device)
     lens = time_lens_products(inputs.mlp, inputs.w_u)
     timed = [r for r in lens if r["method"] == "triton" and "lens_ms" in r]
     lens_ms = min(r["lens_ms"] for r in timed) if timed else float("nan")
-    rows = time_layer_configs(inputs, (w, w_u), lens_ms, LLAMA["layers"], TIMED)
+    rows = time_layer_configs(inputs, (w, w_u), lens_ms, shape["layers"], TIMED)
     lower = min(floor["exp_bound_tokens_per_s"], floor["flop_bound_tokens_per_s"])
     for row in rows:
         if "tokens_per_s" in row:
             row["share_of_lower_floor"] = row["tokens_per_s"] / lower
-    return {"shape": LLAMA, "tokens": n_tokens, "ceilings": ceil, "floors": floor,
+    return {"shape": shape, "tokens": n_tokens, "ceilings": ceil, "floors": floor,
             "lens_products": lens, "lens_config": split_product.LENS_CONFIG, "configs": rows}
 
 
