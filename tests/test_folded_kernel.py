@@ -20,7 +20,7 @@ from tests.reference import reference_measures
 VARIANTS = {"pointers": dict(fold=True),
             "descriptors": dict(fold=True, tma=True),
             "descriptors, warp-specialised": dict(fold=True, tma=True, warp_specialize=True),
-            "polynomial exponentials": dict(fold=True, tma=True, poly_heads=2)}
+            "polynomial exponentials": dict(fold=True, tma=True, poly_resid=True)}
 
 
 def _config(variant: str, block_v: int = 64) -> KernelConfig:

@@ -23,12 +23,12 @@ def test_every_configuration_of_the_check_runs_and_is_checked(monkeypatch):
                                   device="cpu", d_model=64)
     configs = [KernelConfig(64, 64, 4, 1, merge_block_t=16, merge_block_j=4,
                             fold=c.fold, tma=c.tma, warp_specialize=c.warp_specialize,
-                            poly_heads=c.poly_heads)
+                            poly_resid=c.poly_resid)
                for c in gpu_kernels.CONFIGS]
     rows = gpu_kernels.time_layer_configs(inputs, (w, w_u), lens_ms=1.0, n_layers=4,
                                           configs=configs)
     assert len(rows) == len(configs) == len(calls)
-    assert any(gpu_kernels.config_label(c).endswith("fold tma ws poly2") for c in configs)
+    assert any(gpu_kernels.config_label(c).endswith("fold tma ws poly") for c in configs)
     for row, config in zip(rows, configs, strict=True):
         assert "error" not in row, row
         assert row["max_abs_err"] < 1e-5

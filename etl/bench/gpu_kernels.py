@@ -15,7 +15,7 @@ from etl.bench.random_layer import random_layer
 from etl.lens import fused_measures as fm
 from etl.lens import split_product
 from etl.lens.cache import HeadUnembedCache
-from etl.lens.kernel_config import KernelConfig
+from etl.lens.kernel_config import FOLDED, KernelConfig
 from etl.lens.kernel_reference import layer_entropies_reference
 from etl.lens.kernels import LOG2E, LayerInputs, layer_entropies, n_slots
 from etl.lens.split_product import lens_product, split_operand
@@ -24,13 +24,14 @@ CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2),
            KernelConfig(64, 64, 4, 2, fold=True),
            KernelConfig(64, 64, 4, 2, fold=True, tma=True),
            KernelConfig(64, 64, 4, 3, fold=True, tma=True),
+           FOLDED,
            KernelConfig(64, 64, 4, 2, fold=True, tma=True, warp_specialize=True),
-           KernelConfig(128, 64, 8, 2, fold=True, tma=True, warp_specialize=True),
-           KernelConfig(64, 64, 4, 2, fold=True, tma=True, warp_specialize=True, poly_heads=2)]
+           replace(FOLDED, poly_resid=True)]
 """The layer kernel's configurations timed: the per-layer kernel with its separate lens
-product, then the folded one with pointers, tensor descriptors, warp specialisation, and
-4 of GPT-2's 27 slots taking their exponentials from the FMA units (BENCHMARKS.md counts why
-about 15 %)."""
+product, then the folded one with pointers, tensor descriptors, warp specialisation
+(``FOLDED``: 64 × 32 tiles, the widest that compiled with no spill and within shared memory
+at d_head 128, ``python -m etl.bench.kernel_resources``), and the 3 residual and MLP slots of
+GPT-2's 27 taking their exponentials from the FMA units (BENCHMARKS.md counts why)."""
 LENS_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                 (64, 256, 64, 4, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3)]
 SHAPE = {"layers": 12, "heads": 12, "d_head": 64, "d_model": 768, "vocab": 50257}
@@ -167,10 +168,10 @@ def time_lens_products(x: torch.Tensor, w_split) -> list[dict]:
 
 
 def config_label(config: KernelConfig) -> str:
-    """``64x64 w4 s2`` and the variant's flags (``fold``, ``tma``, ``ws``, ``polyN``)."""
+    """``64x64 w4 s2`` and the variant's flags (``fold``, ``tma``, ``ws``, ``poly``)."""
     flags = [name for name, on in (("fold", config.fold), ("tma", config.tma),
                                    ("ws", config.warp_specialize),
-                                   (f"poly{config.poly_heads}", config.poly_heads)) if on]
+                                   ("poly", config.poly_resid)) if on]
     return " ".join([f"{config.block_t}x{config.block_v} w{config.num_warps} "
                      f"s{config.num_stages}", *flags])
 

@@ -22,12 +22,13 @@ import torch
 from etl.bench.gpu_kernels import CONFIGS, ceilings, floors, time_layer_configs, time_lens_products
 from etl.bench.random_layer import random_layer
 from etl.lens import split_product
+from etl.lens.kernel_config import FOLDED
 
 LLAMA = {"layers": 32, "heads": 32, "d_head": 128, "d_model": 4096, "vocab": 128256}
 """Llama-3-8B's shape as the entropy stage sees it."""
-TIMED = [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[5]]
+TIMED = [CONFIGS[0], CONFIGS[2], CONFIGS[3], FOLDED]
 """Configurations timed at this shape: the default per-layer kernel, the folded one with
-pointers, with tensor descriptors, and with warp specialisation too."""
+pointers, with tensor descriptors, and ``FOLDED`` (warp specialisation too)."""
 
 
 def llama_figure(n_tokens: int, seed: int, shape: dict = LLAMA, device: str = "cuda") -> dict:

@@ -31,9 +31,10 @@ class KernelConfig:
     """Stream the split tiles through tensor descriptors (Hopper's copy engine)."""
     warp_specialize: bool = False
     """Ask Triton to split the head loop into loading and computing warps."""
-    poly_heads: int = 0
-    """The first this many heads' two slots take their exponentials from a polynomial on the
-    FMA units (``_exp2_poly``), the rest from the special-function unit."""
+    poly_resid: bool = False
+    """The residual and MLP slots (3 of the ``2H + 3``; 4 on the last layer), scored after
+    the head loop, take their exponentials from a polynomial on the FMA units
+    (``_exp2_poly``); the heads' keep the special-function unit."""
 
 
 GPU_CONFIG = KernelConfig()
@@ -47,10 +48,14 @@ def default_config() -> KernelConfig:
     return INTERPRETER_CONFIG if interpreting() else GPU_CONFIG
 
 
-NAMED = {"layer": KernelConfig(),
-         "folded": KernelConfig(fold=True, tma=True, warp_specialize=True)}
-"""``--kernel``'s variants: the per-layer kernel with a separate lens product, and the
-folded one with every Hopper feature (``KernelConfig``'s fields)."""
+FOLDED = KernelConfig(block_t=64, block_v=32, num_warps=4, num_stages=2, fold=True, tma=True,
+                      warp_specialize=True)
+"""The folded kernel with every Hopper feature, in the widest tiles that Triton compiled for
+sm_90 warp-specialised with no spilled register and within shared memory at d_head 64 and
+128 (``python -m etl.bench.kernel_resources``, BENCHMARKS.md); not yet timed on a GPU."""
+NAMED = {"layer": KernelConfig(), "folded": FOLDED}
+"""``--kernel``'s variants: the per-layer kernel with a separate lens product, and
+``FOLDED``."""
 
 
 def named_config(name: str) -> KernelConfig | None:

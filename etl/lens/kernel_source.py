@@ -51,18 +51,15 @@ if triton is not None:
         return tl.where(x < -125.0, 0.0, bits.to(tl.float32, bitcast=True))
 
     @triton.jit
-    def _emit(y, lse_ptr, ent_ptr, slot, pid_v, n_vt, T, rows, row_ok, poly=False,
+    def _emit(y, lse_ptr, ent_ptr, slot, pid_v, n_vt, T, rows, row_ok,
               POLY: tl.constexpr = False):
         """Write one tile's (log2-sum-exp2, entropy in bits) of each row of ``y`` (log2
-        units; padding columns hold -1e30 and weigh nothing); where ``POLY`` is compiled in,
-        ``poly`` takes the exponentials from ``_exp2_poly``."""
+        units; padding columns hold -1e30 and weigh nothing); ``POLY``: the exponentials
+        from ``_exp2_poly``."""
         m = tl.max(y, axis=1)
         d = y - m[:, None]
-        if POLY:  # one of the two per program and slot, never both
-            if poly:
-                e = _exp2_poly(d)
-            else:
-                e = tl.exp2(d)
+        if POLY:
+            e = _exp2_poly(d)
         else:
             e = tl.exp2(d)
         s = tl.sum(e, axis=1)
@@ -150,7 +147,7 @@ if triton is not None:
                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                       UPCAST: tl.constexpr, PDOT: tl.constexpr, TOP: tl.constexpr,
                       FOLD: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
-                      POLY_HEADS: tl.constexpr):
+                      POLY: tl.constexpr):
         pid_t = tl.program_id(0)  # token tiles vary fastest: they share weight tiles in L2
         pid_v = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -191,26 +188,24 @@ if triton is not None:
             head = _dot3(z_hi, z_lo, w_hi, w_lo, UPCAST) * z_ds[:, None]
             usum += head
             _emit(_scaled(u + head, sc_ptr, rows, row_ok, n_sl, h, bias, HAS_SCALE),
-                  lse_ptr, ent_ptr, h, pid_v, n_vt, T, rows, row_ok, h < POLY_HEADS,
-                  POLY_HEADS > 0)
+                  lse_ptr, ent_ptr, h, pid_v, n_vt, T, rows, row_ok)
             if MEAN_ABL:
                 a_hi, a_lo = _pair(ah_ptr, al_ptr, a_off + h * stride_zh, a_ok, t0, h, 0,
                                    BLOCK_T, BLOCK_K, TMA)
                 a_ds = tl.load(ads_ptr + rows * H + h, mask=row_ok, other=0.0)
                 head = _dot3(a_hi, a_lo, w_hi, w_lo, UPCAST) * a_ds[:, None]
             y = _scaled(mb - head, sc_ptr, rows, row_ok, n_sl, H + h, bias, HAS_SCALE)
-            _emit(y, lse_ptr, ent_ptr, H + h, pid_v, n_vt, T, rows, row_ok, h < POLY_HEADS,
-                  POLY_HEADS > 0)
+            _emit(y, lse_ptr, ent_ptr, H + h, pid_v, n_vt, T, rows, row_ok)
             if PDOT or TOP:
                 _emit_sums(y, p, pdot_ptr, top_v_ptr, top_i_ptr, h, pid_v, n_vt, T, rows,
                            row_ok, BLOCK_V, PDOT, TOP)
         _emit(_scaled(u, sc_ptr, rows, row_ok, n_sl, 2 * H, bias, HAS_SCALE),
-              lse_ptr, ent_ptr, 2 * H, pid_v, n_vt, T, rows, row_ok)
+              lse_ptr, ent_ptr, 2 * H, pid_v, n_vt, T, rows, row_ok, POLY)
         bo = tl.load(bo_ptr + cols, mask=col_ok, other=0.0)
         bo_mult = tl.load(bom_ptr + rows, mask=row_ok, other=0.0)
         u_mid = u + usum + bo_mult[:, None] * bo[None, :]
         _emit(_scaled(u_mid, sc_ptr, rows, row_ok, n_sl, 2 * H + 1, bias, HAS_SCALE),
-              lse_ptr, ent_ptr, 2 * H + 1, pid_v, n_vt, T, rows, row_ok)
+              lse_ptr, ent_ptr, 2 * H + 1, pid_v, n_vt, T, rows, row_ok, POLY)
         if FOLD:  # the MLP's lens from its output; the next residual's written in place
             mlp = _lens_tile(xh_ptr, xl_ptr, xds_ptr, wuh_ptr, wul_ptr, D, stride_x, stride_wu,
                              rows, rows64, row_ok, cols, col_ok, t0, v0, BLOCK_T, BLOCK_V,
@@ -229,13 +224,13 @@ if triton is not None:
                                mask=ok, other=0.0)
             y += bo_mult[:, None] * mean_mlp
         y = _scaled(y, sc_ptr, rows, row_ok, n_sl, 2 * H + 2, bias, HAS_SCALE)
-        _emit(y, lse_ptr, ent_ptr, 2 * H + 2, pid_v, n_vt, T, rows, row_ok)
+        _emit(y, lse_ptr, ent_ptr, 2 * H + 2, pid_v, n_vt, T, rows, row_ok, POLY)
         if PDOT or TOP:
             _emit_sums(y, p, pdot_ptr, top_v_ptr, top_i_ptr, H, pid_v, n_vt, T, rows, row_ok,
                        BLOCK_V, PDOT, TOP)
         if is_last != 0:
             _emit(_scaled(un, sc_ptr, rows, row_ok, n_sl, 2 * H + 3, bias, HAS_SCALE),
-                  lse_ptr, ent_ptr, 2 * H + 3, pid_v, n_vt, T, rows, row_ok)
+                  lse_ptr, ent_ptr, 2 * H + 3, pid_v, n_vt, T, rows, row_ok, POLY)
 
     @triton.jit(do_not_specialize=["M", "N", "K"])
     def _lens_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, out_ptr, M, N, K, stride_a, stride_b,

@@ -241,7 +241,7 @@ def _launch(inputs: LayerInputs, config: KernelConfig, ws: dict, buffers, n_vt: 
         BLOCK_T=config.block_t, BLOCK_V=config.block_v, BLOCK_K=block_k,
         UPCAST=interpreting(), PDOT=inputs.plog is not None, TOP=inputs.top,
         FOLD=inputs.mlp is not None, TMA=config.tma, WS=config.warp_specialize,
-        POLY_HEADS=config.poly_heads,
+        POLY=config.poly_resid,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return pdot, top_v, top_i
 
