@@ -53,3 +53,38 @@ def test_the_llama_part_runs_at_a_small_shape(monkeypatch):
     for row in result["configs"]:
         assert "error" not in row and row["max_abs_err"] < 1e-5, row
         assert row["share_of_lower_floor"] == row["tokens_per_s"] / lower
+
+
+def test_the_kernel_compiles_for_hopper_without_a_gpu():
+    """``kernel_resources`` compiles the real launch for sm_90 (outside the interpreter,
+    so in a process of its own) and reads registers and Hopper instructions off the
+    machine code."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json; from etl.bench.kernel_resources import report; "
+              "from etl.lens.kernel_config import FOLDED, KernelConfig; "
+              "shape = {'heads': 2, 'd_head': 64, 'd_model': 64, 'vocab': 256}; "
+              "print(json.dumps(report([KernelConfig(), FOLDED], shape)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["sums"] for r in rows] == [False, True, False, True]
+    for row in rows:
+        assert "error" not in row, row
+        assert 0 < row["registers"] <= 255 and row["HGMMA"] > 0 and row["shared_bytes"] > 0
+    assert rows[0]["UTMALDG"] == 0 and rows[2]["UTMALDG"] > 0  # the copy engine: FOLDED's
+
+
+def test_the_report_refuses_the_interpreter():
+    import pytest
+
+    from etl.bench.kernel_resources import launch_arguments
+    from etl.lens.kernel_config import FOLDED
+
+    with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+        launch_arguments(FOLDED, {"heads": 1, "d_head": 16, "d_model": 16, "vocab": 64}, False)
