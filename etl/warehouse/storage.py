@@ -20,6 +20,7 @@ Credentials and the endpoint come from the usual AWS variables (``AWS_ACCESS_KEY
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -140,10 +141,23 @@ def absolute(path: Path) -> Path:
     return path if is_remote(path) else Path(path).resolve()
 
 
+MKDIR_TRIES = 20
+"""Attempts of ``make_dirs`` when another run keeps removing an empty parent under it."""
+
+
 def make_dirs(path: Path) -> None:
-    """Create the folder ``path`` and its parents (object storage has none to create)."""
-    if not is_remote(path):
-        path.mkdir(parents=True, exist_ok=True)
+    """Create the folder ``path`` and its parents (object storage has none to create). A
+    parent that another run removes between two of its steps (``remove_empty_dir``) is made
+    again."""
+    if is_remote(path):
+        return
+    for _ in range(MKDIR_TRIES - 1):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:  # a parent made here was removed as empty meanwhile
+            continue
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def replace(src: Path, dst: Path) -> None:
@@ -166,9 +180,17 @@ def remove_tree(path: Path) -> None:
 
 def remove_empty_dir(path: Path) -> None:
     """Delete the local folder ``path`` if it exists and is empty (object storage has no
-    folders: an empty prefix is already gone)."""
-    if not is_remote(path) and path.is_dir() and not any(path.iterdir()):
+    folders: an empty prefix is already gone). One step, so that a run creating its own
+    folder in ``path`` at the same moment keeps it: absent or not empty, it is left."""
+    if is_remote(path):
+        return
+    try:
         path.rmdir()
+    except FileNotFoundError:  # absent, or removed by another run
+        pass
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
 
 
 def write_bytes_atomically(path: Path, data: bytes, durable: bool = True) -> None:
