@@ -179,3 +179,16 @@ def _effects64(zt, final, logp, in_c, nxt, has_target):
             "suppressed_token": torch.where(has, where, -1),
             "suppressed_logit": torch.where(has, low, 0.0),
             "top_probs": values, "target_rank": rank}
+
+
+def batch_and_means(bridge, tokens, ablation="zero"):
+    """The float32 activations of ``tokens`` and, under ``ablation == "mean"``, their
+    per-position means over every token (else None): what ``measure_batch`` reads."""
+    from etl.model.activations import MeanAccumulator, run_batch
+
+    acts = run_batch(bridge, tokens)
+    if ablation != "mean":
+        return acts, None
+    acc = MeanAccumulator()
+    acc.add(bridge, tokens, torch.ones_like(tokens, dtype=torch.bool))
+    return acts, acc.means(torch.float32)

@@ -14,8 +14,8 @@ from etl.lens.kernel_reference import layer_entropies_reference, next_lens_refer
 from etl.lens.kernels import layer_entropies, layer_entropies_and_sums, n_slots
 from etl.lens.measures import measure_batch
 from etl.lens.types import BatchTokens, MeasureOptions
-from etl.model.activations import MeanAccumulator, run_batch
-from tests.reference import reference_measures
+from etl.model.activations import run_batch
+from tests.reference import batch_and_means, reference_measures
 
 VARIANTS = {"pointers": dict(fold=True),
             "descriptors": dict(fold=True, tma=True),
@@ -103,12 +103,7 @@ def tokens(tiny_model):
     ("recomputed-ln", "mean", "descriptors, warp-specialised")])
 def test_measures_through_the_folded_kernel_match_float64(tiny_model, tokens, lens, ablation,
                                                           variant):
-    acts = run_batch(tiny_model.bridge, tokens)
-    means = None
-    if ablation == "mean":
-        acc = MeanAccumulator()
-        acc.add(tiny_model.bridge, tokens, torch.ones_like(tokens, dtype=torch.bool))
-        means = acc.means(torch.float32)
+    acts, means = batch_and_means(tiny_model.bridge, tokens, ablation)
     weights = tiny_model.unembed_weights()
     options = MeasureOptions(lens=lens, ablation=ablation, chunk_tokens=16, fused=True,
                              kernel=_config(variant, INTERPRETER_CONFIG.block_v))

@@ -19,8 +19,8 @@ from etl.lens.kernels import LayerInputs, layer_entropies, n_slots
 from etl.lens.measures import _use_fused, measure_batch
 from etl.lens.split_product import lens_product, pow2_scale, split_f16, split_operand
 from etl.lens.types import MeasureOptions
-from etl.model.activations import MeanAccumulator, run_batch
-from tests.reference import reference_measures
+from etl.model.activations import run_batch
+from tests.reference import batch_and_means, reference_measures
 
 SMALL_TILES = KernelConfig(block_t=64, block_v=64, num_warps=4, num_stages=1,
                            merge_block_t=16, merge_block_j=4)
@@ -142,12 +142,7 @@ def tokens(tiny_model):
                                            ("final-scale", "mean"), ("recomputed-ln", "mean")])
 def test_measures_through_the_kernel_match_float64_and_the_torch_path(tiny_model, tokens, lens,
                                                                       ablation):
-    acts = run_batch(tiny_model.bridge, tokens)
-    means = None
-    if ablation == "mean":
-        acc = MeanAccumulator()
-        acc.add(tiny_model.bridge, tokens, torch.ones_like(tokens, dtype=torch.bool))
-        means = acc.means(torch.float32)
+    acts, means = batch_and_means(tiny_model.bridge, tokens, ablation)
     weights = tiny_model.unembed_weights()
     cache = HeadUnembedCache()
 

@@ -34,15 +34,15 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 from etl.bench.gpu_kernels import (
     CONFIGS,
     ceilings,
     check_kernels,
     config_label,
+    device_header,
     floors,
     time_configs,
+    write_result,
 )
 from etl.lens import kernel_config, split_product
 from etl.lens.kernel_config import FOLDED
@@ -145,13 +145,9 @@ def _effects_ok(stage: list[dict]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 when every check passes."""
     args = _parser().parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: no CUDA device", file=sys.stderr)
+    result = device_header()
+    if result is None:
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    import triton
-    result["triton"] = triton.__version__
     ceil = ceilings()
     result["ceilings"] = ceil
     result["floors"] = floors(ceil)
@@ -174,12 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_tables(result, args.layer_tokens)
     ok = all(r["finite"] and r.get("max_abs_err", r.get("max_rel_err", 1.0)) <= 1e-4
              for r in checks) and _effects_ok(result.get("stage", []))
-    result["checks_pass"] = ok
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
-    return 0 if ok else 1
+    return write_result(result, ok, args.out)
 
 
 if __name__ == "__main__":

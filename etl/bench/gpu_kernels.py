@@ -6,6 +6,7 @@ kernel configuration timed on one GPT-2-small layer. Inputs from
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import replace
 
@@ -50,6 +51,30 @@ def _bench(fn, reps: int = 10) -> float:
         times.append(start.elapsed_time(end))
     times.sort()
     return times[len(times) // 2]
+
+
+def device_header() -> dict | None:
+    """``{device, torch, triton}`` of the CUDA GPU, with TF32 turned off so that float32
+    products are exact float32; None, after one error line, when there is none."""
+    if not torch.cuda.is_available():
+        print("error: no CUDA device", file=sys.stderr)
+        return None
+    import triton
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__}
+
+
+def write_result(result: dict, ok: bool, out) -> int:
+    """Print ``result`` (with ``checks_pass``) as the last JSON line, also into ``out`` when
+    given; the exit code (0 when ``ok``)."""
+    result["checks_pass"] = ok
+    line = json.dumps(result)
+    print(line)
+    if out:
+        out.write_text(line + "\n")
+    return 0 if ok else 1
 
 
 def ceilings() -> dict:

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from etl.bench.gpu_kernels import CONFIGS, ceilings, floors, time_layer_configs, time_lens_products
+from etl.bench.gpu_kernels import (
+    CONFIGS,
+    ceilings,
+    device_header,
+    floors,
+    time_layer_configs,
+    time_lens_products,
+    write_result,
+)
 from etl.bench.random_layer import random_layer
 from etl.lens import split_product
 from etl.lens.kernel_config import FOLDED
@@ -62,12 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 when a configuration ran within 1e-4 nats."""
     args = _parser().parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: no CUDA device", file=sys.stderr)
+    result = device_header()
+    if result is None:
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              **llama_figure(args.tokens, seed=int(time.time()))}
+    result.update(llama_figure(args.tokens, seed=int(time.time())))
     print("Llama-3-8B-shaped entropy stage, floors per token:",
           json.dumps({k: f"{v:.4g}" for k, v in result["floors"].items()}))
     print("config | layer_ms | lens_ms | tokens_per_s | share_of_lower_floor | max_abs_err "
@@ -77,12 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             "config", "layer_ms", "lens_ms", "tokens_per_s", "share_of_lower_floor",
             "max_abs_err", "error")))
     ok = any(r.get("max_abs_err", 1.0) <= 1e-4 for r in result["configs"])
-    result["checks_pass"] = ok
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
-    return 0 if ok else 1
+    return write_result(result, ok, args.out)
 
 
 if __name__ == "__main__":
