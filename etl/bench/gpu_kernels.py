@@ -21,10 +21,9 @@ from etl.lens.kernel_reference import layer_entropies_reference
 from etl.lens.kernels import LOG2E, LayerInputs, layer_entropies, n_slots
 from etl.lens.split_product import lens_product, split_operand
 
-CONFIGS = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2),
+CONFIGS = [KernelConfig(64, 64, 4, 2),
            KernelConfig(64, 64, 4, 2, fold=True),
            KernelConfig(64, 64, 4, 2, fold=True, tma=True),
-           KernelConfig(64, 64, 4, 3, fold=True, tma=True),
            FOLDED,
            KernelConfig(64, 64, 4, 2, fold=True, tma=True, warp_specialize=True),
            replace(FOLDED, poly_resid=True)]
@@ -172,11 +171,12 @@ def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
-def time_lens_products(x: torch.Tensor, w_split) -> list[dict]:
-    """``lens_product`` of ``x`` timed through cuBLAS and each ``LENS_CONFIGS`` entry."""
+def time_lens_products(x: torch.Tensor, w_split, configs=LENS_CONFIGS) -> list[dict]:
+    """``lens_product`` of ``x`` timed through cuBLAS and each of ``configs`` (the Triton
+    kernel's tiles)."""
     n_tokens, n_layers = x.shape[0], SHAPE["layers"]
     rows = []
-    for cfg in [None] + LENS_CONFIGS:
+    for cfg in [None, *configs]:
         method = "cublas" if cfg is None else "triton"
         row = {"config": f"lens product ({method}{'' if cfg is None else f' {cfg}'})",
                "method": method, "lens_config": cfg}
