@@ -5,7 +5,7 @@ change the stage, which reads each query head's output), on random inputs of one
 Its two floors per token are counted first (exponentials and float16 tensor-core products,
 against the ceilings measured in the same run); then each layer-kernel configuration is
 timed on one layer of ``--tokens`` tokens with CUDA events, its error checked against float64
-on the first 16 tokens, and the stage's figure is ``tokens / (32 × (layer + lens products))``:
+on the first 64 tokens, and the stage's figure is ``tokens / (32 × (layer + lens products))``:
 every layer has the same shape and cost. One table, then one JSON line. Needs a GPU.
 """
 
