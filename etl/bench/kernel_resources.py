@@ -1,4 +1,4 @@
-"""``python -m etl.bench.kernel_resources``: the layer kernel compiled for Hopper (sm_90a) on
+"""``python -m etl.bench.kernel_resources``: the layer kernel compiled for Hopper (sm_90) on
 any machine, no GPU needed, and what the compiler made of each configuration: registers per
 thread, spilled bytes (stack and local memory), shared memory, and the instructions that
 matter in its machine code (``HGMMA``: Hopper's warpgroup tensor-core products; ``HMMA``: the
@@ -9,8 +9,9 @@ the sign of a warp-specialised kernel).
 It reads counts, not speed: the launch arguments are built by the real driver
 (``etl.lens.kernels``) on CPU tensors, specialised as Triton's runtime would, then compiled
 through Triton's own compiler (its internals: ``create_function_from_signature``,
-``_pack_args``) with the ``ptxas`` and ``cuobjdump`` its wheel carries. The local Triton may
-differ from a GPU machine's.
+``_pack_args``; the same in 3.6 and 3.9) with the ``ptxas`` and ``cuobjdump`` its wheel
+carries. To read a GPU machine's compiler, install its Triton beside the project's
+(``pip install --target DIR --no-deps triton==X``) and put ``DIR`` first on ``PYTHONPATH``.
 """
 
 from __future__ import annotations

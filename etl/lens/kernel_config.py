@@ -50,9 +50,10 @@ def default_config() -> KernelConfig:
 
 FOLDED = KernelConfig(block_t=64, block_v=32, num_warps=4, num_stages=2, fold=True, tma=True,
                       warp_specialize=True)
-"""The folded kernel with every Hopper feature, in the widest tiles that Triton compiled for
-sm_90 warp-specialised with no spilled register and within shared memory at d_head 64 and
-128 (``python -m etl.bench.kernel_resources``, BENCHMARKS.md); not yet timed on a GPU."""
+"""The folded kernel with every Hopper feature, in the widest tiles that Triton (3.6 and 3.9)
+compiled for sm_90 warp-specialised with no spilled register and within shared memory at
+d_head 64 and 128 (``python -m etl.bench.kernel_resources``, BENCHMARKS.md); not yet timed
+on a GPU."""
 NAMED = {"layer": KernelConfig(), "folded": FOLDED}
 """``--kernel``'s variants: the per-layer kernel with a separate lens product, and
 ``FOLDED``."""
