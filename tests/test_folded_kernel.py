@@ -137,10 +137,11 @@ def test_the_effects_through_the_folded_kernel_equal_the_layer_kernels(tiny_mode
 
 
 def test_the_kernel_flag_picks_a_variant_without_changing_the_run_id():
-    from etl.config import ExtractConfig
+    from etl.config import KERNELS, ExtractConfig
     from etl.errors import UserError
-    from etl.lens.kernel_config import named_config
+    from etl.lens.kernel_config import NAMED, named_config
 
+    assert set(KERNELS) == {"auto", *NAMED}  # the flag's choices are the named variants
     assert named_config("auto") is None  # the measured default
     folded, layer = named_config("folded"), named_config("layer")
     assert folded.fold and folded.tma and folded.warp_specialize and not layer.fold

@@ -158,17 +158,22 @@ def migrate_until_disk_full(root, monkeypatch, name, full) -> None:
     monkeypatch.undo()
 
 
-def test_a_migration_stopped_after_the_move_is_finished_by_the_next(old_warehouse,
-                                                                    monkeypatch, capsys):
-    writes = []
-
+def _stop_at_manifest_listing(table: str, writes: list):
+    """A ``migrate_until_disk_full`` predicate: the first manifest write that lists
+    ``table`` fails (its path appended to ``writes``)."""
     def stopping(path, data):
-        if "component_effects" in data.get("shards", {}):
+        if table in data.get("shards", {}):
             writes.append(path)
             return True
         return False
+    return stopping
 
-    migrate_until_disk_full(old_warehouse, monkeypatch, "write_json_atomically", stopping)
+
+def test_a_migration_stopped_after_the_move_is_finished_by_the_next(old_warehouse,
+                                                                    monkeypatch, capsys):
+    writes = []
+    migrate_until_disk_full(old_warehouse, monkeypatch, "write_json_atomically",
+                            _stop_at_manifest_listing("component_effects", writes))
     stopped = Warehouse.run_id_of(writes[0])
     assert shard(old_warehouse, "component_effects", stopped).exists()  # moved, not listed
     assert not shard(old_warehouse, "component_entropy", stopped).exists()
@@ -184,14 +189,8 @@ def test_a_migration_stopped_after_the_move_is_finished_by_the_next(old_warehous
 def test_a_migration_stopped_after_writing_the_sums_is_finished_by_the_next(old_warehouse,
                                                                          monkeypatch, capsys):
     writes = []
-
-    def stopping(path, data):
-        if "component_sums" in data.get("shards", {}):
-            writes.append(path)
-            return True
-        return False
-
-    migrate_until_disk_full(old_warehouse, monkeypatch, "write_json_atomically", stopping)
+    migrate_until_disk_full(old_warehouse, monkeypatch, "write_json_atomically",
+                            _stop_at_manifest_listing("component_sums", writes))
     stopped = Warehouse.run_id_of(writes[0])
     partition = old_warehouse / "component_sums" / f"run_id={stopped}"
     assert list(partition.glob("*.parquet"))  # written, not listed

@@ -65,7 +65,8 @@ def named_config(name: str) -> KernelConfig | None:
     if name == "auto":
         return None
     variant = NAMED[name]
-    if interpreting():
-        return replace(INTERPRETER_CONFIG, fold=variant.fold, tma=variant.tma,
-                       warp_specialize=variant.warp_specialize)
+    if interpreting():  # the variant's choices, the interpreter's tiles
+        i = INTERPRETER_CONFIG
+        return replace(variant, block_t=i.block_t, block_v=i.block_v, num_warps=i.num_warps,
+                       num_stages=i.num_stages)
     return variant

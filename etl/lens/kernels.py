@@ -207,8 +207,10 @@ def layer_entropies_and_sums(inputs: LayerInputs, config: KernelConfig | None = 
     return _merged(lse, ent, out, sums, inputs, config, n_heads, n_vt)
 
 
-def _launch(inputs: LayerInputs, config: KernelConfig, ws: dict, buffers, n_vt: int):
-    """Launch the layer kernel over the partial buffers ``(lse, ent, out)``; return the
+def _launch(inputs: LayerInputs, config: KernelConfig, ws: dict, buffers, n_vt: int,
+            kernel=None):
+    """Launch the layer kernel (``kernel``: what stands in for ``_layer_kernel``, e.g. to
+    compile its launch elsewhere) over the partial buffers ``(lse, ent, out)``; return the
     marginals' sum buffers ``(pdot, top values, top indices)`` (placeholders when none)."""
     lse, ent, out = buffers
     n_tokens, slots = out.shape
@@ -228,7 +230,7 @@ def _launch(inputs: LayerInputs, config: KernelConfig, ws: dict, buffers, n_vt: 
         tiles = tile_descriptors(tiles, inputs.mlp is not None, config, block_k)
 
     grid = (triton.cdiv(n_tokens, config.block_t), n_vt)
-    ws["kernel"] = _layer_kernel[grid](
+    ws["kernel"] = (kernel or _layer_kernel)[grid](
         u, flat(inputs.u_descale), u_next, flat(inputs.u_next_descale), mbase,
         *tiles[:2], z_ds, *tiles[2:4], a_ds, *tiles[4:6], flat(inputs.bo),
         flat(inputs.bo_mult), mean_lens, positions, scales, bias, lse, ent,
