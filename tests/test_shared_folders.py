@@ -46,3 +46,33 @@ def test_removing_a_folder_another_run_already_removed_or_filled_is_quiet(tmp_pa
     (full / "run").mkdir(parents=True)
     remove_empty_dir(full)  # not empty: kept
     assert (full / "run").is_dir()
+
+
+def test_a_parent_removed_between_mkdir_and_its_check_is_made_again(tmp_path, monkeypatch):
+    """The interleaving CI once met: another run's ``mkdir`` of the shared root wins, so ours
+    fails with EEXIST, and the root is removed as empty before ``Path.mkdir`` checks that it
+    is a folder. Played here in one process, deterministically."""
+    import os
+
+    root = tmp_path / "_staging"
+    real_mkdir = os.mkdir
+    raced = []
+
+    def mkdir_losing_one_race(path, mode=0o777):
+        if Path(path) == root and not raced:
+            raced.append(path)  # another run made it, then removed it as empty
+            raise FileExistsError(17, "File exists", str(path))
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_losing_one_race)
+    make_dirs(root / "run0" / "component_effects")
+    assert raced and (root / "run0" / "component_effects").is_dir()
+
+
+def test_a_file_where_a_folder_should_be_still_fails(tmp_path):
+    (tmp_path / "taken").write_bytes(b"x")
+    try:
+        make_dirs(tmp_path / "taken" / "run0")
+    except (FileExistsError, NotADirectoryError):
+        return
+    raise AssertionError("make_dirs created a folder under a file")

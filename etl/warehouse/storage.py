@@ -148,14 +148,16 @@ MKDIR_TRIES = 20
 def make_dirs(path: Path) -> None:
     """Create the folder ``path`` and its parents (object storage has none to create). A
     parent that another run removes between two of its steps (``remove_empty_dir``) is made
-    again."""
+    again: ``Path.mkdir`` then fails with ``FileNotFoundError`` (the parent went before the
+    child was made) or ``FileExistsError`` (the folder existed at ``mkdir`` and was gone
+    when it checked that it is a folder)."""
     if is_remote(path):
         return
     for _ in range(MKDIR_TRIES - 1):
         try:
             path.mkdir(parents=True, exist_ok=True)
             return
-        except FileNotFoundError:  # a parent made here was removed as empty meanwhile
+        except (FileNotFoundError, FileExistsError):  # removed as empty meanwhile
             continue
     path.mkdir(parents=True, exist_ok=True)
 
