@@ -37,6 +37,14 @@ BAD = {
                     "it lists the tokens shard 'part-g1-00000.parquet' twice"),
     "no-tokens": (lambda d: d["shards"].pop("tokens"), "it lists no tokens shards"),
     "another-run-id": (lambda d: d.update(run_id="good"), "it is the manifest of run \"good\""),
+    "generation-a-path": (lambda d: d.update(generation="x/../../run_id=good/sums-g1"),
+                          "its field 'generation' is \"x/../../run_id=good/sums-g1\", not a "
+                          "plain name"),
+    "batch-size-negative": (lambda d: d["config"].update(batch_size=-1),
+                            "its config field 'batch_size' is -1, not a whole number of at "
+                            "least 1"),
+    "n_seqs-negative": (lambda d: d.update(n_seqs=-4),
+                        "its field 'n_seqs' is -4, not a count (0 or more)"),
 }
 
 

@@ -68,17 +68,11 @@ class Problem:
 
 def _listed_shards(warehouse: Warehouse, run_id: str, shards: dict) -> list[Shard]:
     """The shards a sound manifest's ``shards`` object lists (``manifest_problem`` checked
-    its entries); ``ValueError`` when a file is reached through a symbolic link."""
-    root = warehouse.absolute_root
-    listed = []
-    for table in STORED_TABLES:
-        for entry in shards[table]:
-            path = warehouse.partition(table, run_id, root) / entry["file"]
-            if not warehouse.remote and path.resolve() != path:
-                raise ValueError(f"its {table} file {entry['file']!r} is reached through a "
-                                 "symbolic link, to a place outside its own partition")
-            listed.append(Shard(table, path, entry["rows"], entry["sha256"]))
-    return listed
+    its entries); ``ValueError`` when a file is reached through a symbolic link
+    (``Warehouse.shard_path``)."""
+    return [Shard(table, warehouse.shard_path(table, run_id, entry["file"]), entry["rows"],
+                  entry["sha256"])
+            for table in STORED_TABLES for entry in shards[table]]
 
 
 def read_run(warehouse: Warehouse, manifest: Path) -> Run:

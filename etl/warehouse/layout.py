@@ -19,20 +19,18 @@ Layout under the root::
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import uuid
 from pathlib import Path
 
 from etl.errors import UserError, first_line
 from etl.warehouse.lock import FileLock, LeaseLock
-from etl.warehouse.manifest import MANIFEST
+from etl.warehouse.manifest import MANIFEST, RUN_ID_PATTERN, shown
 from etl.warehouse.staging import StagingArea
 from etl.warehouse.storage import absolute, is_remote, parse_root, storage_errors
 
 DEFAULT_WAREHOUSE = "data/warehouse"
 """The warehouse every command uses unless ``--warehouse`` names another."""
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 RUN_ID_RULE = ("use 1–100 letters, digits, '.', '_' or '-', starting with a letter or digit "
                "(or leave it out for the derived id)")
 
@@ -107,6 +105,22 @@ class Warehouse:
         """The folder of ``run_id``'s files of ``table`` (under ``root``, default the
         warehouse's own)."""
         return (root or self.root) / table / f"run_id={run_id}"
+
+    def shard_path(self, table: str, run_id: str, name: object) -> Path:
+        """The file ``name`` of ``run_id``'s ``table`` as a manifest lists it, under the
+        absolute root: checked to be a plain file name that lies in the partition itself.
+
+        Raises:
+            ValueError: ``name`` is not a plain file name (a path, '..', empty), or the file
+                or its partition folder is reached through a symbolic link (local folders).
+        """
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise ValueError(f"it lists a bad {table} file name {shown(name)}")
+        path = self.partition(table, run_id, self.absolute_root) / name
+        if not self.remote and path.resolve() != path:
+            raise ValueError(f"its {table} file {name!r} is reached through a symbolic link, "
+                             "to a place outside its own partition")
+        return path
 
     def manifest_path(self, run_id: str) -> Path:
         """Where the manifest of ``run_id`` lives."""

@@ -122,16 +122,51 @@ REQUIRED = ("run_id", "created_at", "model", "dataset", "lens", "ablation", "mea
 """The fields every reader relies on; any other may be absent or null (not recorded)."""
 _TIMES = ("created_at", "completed_at")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+"""A run id: a plain name, the value of its partitions' ``run_id=`` and of its charts'
+folder."""
+GENERATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+"""A publishing attempt's name (``uuid4().hex[:8]`` when written): a plain name, because it
+is part of every shard's file name."""
+CONFIG_FIELDS = {"batch_size": (int, 1), "seed": (int, 0), "lens": (str, None),
+                 "ioi_variant": (str, None)}
+"""The ``config`` fields (``etl.config.ExtractConfig``) that publishing, the migration and
+the queries read: name → (type, least value of a number). Each may be absent or null (an
+earlier version did not record it)."""
 _ISO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?"
                        r"(Z|[+-]\d{2}(:?\d{2})?)?$")
 
 
-def manifest_problem(data: dict, run_id: str) -> str | None:
+def manifest_problem(data: dict, run_id: str,
+                     tables: tuple[str, ...] = STORED_TABLES) -> str | None:
     """What makes the manifest ``data`` of run ``run_id`` unusable, checked against
-    ``Manifest``: a ``REQUIRED`` field missing, a field of another type, another run's id, a
-    time that is not ISO 8601, a table without its ``shards`` list, or a shard entry that is
-    malformed, names a file outside its partition folder or is listed twice; None when it is
-    sound."""
+    ``Manifest``: a ``REQUIRED`` field missing, a field of another type, a negative count,
+    another run's id, a ``generation`` that is not a plain name, a ``config`` field that is
+    read and unusable (``CONFIG_FIELDS``), a time that is not ISO 8601, one of ``tables``
+    without its ``shards`` list, or a shard entry that is malformed, names a file outside its
+    partition folder or is listed twice; None when it is sound."""
+    why = _fields_problem(data)
+    if why:
+        return why
+    if data["run_id"] != run_id:
+        return f"it is the manifest of run {shown(data['run_id'])}"
+    if not RUN_ID_PATTERN.match(run_id):
+        return f"its run id {shown(run_id)} is not a plain name (letters, digits, '.', '_', '-')"
+    if data.get("generation") and not GENERATION.match(data["generation"]):
+        return (f"its field 'generation' is {shown(data['generation'])}, not a plain name "
+                "(letters, digits, '_' and '-')")
+    if not all(m in MEASURES for m in data["measures"]) or "entropy" not in data["measures"]:
+        return f"its field 'measures' is {shown(data['measures'])}, not groups of {MEASURES}"
+    for name in _TIMES:
+        if data.get(name) is not None and not _is_time(data[name]):
+            return f"its field {name!r} is {shown(data[name])}, not an ISO 8601 time"
+    return _config_problem(data.get("config") or {}) \
+        or _shards_problem(data.get("shards") or {}, tables)
+
+
+def _fields_problem(data: dict) -> str | None:
+    """A ``REQUIRED`` field missing, a field not of its declared type, or a negative
+    count."""
     for spec in fields(Manifest):
         value = data.get(spec.name)
         if value is None:
@@ -139,15 +174,23 @@ def manifest_problem(data: dict, run_id: str) -> str | None:
                 return f"its field {spec.name!r} is missing"
             continue
         if isinstance(value, bool) or not isinstance(value, _TYPES[spec.type]):
-            return f"its field {spec.name!r} is {_shown(value)}, not of type {spec.type}"
-    if data["run_id"] != run_id:
-        return f"it is the manifest of run {_shown(data['run_id'])}"
-    if not all(m in MEASURES for m in data["measures"]) or "entropy" not in data["measures"]:
-        return f"its field 'measures' is {_shown(data['measures'])}, not groups of {MEASURES}"
-    for name in _TIMES:
-        if data.get(name) is not None and not _is_time(data[name]):
-            return f"its field {name!r} is {_shown(data[name])}, not an ISO 8601 time"
-    return _shards_problem(data.get("shards") or {})
+            return f"its field {spec.name!r} is {shown(value)}, not of type {spec.type}"
+        if spec.type == "int" and value < 0:
+            return f"its field {spec.name!r} is {value}, not a count (0 or more)"
+    return None
+
+
+def _config_problem(config: dict) -> str | None:
+    """What makes the fields of ``config`` that are read (``CONFIG_FIELDS``) unusable."""
+    for name, (kind, least) in CONFIG_FIELDS.items():
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"its config field {name!r} is {shown(value)}, not of type {kind.__name__}"
+        if least is not None and value < least:
+            return f"its config field {name!r} is {value}, not a whole number of at least {least}"
+    return None
 
 
 def _is_time(text: str) -> bool:
@@ -161,8 +204,8 @@ def _is_time(text: str) -> bool:
     return True
 
 
-def _shards_problem(shards: dict) -> str | None:
-    for table in STORED_TABLES:
+def _shards_problem(shards: dict, tables: tuple[str, ...]) -> str | None:
+    for table in tables:
         entries = shards.get(table)
         if not isinstance(entries, list):
             return f"it lists no {table} shards"
@@ -172,17 +215,17 @@ def _shards_problem(shards: dict) -> str | None:
                 and not isinstance(entry["rows"], bool) and entry["rows"] >= 0 \
                 and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])
             if not ok:
-                return f"it lists a malformed {table} shard {_shown(entry)}"
+                return f"it lists a malformed {table} shard {shown(entry)}"
             name = entry.get("file")
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-                return f"it lists a bad {table} file name {_shown(name)}"
+                return f"it lists a bad {table} file name {shown(name)}"
             if entry["file"] in names:
                 return f"it lists the {table} shard {entry['file']!r} twice"
             names.add(entry["file"])
     return None
 
 
-def _shown(value: object) -> str:
-    """``value`` as JSON, cut to 60 characters."""
+def shown(value: object) -> str:
+    """``value`` (a field of a manifest) as JSON, cut to 60 characters."""
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."

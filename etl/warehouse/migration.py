@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from etl.errors import UserError
 from etl.lens.modes import LENS_ALIASES
 from etl.warehouse.files import sha256_of, write_json_atomically
-from etl.warehouse.manifest import SCHEMA_VERSION, load_manifest
+from etl.warehouse.manifest import SCHEMA_VERSION, load_manifest, manifest_problem
 from etl.warehouse.storage import make_dirs, read_parquet_metadata, remove_empty_dir, replace
 from etl.warehouse.sums import write_sums
 from etl.warehouse.tables import SUMS_TABLES, TABLES
@@ -116,9 +117,9 @@ def migrated(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[
 
 def moved(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[str]]:
     """Move the files of ``run_id``'s renamed tables (``RENAMED_TABLES``) that ``data`` lists
-    to their new partition; returns ``data`` listing them under the new name, and what
-    changed. A file already moved (a migration stopped half-way) is left where it is, as is a
-    name that is not a plain file name (``python -m queries check`` reports it)."""
+    (plain names in the run's own partitions: ``migration_problem``) to their new partition;
+    returns ``data`` listing them under the new name, and what changed. A file already moved
+    (a migration stopped half-way) is left where it is."""
     if not isinstance(data.get("shards"), dict):
         return data, []
     data, changes = dict(data), []
@@ -130,11 +131,8 @@ def moved(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[str
         source, target = warehouse.partition(old, run_id), warehouse.partition(new, run_id)
         make_dirs(target)
         for entry in entries:
-            name = entry.get("file") if isinstance(entry, dict) else None
-            plain = isinstance(name, str) and name not in ("", ".", "..") \
-                and Path(name).name == name
-            if plain and (source / name).exists():
-                replace(source / name, target / name)
+            if (source / entry["file"]).exists():
+                replace(source / entry["file"], target / entry["file"])
         remove_empty_dir(source)
         remove_empty_dir(source.parent)  # the old table's folder, once its last run moved
         shards[new] = entries
@@ -151,15 +149,52 @@ def summed(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[st
     if not isinstance(shards, dict) or all(t in shards for t in SUMS_TABLES) \
             or not all(t in shards for t in TABLES):
         return data, []
-    files = {table: [str(warehouse.partition(table, run_id) / s["file"])
-                     for s in shards[table]] for table in TABLES}
-    config = data.get("config") if isinstance(data.get("config"), dict) else {}
+    files = {table: [str(warehouse.shard_path(table, run_id, s["file"])) for s in shards[table]]
+             for table in TABLES}
+    config = data.get("config") or {}
     sums = write_sums(files, config.get("batch_size"),
                       lambda table: warehouse.partition(table, run_id),
-                      str(data.get("generation") or "migrated"), warehouse.filesystem)
+                      _generation(data), warehouse.filesystem)
     rows = ", ".join(f"{t} {v[0]['rows']:,} rows" for t, v in sums.items())
     return dict(data, shards=shards | sums, schema_version=SCHEMA_VERSION), [
         f"partial sums written ({rows})"]
+
+
+def _generation(data: dict) -> str:
+    """The generation that names the sums files of a migrated run."""
+    return data.get("generation") or "migrated"
+
+
+def migration_problem(warehouse: Warehouse, run_id: str, data: dict) -> str | None:
+    """Why the manifest ``data`` that an earlier version wrote for ``run_id`` cannot be
+    migrated, or None: checked as today's ``Manifest`` once migrated (``manifest_problem``;
+    its partial sums aside), and every file the migration reads, moves or writes must lie
+    in the run's own partitions (``Warehouse.shard_path``)."""
+    preview, _ = migrated(warehouse, run_id, data)
+    shards = preview.get("shards")
+    if isinstance(shards, dict):
+        preview["shards"] = {RENAMED_TABLES.get(t, t): v for t, v in shards.items()}
+    why = manifest_problem(preview, run_id, TABLES)
+    if why:
+        return why
+    try:
+        for table, entries in shards.items():
+            new = RENAMED_TABLES.get(table, table)
+            for entry in entries if new in TABLES else []:
+                warehouse.shard_path(table, run_id, entry["file"])
+                warehouse.shard_path(new, run_id, entry["file"])
+        for table in SUMS_TABLES:
+            warehouse.shard_path(table, run_id, f"sums-{_generation(preview)}.parquet")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_migratable(warehouse: Warehouse, run_id: str, data: dict) -> None:
+    why = migration_problem(warehouse, run_id, data)
+    if why:
+        raise UserError(f"cannot migrate run {run_id!r}: {why}; nothing was migrated (mend or "
+                        "remove that run's manifest, then run python -m queries migrate again)")
 
 
 def migrate(warehouse: Warehouse) -> list[Migrated]:
@@ -167,31 +202,40 @@ def migrate(warehouse: Warehouse) -> list[Migrated]:
     its run's lock: its fields in one atomic write, then, if a table was renamed, its files
     moved and the manifest written again, then its partial sums written and the manifest
     written again (so a migration stopped at any point is taken up where it stopped by the
-    next); returns the runs migrated (none: nothing was to do).
+    next); returns the runs migrated (none: nothing was to do). Every manifest to migrate is
+    checked first (``migration_problem``), and again under its lock: one that cannot be
+    migrated stops the migration before anything is written.
 
     Raises:
-        UserError: a run is being written by an extraction (its lock is held).
+        UserError: a run is being written by an extraction (its lock is held), or its
+            manifest cannot be migrated.
         OSError: a manifest or shard cannot be read, or a manifest cannot be written.
     """
-    done = []
+    todo = []
     for path in warehouse.manifest_paths():
         run_id = warehouse.run_id_of(path)
         try:
             data = load_manifest(path)
         except ValueError:
             continue  # unusable, not old: python -m queries check reports it
-        if outdated(data) is None:
-            continue
-        with warehouse.lock(run_id):
-            data, changes = migrated(warehouse, run_id, load_manifest(path))
-            if changes:
-                write_json_atomically(path, data)
-            data, renamed = moved(warehouse, run_id, data)
-            if renamed:
-                write_json_atomically(path, data)
-            data, sums = summed(warehouse, run_id, data)
-            if sums:
-                write_json_atomically(path, data)
-        changes += renamed + sums
-        done.append(Migrated(run_id, tuple(changes)))
-    return done
+        if outdated(data) is not None:
+            _check_migratable(warehouse, run_id, data)
+            todo.append((path, run_id))
+    return [_migrate_run(warehouse, path, run_id) for path, run_id in todo]
+
+
+def _migrate_run(warehouse: Warehouse, path: Path, run_id: str) -> Migrated:
+    """Migrate the run ``run_id`` whose manifest is ``path``, under its lock."""
+    with warehouse.lock(run_id):
+        data = load_manifest(path)
+        _check_migratable(warehouse, run_id, data)
+        data, changes = migrated(warehouse, run_id, data)
+        if changes:
+            write_json_atomically(path, data)
+        data, renamed = moved(warehouse, run_id, data)
+        if renamed:
+            write_json_atomically(path, data)
+        data, sums = summed(warehouse, run_id, data)
+        if sums:
+            write_json_atomically(path, data)
+    return Migrated(run_id, tuple(changes + renamed + sums))

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from etl.errors import UserError
 from etl.warehouse.files import fault_point, sha256_of, write_json_atomically
-from etl.warehouse.manifest import Manifest, load_manifest
+from etl.warehouse.manifest import GENERATION, Manifest, load_manifest
 from etl.warehouse.storage import (
     make_dirs,
     remove_empty_dir,
@@ -250,7 +250,9 @@ def _read_plan(folder: Path) -> dict | None:
         plan = json.loads((folder / PLAN).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return plan if isinstance(plan, dict) and plan.get("generation") else None
+    sound = isinstance(plan, dict) and isinstance(plan.get("generation"), str) \
+        and GENERATION.match(plan["generation"])
+    return plan if sound else None  # shards are named after it: a plain name only
 
 
 def _published(warehouse: Warehouse, run_id: str) -> dict:
