@@ -14,6 +14,7 @@ from analysis.caption import ChartOptions, caption_for, describe_run
 from analysis.catalog import ALL_CHARTS, ChartSpec, missing_measures
 from analysis.catalog import CHARTS as CHARTS  # re-exported: the entropy charts
 from analysis.effect_charts import stack
+from analysis.escaping import ScriptJSONEncoder
 from analysis.index_page import write_index
 from etl.errors import UserError
 from etl.warehouse import RESERVED_RUN_IDS, Warehouse
@@ -69,13 +70,15 @@ def build_chart(views: Views, spec: ChartSpec, runs: list[str],
 
 
 def save_chart(chart, stem: Path, formats: tuple[str, ...]) -> list[Path]:
-    """Write ``chart`` as ``stem.<format>``: self-contained HTML (Vega inlined), PNG, SVG."""
+    """Write ``chart`` as ``stem.<format>``: self-contained HTML (Vega inlined; the spec's
+    JSON script-safe, ``escaping.ScriptJSONEncoder``), PNG, SVG."""
     written = []
     stem.parent.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
         if fmt == "html":  # drawn as SVG: its text can be found and copied
-            chart.save(path, format="html", inline=True, embed_options={"renderer": "svg"})
+            chart.save(path, format="html", inline=True, embed_options={"renderer": "svg"},
+                       json_kwds={"cls": ScriptJSONEncoder})
         elif fmt == "png":
             chart.save(path, format="png", scale_factor=2)
         else:
