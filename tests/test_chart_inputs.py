@@ -1,5 +1,7 @@
 """``python -m analysis`` on inputs that gave wrong or misleading results: an output folder
-inside the warehouse is refused in one line with nothing written."""
+inside the warehouse is refused in one line with nothing written, and a run emptied
+consistently (its manifest lists shards of zero rows; ``check`` passes it) is left out with
+one line while the other runs are drawn."""
 
 import hashlib
 import json
@@ -8,6 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis.__main__ import main as analysis_main
+from analysis.api import Warehouse as NotebookWarehouse
+from analysis.catalog import ALL_CHARTS, CHARTS
+from etl.errors import UserError
+from queries.cli import main as query_main
 from tests.test_query_safety import one_line_error, write_run
 
 
@@ -57,3 +63,34 @@ def test_out_inside_the_warehouse_through_a_link_is_refused(root, tmp_path, caps
                           "--no-progress", "--format", "html"]) == 2
     assert "is inside the warehouse" in one_line_error(capsys)
     assert _files(root) == before
+
+
+def test_an_emptied_run_passes_check(root, capsys):
+    assert query_main(["check", "--warehouse", str(root)]) == 0
+
+
+def test_an_emptied_run_is_left_out_in_one_line_and_the_rest_is_drawn(root, tmp_path, capsys):
+    out = tmp_path / "charts"
+    assert analysis_main(["--warehouse", str(root), "--out", str(out), "--no-progress",
+                          "--format", "html"]) == 0
+    err = capsys.readouterr().err
+    hollow = [line for line in err.splitlines() if "hollow" in line]
+    assert len(hollow) == 1 and "holds no rows" in hollow[0], err
+    assert {p.stem for p in (out / "good").glob("*.html")} == {*CHARTS, "explorer"} - \
+        {"run_comparison"}
+    assert not (out / "hollow").exists() and not list(out.glob("*__vs__*"))
+    index = (out / "index.html").read_text()
+    assert index.count("Not drawn: run hollow holds no rows") == len(ALL_CHARTS)
+
+
+def test_an_emptied_run_alone_gives_the_index_and_its_notes(root, tmp_path, capsys):
+    out = tmp_path / "charts"
+    assert analysis_main(["--warehouse", str(root), "--out", str(out), "--no-progress",
+                          "--format", "html", "--run", "hollow", "--chart", "explorer"]) == 0
+    assert "holds no rows" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["index.html"]
+
+
+def test_the_python_api_refuses_an_emptied_runs_chart_in_one_line(root):
+    with pytest.raises(UserError, match="run hollow holds no rows"):
+        NotebookWarehouse(root).chart("explorer", "hollow")
