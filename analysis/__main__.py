@@ -51,10 +51,13 @@ def build_parser():
     return parser
 
 
-def check_out_folder(out: Path) -> None:
-    """Raise ``UserError`` unless ``out`` is a writable folder or can be created as one
-    (nothing is created here)."""
+def check_out_folder(out: Path, warehouse: Warehouse) -> None:
+    """Raise ``UserError`` unless ``out`` is a writable folder or can be created as one,
+    outside the local ``warehouse`` (nothing is created here)."""
+    from queries.output import refuse_inside_warehouse
+
     try:
+        refuse_inside_warehouse(out, "--out", warehouse)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {str(out)!r} is a file; give a folder")
         existing = out
@@ -99,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         options = chart_options(args)
         formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
         out = Path(args.out)
-        check_out_folder(out)
+        warehouse = Warehouse(args.warehouse)
+        check_out_folder(out, warehouse)
         # the bar starts only once render() has checked its inputs and knows the total
         progress = None if args.no_progress else (
             lambda total: tqdm(total=total, desc="charts", unit="chart"))
-        warehouse = Warehouse(args.warehouse)
         try:
             written = render(warehouse, out, runs=args.runs, formats=formats, only=args.charts,
                              progress=progress, options=options)

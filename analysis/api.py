@@ -88,11 +88,11 @@ class Warehouse(warehouse.Warehouse):
             labels: a label per run id, shown instead of the id in the subtitle.
 
         Raises:
-            etl.errors.UserError: an unknown chart, a run that is not in the warehouse, or
-                one that lacks a measure group the chart needs.
+            etl.errors.UserError: an unknown chart, a run that is not in the warehouse, one
+                that holds no rows, or one that lacks a measure group the chart needs.
         """
         from analysis.caption import POSITIONS, ChartOptions
-        from analysis.render import ALL_CHARTS, build_chart, check_runs, run_measures, skip_note
+        from analysis.render import ALL_CHARTS, build_chart, chart_note, check_runs
 
         if positions not in POSITIONS:
             raise UserError(f"positions must be 'real' or 'all', not {positions!r}")
@@ -103,7 +103,7 @@ class Warehouse(warehouse.Warehouse):
         if None in runs:
             raise UserError(f"chart {name!r} compares two runs: pass other=RUN_ID")
         check_runs(runs, self.runs()["run_id"].to_list(), self)
-        note = skip_note(spec, runs, run_measures(self.con))
+        note = chart_note(self.con, spec, runs)
         if note:
             raise UserError(f"cannot draw {name}: {note}")
         options = ChartOptions(positions=positions, title=title, labels=labels or {})

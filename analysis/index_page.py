@@ -12,6 +12,7 @@ import jinja2
 
 from analysis import theme
 from analysis.caption import POSITIONS_READ, ChartOptions
+from analysis.escaping import url_path
 
 if TYPE_CHECKING:
     from etl.warehouse import Warehouse
@@ -69,10 +70,12 @@ positive values increase entropy. Means are taken {{ positions }}.</p>
 
 def _section(spec, job_runs: list[str], rel: Path, n_rows: int | None,
              note: str | None) -> dict:
+    """One chart's entry of the index: its anchor, heading, description, query, rows, URL
+    path (``rel`` percent-encoded) and the note why it was left out (None: drawn)."""
     return {"anchor": re.sub(r"[^A-Za-z0-9_.-]+", "-", str(rel.as_posix())),
             "heading": f"{spec.name} — {' vs '.join(job_runs)}",
             "description": spec.description, "query": " + ".join(spec.queries),
-            "n_rows": n_rows, "rel": rel.as_posix(), "note": note}
+            "n_rows": n_rows, "rel": url_path(rel.as_posix()), "note": note}
 
 
 def write_index(out: Path, entries, formats: tuple[str, ...], warehouse: Warehouse,

@@ -14,6 +14,7 @@ from analysis.caption import ChartOptions, caption_for, describe_run
 from analysis.catalog import ALL_CHARTS, ChartSpec, missing_measures
 from analysis.catalog import CHARTS as CHARTS  # re-exported: the entropy charts
 from analysis.effect_charts import stack
+from analysis.escaping import ScriptJSONEncoder
 from analysis.index_page import write_index
 from etl.errors import UserError
 from etl.warehouse import RESERVED_RUN_IDS, Warehouse
@@ -69,13 +70,15 @@ def build_chart(views: Views, spec: ChartSpec, runs: list[str],
 
 
 def save_chart(chart, stem: Path, formats: tuple[str, ...]) -> list[Path]:
-    """Write ``chart`` as ``stem.<format>``: self-contained HTML (Vega inlined), PNG, SVG."""
+    """Write ``chart`` as ``stem.<format>``: self-contained HTML (Vega inlined; the spec's
+    JSON script-safe, ``escaping.ScriptJSONEncoder``), PNG, SVG."""
     written = []
     stem.parent.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
         if fmt == "html":  # drawn as SVG: its text can be found and copied
-            chart.save(path, format="html", inline=True, embed_options={"renderer": "svg"})
+            chart.save(path, format="html", inline=True, embed_options={"renderer": "svg"},
+                       json_kwds={"cls": ScriptJSONEncoder})
         elif fmt == "png":
             chart.save(path, format="png", scale_factor=2)
         else:
@@ -145,9 +148,24 @@ def _lacking(spec: ChartSpec, runs: list[str], measures: dict[str, list[str]]):
     return None
 
 
-def skip_note(spec: ChartSpec, runs: list[str], measures: dict[str, list[str]]) -> str | None:
-    """Why ``spec`` cannot be drawn for ``runs`` (a run lacks a measure group it needs), or
-    None when it can."""
+def empty_runs(con) -> set[str]:
+    """The complete runs that hold no rows: their manifests list shards of zero rows (a run
+    emptied consistently; ``check`` passes it)."""
+    return {run for run, rows in con.sql("select run_id, n_component_rows from runs").fetchall()
+            if rows == 0}
+
+
+EMPTY_RUN = "holds no rows (its manifest lists only empty shards)"
+"""What is said of a run without rows, after ``run RUN_ID``."""
+
+
+def skip_note(spec: ChartSpec, runs: list[str], measures: dict[str, list[str]],
+              empty: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """Why ``spec`` cannot be drawn for ``runs`` (a run is one of the ``empty`` runs, or
+    lacks a measure group the chart needs), or None when it can."""
+    hollow = [run for run in runs if run in empty]
+    if hollow:
+        return f"run {hollow[0]} {EMPTY_RUN}; re-extract it or leave it out"
     lacking = _lacking(spec, runs, measures)
     if lacking is None:
         return None
@@ -157,14 +175,25 @@ def skip_note(spec: ChartSpec, runs: list[str], measures: dict[str, list[str]]) 
             f"{','.join(missing)}, or all)")
 
 
-def _with_notes(jobs, measures: dict[str, list[str]]) -> list:
+def chart_note(con, spec: ChartSpec, runs: list[str]) -> str | None:
+    """Why ``spec`` cannot be drawn for ``runs`` of the warehouse ``con`` reads
+    (``skip_note`` over its runs' measures and its runs without rows), or None."""
+    return skip_note(spec, runs, run_measures(con), empty_runs(con))
+
+
+def _with_notes(jobs, measures: dict[str, list[str]], empty: set[str]) -> list:
     """``jobs`` as ``(spec, runs, rel, note)``, ``note`` saying why a chart is left out; one
-    line on stderr per run with charts left out."""
-    noted = [(spec, job_runs, rel, skip_note(spec, job_runs, measures))
+    line on stderr per run with charts left out (``empty``: the runs without rows, none of
+    whose charts is drawn)."""
+    noted = [(spec, job_runs, rel, skip_note(spec, job_runs, measures, empty))
              for spec, job_runs, rel in jobs]
+    for run in dict.fromkeys(run for _, job_runs, _, _ in noted for run in job_runs):
+        if run in empty:
+            print(f"note: run {run} {EMPTY_RUN}; none of its charts is drawn (re-extract it "
+                  "or leave it out)", file=sys.stderr)
     left_out: dict[str, list[str]] = {}
     for spec, job_runs, _, note in noted:
-        if note:
+        if note and not empty.intersection(job_runs):
             run, missing = _lacking(spec, job_runs, measures)
             left_out.setdefault(run, []).append(f"{spec.name} (needs {', '.join(missing)})")
     for run, names in left_out.items():
@@ -182,8 +211,9 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
 
     Per-run charts go to ``out/<run_id>/<chart>.<format>``; comparisons of the first run
     with each other run of the same model to ``out/<A>__vs__<B>/``; ``out/index.html``
-    shows them all. A chart whose run lacks a measure group it needs (``ChartSpec.needs``)
-    is left out, with a note in the index and one line per run on stderr.
+    shows them all. A chart whose run lacks a measure group it needs (``ChartSpec.needs``),
+    or holds no rows (``empty_runs``), is left out, with a note in the index and one line
+    per run on stderr.
 
     Args:
         progress: called once the inputs are checked with the number of charts to render;
@@ -215,7 +245,7 @@ def render(warehouse: Warehouse, out: Path, runs: list[str] | None = None,
     if only and all(ALL_CHARTS[n].runs == 2 for n in names) and not jobs:
         raise UserError(f"run_comparison compares runs of one model, and no other run given is "
                         f"of {runs[0]!r}'s model; pass two runs of one model")
-    jobs = _with_notes(jobs, run_measures(views.con))
+    jobs = _with_notes(jobs, run_measures(views.con), empty_runs(views.con))
     written, entries = _save_charts(views, jobs, out, formats, progress, options)
     rows = run_rows(views.con)
     written.append(write_index(out, entries, formats, warehouse,

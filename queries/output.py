@@ -106,6 +106,17 @@ def render(frame: pl.DataFrame, fmt: str, max_rows: int = 100) -> str:
     raise UserError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
 
 
+def refuse_inside_warehouse(path: Path, flag: str, warehouse: Warehouse | None) -> None:
+    """Raise ``UserError`` when ``path`` (given as ``flag``) is the local ``warehouse``'s
+    root or lies under it (links followed), where only extractions write; a warehouse in
+    object storage, or none, passes. OSError when ``path`` cannot be resolved."""
+    if warehouse is None or warehouse.remote:
+        return
+    if Path(path).resolve().is_relative_to(Path(warehouse.absolute_root).resolve()):
+        raise UserError(f"{flag} {str(path)!r} is inside the warehouse {str(warehouse)!r}, "
+                        "whose files only extractions write; write it elsewhere")
+
+
 def check_output(output: Path | None, fmt: str, warehouse: Warehouse | None = None) -> None:
     """Raise ``UserError`` when ``--output``/``--format`` cannot work: parquet without a
     file, an existing folder, a file in a folder that does not exist, or a file inside the
@@ -122,11 +133,7 @@ def check_output(output: Path | None, fmt: str, warehouse: Warehouse | None = No
         if not folder.is_dir():
             what = "is not a folder" if folder.exists() else "does not exist"
             raise UserError(f"cannot write --output {str(output)!r}: {str(folder)!r} {what}")
-        if warehouse is not None and not warehouse.remote and \
-                output.resolve().is_relative_to(warehouse.absolute_root):
-            raise UserError(f"--output {str(output)!r} is inside the warehouse "
-                            f"{str(warehouse)!r}, whose files only extractions write; write "
-                            "it elsewhere")
+        refuse_inside_warehouse(output, "--output", warehouse)
     except OSError as exc:
         raise UserError(f"cannot write --output {str(output)!r}: "
                         f"{exc.strerror or ' '.join(str(exc).split())}") from exc

@@ -14,6 +14,7 @@ from PIL import Image
 
 from analysis.__main__ import main as analysis_main
 from etl.extract import main as extract_main
+from tests.hostile import LABEL, PWNED, build_hostile_warehouse
 
 pytestmark = pytest.mark.browser
 
@@ -110,3 +111,57 @@ def test_explorer_shows_the_clicked_components_tokens(tiny_checkpoint, tmp_path)
         page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
         browser.close()
     assert drawn_fraction(Image.open(tmp_path / "explorer.png").convert("RGB")) > 0.01
+
+
+def test_hostile_text_runs_no_script_and_is_drawn_as_text(build_warehouse, tmp_path_factory,
+                                                          tmp_path):
+    """Tokens and a label holding ``</script>``, ``<img onerror>``, ``<svg onload>``,
+    ``</style>``, U+2028/U+2029, an override and NUL: no handler runs (each would set the
+    title), the explorer draws every cell, and the markup reads as text."""
+    from playwright.sync_api import sync_playwright
+
+    from etl.warehouse import Warehouse
+    from queries.db import Views
+
+    root = build_hostile_warehouse(build_warehouse, tmp_path_factory)
+    out = tmp_path / "charts"
+    assert analysis_main(["--warehouse", str(root), "--out", str(out), "--no-progress",
+                          "--format", "html", "--run", "hostile", "--chart", "explorer",
+                          "--chart", "token_drilldown", "--chart", "heatmap",
+                          "--label", f"hostile={LABEL}"]) == 0
+    (layers, heads), = Views(Warehouse(root)).con.sql(
+        "select n_layers, n_heads from runs where run_id = 'hostile'").fetchall()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS[1:])
+        page = browser.new_page(viewport={"width": 1400, "height": 2000})
+        ran = []
+        page.on("dialog", lambda dialog: (ran.append(dialog.message), dialog.dismiss()))
+        page.on("pageerror", lambda error: ran.append(str(error)))
+        texts = {}
+        for chart in ("heatmap", "explorer", "token_drilldown"):
+            page.goto((out / "hostile" / f"{chart}.html").as_uri())
+            page.wait_for_timeout(500)  # an <img src=x> fails and its onerror runs by now
+            assert PWNED not in page.title() and not ran, (chart, page.title(), ran)
+            page.wait_for_selector("g.mark-rect path")
+            assert page.evaluate("document.querySelectorAll('img, [onerror], [onload]')"
+                                 ".length") == 0
+            assert page.evaluate("document.scripts.length") == 2  # the library, the spec
+            texts[chart] = page.evaluate(
+                "[...document.querySelectorAll('svg.marks text')].map(t => t.textContent)")
+            assert any(LABEL in text for text in texts[chart])  # the subtitle, as text
+        page.goto((out / "hostile" / "explorer.html").as_uri())
+        page.wait_for_selector("g.mark-rect path")
+        drawn = page.evaluate("""[...document.querySelectorAll('g.mark-rect path')]
+            .filter(p => (p.getAttribute('aria-label') || '')
+                         .startsWith('head (and MLP) · click a cell')).length""")
+        assert drawn == layers * (heads + 1)  # every head and MLP cell
+        for chart in ("explorer", "token_drilldown"):  # the contexts and tokens, as text
+            assert any("</script>" in t or "<img src=x" in t for t in texts[chart]), chart
+        assert any(t.startswith("[") and "<" in t for t in texts["explorer"])  # a [token]
+
+        page.goto((out / "index.html").as_uri())
+        page.wait_for_timeout(500)
+        assert page.title() == "entropy-warehouse charts" and not ran
+        assert page.evaluate("document.querySelector('#runs tbody td').textContent") == LABEL
+        browser.close()
