@@ -27,6 +27,7 @@ import torch
 
 from etl.lens.modes import MEASURES, TOP_K, parse_measures  # noqa: F401 (re-exported)
 from etl.lens.outside import outside_sums
+from etl.lens.rows import row_dots, row_sums
 
 
 @dataclass(frozen=True)
@@ -141,12 +142,12 @@ def logit_stats(x: torch.Tensor, wanted: Wanted, p: torch.Tensor | None = None,
         m = block.amax(dim=-1, keepdim=True)
         shifted = block - m
         weights = shifted.exp()
-        total = weights.sum(dim=-1)
-        dot = torch.linalg.vecdot(weights, shifted)
+        total = row_sums(weights)
+        dot = row_dots(weights, shifted)
         entropy = total.log() - dot / total
         # Σ p·x about the row's largest logit: the sum of p·shifted is of the size of the
         # logits' spread under p, not of the logits, so float32 keeps its digits
-        p_dot = (m[:, 0] + torch.linalg.vecdot(p[i:i + step].to(block.dtype), shifted)
+        p_dot = (m[:, 0] + row_dots(p[i:i + step].to(block.dtype), shifted)
                  if wanted.p_dot else None)
         top = block.topk(3, dim=-1) if wanted.top else None
         outside = (outside_sums(weights, shifted, (total, dot), ctx.cols,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from etl.lens.rows import row_dots, row_sums
+
 FAINT = 2.0 ** -80
 """Below this share of the row's largest weight, the mass outside the context is summed
 again about its own largest entry: float32 weights ``e^shifted`` lose digits under 2^-126
@@ -30,8 +32,8 @@ def outside_sums(weights: torch.Tensor, shifted: torch.Tensor, sums: tuple,
     if len(rows):
         w = weights[rows]
         w[:, cols] = torch.where(in_context[rows], 0.0, w[:, cols])
-        out[rows] = w.sum(-1).double()
-        out_dot[rows] = torch.linalg.vecdot(w, shifted[rows]).double()
+        out[rows] = row_sums(w).double()
+        out_dot[rows] = row_dots(w, shifted[rows]).double()
     log_out = out.log()
     ratio = torch.where(out > 0, out_dot / out, 0.0)
     faint = (out < FAINT).nonzero()[:, 0]
@@ -49,7 +51,7 @@ def _about_own_max(shifted: torch.Tensor, cols: torch.Tensor, in_context: torch.
     top = outside.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, 0.0)
     w = (outside - top).exp()
-    mass = w.sum(-1).double()
-    spread = torch.linalg.vecdot(w, shifted - top).double()
+    mass = row_sums(w).double()
+    spread = row_dots(w, shifted - top).double()
     return top[:, 0].double() + mass.log(), torch.where(
         mass > 0, top[:, 0].double() + spread / mass, 0.0)
