@@ -97,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(result: RunResult) -> str:
     """The line a finished run prints: its id, rows, rate and where it went."""
+    from etl.run.runner import NO_BATCH_MEASURED  # imported by the run already
+
     rows = result.rows
+    rate = f"at {result.tokens_per_s:,.1f} tokens/s" if result.tokens_per_s is not None \
+        else f"({NO_BATCH_MEASURED})"
     return (f"run {result.run_id}: {rows['component_effects']:,} component rows, "
-            f"{rows['resid_entropy']:,} residual rows, {result.n_tokens:,} tokens at "
-            f"{result.tokens_per_s:,.1f} tokens/s -> "
+            f"{rows['resid_entropy']:,} residual rows, {result.n_tokens:,} tokens {rate} -> "
             f"{result.manifest_path.parent.parent.parent} (manifest {result.manifest_path})")
 
 

@@ -27,6 +27,7 @@ import torch
 
 from etl.lens.modes import MEASURES, TOP_K, parse_measures  # noqa: F401 (re-exported)
 from etl.lens.outside import outside_sums
+from etl.lens.rows import row_dots, row_sums
 
 
 @dataclass(frozen=True)
@@ -141,12 +142,12 @@ def logit_stats(x: torch.Tensor, wanted: Wanted, p: torch.Tensor | None = None,
         m = block.amax(dim=-1, keepdim=True)
         shifted = block - m
         weights = shifted.exp()
-        total = weights.sum(dim=-1)
-        dot = torch.linalg.vecdot(weights, shifted)
+        total = row_sums(weights)
+        dot = row_dots(weights, shifted)
         entropy = total.log() - dot / total
         # Σ p·x about the row's largest logit: the sum of p·shifted is of the size of the
         # logits' spread under p, not of the logits, so float32 keeps its digits
-        p_dot = (m[:, 0] + torch.linalg.vecdot(p[i:i + step].to(block.dtype), shifted)
+        p_dot = (m[:, 0] + row_dots(p[i:i + step].to(block.dtype), shifted)
                  if wanted.p_dot else None)
         top = block.topk(3, dim=-1) if wanted.top else None
         outside = (outside_sums(weights, shifted, (total, dot), ctx.cols,
@@ -223,13 +224,19 @@ def _context_effects(a_out, final: LogitStats, h_p, p_dot, z_c, zt_c,
     b = final.lse.to(torch.float64)
     m = ctx.in_context.to(z_c.dtype)
     p_c = (z_c - b[:, None]).exp() * m                 # p on C
-    r_c = (zt_c - b[:, None]).exp() * m                # e^(z̃ − B) on C
     pz_c, pzt_c = (p_c * z_c).sum(1), (p_c * zt_c).sum(1)
-    # z_C: the effect removed on C only; its normaliser relative to e^B
-    rest = (final.lse_out.to(torch.float64) - b).exp()  # Σ_{v∉C} p
-    total = rest + r_c.sum(1)
-    weighted = rest * final.mean_out.to(torch.float64) + (r_c * zt_c).sum(1)
-    h_ctx = b + total.log() - weighted / total
+    # z_C: the effect removed on C only, about its own largest logit (about B, every
+    # e^(z̃ − B) on C and Σ_{v∉C} p may underflow together where the logits span more
+    # than float64's 745 nats, leaving 0 / 0)
+    lse_out = final.lse_out.to(torch.float64)
+    top = torch.maximum(lse_out, torch.where(ctx.in_context, zt_c, -torch.inf).amax(1)
+                        if zt_c.shape[1] else lse_out)
+    gap_c = torch.where(ctx.in_context, zt_c - top[:, None], 0.0)
+    r_c = torch.where(ctx.in_context, gap_c.exp(), 0.0)  # e^(z̃ − top) on C
+    rest = (lse_out - top).exp()                        # Σ_{v∉C} e^(z − top)
+    total = rest + r_c.sum(1)                           # at least 1
+    spread = rest * (final.mean_out.to(torch.float64) - top) + (r_c * gap_c).sum(1)
+    h_ctx = total.log() - spread / total
     # z_¬C: the effect kept on C only
     lse_c = torch.where(ctx.in_context, z_c, -torch.inf).logsumexp(1)
     kl_kept = -h_p - pz_c - (p_dot - pzt_c) + torch.logaddexp(a_out, lse_c)

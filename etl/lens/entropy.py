@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from etl.lens.fused_entropy import sum_entropy_fused, triton_available
+from etl.lens.rows import row_dots, row_sums
 
 CPU_BLOCK_ROWS = 16
 """Rows per block on the CPU: a block of 16 × 50,257 float32 logits stays in cache through
@@ -32,8 +33,8 @@ def _row_blocks(n_rows: int, device: torch.device):
 def _entropy_2d(logits: torch.Tensor) -> torch.Tensor:
     shifted = logits - logits.amax(dim=-1, keepdim=True)
     weights = shifted.exp()
-    total = weights.sum(dim=-1)
-    weighted = torch.linalg.vecdot(weights, shifted)
+    total = row_sums(weights)
+    weighted = row_dots(weights, shifted)
     return total.log() - weighted / total
 
 

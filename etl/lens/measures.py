@@ -199,20 +199,46 @@ def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
         if values.dim() == 4:  # [T, L, H+1, 3]: the component's row is bad
             values = values.sum(dim=-1)
         bad = ~torch.isfinite(values)
-        if not bool(bad.any()):
-            continue
-        token, *where = (int(i) for i in bad.nonzero()[0])
-        n_layers = values.shape[1] if values.dim() == 3 else (values.shape[1] - 1) // 2
-        names = [str(i) for i in range(n_layers)] if layer_names is None else \
-            [str(n) for n in layer_names]
-        if values.dim() == 3:
-            layer, comp = where
-            n_heads = values.shape[2] - 1
-            part = f"MLP {names[layer]}" if comp == n_heads else f"head {names[layer]}.{comp}"
-            return f"{name} of {part} at token {token}"
-        (point,) = where
-        if point == 2 * n_layers:
-            return f"{name} at final, token {token}"
-        kind = "resid_mid" if point % 2 else "resid_pre"
-        return f"{name} at {kind} {names[point // 2]}, token {token}"
+        if bool(bad.any()):
+            return _where(name, values.shape, [int(i) for i in bad.nonzero()[0]], layer_names)
     return None
+
+
+def first_beyond(measures: BatchMeasures, limit: float,
+                 layer_names=None) -> tuple[str, float] | None:
+    """The first component measure of magnitude above ``limit`` nats in ``measures`` (which
+    are finite), described as ``first_non_finite`` describes it, with its value; None when
+    every one is within. Looks at the diff, the marginal, then the loss, KL and in-context
+    effects measured (the residual entropies are at most log V)."""
+    tensors = (("entropy_diff", measures.diff), ("entropy_marginal", measures.marginal),
+               ("loss_marginal", measures.loss), ("kl_marginal", measures.kl),
+               ("entropy_marginal_context", measures.entropy_context),
+               ("kl_context_kept", measures.kl_context_kept))
+    for name, values in tensors:
+        if values is None:
+            continue
+        values = torch.as_tensor(values)
+        beyond = values.abs() > limit
+        if bool(beyond.any()):
+            index = [int(i) for i in beyond.nonzero()[0]]
+            return _where(name, values.shape, index, layer_names), float(values[tuple(index)])
+    return None
+
+
+def _where(name: str, shape, index: list[int], layer_names) -> str:
+    """``name`` at ``index`` of a ``[T, L, H+1]`` component or ``[T, 2L+1]`` residual
+    array of ``shape``, in words (``first_non_finite``'s examples)."""
+    token, *where = index
+    n_layers = shape[1] if len(shape) == 3 else (shape[1] - 1) // 2
+    names = [str(i) for i in range(n_layers)] if layer_names is None else \
+        [str(n) for n in layer_names]
+    if len(shape) == 3:
+        layer, comp = where
+        n_heads = shape[2] - 1
+        part = f"MLP {names[layer]}" if comp == n_heads else f"head {names[layer]}.{comp}"
+        return f"{name} of {part} at token {token}"
+    (point,) = where
+    if point == 2 * n_layers:
+        return f"{name} at final, token {token}"
+    kind = "resid_mid" if point % 2 else "resid_pre"
+    return f"{name} at {kind} {names[point // 2]}, token {token}"

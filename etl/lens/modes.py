@@ -40,8 +40,13 @@ TOP_K = 3
 
 def parse_measures(text: str) -> tuple[str, ...]:
     """``--measures`` text (comma-separated groups, ``all``, or ``default``) → the groups in
-    ``MEASURES`` order, ``entropy`` always included; ``ValueError`` names an unknown one."""
+    ``MEASURES`` order, ``entropy`` always included; ``ValueError`` names an unknown one, or
+    says that none was named (an empty text, or commas alone)."""
     names = {part.strip() for part in text.split(",") if part.strip()}
+    if not names:
+        raise ValueError(f"no measure group named in {text!r}: name one or more of "
+                         f"{', '.join(MEASURES)}, 'all' or 'default' (entropy for the "
+                         "entropies alone)")
     if "all" in names:
         names = (names - {"all"}) | set(MEASURES)
     if "default" in names:

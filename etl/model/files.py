@@ -64,6 +64,20 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+def _check_head_groups(config: dict, path: Path) -> None:
+    """Under grouped-query attention each key/value head serves an equal group of query
+    heads: ``num_attention_heads`` must be a multiple of ``num_key_value_heads``."""
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+               for n in (heads, kv_heads)):
+        return
+    if heads % kv_heads:
+        raise UserError(f"{str(path / 'config.json')!r} has num_attention_heads {heads}, not "
+                        f"a multiple of num_key_value_heads {kv_heads} (each key/value head "
+                        "serves an equal group of query heads); restore the checkpoint's "
+                        "config.json")
+
+
 def _check_tokenizer_files(path: Path) -> None:
     try:
         present = {p.name for p in path.iterdir()}
@@ -155,6 +169,7 @@ def check_model(name: str) -> int | None:
     path = Path(name).expanduser()
     _check_local_dir(path)
     config = _read_config(path)
+    _check_head_groups(config, path)
     _check_tokenizer_files(path)
     _check_weight_files(path)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):

@@ -20,7 +20,12 @@ from etl.model.files import (
     missing_model_message,
 )
 from etl.model.hub import cached_snapshot, is_unreachable
-from etl.model.weights import check_weights_complete
+from etl.model.weights import (
+    check_weights_complete,
+    stored_shapes,
+    weight_problems,
+    weights_mismatch,
+)
 
 
 @dataclass
@@ -57,6 +62,12 @@ def uses_rms_norm(cfg) -> bool:
     """Whether the model normalises with RMSNorm (``RMS``, or ``RMSPre`` once its weights are
     folded) rather than LayerNorm."""
     return str(getattr(cfg, "normalization_type", None)).startswith("RMS")
+
+
+def soft_capped(cfg) -> bool:
+    """Whether the model soft-caps its logits (``cap·tanh(z / cap)``, Gemma 2's
+    ``final_logit_softcapping``)."""
+    return (getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0
 
 
 def has_parallel_blocks(cfg) -> bool:
@@ -174,7 +185,9 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     check_tokenizer(bridge.tokenizer, int(bridge.cfg.d_vocab), name)
     weights_sha256 = _weights_fingerprint(bridge)
     with one_thread():
-        bridge.enable_compatibility_mode()
+        # the library leaves a soft-capped unembedding uncentred anyway (tanh does not
+        # commute with a shift), with a warning on the root logger: asked for, it is quiet
+        bridge.enable_compatibility_mode(center_unembed=not soft_capped(bridge.cfg))
     bridge.eval()
     cfg = bridge.cfg
     identity = {
@@ -225,9 +238,40 @@ def _boot(name: str, local: bool, device: str, dtype: torch.dtype):
                             f"{first_line(exc)}") from exc
         raise UserError(missing_model_message(name)) from exc
     except Exception as exc:
+        if local and "above report" in str(exc):  # transformers logged why, quietly
+            raise _load_report_error(Path(name), exc) from exc
         if local:  # e.g. a damaged pytorch_model.bin
             raise UserError(f"could not load the checkpoint in {name!r} "
                             f"({type(exc).__name__}: {first_line(exc)})") from exc
         if is_unreachable(exc):
             raise UserError(missing_model_message(name)) from exc
         raise
+
+
+def _load_report_error(folder: Path, exc: Exception) -> UserError:
+    """The one line for transformers' refusal of the checkpoint in ``folder`` whose reasons
+    it logged in a report (not shown: its logging is quiet): the first tensor whose shape
+    differs from what ``config.json`` describes, else the refusal's own first line."""
+    problems = _config_problems(folder)
+    if problems:
+        return weights_mismatch(str(folder), problems, why="transformers refused to load it")
+    return UserError(f"could not load the checkpoint in {str(folder)!r}: transformers "
+                     f"refused its weights ({first_line(exc).split('. For details')[0]})")
+
+
+def _config_problems(folder: Path) -> list[str]:
+    """``weight_problems`` of the weight files in ``folder`` against the model its
+    ``config.json`` describes (built on the meta device); empty when either cannot be
+    read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    stored = stored_shapes(folder)
+    if stored is None:
+        return []
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # a config transformers reads but cannot build a causal LM from
+        return []
+    return weight_problems(skeleton, stored)

@@ -9,7 +9,7 @@ import torch
 
 from etl.errors import UserError
 from etl.lens.layernorm import norm_space
-from etl.model.loading import LoadedModel, uses_rms_norm
+from etl.model.loading import LoadedModel, soft_capped, uses_rms_norm
 
 PROBE_TOKENS = 8
 """Length of the probe sequence."""
@@ -25,8 +25,7 @@ def check_measurable(cfg, name: str) -> None:
     norm = str(getattr(cfg, "normalization_type", None))
     problems = [
         (norm in ("None", ""), "has no final normalisation, so the lens has no scale"),
-        ((getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0,
-         "soft-caps its logits, which the lens does not model yet"),
+        (soft_capped(cfg), "soft-caps its logits, which the lens does not model yet"),
     ]
     for bad, why in problems:
         if bad:

@@ -121,8 +121,15 @@ def check_weights_complete(model, folder: Path, name: str) -> None:
     stored = stored_shapes(folder)
     problems = weight_problems(model, stored) if stored is not None else []
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"the weights of {name!r} do not match its config.json: "
-                        f"{problems[0]}{more}; nothing was measured (the model would run with "
-                        "random values in its place): copy the checkpoint again or fix its "
-                        "config.json")
+        raise weights_mismatch(name, problems)
+
+
+def weights_mismatch(name: str, problems: list[str],
+                     why: str = "nothing was measured (the model would run with random "
+                                "values in its place)") -> UserError:
+    """The one-line error for the checkpoint ``name`` whose weights have ``problems``
+    (``weight_problems``, at least one); ``why`` follows them."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return UserError(f"the weights of {name!r} do not match its config.json: "
+                     f"{problems[0]}{more}; {why}: copy the checkpoint again or fix its "
+                     "config.json")

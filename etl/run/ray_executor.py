@@ -258,7 +258,7 @@ def _start_workers(ray, config: ExtractConfig, options: ResolvedOptions, tokens_
     actor = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
                        **resources)(BatchWorker)
     # CPU workers share the driver's threads (results do not depend on the thread count:
-    # the tests compare the rows with one process's)
+    # the folding runs on one thread and the sums over the vocabulary through etl.lens.rows)
     threads = max(1, torch.get_num_threads() // options.workers)
     return [actor.remote(config, "cuda" if cuda else "cpu", threads, tokens_ref, per_forward)
             for _ in range(options.workers)]

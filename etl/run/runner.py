@@ -41,7 +41,15 @@ class RunResult:
     manifest_path: Path
     rows: dict
     n_tokens: int
-    tokens_per_s: float
+    tokens_per_s: float | None
+    """Tokens measured in this attempt per second; None when every batch was staged by an
+    earlier attempt (``NO_BATCH_MEASURED``)."""
+
+
+NO_BATCH_MEASURED = "no batch was measured in this attempt: every batch was staged by an " \
+    "earlier one"
+"""Why a run that resumed with nothing left to measure records no rate (its manifest's
+``timing["tokens_per_s_reason"]``)."""
 
 
 @dataclass
@@ -51,8 +59,9 @@ class Measured:
     seconds: float
     """From the mean pass (if any) to the last shard written."""
     mean_pass_s: float
-    tokens_per_s: float
-    """Tokens computed in this attempt (not resumed ones) per second."""
+    tokens_per_s: float | None
+    """Tokens computed in this attempt (not resumed ones) per second; None when there were
+    none."""
     timing: dict
     """The executor's figures for the manifest's ``timing``."""
 
@@ -175,7 +184,7 @@ class ExtractRunner:
         rows.close()
         computed = n_tokens - resumed
         return Measured(seconds=seconds, mean_pass_s=mean_pass_s, timing=timing,
-                        tokens_per_s=computed / seconds if seconds > 0 else float("inf"))
+                        tokens_per_s=computed / seconds if computed else None)
 
     def _manifest(self, model: LoadedModel, batches: Batches, measured: Measured) -> Manifest:
         """The run's manifest: what was run, on what, how fast, and from which code."""
@@ -183,6 +192,9 @@ class ExtractRunner:
         timing = dict(measured.timing, mean_pass_s=round(measured.mean_pass_s, 3),
                       sequences_per_forward=batches.per_forward,
                       batches_resumed=len(batches.spans) - len(batches.todo))
+        rate = measured.tokens_per_s
+        if rate is None:
+            timing["tokens_per_s_reason"] = NO_BATCH_MEASURED
         return Manifest(
             run_id=run.run_id, created_at=self.created.isoformat(),
             completed_at=datetime.now(UTC).isoformat(),
@@ -193,7 +205,7 @@ class ExtractRunner:
             n_seqs=tokens.n_seqs, seq_len=tokens.seq_len,
             n_tokens=tokens.n_seqs * tokens.seq_len, device=run.device,
             dtype=config.dtype, seconds=round(measured.seconds, 3),
-            tokens_per_s=round(measured.tokens_per_s, 2), timing=timing,
+            tokens_per_s=None if rate is None else round(rate, 2), timing=timing,
             config=asdict(config), model_identity=model.identity,
             dataset_fingerprint=tokens.fingerprint(), dataset_source=tokens.source,
             packages=package_versions(), git_commit=git_commit(), host=platform.node())

@@ -13,7 +13,7 @@ from etl.config import ExtractConfig
 from etl.errors import UserError
 from etl.lens.cache import HeadUnembedCache
 from etl.lens.kernel_config import named_config
-from etl.lens.measures import first_non_finite, measure_batch
+from etl.lens.measures import first_beyond, first_non_finite, measure_batch
 from etl.lens.types import AblationMeans, BatchMeasures, BatchTokens, MeasureOptions
 from etl.model.activations import run_batch
 from etl.model.loading import LoadedModel, has_parallel_blocks
@@ -22,6 +22,13 @@ from etl.warehouse import TokenRows, component_table, resid_table
 
 Count = Callable[[int], None]
 """A progress callback: ``n`` more tokens (or rows) done."""
+MAX_SUMMED_NATS = 2896.0
+"""The largest magnitude of a component measure the warehouse sums: ``fixed_point(m²)`` =
+``m²·2^40`` as a BIGINT (``etl.warehouse.sums``, ``queries/sql/views.sql``) holds
+``|m| < 2^11.5`` = 2896.3 nats. Entropies are at most log V and a loss or KL at most
+twice the largest change the component makes to a logit, so only a component that moves a
+logit by over 1,448 nats comes near it, or logits so large (around 10^10) that float32
+rounding of them does."""
 
 
 def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens: TokenSet,
@@ -60,6 +67,7 @@ def write_step(model: LoadedModel, tokens: TokenSet, per_forward: int, shards,
 
     def write(start: int, stop: int, arrays: dict) -> None:
         check_finite(arrays, start, stop)
+        check_summable(arrays, start, stop)
         seqs = np.repeat(np.arange(start, stop), seq_len)
         positions = np.tile(np.arange(seq_len), stop - start)
         batch = start // per_forward
@@ -81,3 +89,17 @@ def check_finite(arrays: dict, start: int, stop: int) -> None:
         raise UserError(f"non-finite value in sequences {start}–{stop - 1}: {found} (tokens "
                         f"counted from sequence {start}, position 0); the model produced NaN "
                         "or inf (check its weights and --dtype); nothing was published")
+
+
+def check_summable(arrays: dict, start: int, stop: int) -> None:
+    """Raise ``UserError`` naming the first (finite) component measure of sequences
+    ``start:stop`` whose magnitude is above ``MAX_SUMMED_NATS``."""
+    found = first_beyond(BatchMeasures(**arrays), MAX_SUMMED_NATS)
+    if found is not None:
+        where, value = found
+        raise UserError(
+            f"{where} in sequences {start}–{stop - 1} is {value:.3g} nats (tokens counted "
+            f"from sequence {start}, position 0), beyond the ±{MAX_SUMMED_NATS:,.0f} nats the "
+            "warehouse's sums hold: the model's logits, or that component's change to them, "
+            "are far larger than a trained model's (check its weights, such as the scale of "
+            "its final normalisation); nothing was published")

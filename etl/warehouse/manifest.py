@@ -49,8 +49,9 @@ class Manifest:
     dtype: str
     seconds: float
     """From the mean pass (if any) to the last shard written."""
-    tokens_per_s: float
-    """Tokens measured in the attempt that published the run, per second."""
+    tokens_per_s: float | None
+    """Tokens measured in the attempt that published the run, per second; None when that
+    attempt measured none (every batch was staged by an earlier one; ``timing`` says so)."""
     timing: dict
     """Busy and waiting seconds of the phases, and how the run was done (workers,
     pipelining, sequences per forward pass, batches resumed)."""
@@ -115,7 +116,7 @@ def load_manifest(path: Path) -> dict:
 
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,),
           "list": (list,),
-          "str | None": (str, type(None))}
+          "str | None": (str, type(None)), "float | None": (int, float, type(None))}
 """The JSON types each annotation of ``Manifest`` admits (bool is never a number)."""
 REQUIRED = ("run_id", "created_at", "model", "dataset", "lens", "ablation", "measures",
             "n_layers", "n_heads")
