@@ -30,7 +30,10 @@ top_head as (
 ),
 
 target as (
-    select s.*, coalesce(s.component, (select component from top_head)) as chosen
+    select
+        s.*,
+        chosen_component(s.component, (select component from top_head), s.run_id)
+            as chosen
     from settings as s
 ),
 

@@ -41,7 +41,8 @@ top_head as (
 target as (
     select
         s.*,
-        coalesce(s.component, (select component from top_head)) as chosen
+        chosen_component(s.component, (select component from top_head), s.run_id)
+            as chosen
     from settings as s
 ),
 
