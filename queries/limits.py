@@ -2,9 +2,10 @@
 ``memory_limit`` and its ``max_temp_directory_size`` (what it may spill to disk).
 
 The timeout interrupts DuckDB (``DuckDBPyConnection.interrupt``). The query runs in a worker
-thread, so that one DuckDB does not notice an interrupt of (a single huge value being built,
-such as ``repeat('x', 2000000000)``) still ends the wait: ``GRACE_S`` after the interrupt the
-worker is left to finish alone and its connection is not used again.
+thread, so that a query that does not notice the interrupt still ends the wait: DuckDB
+checks for it between vectors, not while it builds one huge value such as
+``repeat('x', 2000000000)``. ``GRACE_S`` after the interrupt such a worker is left to finish
+alone, and its connection is not used again.
 
 Defaults, each overridden by an environment variable, then by a flag of ``python -m queries
 run|sql`` or an argument of ``analysis.api.Warehouse``:
