@@ -24,6 +24,7 @@ import polars as pl
 from etl import warehouse
 from etl.errors import UserError
 from queries.db import Views, current_runs, table_files
+from queries.limits import Limits
 from queries.saved import get_query, saved_queries
 
 
@@ -32,13 +33,23 @@ class Warehouse(warehouse.Warehouse):
     reading: its complete runs as DuckDB views (``runs``, ``tokens``, ``component_effects``,
     ``resid_entropy``), read when the object is made.
 
+    Args:
+        timeout: seconds a query (``sql``, ``query``, a chart's) may run before it is
+            interrupted (``queries.limits``; default 600 s).
+        memory_limit: DuckDB's memory limit, e.g. ``'4GB'`` or ``'25%'`` (default 50 %).
+        spill_limit: what DuckDB may spill to disk, e.g. ``'10GB'`` (default the smaller of
+            16 GiB and half the free disk space).
+
     Raises:
-        etl.errors.UserError: the folder does not exist or holds no complete run.
+        etl.errors.UserError: the folder does not exist or holds no complete run, or a
+            limit is not valid.
     """
 
-    def __init__(self, path: str | Path = warehouse.DEFAULT_WAREHOUSE) -> None:
+    def __init__(self, path: str | Path = warehouse.DEFAULT_WAREHOUSE, *,
+                 timeout: float | None = None, memory_limit: str | None = None,
+                 spill_limit: str | None = None) -> None:
         super().__init__(path)
-        self.views = Views(self)
+        self.views = Views(self, limits=Limits(timeout, memory_limit, spill_limit, python=True))
         """The views and the reads made through them (``queries.db.Views``)."""
 
     @property

@@ -23,18 +23,70 @@ from pathlib import Path
 from etl.errors import ArgumentParser, UserError, add_version_flag, one_line
 from etl.warehouse import DEFAULT_WAREHOUSE, Warehouse, storage_errors
 from queries.commands import COMMANDS
+from queries.limits import (
+    MEMORY_ENV,
+    SPILL_ENV,
+    TIMEOUT_ENV,
+    TIMEOUT_S,
+    check_timeout,
+    size_limit,
+)
 from queries.output import FORMATS
 
+MAX_ROWS = 1_000_000
+"""The most rows ``--max-rows`` shows; ``--output FILE`` writes any number."""
 
-def _positive_int(text: str) -> int:
-    """``text`` as an integer of at least 1 (argparse reports anything else in one line)."""
+
+def _row_count(text: str) -> int:
+    """``text`` as a whole number from 1 to ``MAX_ROWS`` (argparse reports anything else
+    in one line)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    if not 1 <= value <= MAX_ROWS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to "
+                                         f"{MAX_ROWS:,} (write more rows with --output "
+                                         "FILE)")
     return value
+
+
+def _seconds(text: str) -> float:
+    """``text`` as a timeout in seconds (``check_timeout``)."""
+    try:
+        return check_timeout(text, "--timeout")
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0 and "
+                                         "at most a week (604800)") from exc
+
+
+def _memory(text: str) -> str:
+    """``text`` as a DuckDB memory limit (``size_limit``: a size or a percentage)."""
+    try:
+        return size_limit(text, "--memory-limit", percent=True)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--memory-limit ")) from exc
+
+
+def _spill(text: str) -> str:
+    """``text`` as a DuckDB spill limit (``size_limit``)."""
+    try:
+        return size_limit(text, "--spill-limit")
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--spill-limit ")) from exc
+
+
+def _add_limit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                        help=f"interrupt the query after SECONDS (default {TIMEOUT_S:.0f}, "
+                             f"or ${TIMEOUT_ENV}); exit code 2")
+    parser.add_argument("--memory-limit", type=_memory, metavar="SIZE",
+                        help="DuckDB's memory limit, e.g. 4GB or 25%% (default 50%% of the "
+                             f"machine's memory, or ${MEMORY_ENV})")
+    parser.add_argument("--spill-limit", type=_spill, metavar="SIZE",
+                        help="what DuckDB may spill to disk, e.g. 10GB (default the smaller "
+                             "of 16 GiB and half the free space of its temporary folder, or "
+                             f"${SPILL_ENV})")
 
 
 def _add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +96,9 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
                              "--output)")
     parser.add_argument("--output", type=Path,
                         help="write to FILE instead of stdout (every row)")
-    parser.add_argument("--max-rows", type=_positive_int, default=100,
-                        help="rows shown by --format table on stdout (default 100)")
+    parser.add_argument("--max-rows", type=_row_count, default=100,
+                        help=f"rows shown by --format table on stdout (default 100, at most "
+                             f"{MAX_ROWS:,})")
 
 
 def _add_param_arg(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +146,7 @@ def _add_query_commands(sub) -> None:
     run.add_argument("name", help="query name (see list)")
     _add_param_arg(run)
     _add_output_args(run)
+    _add_limit_args(run)
 
     sql = sub.add_parser("sql", help="run ad-hoc SQL against the views",
                          description="Run ad-hoc SQL against the views runs, tokens, "
@@ -100,6 +154,7 @@ def _add_query_commands(sub) -> None:
     sql.add_argument("query", help='SQL text, e.g. "select * from runs"')
     _add_param_arg(sql)
     _add_output_args(sql)
+    _add_limit_args(sql)
 
 
 def _add_warehouse_commands(sub) -> None:

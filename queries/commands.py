@@ -24,6 +24,7 @@ from etl.warehouse import (
     sums_problems,
 )
 from queries.db import Views, current_runs, init_sql, open_views, run_sql, sql_error
+from queries.limits import Limits
 from queries.output import check_output, output_format, render, write_result
 from queries.saved import data_checks, get_query, saved_queries
 
@@ -84,11 +85,13 @@ def cmd_show(args: argparse.Namespace, warehouse: Warehouse | None) -> int:
 
 def _read_only_query(args: argparse.Namespace, warehouse: Warehouse, sql: str,
                      params: dict) -> int:
-    """Check ``sql`` and the output first, then run it on a locked-down connection."""
+    """Check ``sql`` and the output first, then run it on a locked-down connection within
+    the ``--timeout``, ``--memory-limit`` and ``--spill-limit``."""
     ensure_select(sql)
     fmt = output_format(args.format, args.output)
     check_output(args.output, fmt, warehouse)
-    frame = Views(warehouse, read_only=True).sql(sql, params)
+    limits = Limits(args.timeout, args.memory_limit, args.spill_limit)
+    frame = Views(warehouse, read_only=True, limits=limits).sql(sql, params)
     write_result(frame, fmt, args.output, args.max_rows)
     return 0
 

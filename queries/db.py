@@ -27,6 +27,7 @@ from etl.warehouse import (
     read_run,
     run_problems,
 )
+from queries.limits import Abandoned, Limits, apply_limits, out_of_memory, run_interruptible
 from queries.saved import Bound, check_bound
 
 VIEWS_SQL = "sql/views.sql"
@@ -125,14 +126,17 @@ def init_sql(warehouse: Warehouse, runs: list[Run]) -> str:
     return "\n".join(lines) + "\n" + views_sql()
 
 
-def lock_down(con: duckdb.DuckDBPyConnection, warehouse: Warehouse) -> None:
+def lock_down(con: duckdb.DuckDBPyConnection, warehouse: Warehouse,
+              limits: Limits | None = None) -> None:
     """Make ``con`` read-only outside the warehouse: no file access except under its root
-    (a folder or an ``s3://`` prefix), no extension installs, and no way to change these
-    settings back. DuckDB may always read its own temporary folder, so that folder is a
-    new, empty one of this connection's (deleted with it), not ``<cwd>/.tmp``."""
+    (a folder or an ``s3://`` prefix), no extension installs, its memory and spill
+    ``limits`` (``set_limits``), and no way to change these settings back. DuckDB may
+    always read its own temporary folder, so that folder is a new, empty one of this
+    connection's (deleted with it), not ``<cwd>/.tmp``."""
     spill = tempfile.mkdtemp(prefix="entropy-warehouse-duckdb-")
     weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
     con.execute("set temp_directory = $dir", {"dir": spill})
+    set_limits(con, limits)
     con.execute("set allowed_directories = $dirs",
                 {"dirs": [str(warehouse.absolute_root).rstrip("/") + "/"]})
     con.execute("set enable_external_access = false")
@@ -140,11 +144,25 @@ def lock_down(con: duckdb.DuckDBPyConnection, warehouse: Warehouse) -> None:
     con.execute("set lock_configuration = true")
 
 
-def open_views(warehouse: Warehouse, runs: list[Run], read_only: bool = False
-               ) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with the views over exactly the files of ``runs``
-    (locked down with ``lock_down`` when ``read_only``). Object storage is read through its
-    fsspec filesystem (``register_filesystem``; no DuckDB extension)."""
+def set_limits(con: duckdb.DuckDBPyConnection, limits: Limits | None) -> None:
+    """DuckDB's memory and spill limits of ``con`` (``queries.limits.apply_limits``;
+    ``None``: the defaults).
+
+    Raises:
+        UserError: DuckDB refuses a limit.
+    """
+    try:
+        apply_limits(con, limits or Limits())
+    except duckdb.Error as exc:
+        raise UserError(f"cannot set the query limits: {str(exc).splitlines()[0]}") from exc
+
+
+def open_views(warehouse: Warehouse, runs: list[Run], read_only: bool = False,
+               limits: Limits | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with the views over exactly the files of ``runs``, its
+    memory and spill ``limits`` set (``set_limits``; locked down with ``lock_down`` when
+    ``read_only``). Object storage is read through its fsspec filesystem
+    (``register_filesystem``; no DuckDB extension)."""
     con = duckdb.connect()
     if warehouse.remote:
         con.register_filesystem(warehouse.filesystem)
@@ -158,24 +176,29 @@ def open_views(warehouse: Warehouse, runs: list[Run], read_only: bool = False
         raise error(f"could not open the views over {str(warehouse)!r}: "
                     f"{str(exc).splitlines()[0]}") from exc
     if read_only:
-        lock_down(con, warehouse)
+        lock_down(con, warehouse, limits)
+    else:
+        set_limits(con, limits)
     return con
 
 
-def connect(warehouse: Warehouse, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(warehouse: Warehouse, read_only: bool = False, limits: Limits | None = None
+            ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with ``runs``, ``tokens``, ``component_effects`` and
     ``resid_entropy`` defined over the complete runs of ``warehouse``.
 
     Only the files the manifests list are read. A run with a missing or unreadable file is
-    left out, with a warning on stderr. ``read_only``: see ``lock_down``. A run published
-    again while the views are opened (its old files deleted) is read again.
+    left out, with a warning on stderr. ``read_only``: see ``lock_down``; ``limits``: see
+    ``set_limits``. A run published again while the views are opened (its old files
+    deleted) is read again.
 
     Raises:
         UserError: the warehouse does not exist, holds no complete run, or no usable one.
     """
     for attempt in range(1, REREAD_ATTEMPTS + 1):
         try:
-            return open_views(warehouse, current_runs(warehouse), read_only=read_only)
+            return open_views(warehouse, current_runs(warehouse), read_only=read_only,
+                              limits=limits)
         except FilesReplaced:
             if attempt == REREAD_ATTEMPTS:
                 raise
@@ -194,35 +217,61 @@ class Views:
     the run again meanwhile) opens the views over the manifests anew and runs again, so its
     rows are the old run's or the new one's, never an error or a mix. (The ``runs`` view
     reads the manifests when a query runs: during a publish, a query joining it to rows can
-    show the new manifest's facts beside the old rows.)"""
+    show the new manifest's facts beside the old rows.)
 
-    def __init__(self, warehouse: Warehouse, read_only: bool = False) -> None:
+    Each read is bounded by ``limits`` (``queries.limits``): a timeout, and DuckDB's memory
+    and spill limits.
+
+    Raises:
+        UserError: a limit from the environment that is not valid, or what ``connect``
+            raises.
+    """
+
+    def __init__(self, warehouse: Warehouse, read_only: bool = False,
+                 limits: Limits | None = None) -> None:
         self.warehouse = warehouse
         self.read_only = read_only
-        self.con: duckdb.DuckDBPyConnection = connect(warehouse, read_only=read_only)
+        self.limits = (limits or Limits()).resolved()
+        """The timeout, memory and spill limits of every read."""
+        self.con: duckdb.DuckDBPyConnection = connect(warehouse, read_only=read_only,
+                                                      limits=self.limits)
         """The connection the views are defined on (replaced when they are opened anew)."""
 
     def sql(self, query: str, params: dict | None = None):
         """Run ``query`` with ``$name`` ``params``; a polars DataFrame, or one-line UserError
-        (``run_sql``). A saved query's ``params`` (``Bound``, from ``SavedQuery.bind``) are
-        checked first: the runs and the component they name must be in the views
-        (``check_bound``)."""
+        (``run_sql``; ``QueryTimeout`` after ``limits.timeout_s``, and an error naming the
+        limit when it needs more memory or spill space than allowed). A saved query's
+        ``params`` (``Bound``, from ``SavedQuery.bind``) are checked first: the runs and the
+        component they name must be in the views (``check_bound``)."""
         if isinstance(params, Bound):
             runs = self.sql("select run_id, n_layers, n_heads from runs "
                             "order by created_at, run_id")
             check_bound(params, runs.rows(), str(self.warehouse))
         for attempt in range(1, REREAD_ATTEMPTS + 1):
             try:
-                return _frame(self.con, query, params)
+                return self._bounded(query, params)
+            except duckdb.OutOfMemoryException as exc:
+                raise out_of_memory(exc, self.con, self.limits) from exc
             except duckdb.Error as exc:
                 if not _replaced(exc) or attempt == REREAD_ATTEMPTS:
                     raise sql_error(exc) from exc
             self.reopen()
 
+    def _bounded(self, query: str, params: dict | None):
+        """``_frame`` on ``con`` within the timeout (``run_interruptible``); a query that
+        did not stop when interrupted keeps its connection, and the views are opened on a
+        new one."""
+        con = self.con
+        try:
+            return run_interruptible(con, lambda: _frame(con, query, params), self.limits)
+        except Abandoned:
+            self.con = connect(self.warehouse, read_only=self.read_only, limits=self.limits)
+            raise
+
     def reopen(self) -> None:
         """Define the views anew over the manifests as they are now."""
         self.con.close()
-        self.con = connect(self.warehouse, read_only=self.read_only)
+        self.con = connect(self.warehouse, read_only=self.read_only, limits=self.limits)
 
 
 def sql_error(exc: duckdb.Error) -> UserError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,13 +62,57 @@ def flatten_nested(frame: pl.DataFrame) -> pl.DataFrame:
         for name in nested)
 
 
-def _one_line_cells(frame: pl.DataFrame) -> pl.DataFrame:
-    """String cells with their line breaks escaped (``\\n``, ``\\r``), so each row of the
-    table is one line."""
-    return frame.with_columns(
-        pl.col(name).str.replace_all("\r", "\\r", literal=True)
-        .str.replace_all("\n", "\\n", literal=True)
-        for name, dtype in frame.schema.items() if dtype == pl.String)
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+"""Characters a table shows escaped: C0 and C1 controls (line breaks and the escape that
+starts a terminal's colour and cursor sequences among them), DEL, the line and paragraph
+separators, and the bidirectional embeddings, overrides and isolates, which reorder the
+text shown after them."""
+_CONTROLS_POLARS = (r"[\x00-\x1f\x7f-\x9f\x{2028}\x{2029}\x{202a}-\x{202e}"
+                    r"\x{2066}-\x{2069}]")
+"""``CONTROLS`` in the syntax of polars' regular expressions."""
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each ``CONTROLS`` character written as an escape: ``\\n``, ``\\r``,
+    ``\\t``, ``\\x1b``, ``\\u202e``."""
+    return CONTROLS.sub(_escaped, text)
+
+
+def _escape_values(value):
+    """``value`` (a cell as polars gives it: text, a list or a struct's dict) with every
+    text in it escaped (``escape_controls``)."""
+    if isinstance(value, str):
+        return escape_controls(value)
+    if isinstance(value, list):
+        return [_escape_values(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _escape_values(v) for k, v in value.items()}
+    return value
+
+
+def _table_cells(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` as the table shows it: column names and every text (nested ones too) with
+    its ``CONTROLS`` escaped, so each row is one line and the terminal shows what the
+    values hold; categorical columns as text."""
+    frame = frame.with_columns(pl.col(name).cast(pl.String)
+                               for name, dtype in frame.schema.items()
+                               if isinstance(dtype, pl.Categorical | pl.Enum))
+    columns = []
+    for name, dtype in frame.schema.items():
+        column = frame[name]
+        plain = dtype == pl.String and not column.str.contains(_CONTROLS_POLARS).any()
+        if (dtype == pl.String and not plain) or dtype.is_nested():
+            column = pl.Series(name, [_escape_values(v) for v in column.to_list()],
+                               dtype=dtype)
+        columns.append(column.alias(escape_controls(name)))
+    return pl.DataFrame(columns)
 
 
 TABLE_SIGNIFICANT_DIGITS = 4
@@ -87,14 +132,16 @@ def _readable_floats(frame: pl.DataFrame) -> pl.DataFrame:
 
 def render(frame: pl.DataFrame, fmt: str, max_rows: int = 100) -> str:
     """``frame`` as text: an aligned ``table`` (at most ``max_rows`` rows shown, one line
-    per row, floats to ``TABLE_SIGNIFICANT_DIGITS`` significant digits), ``csv`` (header
-    line, then rows, full precision) or ``json`` (a list of row objects, full precision)."""
+    per row, control characters escaped (``escape_controls``), floats to
+    ``TABLE_SIGNIFICANT_DIGITS`` significant digits), ``csv`` (header line, then rows, full
+    precision) or ``json`` (a list of row objects, full precision); these keep every
+    character as it is."""
     if fmt == "csv":
         return flatten_nested(_as_text_cells(frame)).write_csv()
     if fmt == "json":
         return _as_text_cells(frame).write_json() + "\n"
     if fmt == "table":
-        shown = _readable_floats(_one_line_cells(frame.head(max_rows)))
+        shown = _readable_floats(_table_cells(frame.head(max_rows)))
         with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60,
                        tbl_width_chars=-1, tbl_hide_dataframe_shape=True,
                        tbl_hide_column_data_types=True, set_fmt_float="full"):

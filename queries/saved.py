@@ -4,12 +4,15 @@ header comment.
 A saved query's file starts with comment lines::
 
     -- name: what it returns ... (one or more lines)
-    -- @param <name> <default> <description>
+    -- @param <name> <default> [<low>..<high>] <description>
 
-``<default>`` is an SQL literal: ``'text'``, a number or ``NULL``. The query body uses the
-parameters as DuckDB ``$name`` placeholders. Data tests in ``queries/sql/checks/`` follow
-the same header convention and return the offending rows (empty = pass). The views and
-the macros the queries share are in ``queries/sql/views.sql`` (see ``queries.db``).
+``<default>`` is an SQL literal: ``'text'``, a number or ``NULL``. A numeric parameter
+declares the range ``[<low>..<high>]`` of the values it takes (both included), which a
+given value is checked against before the query runs; a text parameter has none. The query
+body uses the parameters as DuckDB ``$name`` placeholders. Data tests in
+``queries/sql/checks/`` follow the same header convention and return the offending rows
+(empty = pass). The views and the macros the queries share are in ``queries/sql/views.sql``
+(see ``queries.db``).
 
 Parameters named ``run_id``, ``run_a`` or ``run_b`` name a complete run, and ``component`` a
 component of one (``'L.H'`` or ``'L.mlp'``): ``bind`` returns ``Bound`` values, which
@@ -32,9 +35,10 @@ RUN_PARAMS = ("run_id", "run_a", "run_b")
 earliest, every run) is not checked."""
 COMPONENT = re.compile(r"(?P<layer>\d+)\.(?P<head>\d+|mlp)")
 """A ``component`` parameter: head H of layer L (``'L.H'``) or its MLP (``'L.mlp'``)."""
+_NUMBER = r"-?\d+(?:\.\d+)?"
 PARAM_LINE = re.compile(
-    r"^--\s*@param\s+(?P<name>\w+)\s+(?P<default>'(?:[^']|'')*'|NULL|-?\d+(?:\.\d+)?)"
-    r"\s*(?P<doc>.*)$")
+    rf"^--\s*@param\s+(?P<name>\w+)\s+(?P<default>'(?:[^']|'')*'|NULL|{_NUMBER})"
+    rf"(?:\s+\[(?P<low>{_NUMBER})\.\.(?P<high>{_NUMBER})\])?\s*(?P<doc>.*)$")
 
 
 @dataclass(frozen=True)
@@ -45,22 +49,34 @@ class Param:
     default: object
     """Python value of the default: str, int, float or None (SQL NULL)."""
     doc: str
+    low: int | float | None = None
+    """The smallest value a numeric parameter takes (its header's ``[low..high]``)."""
+    high: int | float | None = None
+    """The largest value a numeric parameter takes."""
+
+    @property
+    def numeric(self) -> bool:
+        """Whether the parameter takes a number (its default is one)."""
+        return isinstance(self.default, int | float) and not isinstance(self.default, bool)
 
     def parse(self, text: str):
-        """Convert a ``--param name=text`` value to the default's type (``null`` = NULL)."""
-        if text.strip().lower() == "null":
-            return None
-        if isinstance(self.default, int) and not isinstance(self.default, bool):
-            try:
-                return int(text)
-            except ValueError:
-                raise UserError(f"parameter {self.name} takes an integer, not {text!r}") from None
-        if isinstance(self.default, float):
-            try:
-                return float(text)
-            except ValueError:
-                raise UserError(f"parameter {self.name} takes a number, not {text!r}") from None
-        return text
+        """Convert a ``--param name=text`` value to the default's type (``null`` = NULL).
+
+        Raises:
+            UserError: a numeric parameter given anything but a number in its range
+                (NULL included).
+        """
+        if not self.numeric:
+            return None if text.strip().lower() == "null" else text
+        kind = "a whole number" if isinstance(self.default, int) else "a number"
+        try:
+            value = type(self.default)(text)
+        except ValueError:
+            value = None
+        if value is None or not self.low <= value <= self.high:
+            raise UserError(f"parameter {self.name} takes {kind} from {self.low} to "
+                            f"{self.high}, not {text.strip()!r}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,26 @@ def _literal(text: str):
     return float(text) if "." in text else int(text)
 
 
+def _param(query: str, match: re.Match) -> Param:
+    """The ``Param`` of a ``PARAM_LINE`` match of query ``query``.
+
+    Raises:
+        ValueError: a numeric parameter without a range, or whose default lies outside it;
+            a range given to a text parameter.
+    """
+    default = _literal(match["default"])
+    low, high = (None, None) if match["low"] is None else (_literal(match["low"]),
+                                                             _literal(match["high"]))
+    param = Param(match["name"], default, match["doc"].strip(), low, high)
+    if param.numeric and (low is None or not low <= default <= high):
+        raise ValueError(f"{query}.sql: numeric parameter {param.name} needs a range "
+                         f"[low..high] after its default that holds it")
+    if not param.numeric and low is not None:
+        raise ValueError(f"{query}.sql: parameter {param.name} takes text; only numbers "
+                         "have a range")
+    return param
+
+
 def parse_sql_file(name: str, sql: str) -> SavedQuery:
     """Read the header comment of ``sql`` into a ``SavedQuery``.
 
@@ -160,7 +196,7 @@ def parse_sql_file(name: str, sql: str) -> SavedQuery:
     for line in header:
         match = PARAM_LINE.match(line)
         if match:
-            params.append(Param(match["name"], _literal(match["default"]), match["doc"].strip()))
+            params.append(_param(name, match))
         elif "@param" in line:
             raise ValueError(f"{name}.sql: cannot read parameter line {line!r}")
         else:

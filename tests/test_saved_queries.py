@@ -276,7 +276,7 @@ def test_show_and_run_formats(warehouse, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,expected", [
     (["run", "nope"], "unknown query 'nope'"),
-    (["run", "top_heads", "--param", "k=many"], "takes an integer"),
+    (["run", "top_heads", "--param", "k=many"], "takes a whole number from 1 to 10000"),
     (["run", "top_heads", "--param", "x=1"], "has no parameter 'x'"),
     (["run", "top_heads", "--param", "novalue"], "NAME=VALUE"),
     (["sql", "select $x"], "missing parameter x"),

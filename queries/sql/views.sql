@@ -388,6 +388,15 @@ create or replace macro component_param(c) as
          else error('component must look like ''10.7'' (a head) or ''10.mlp'', not '''
                     || coalesce(c, 'NULL') || '''') end;
 
+-- chosen_component(given, top, run): the component a query of one run shows: given, else
+-- top (the run's highest-ranked head); an error when there is neither, as in a run that
+-- holds no rows.
+create or replace macro chosen_component(given, top, run) as
+    case when given is not null then given
+         when top is not null then top
+         else error('run ''' || coalesce(run, 'NULL') || ''' holds no rows, so it has no '
+                    || 'component to choose; choose a run that has rows') end;
+
 -- Calibration pieces shared by the calibration and calibration_curve queries.
 
 -- n_bins_param(n), top_k_param(k): n when it is at least 1; k when it is 1, 2 or 3; an

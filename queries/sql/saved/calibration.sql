@@ -11,8 +11,8 @@
 -- overconfidences compare the same bins (the study's result is NaN when any bin is empty,
 -- the same otherwise). NULL for a run without the calibration measures.
 -- @param run_id NULL one run id, or NULL for the latest run
--- @param n_bins 50 how many equal probability bins on [0, 1)
--- @param top_k 3 how many of the largest probabilities of each prediction to bin (1 to 3)
+-- @param n_bins 50 [1..10000] how many equal probability bins on [0, 1)
+-- @param top_k 3 [1..3] how many of the largest probabilities of each prediction to bin
 -- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 

@@ -7,8 +7,8 @@
 -- calibration query bins them.
 -- @param run_id NULL one run id, or NULL for the latest run
 -- @param component NULL 'L.H' for head H of layer L, 'L.mlp' for the MLP of layer L, or NULL for the head with the largest mean entropy marginal in the run
--- @param n_bins 50 how many equal probability bins on [0, 1)
--- @param top_k 3 how many of the largest probabilities of each prediction to bin (1 to 3)
+-- @param n_bins 50 [1..10000] how many equal probability bins on [0, 1)
+-- @param top_k 3 [1..3] how many of the largest probabilities of each prediction to bin
 -- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 
@@ -30,7 +30,10 @@ top_head as (
 ),
 
 target as (
-    select s.*, coalesce(s.component, (select component from top_head)) as chosen
+    select
+        s.*,
+        chosen_component(s.component, (select component from top_head), s.run_id)
+            as chosen
     from settings as s
 ),
 

@@ -5,8 +5,8 @@
 -- the token predicts), and its direct effects there (nats): what the head explorer lists
 -- for a clicked component.
 -- @param run_id NULL one run id, or NULL for the latest run
--- @param k 8 how many positions in each direction
--- @param context 8 how many preceding tokens to show
+-- @param k 8 [1..1000] how many positions in each direction
+-- @param context 8 [0..1000] how many preceding tokens to show
 -- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 

@@ -3,7 +3,7 @@
 -- n, for box plots.
 -- @param run_id NULL one run id, or NULL for the latest run
 -- @param measure 'diff' rank and describe 'diff' or 'marginal'
--- @param k 5 how many heads
+-- @param k 5 [1..10000] how many heads
 -- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 

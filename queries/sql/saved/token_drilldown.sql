@@ -9,8 +9,8 @@
 -- @param component NULL 'L.H' for head H of layer L, 'L.mlp' for the MLP of layer L, or NULL for the head with the largest mean diff in the run
 -- @param measure 'diff' rank positions by 'diff' or 'marginal' (entropy), 'loss' (loss_marginal), 'kl' (kl_marginal), 'context' (entropy_marginal_context) or 'context_kept' (kl_context_kept); positions without a value come last
 -- @param direction 'raise' 'raise' (largest values first) or 'lower' (smallest first)
--- @param k 20 how many positions
--- @param context 8 how many preceding tokens to show
+-- @param k 20 [1..100000] how many positions
+-- @param context 8 [0..1000] how many preceding tokens to show
 -- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
 
@@ -41,7 +41,8 @@ top_head as (
 target as (
     select
         s.*,
-        coalesce(s.component, (select component from top_head)) as chosen
+        chosen_component(s.component, (select component from top_head), s.run_id)
+            as chosen
     from settings as s
 ),
 

@@ -1,7 +1,7 @@
 -- top_heads: attention heads ranked by their mean entropy diff or marginal (nats, largest
 -- first), top k, with n and the 95 % confidence interval of the mean.
 -- @param measure 'diff' rank by 'diff' or 'marginal'
--- @param k 10 how many heads to return per run
+-- @param k 10 [1..10000] how many heads to return per run
 -- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 -- @param run_id NULL one run id, or NULL for every run
 -- @param dataset NULL one dataset ('openwebtext', 'ioi', 'text'), or NULL for every dataset
