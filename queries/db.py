@@ -130,13 +130,13 @@ def lock_down(con: duckdb.DuckDBPyConnection, warehouse: Warehouse,
               limits: Limits | None = None) -> None:
     """Make ``con`` read-only outside the warehouse: no file access except under its root
     (a folder or an ``s3://`` prefix), no extension installs, its memory and spill
-    ``limits`` (``set_limits``), and no way to change these settings back. DuckDB may
+    ``limits`` (``apply_limits``), and no way to change these settings back. DuckDB may
     always read its own temporary folder, so that folder is a new, empty one of this
     connection's (deleted with it), not ``<cwd>/.tmp``."""
     spill = tempfile.mkdtemp(prefix="entropy-warehouse-duckdb-")
     weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
     con.execute("set temp_directory = $dir", {"dir": spill})
-    set_limits(con, limits)
+    apply_limits(con, limits)
     con.execute("set allowed_directories = $dirs",
                 {"dirs": [str(warehouse.absolute_root).rstrip("/") + "/"]})
     con.execute("set enable_external_access = false")
@@ -144,23 +144,10 @@ def lock_down(con: duckdb.DuckDBPyConnection, warehouse: Warehouse,
     con.execute("set lock_configuration = true")
 
 
-def set_limits(con: duckdb.DuckDBPyConnection, limits: Limits | None) -> None:
-    """DuckDB's memory and spill limits of ``con`` (``queries.limits.apply_limits``;
-    ``None``: the defaults).
-
-    Raises:
-        UserError: DuckDB refuses a limit.
-    """
-    try:
-        apply_limits(con, limits or Limits())
-    except duckdb.Error as exc:
-        raise UserError(f"cannot set the query limits: {str(exc).splitlines()[0]}") from exc
-
-
 def open_views(warehouse: Warehouse, runs: list[Run], read_only: bool = False,
                limits: Limits | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with the views over exactly the files of ``runs``, its
-    memory and spill ``limits`` set (``set_limits``; locked down with ``lock_down`` when
+    memory and spill ``limits`` set (``apply_limits``; locked down with ``lock_down`` when
     ``read_only``). Object storage is read through its fsspec filesystem
     (``register_filesystem``; no DuckDB extension)."""
     con = duckdb.connect()
@@ -178,7 +165,7 @@ def open_views(warehouse: Warehouse, runs: list[Run], read_only: bool = False,
     if read_only:
         lock_down(con, warehouse, limits)
     else:
-        set_limits(con, limits)
+        apply_limits(con, limits)
     return con
 
 
@@ -189,7 +176,7 @@ def connect(warehouse: Warehouse, read_only: bool = False, limits: Limits | None
 
     Only the files the manifests list are read. A run with a missing or unreadable file is
     left out, with a warning on stderr. ``read_only``: see ``lock_down``; ``limits``: see
-    ``set_limits``. A run published again while the views are opened (its old files
+    ``queries.limits.apply_limits``. A run published again while the views are opened (its old files
     deleted) is read again.
 
     Raises:

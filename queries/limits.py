@@ -34,7 +34,7 @@ from typing import TypeVar
 import duckdb
 
 from etl.errors import UserError
-from etl.warehouse.storage import seconds_from_env
+from etl.warehouse import seconds_from_env
 
 TIMEOUT_S = 600.0
 """Seconds a query may run by default."""
@@ -146,13 +146,22 @@ def spill_default(temp_directory: str) -> str:
     return f"{max(1 << 20, min(SPILL_CAP, int(free * SPILL_DISK_SHARE))) >> 20}MiB"
 
 
-def apply_limits(con: duckdb.DuckDBPyConnection, limits: Limits) -> None:
+def apply_limits(con: duckdb.DuckDBPyConnection, limits: Limits | None) -> None:
     """Set DuckDB's ``memory_limit`` and ``max_temp_directory_size`` of ``con`` from
-    ``limits`` (``Limits.resolved``); call it after ``temp_directory`` is set."""
-    limits = limits.resolved()
-    temp = con.sql("select current_setting('temp_directory')").fetchall()[0][0]
-    con.execute("set memory_limit = $v", {"v": limits.memory})
-    con.execute("set max_temp_directory_size = $v", {"v": limits.spill or spill_default(temp)})
+    ``limits`` (``Limits.resolved``; None: the defaults); call it after ``temp_directory``
+    is set.
+
+    Raises:
+        UserError: DuckDB refuses a limit.
+    """
+    limits = (limits or Limits()).resolved()
+    try:
+        temp = con.sql("select current_setting('temp_directory')").fetchall()[0][0]
+        con.execute("set memory_limit = $v", {"v": limits.memory})
+        con.execute("set max_temp_directory_size = $v",
+                    {"v": limits.spill or spill_default(temp)})
+    except duckdb.Error as exc:
+        raise UserError(f"cannot set the query limits: {str(exc).splitlines()[0]}") from exc
 
 
 class QueryTimeout(UserError):

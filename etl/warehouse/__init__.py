@@ -25,7 +25,7 @@ from etl.warehouse.layout import (
 from etl.warehouse.manifest import Manifest
 from etl.warehouse.migration import migrate
 from etl.warehouse.staging import StagingArea, shard_options
-from etl.warehouse.storage import encode_parquet, storage_errors
+from etl.warehouse.storage import encode_parquet, seconds_from_env, storage_errors
 from etl.warehouse.tables import (
     SCHEMAS,
     STORED_TABLES,
@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_WAREHOUSE", "RESERVED_RUN_IDS", "SCHEMAS", "STORED_TABLES", "SUMS_TABLES",
     "TABLES", "Manifest", "Problem", "Run", "RunWriter", "Shard", "StagingArea", "TokenRows",
     "Warehouse", "complete_runs", "component_table", "encode_parquet", "migrate", "read_run",
-    "read_runs", "resid_table", "run_problems", "shard_options", "storage_errors",
+    "read_runs", "resid_table", "run_problems", "seconds_from_env", "shard_options",
+    "storage_errors",
     "stray_files", "sums_problems", "validate_run_id",
 ]
