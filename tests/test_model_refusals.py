@@ -72,8 +72,7 @@ def test_the_bound_is_what_the_sums_hold():
     """``MAX_SUMMED_NATS`` squared still fits ``fixed_point``'s BIGINT; 2^11.5 does not."""
     import duckdb
 
-    from etl.run.steps import MAX_SUMMED_NATS
-    from etl.warehouse.sums import FIXED_POINT
+    from etl.warehouse.sums import FIXED_POINT, MAX_SUMMED_NATS
 
     con = duckdb.connect()
     con.execute(FIXED_POINT)

@@ -55,7 +55,8 @@ def test_a_resume_with_every_batch_staged_records_no_rate(tiny_checkpoint, tmp_p
     assert manifest["timing"]["tokens_per_s_reason"] == (
         "no batch was measured in this attempt: every batch was staged by an earlier one")
     assert manifest_problem(manifest, "resumed") is None
-    assert connect(Warehouse(root)).sql("select tokens_per_s from runs").fetchall() == [(None,)]
+    assert connect(Warehouse(root)).sql(
+        "select tokens_per_s, typeof(tokens_per_s) from runs").fetchall() == [(None, "DOUBLE")]
 
     assert _extract(tiny_checkpoint, root, *args, "--run-id", "fresh") == 0
     fresh = _manifest(root, "fresh")

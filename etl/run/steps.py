@@ -19,16 +19,10 @@ from etl.model.activations import run_batch
 from etl.model.loading import LoadedModel, has_parallel_blocks
 from etl.sources.corpus import TokenSet
 from etl.warehouse import TokenRows, component_table, resid_table
+from etl.warehouse.sums import MAX_SUMMED_NATS
 
 Count = Callable[[int], None]
 """A progress callback: ``n`` more tokens (or rows) done."""
-MAX_SUMMED_NATS = 2896.0
-"""The largest magnitude of a component measure the warehouse sums: ``fixed_point(m²)`` =
-``m²·2^40`` as a BIGINT (``etl.warehouse.sums``, ``queries/sql/views.sql``) holds
-``|m| < 2^11.5`` = 2896.3 nats. Entropies are at most log V and a loss or KL at most
-twice the largest change the component makes to a logit, so only a component that moves a
-logit by over 1,448 nats comes near it, or logits so large (around 10^10) that float32
-rounding of them does."""
 
 
 def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens: TokenSet,

@@ -55,6 +55,14 @@ FIXED_POINT = ("create or replace macro fixed_point(x) as "
                "create or replace macro fine_point(x) as (x::double * 2.0 ** 80)::hugeint;\n")
 """The views' ``fixed_point`` and ``fine_point``, word for word (a test holds them equal)."""
 
+MAX_SUMMED_NATS = 2896.0
+"""The largest magnitude of a component measure the warehouse sums: ``fixed_point(m²)`` =
+``m²·2^40`` as a BIGINT (``FIXED_POINT`` here, and ``queries/sql/views.sql``) holds
+``|m| < 2^11.5`` = 2896.3 nats. Entropies are at most log V and a loss or KL at most
+twice the largest change the component makes to a logit, so only a component that moves a
+logit by over 1,448 nats comes near it, or logits so large (around 10^10) that float32
+rounding of them does."""
+
 INT128 = "::decimal(38, 0)"
 
 

@@ -184,7 +184,7 @@ select
     device,
     dtype,
     seconds,
-    tokens_per_s,
+    tokens_per_s::double as tokens_per_s,
     completed_at::timestamptz as completed_at,
     dataset_fingerprint,
     git_commit,
