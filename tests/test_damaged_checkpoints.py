@@ -13,17 +13,23 @@ from etl.extract import main as extract_main
 from etl.model.weights import stored_shapes, weight_problems
 
 
-def _damaged(tiny_checkpoint, tmp_path, config=None, drop=()):
-    folder = tmp_path / "damaged"
-    shutil.copytree(tiny_checkpoint, folder)
+def checkpoint_variant(src, dst, config=None, tensors=None):
+    """A copy of the checkpoint folder ``src`` at ``dst``, with ``config`` merged into its
+    config.json and its tensors changed: ``tensors`` maps a name to a function of the
+    tensor, or to None to delete it."""
+    shutil.copytree(src, dst)
     if config:
-        path = folder / "config.json"
+        path = dst / "config.json"
         path.write_text(json.dumps(dict(json.loads(path.read_text()), **config)))
-    if drop:
-        weights = load_file(folder / "model.safetensors")
-        save_file({k: v for k, v in weights.items() if k not in drop},
-                  folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
+    if tensors:
+        weights = load_file(dst / "model.safetensors")
+        for name, change in tensors.items():
+            if change is None:
+                del weights[name]
+            else:
+                weights[name] = change(weights[name])
+        save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
 
 
 @pytest.mark.parametrize("config,drop,named", [
@@ -34,7 +40,8 @@ def _damaged(tiny_checkpoint, tmp_path, config=None, drop=()):
 ], ids=["more-layers", "fewer-layers", "untied-without-lm-head", "deleted-tensor"])
 def test_a_damaged_checkpoint_is_one_line_naming_the_tensor(tiny_checkpoint, tmp_path, capsys,
                                                             config, drop, named):
-    folder = _damaged(tiny_checkpoint, tmp_path, config, drop)
+    folder = checkpoint_variant(tiny_checkpoint, tmp_path / "damaged", config,
+                                dict.fromkeys(drop))
     warehouse = tmp_path / "wh"
     capsys.readouterr()
     code = extract_main(["--model", str(folder), "--dataset", "ioi", "--n-prompts", "2",

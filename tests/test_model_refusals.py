@@ -4,38 +4,21 @@ sums, a config whose query heads do not split evenly among its key/value heads, 
 of other shapes than the config's, and logit soft-capping (with no library warning
 before the refusal)."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from etl.extract import main as extract_main
 from etl.model.random_init import write_checkpoint
+from tests.test_damaged_checkpoints import checkpoint_variant
 
 
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory):
     """A random-init llama-tiny checkpoint (4 query heads, 2 key/value heads)."""
     return write_checkpoint("llama-tiny", tmp_path_factory.mktemp("llama") / "llama-tiny")
-
-
-def _variant(src, dst, config=None, scale=None):
-    """A copy of the checkpoint ``src`` with ``config`` merged into its config.json and the
-    tensors named in ``scale`` multiplied by their factor."""
-    shutil.copytree(src, dst)
-    if config:
-        path = dst / "config.json"
-        path.write_text(json.dumps(dict(json.loads(path.read_text()), **config)))
-    if scale:
-        weights = load_file(dst / "model.safetensors")
-        for name, factor in scale.items():
-            weights[name] = weights[name] * factor
-        save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 def _argv(model, warehouse):
@@ -55,8 +38,8 @@ def test_a_huge_final_norm_weight_is_refused_for_its_effects_not_as_nan(tiny_che
                                                                         tmp_path, capsys):
     # finite logits of about 1e31: every measure is finite now, but a loss of 1e29 nats is
     # beyond what the warehouse's fixed-point sums hold
-    model = _variant(tiny_checkpoint, tmp_path / "huge",
-                     scale={"transformer.ln_f.weight": 1e30})
+    model = checkpoint_variant(tiny_checkpoint, tmp_path / "huge",
+                               tensors={"transformer.ln_f.weight": lambda w: w * 1e30})
     capsys.readouterr()
     code = extract_main(_argv(model, tmp_path / "wh"))
     line = _one_line(code, *capsys.readouterr(), tmp_path / "wh")
@@ -82,36 +65,31 @@ def test_the_bound_is_what_the_sums_hold():
         con.execute(square, [2.0 ** 11.5 + 0.001]).fetchone()
 
 
-def test_query_heads_not_a_multiple_of_the_key_value_heads_is_one_line(llama_checkpoint,
-                                                                       tmp_path, capsys):
-    model = _variant(llama_checkpoint, tmp_path / "kv3", config={"num_key_value_heads": 3})
-    code = extract_main(_argv(model, tmp_path / "wh"))
-    line = _one_line(code, *capsys.readouterr(), tmp_path / "wh")
-    assert line == (
-        f"error: '{model / 'config.json'}' has num_attention_heads 4, not a multiple of "
+@pytest.mark.parametrize(("n_kv_heads", "says"), [
+    # query heads that do not split evenly among the key/value heads
+    (3, "error: '{model}/config.json' has num_attention_heads 4, not a multiple of "
         "num_key_value_heads 3 (each key/value head serves an equal group of query heads); "
-        "restore the checkpoint's config.json")
-
-
-def test_weights_transformers_refuses_for_their_shapes_are_named(llama_checkpoint, tmp_path,
-                                                                 capsys):
-    # one key/value head in the config, two in the files: transformers refuses, pointing
-    # at a report its quiet logging does not show
-    model = _variant(llama_checkpoint, tmp_path / "kv1", config={"num_key_value_heads": 1})
-    code = extract_main(_argv(model, tmp_path / "wh"))
-    line = _one_line(code, *capsys.readouterr(), tmp_path / "wh")
-    assert line == (
-        f"error: the weights of '{model}' do not match its config.json: "
+        "restore the checkpoint's config.json"),
+    # one key/value head in the config, two in the files: transformers refuses, pointing at a
+    # report its quiet logging does not show
+    (1, "error: the weights of '{model}' do not match its config.json: "
         "model.layers.0.self_attn.k_proj.weight is [32, 64], the config says [16, 64] (and 3 "
         "more); transformers refused to load it: copy the checkpoint again or fix its "
-        "config.json")
+        "config.json"),
+], ids=["not-a-multiple", "weights-of-other-shapes"])
+def test_key_value_heads_the_checkpoint_cannot_have_are_one_true_line(
+        llama_checkpoint, tmp_path, capsys, n_kv_heads, says):
+    model = checkpoint_variant(llama_checkpoint, tmp_path / "kv",
+                               config={"num_key_value_heads": n_kv_heads})
+    code = extract_main(_argv(model, tmp_path / "wh"))
+    assert _one_line(code, *capsys.readouterr(), tmp_path / "wh") == says.format(model=model)
 
 
 def test_a_soft_capping_checkpoint_is_refused_in_exactly_one_line(llama_checkpoint,
                                                                   tmp_path):
     # a subprocess: the library's warning went to the root logger, which pytest captures
-    model = _variant(llama_checkpoint, tmp_path / "softcap",
-                     config={"final_logit_softcapping": 30.0})
+    model = checkpoint_variant(llama_checkpoint, tmp_path / "softcap",
+                               config={"final_logit_softcapping": 30.0})
     done = subprocess.run([sys.executable, "-m", "etl.extract", *_argv(model, tmp_path / "wh")],
                           capture_output=True, text=True, env=dict(os.environ), timeout=300)
     line = _one_line(done.returncode, done.stdout, done.stderr, tmp_path / "wh")
