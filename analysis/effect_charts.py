@@ -130,8 +130,8 @@ def loss_heatmap(effects: pl.DataFrame, caption: Caption = NO_CAPTION) -> alt.La
                       f"{LOWERS_LOSS}"]))
 
 
-SHARES = {"entropy_share": "entropy: in-context part / marginal",
-          "kl_share": "KL: 1 − kept / marginal"}
+SHARES = {"entropy_suppression_share": "entropy: suppression part / marginal",
+          "suppression_share": "KL: 1 − suppression kept / marginal"}
 SHARE_LIMITS = (-1.0, 2.0)
 """Shares are drawn within these limits; a share beyond them sits on the edge (a head with a
 marginal near 0 can have any share)."""

@@ -20,8 +20,12 @@ FACTS = [  # (label, column, format)
     ("positions", "n", ",d"), ("mean diff (nats)", "mean_diff", "+.5f"),
     ("mean marginal (nats)", "mean_marginal", "+.5f"),
     ("raises entropy at (marginal)", "frac_increase_marginal", ".1%"),
-    ("in-context share of the entropy marginal", "entropy_share", ".2f"),
-    ("KL share kept on in-context tokens", "kl_share", ".2f"),
+    ("share of the entropy marginal from lowering in-context tokens",
+     "entropy_suppression_share", ".2f"),
+    ("share of the KL from lowering in-context tokens (suppression_share)",
+     "suppression_share", ".2f"),
+    ("share of the KL from in-context tokens, either way (context_share)", "context_share",
+     ".2f"),
     ("mean KL of removing it (nats)", "kl_marginal", ".5f"),
     ("mean loss marginal (nats; < 0: lowers the loss)", "loss_marginal", "+.5f"),
 ]
@@ -39,7 +43,9 @@ def facts(stacked: pl.DataFrame) -> pl.DataFrame:
     keys = ["layer", "head", "kind"]
     table = _part(stacked, "head_summary").with_columns(
         component=pl.format("{}.{}", "layer", pl.col("head").cast(pl.Utf8).fill_null("mlp")))
-    for query, columns in (("copy_suppression", ["entropy_share", "kl_share", "kl_marginal"]),
+    for query, columns in (("copy_suppression", ["entropy_suppression_share",
+                                                 "suppression_share", "context_share",
+                                                 "kl_marginal"]),
                            ("loss_effects", ["loss_marginal"])):
         part = _part(stacked, query)
         present = [c for c in columns if c in part.columns]

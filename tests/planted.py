@@ -13,6 +13,9 @@ projected out of ``E``. LayerNorm weights are 1 and biases 0. Then:
 - the **copy-suppression** model's head 1.0 attends the same way with OV ``−α·P_E``: it
   writes minus the unembedding directions of earlier tokens, so its direct effect lowers the
   logits of in-context tokens only (under the final-scale lens, exactly): both shares are 1;
+- the **mixed** model's head 1.0 is the copy-suppression head on the first half of
+  ``WORDS`` and a copying head (``+α``) on the other half: it lowers some in-context logits
+  and raises others, so its suppression share lies between 0 and 1;
 - the **flattening** model: layer 0 adds ``+β·f`` to every residual (``f`` orthogonal to
   ``E``) and the tokens ``ABSENT`` (never in the text) have unembeddings along ``f``; head
   1.0 reads the ``f`` component and writes ``−α·f`` times it: it lowers the logits the model
@@ -60,7 +63,7 @@ def planted_checkpoint(source: Path, out: Path, kind: str, alpha: float = 6.0,
                        beta: float = 8.0, gamma: float = 12.0,
                        copy: float | None = None) -> Path:
     """A copy of the checkpoint ``source`` with the planted heads of ``kind``
-    (``copy-suppression`` or ``flattening``), saved to ``out``."""
+    (``copy-suppression``, ``mixed`` or ``flattening``), saved to ``out``."""
     model = GPT2LMHeadModel.from_pretrained(source, torch_dtype=torch.float64)
     tokenizer = AutoTokenizer.from_pretrained(source)
     cfg = model.config
@@ -89,6 +92,10 @@ def planted_checkpoint(source: Path, out: Path, kind: str, alpha: float = 6.0,
     _plant_head(tr.h[0].attn, 0, dh, e, +beta if copy is None else copy)
     if kind == "copy-suppression":
         _plant_head(tr.h[1].attn, 0, dh, e, -alpha)
+    elif kind == "mixed":
+        half = len(words) // 2
+        _plant_head(tr.h[1].attn, 0, dh, e, torch.tensor(
+            [-alpha] * half + [alpha] * (len(words) - half), dtype=torch.float64))
     elif kind == "flattening":
         tr.h[0].attn.c_proj.bias += beta * f
         attn = tr.h[1].attn
@@ -117,8 +124,10 @@ def _uniform_attention(attn, head: int, dh: int) -> None:
         attn.c_attn.bias[sl] = 0.0
 
 
-def _plant_head(attn, head: int, dh: int, e: torch.Tensor, gain: float) -> None:
-    """``head`` attends uniformly and its OV circuit is ``gain · E Eᵀ``."""
+def _plant_head(attn, head: int, dh: int, e: torch.Tensor,
+                gain: float | torch.Tensor) -> None:
+    """``head`` attends uniformly and its OV circuit is ``E diag(gain) Eᵀ`` (``gain``: one
+    number, or one per column of ``E``)."""
     d, k = e.shape
     _uniform_attention(attn, head, dh)
     sl = slice(2 * d + head * dh, 2 * d + (head + 1) * dh)
@@ -127,5 +136,5 @@ def _plant_head(attn, head: int, dh: int, e: torch.Tensor, gain: float) -> None:
     attn.c_attn.weight[:, sl] = w_v
     attn.c_attn.bias[sl] = 0.0
     w_o = torch.zeros(dh, d, dtype=torch.float64)
-    w_o[:k] = gain * e.T
+    w_o[:k] = (gain[:, None] if isinstance(gain, torch.Tensor) else gain) * e.T
     attn.c_proj.weight[head * dh:(head + 1) * dh] = w_o

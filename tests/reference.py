@@ -124,7 +124,8 @@ def reference_effects(bridge, tokens, lens="final-scale", ablation="zero", mask=
     logp = torch.log_softmax(final, -1)
     shape = (B, P, n_layers, n_heads + 1)
     out = {k: torch.zeros(shape, dtype=torch.float64) for k in
-           ("loss", "kl", "entropy_context", "kl_context_kept", "suppressed_logit")}
+           ("loss", "kl", "entropy_context", "kl_context_kept", "entropy_suppression",
+            "kl_suppression_kept", "suppressed_logit")}
     out["suppressed_token"] = torch.full(shape, -1, dtype=torch.int64)
     out["top_probs"] = torch.zeros(*shape, 3, dtype=torch.float64)
     out["target_rank"] = torch.zeros(shape, dtype=torch.int64)
@@ -170,12 +171,15 @@ def _effects64(zt, final, logp, in_c, nxt, has_target):
     logq = torch.log_softmax(zt, -1)
     nll = (-logp.gather(-1, nxt[..., None]) + logq.gather(-1, nxt[..., None]))[..., 0]
     change = torch.where(in_c, final - zt, torch.inf)
+    lowered = in_c & (final < zt)  # S: the in-context tokens whose logit it lowers
     low, where = change.min(-1)
     has = in_c.any(-1)
     values, rank = _top64(zt, nxt, has_target)
     return {"loss": torch.where(has_target, nll, 0.0), "kl": kl(zt),
             "entropy_context": h_p - ent(torch.where(in_c, zt, final)),
             "kl_context_kept": kl(torch.where(in_c, final, zt)),
+            "entropy_suppression": h_p - ent(torch.where(lowered, zt, final)),
+            "kl_suppression_kept": kl(torch.where(lowered, final, zt)),
             "suppressed_token": torch.where(has, where, -1),
             "suppressed_logit": torch.where(has, low, 0.0),
             "top_probs": values, "target_rank": rank}

@@ -79,9 +79,10 @@ def _copy_suppression(shares=None):
     marginals = [0.02, -0.01, 0.05, 0.001, 0.3, -0.03, 0.04, 0.0, 0.012, -0.2]
     frame = _rows(lambda layer, head, i: {
         "n": 100, "entropy_marginal": marginals[i],
-        "entropy_share": (shares or [0.5] * 10)[i], "entropy_share_ci95_low": 0.1,
-        "entropy_share_ci95_high": 0.9, "kl_marginal": 0.01, "kl_share": 0.2,
-        "kl_share_ci95_low": 0.15, "kl_share_ci95_high": 0.25})
+        "entropy_suppression_share": (shares or [0.5] * 10)[i],
+        "entropy_suppression_share_ci95_low": 0.1, "entropy_suppression_share_ci95_high": 0.9,
+        "kl_marginal": 0.01, "suppression_share": 0.2, "suppression_share_ci95_low": 0.15,
+        "suppression_share_ci95_high": 0.25})
     rank = pl.col("entropy_marginal").rank("ordinal", descending=True).over("kind")
     return frame.with_columns(rank=rank.cast(pl.Int64))
 
@@ -150,8 +151,8 @@ def test_suppression_scatter_labels_the_top_heads_in_both_panels():
     assert d["facet"]["column"]["field"] == "panel"
     assert d["facet"]["column"]["sort"] == list(effect_charts.SHARES.values())
     assert {"filter": "datum.kind == 'head'"} in d["transform"]
-    assert [t["fold"] for t in d["transform"] if "fold" in t] == [["entropy_share",
-                                                                  "kl_share"]]
+    assert [t["fold"] for t in d["transform"] if "fold" in t] == [["entropy_suppression_share",
+                                                                  "suppression_share"]]
     layers = d["spec"]["layer"]
     [points] = _layers(d["spec"], "circle")
     assert points["encoding"]["x"]["field"] == "entropy_marginal"
@@ -242,7 +243,7 @@ def test_effect_charts_build_from_results_without_values(name):
              "calibration_curve": _curve()[:0], "loss_heatmap": _loss_effects()[:0]}[name]
     assert EFFECT_CHARTS[name].build(empty).to_dict()
     nulls = {"suppression_scatter": _copy_suppression().with_columns(
-        entropy_share=None, kl_share=None),
+        entropy_suppression_share=None, suppression_share=None),
         "loss_heatmap": _loss_effects().with_columns(loss_marginal=None)}.get(name)
     if nulls is not None:
         assert EFFECT_CHARTS[name].build(nulls).to_dict()

@@ -103,32 +103,40 @@ def test_copy_suppression(warehouse, run_id, positions):
     got = run_query(warehouse, "copy_suppression", run_id=run_id, positions=positions)
     assert got.columns == [
         "run_id", "rank", "layer", "head", "kind", "component", "n", "entropy_marginal",
-        "entropy_marginal_context", "entropy_share", "entropy_share_ci95_low",
-        "entropy_share_ci95_high", "kl_marginal", "kl_context_kept", "kl_share",
-        "kl_share_ci95_low", "kl_share_ci95_high"]
+        "entropy_marginal_context", "entropy_context_share", "entropy_context_share_ci95_low",
+        "entropy_context_share_ci95_high", "entropy_marginal_suppression",
+        "entropy_suppression_share", "entropy_suppression_share_ci95_low",
+        "entropy_suppression_share_ci95_high", "kl_marginal", "kl_context_kept",
+        "context_share", "context_share_ci95_low", "context_share_ci95_high",
+        "kl_suppression_kept", "suppression_share", "suppression_share_ci95_low",
+        "suppression_share_ci95_high"]
     lookup = {(r["layer"], r["head"], r["kind"]): r for r in got.iter_rows(named=True)}
     parts = groups(rows_of(warehouse, run_id, positions))
     assert len(lookup) == len(parts) == 2 * 5
     means = {}
     for (layer, head, kind), frame in parts.items():
         row = lookup[(layer, head, kind)]
-        e, c = f64(frame, "entropy_marginal"), f64(frame, "entropy_marginal_context")
-        kl, kept = f64(frame, "kl_marginal"), f64(frame, "kl_context_kept")
+        e, kl = f64(frame, "entropy_marginal"), f64(frame, "kl_marginal")
         assert row["run_id"] == run_id and row["component"] == label(layer, head, kind)
         assert row["n"] == len(e)
         assert row["entropy_marginal"] == pytest.approx(e.mean(), abs=1e-11)
-        assert row["entropy_marginal_context"] == pytest.approx(c.mean(), abs=1e-11)
         assert row["kl_marginal"] == pytest.approx(kl.mean(), abs=1e-11)
-        assert row["kl_context_kept"] == pytest.approx(kept.mean(), abs=1e-11)
-        share, low, high = share_ci(c, e)
-        assert row["entropy_share"] == pytest.approx(share, rel=1e-7)
-        assert row["entropy_share_ci95_low"] == pytest.approx(low, rel=1e-6, abs=1e-9)
-        assert row["entropy_share_ci95_high"] == pytest.approx(high, rel=1e-6, abs=1e-9)
-        ratio, r_low, r_high = share_ci(kept, kl)
-        assert row["kl_share"] == pytest.approx(1 - ratio, rel=1e-7)
-        assert row["kl_share_ci95_low"] == pytest.approx(1 - r_high, rel=1e-6, abs=1e-9)
-        assert row["kl_share_ci95_high"] == pytest.approx(1 - r_low, rel=1e-6, abs=1e-9)
-        assert row["kl_share_ci95_low"] < row["kl_share"] < row["kl_share_ci95_high"]
+        for part, share in (("context", "entropy_context_share"),
+                            ("suppression", "entropy_suppression_share")):
+            c = f64(frame, f"entropy_marginal_{part}")
+            assert row[f"entropy_marginal_{part}"] == pytest.approx(c.mean(), abs=1e-11)
+            ratio, low, high = share_ci(c, e)
+            assert row[share] == pytest.approx(ratio, rel=1e-7)
+            assert row[f"{share}_ci95_low"] == pytest.approx(low, rel=1e-6, abs=1e-9)
+            assert row[f"{share}_ci95_high"] == pytest.approx(high, rel=1e-6, abs=1e-9)
+        for part, share in (("context", "context_share"), ("suppression", "suppression_share")):
+            kept = f64(frame, f"kl_{part}_kept")
+            assert row[f"kl_{part}_kept"] == pytest.approx(kept.mean(), abs=1e-11)
+            ratio, r_low, r_high = share_ci(kept, kl)
+            assert row[share] == pytest.approx(1 - ratio, rel=1e-7)
+            assert row[f"{share}_ci95_low"] == pytest.approx(1 - r_high, rel=1e-6, abs=1e-9)
+            assert row[f"{share}_ci95_high"] == pytest.approx(1 - r_low, rel=1e-6, abs=1e-9)
+            assert row[f"{share}_ci95_low"] < row[share] < row[f"{share}_ci95_high"]
         means[(layer, head, kind)] = e.mean()
     for kind in ("head", "mlp"):  # ranked within their kind, largest mean marginal first
         want = sorted((k for k in means if k[2] == kind), key=lambda k: (-means[k], k[0],

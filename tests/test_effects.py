@@ -72,7 +72,8 @@ def check_against_reference(got, ref, shape):
     B, P, L, C = shape
     has = ref["has_target"]
     assert torch.equal(got.has_target.reshape(B, P), has)
-    for name in ("kl", "entropy_context", "kl_context_kept"):
+    for name in ("kl", "entropy_context", "kl_context_kept", "entropy_suppression",
+                 "kl_suppression_kept"):
         err = (getattr(got, name).double().reshape(B, P, L, C) - ref[name]).abs().max()
         assert err < 1e-4, (name, float(err))
     loss = got.loss.double().reshape(B, P, L, C)
@@ -101,6 +102,8 @@ def test_effects_match_float64_reference(tiny_model, batch, lens, ablation, dtyp
     check_against_reference(got, ref, ref["kl"].shape)
     # not vacuous: the effects are large enough to tell right from wrong
     assert ref["kl"].max() > 0.01 and ref["entropy_context"].abs().max() > 1e-3
+    assert ref["entropy_suppression"].abs().max() > 1e-3
+    assert ref["kl_suppression_kept"].max() > 1e-3
     assert ref["loss"].abs().max() > 0.01
     assert (ref["target_rank"] > 0).any() and (ref["final_target_rank"] == 1).sum() >= 8
 
@@ -120,12 +123,14 @@ def test_each_group_alone_gives_the_same_values(tiny_model, batch):
     for group, fields in (("loss", ["loss"]), ("kl", ["kl"]),
                           ("context", ["entropy_context", "kl_context_kept",
                                        "suppressed_token", "suppressed_logit"]),
+                          ("suppression", ["entropy_suppression", "kl_suppression_kept"]),
                           ("calibration", ["top_probs", "target_rank", "final_top_probs"])):
         alone = measure(tiny_model, tokens, mask, "recomputed-ln", "zero",
                         measures=("entropy", group))
         for name in fields:
             assert torch.equal(getattr(alone, name), getattr(every, name)), name
-        others = {"loss", "kl", "entropy_context", "top_probs"} - set(fields)
+        others = {"loss", "kl", "entropy_context", "entropy_suppression",
+                  "top_probs"} - set(fields)
         assert all(getattr(alone, name) is None for name in others), group
 
 

@@ -91,7 +91,10 @@ def test_rows_equal_the_float64_reference(warehouse, models, family, lens, ablat
 
 EFFECT_COLUMNS = {"loss_marginal": "loss", "kl_marginal": "kl",
                   "entropy_marginal_context": "entropy_context",
-                  "kl_context_kept": "kl_context_kept", "suppressed_logit": "suppressed_logit"}
+                  "kl_context_kept": "kl_context_kept",
+                  "entropy_marginal_suppression": "entropy_suppression",
+                  "kl_suppression_kept": "kl_suppression_kept",
+                  "suppressed_logit": "suppressed_logit"}
 
 
 def _stored_effects(root, run_id, n_seqs, seq_len) -> dict[str, np.ndarray]:

@@ -92,7 +92,7 @@ def test_a_sums_folder_that_is_a_link_to_another_run_is_never_written(tmp_path, 
     (warehouse / "component_sums" / "run_id=old").symlink_to(
         warehouse / "component_sums" / "run_id=good", target_is_directory=True)
     refused(tmp_path, warehouse, capsys,
-            "its component_sums file 'sums-g1.parquet' is reached through a symbolic link")
+            "its component_sums file 'sums-g1-v4.parquet' is reached through a symbolic link")
 
 
 @pytest.mark.parametrize(("batch_size", "says"), [
@@ -119,7 +119,7 @@ def test_the_migration_still_migrates_a_sound_run(warehouse, capsys):
     assert query_main(["--warehouse", str(warehouse), "migrate"]) == 0
     assert capsys.readouterr().out.endswith("1 runs migrated\n")
     data = json.loads((warehouse / "runs" / "run_id=old" / "manifest.json").read_text())
-    assert [s["file"] for s in data["shards"]["component_sums"]] == ["sums-migrated.parquet"]
+    assert [s["file"] for s in data["shards"]["component_sums"]] == ["sums-migrated-v4.parquet"]
     from etl.warehouse import Warehouse
     from queries.db import connect
 

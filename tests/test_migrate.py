@@ -14,6 +14,7 @@ import pytest
 
 from etl.errors import UserError
 from etl.warehouse import SUMS_TABLES, Warehouse, migrate
+from etl.warehouse.manifest import SCHEMA_VERSION
 from queries.cli import main as query_main
 from queries.db import connect
 from tests.test_query_safety import N_SEQS, SEQ_LEN, TABLES, counts, shard, write_run
@@ -61,14 +62,14 @@ def test_migrate_rewrites_the_old_manifests_and_then_has_nothing_to_do(old_wareh
              "written (component_sums 12 rows, component_batch_sums 12 rows, resid_sums 10 "
              "rows)")
     assert out == [f"migrated run seed: lens 'seed' → 'final-scale'; {moved}",
-                   "migrated run v1: schema 1 → 3 (3 files listed with their rows and sha256); "
-                   f"{moved}",
+                   f"migrated run v1: schema 1 → {SCHEMA_VERSION} (3 files listed with their rows "
+                   f"and sha256); {moved}",
                    f"migrated run v2: measures: entropy (the only group measured then); {moved}",
                    f"migrated run v3: {moved}",
                    "4 runs migrated"]
     assert not (old_warehouse / "component_entropy").exists()
     v1 = _manifest(old_warehouse, "v1")
-    assert v1["schema_version"] == 3
+    assert v1["schema_version"] == SCHEMA_VERSION
     assert set(v1["shards"]) == {*TABLES, *SUMS_TABLES}
     for table in TABLES:
         path = shard(old_warehouse, table, "v1")
@@ -244,3 +245,43 @@ def test_a_migration_stopped_between_two_moves_is_finished_by_the_next(old_wareh
     con = connect(Warehouse(old_warehouse))
     assert counts(con, "component_effects")["v3"] == rows.num_rows
     assert capsys.readouterr().err == ""
+
+
+def _sums_of_schema_3(root, run_id):
+    """Make the sums files of ``run_id`` as schema 3 wrote them: without the suppression
+    measures' columns, the manifest saying so (rows and sha256 as the files are)."""
+    data = _manifest(root, run_id)
+    for table in SUMS_TABLES:
+        entry = data["shards"][table][0]
+        path = root / table / f"run_id={run_id}" / entry["file"]
+        old = pq.read_table(path)
+        pq.write_table(old.select([c for c in old.column_names if "suppression" not in c]),
+                       path)
+        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    data["schema_version"] = 3
+    (root / "runs" / f"run_id={run_id}" / "manifest.json").write_text(json.dumps(data))
+
+
+def test_sums_of_schema_3_are_summed_again_with_the_suppression_columns(tmp_path, capsys):
+    root = tmp_path / "wh"
+    write_run(root, "now", seed=0)
+    write_run(root, "then", seed=0)
+    now = {t: pq.read_table(shard(root, t, "now").with_name("sums-g1.parquet"))
+           for t in SUMS_TABLES}
+    _sums_of_schema_3(root, "then")
+    connect(Warehouse(root))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: left out run then: ") and err.endswith(
+        ": written by an earlier version (partial sums of schema 3); run python -m queries "
+        "migrate\n")
+    assert query_main(["--warehouse", str(root), "migrate"]) == 0
+    assert capsys.readouterr().out.startswith("migrated run then: partial sums written")
+    data = _manifest(root, "then")
+    assert data["schema_version"] == SCHEMA_VERSION
+    for table in SUMS_TABLES:
+        assert [s["file"] for s in data["shards"][table]] == [f"sums-migrated-v{SCHEMA_VERSION}"
+                                                             ".parquet"]
+        folder = root / table / "run_id=then"
+        assert [p.name for p in folder.glob("sums-*")] == [data["shards"][table][0]["file"]]
+        assert pq.read_table(folder / data["shards"][table][0]["file"]).equals(now[table])
+    assert query_main(["--warehouse", str(root), "check"]) == 0

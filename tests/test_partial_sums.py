@@ -74,8 +74,9 @@ def test_summaries_from_sums_equal_full_scans_to_the_byte(warehouse, name, param
 def test_the_effect_columns_are_measured_so_the_comparison_means_something(warehouse):
     summed, _ = both_ways(Views(Warehouse(warehouse)), "copy_suppression",
                           {"run_id": "ioi-all"})
-    assert summed["kl_share"].is_not_null().all()
-    assert summed["entropy_share_ci95_low"].is_not_null().all()
+    assert summed["context_share"].is_not_null().all()
+    assert summed["suppression_share"].is_not_null().all()
+    assert summed["entropy_context_share_ci95_low"].is_not_null().all()
     views = Views(Warehouse(warehouse))
     rows = views.sql(
         "select count(*) as n, count(distinct class) as classes, count(role) as roles, "

@@ -1,6 +1,8 @@
-"""Planted signals: a hand-built copy-suppression head and a head that flattens the
-distribution through tokens absent from the context (``tests.planted``), whose
-copy-suppression shares are 1 and 0 by construction."""
+"""Planted signals (``tests.planted``): a hand-built copy-suppression head, a copying head, a
+head that flattens the distribution through tokens absent from the context and a mixed head
+(suppressing half the words, copying the other half), whose sign-aware suppression shares are
+1, 0, 0 and in between by construction; the in-context shares, which take either sign, are 1
+for both the copy-suppression and the copying head."""
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from queries.saved import saved_queries
 from tests.planted import WORDS, planted_checkpoint, text
 from tests.reference import reference_effects
 
-KINDS = ("copy-suppression", "flattening")
+KINDS = ("copy-suppression", "mixed", "flattening")
 
 
 @pytest.fixture(scope="module")
@@ -51,43 +53,82 @@ def query(con, name, **params):
     return con.sql(saved.sql, params=saved.bind({k: str(v) for k, v in params.items()})).pl()
 
 
+SHARES = ("entropy_context_share", "context_share", "entropy_suppression_share",
+          "suppression_share")
+
+
 def head_shares(con, run_id):
-    """Per head: mean entropy marginal and both shares over the text's tokens (BOS and
-    padding excluded, the queries' default), straight from the rows."""
+    """Per head: mean entropy marginal and the four shares (``SHARES``) over the text's
+    tokens (BOS and padding excluded, the queries' default), straight from the rows."""
     rows = con.sql(f"""
         select layer, head, avg(entropy_marginal) as marginal,
-               avg(entropy_marginal_context) / avg(entropy_marginal) as entropy_share,
-               1 - avg(kl_context_kept) / avg(kl_marginal) as kl_share
+               avg(entropy_marginal_context) / avg(entropy_marginal),
+               1 - avg(kl_context_kept) / avg(kl_marginal),
+               avg(entropy_marginal_suppression) / avg(entropy_marginal),
+               1 - avg(kl_suppression_kept) / avg(kl_marginal)
         from component_effects join tokens using (run_id, seq, position)
         where run_id = '{run_id}' and kind = 'head' and not is_bos and not is_pad
         group by layer, head order by marginal desc""").fetchall()
-    return {(layer, head): (m, e, k) for layer, head, m, e, k in rows}
+    return {(layer, head): (m, dict(zip(SHARES, rest, strict=True)))
+            for layer, head, m, *rest in rows}
 
 
-def test_a_copy_suppression_head_raises_entropy_through_in_context_tokens(planted):
+def saved_row(con, run_id, layer, head):
+    """The ``copy_suppression`` row of head ``layer.head`` of run ``run_id``."""
+    saved = query(con, "copy_suppression", run_id=run_id)
+    return saved.filter((saved["layer"] == layer) & (saved["head"] == head)).row(0, named=True)
+
+
+def test_a_copy_suppression_head_raises_entropy_by_lowering_in_context_tokens(planted):
     shares = head_shares(planted, "copy-suppression")
-    marginal, entropy_share, kl_share = shares[(1, 0)]
+    marginal, share = shares[(1, 0)]
     assert marginal > 0.5
-    assert entropy_share > 0.9 and kl_share > 0.9
+    assert min(share.values()) > 0.9
     assert next(iter(shares)) == (1, 0)  # the largest mean marginal of every head
     top = query(planted, "top_heads", measure="marginal", k=1, run_id="copy-suppression")
     assert top.select("layer", "head").row(0) == (1, 0)
-    saved = query(planted, "copy_suppression", run_id="copy-suppression")
-    first = saved.filter((saved["rank"] == 1) & (saved["kind"] == "head")).row(0, named=True)
-    assert (first["layer"], first["head"]) == (1, 0)
-    assert first["entropy_share"] > 0.9 and first["kl_share"] > 0.9
-    assert first["entropy_share"] == pytest.approx(entropy_share, abs=1e-6)
+    row = saved_row(planted, "copy-suppression", 1, 0)
+    assert row["rank"] == 1
+    for name in SHARES:
+        assert row[name] == pytest.approx(share[name], abs=1e-6)
+        assert row[name] >= 0.9, name
+    # a copy suppressor: raises entropy, a high suppression share, a negative suppressed logit
+    ((lowest,),) = planted.sql("""select max(suppressed_logit) from component_effects join
+        tokens using (run_id, seq, position) where run_id = 'copy-suppression' and layer = 1
+        and head = 0 and position > 1 and not is_pad""").fetchall()
+    assert lowest < 0
+
+
+def test_a_copying_head_acts_through_in_context_tokens_but_suppresses_none(planted):
+    # head 0.0 raises the logits of the tokens in context: the in-context shares say 1, the
+    # sign-aware ones 0
+    marginal, share = head_shares(planted, "copy-suppression")[(0, 0)]
+    assert marginal < -0.1
+    assert share["entropy_context_share"] > 0.9 and share["context_share"] > 0.9
+    assert abs(share["entropy_suppression_share"]) <= 0.1
+    assert abs(share["suppression_share"]) <= 0.1
+    row = saved_row(planted, "copy-suppression", 0, 0)
+    assert row["suppression_share"] == pytest.approx(share["suppression_share"], abs=1e-6)
+
+
+def test_a_mixed_head_has_a_suppression_share_in_between(planted):
+    marginal, share = head_shares(planted, "mixed")[(1, 0)]
+    assert share["context_share"] > 0.9  # all of its effect is on in-context tokens
+    assert 0.1 < share["suppression_share"] < 0.9
+    # (the entropy parts do not add up: restoring the lowered logits alone may change the
+    # entropy by any part of the whole, so only the KL share is bound to lie in between)
+    row = saved_row(planted, "mixed", 1, 0)
+    assert row["suppression_share"] == pytest.approx(share["suppression_share"], abs=1e-6)
 
 
 def test_a_head_flattening_through_absent_tokens_has_no_in_context_share(planted):
     shares = head_shares(planted, "flattening")
-    marginal, entropy_share, kl_share = shares[(1, 0)]
+    marginal, share = shares[(1, 0)]
     assert marginal > 0.005
-    assert abs(entropy_share) < 0.1 and abs(kl_share) < 0.1
+    assert max(abs(v) for v in share.values()) <= 0.1
     assert next(iter(shares)) == (1, 0)
-    saved = query(planted, "copy_suppression", run_id="flattening")
-    row = saved.filter((saved["layer"] == 1) & (saved["head"] == 0)).row(0, named=True)
-    assert row["rank"] == 1 and abs(row["entropy_share"]) < 0.1 and abs(row["kl_share"]) < 0.1
+    row = saved_row(planted, "flattening", 1, 0)
+    assert row["rank"] == 1 and all(abs(row[name]) <= 0.1 for name in SHARES)
 
 
 def test_the_planted_runs_stay_in_their_vocabulary(planted):
@@ -124,7 +165,8 @@ def test_planted_in_context_parts_match_float64(models, fused, lens):
     ref = reference_effects(model.bridge, tokens, lens, "zero", mask)
     shape = ref["kl"].shape
     errs = {name: float((getattr(got, name).double().reshape(shape) - ref[name]).abs().max())
-            for name in ("kl_context_kept", "entropy_context", "kl")}
+            for name in ("kl_context_kept", "entropy_context", "kl_suppression_kept",
+                         "entropy_suppression", "kl")}
     assert max(errs.values()) < PLANTED_TOL, errs
     assert got.kl_context_kept.min() >= -PLANTED_TOL
     kept = ref["kl_context_kept"][:, :, 1, 0].max()

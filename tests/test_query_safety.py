@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.warehouse import Warehouse, migrate
+from etl.warehouse.manifest import SCHEMA_VERSION
 from etl.warehouse.sums import write_sums
 from queries.cli import main as query_main
 from queries.db import connect
@@ -65,7 +66,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_run(root: Path, run_id: str, schema_version: int = 3, seed: int = 0,
+def write_run(root: Path, run_id: str, schema_version: int = SCHEMA_VERSION, seed: int = 0,
               offset: float = 0.0, gen: str = "g1", manifest: bool = True,
               lens: str = "final-scale", measures: list | None = ("entropy",),
               component_table: str = "component_effects") -> dict:
@@ -73,8 +74,9 @@ def write_run(root: Path, run_id: str, schema_version: int = 3, seed: int = 0,
     its shards have the entropy columns only (as before the effects were measured), and
     ``measures=None`` leaves them out of the manifest too (as a run of that time);
     ``component_table``: the component table's name (``component_entropy`` before it
-    held the effects); ``schema_version`` 3 adds the run's partial sums, as a publish
-    does (with its manifest)."""
+    held the effects); ``schema_version`` 3 and later add the run's partial sums, as a
+    publish does (with its manifest; schema 3 as if written before the sums had the
+    suppression measures)."""
     shards = {}
     for table, data in _tables(seed, offset).items():
         table = component_table if table == "component_effects" else table

@@ -150,7 +150,8 @@ def _effect_costs(device, acts, weights, options, cache, tokens, entropy_s: floa
                         tokens=first)
     ref = measure_batch(_slice_acts(acts, rows, torch.float64), weights.as_dtype(torch.float64),
                         every, tokens=first)
-    fields = ("loss", "kl", "entropy_context", "kl_context_kept", "top_probs")
+    fields = ("loss", "kl", "entropy_context", "kl_context_kept", "entropy_suppression",
+              "kl_suppression_kept", "top_probs")
     err = max(float((getattr(got, f).double() - getattr(ref, f)).abs().max()) for f in fields)
     base = min(entropy_s, seconds["entropy"])
     return {"measures_s": {k: round(v, 4) for k, v in seconds.items()},

@@ -167,7 +167,8 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
     return rows
 
 
-EFFECTS = ("loss", "kl", "entropy_context", "kl_context_kept", "suppressed_logit")
+EFFECTS = ("loss", "kl", "entropy_context", "kl_context_kept", "entropy_suppression",
+           "kl_suppression_kept", "suppressed_logit")
 
 
 def _effect_errors(got, ref) -> dict:

@@ -189,6 +189,8 @@ def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
                ("loss_marginal", measures.loss), ("kl_marginal", measures.kl),
                ("entropy_marginal_context", measures.entropy_context),
                ("kl_context_kept", measures.kl_context_kept),
+               ("entropy_marginal_suppression", measures.entropy_suppression),
+               ("kl_suppression_kept", measures.kl_suppression_kept),
                ("suppressed_logit", measures.suppressed_logit),
                ("the top-3 probabilities", measures.top_probs),
                ("resid entropy", measures.resid))
@@ -213,7 +215,9 @@ def first_beyond(measures: BatchMeasures, limit: float,
     tensors = (("entropy_diff", measures.diff), ("entropy_marginal", measures.marginal),
                ("loss_marginal", measures.loss), ("kl_marginal", measures.kl),
                ("entropy_marginal_context", measures.entropy_context),
-               ("kl_context_kept", measures.kl_context_kept))
+               ("kl_context_kept", measures.kl_context_kept),
+               ("entropy_marginal_suppression", measures.entropy_suppression),
+               ("kl_suppression_kept", measures.kl_suppression_kept))
     for name, values in tensors:
         if values is None:
             continue

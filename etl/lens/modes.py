@@ -24,12 +24,13 @@ def canonical_lens(name: str) -> str:
     return LENS_ALIASES.get(name, name)
 
 
-MEASURES = ("entropy", "loss", "kl", "context", "calibration")
+MEASURES = ("entropy", "loss", "kl", "context", "suppression", "calibration")
 """Measure groups a run can hold: ``entropy`` (diff, marginal, residual entropies: always),
 ``loss`` (``loss_marginal``), ``kl`` (``kl_marginal``), ``context`` (the in-context part of
 the entropy marginal and of the KL, and the in-context token the component lowered most),
-``calibration`` (top-3 probabilities and the rank of the next token, with and without each
-component)."""
+``suppression`` (the same two parts over the in-context tokens whose logit the component
+lowers: what copy suppression accounts for), ``calibration`` (top-3 probabilities and the
+rank of the next token, with and without each component)."""
 DEFAULT_MEASURES = MEASURES
 """What a run measures unless told: every group whose cost on the CPU benchmark
 (``python -m etl.bench``, BENCHMARKS.md) is at most 25 % of the entropy stage; on GPT-2 small

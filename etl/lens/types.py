@@ -95,6 +95,12 @@ class BatchMeasures:
     """``[T, L, H+1]`` H(p) − H(softmax(z_C)): the marginal's in-context part."""
     kl_context_kept: torch.Tensor | None = None
     """``[T, L, H+1]`` KL(p ‖ softmax(z_¬C)): what keeping only the in-context part loses."""
+    entropy_suppression: torch.Tensor | None = None
+    """``[T, L, H+1]`` H(p) − H(softmax(z_S)), ``S`` the in-context tokens whose logit the
+    component lowers: the marginal's copy-suppression part."""
+    kl_suppression_kept: torch.Tensor | None = None
+    """``[T, L, H+1]`` KL(p ‖ softmax(z_¬S)): what keeping only the lowering of in-context
+    tokens loses."""
     suppressed_token: torch.Tensor | None = None
     """``[T, L, H+1]`` int32 in-context token the component lowered most (-1: none)."""
     suppressed_logit: torch.Tensor | None = None

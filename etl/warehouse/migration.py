@@ -17,6 +17,9 @@ What changed since those versions:
 - runs are published with their partial sums (``etl.warehouse.sums``; manifest schema 3),
   which the saved summaries read. Migrated, a run gets them from its rows, exactly as a
   publish sums them.
+- the partial sums have columns for the ``suppression`` measures (manifest schema 4): a
+  run's sums are written again from its rows (the measures it did not take sum to NULL),
+  under a new name, and the earlier file is deleted once the manifest lists the new one.
 
 Until it is migrated, such a run is left out of the views with a warning that says so.
 """
@@ -64,9 +67,17 @@ def outdated(data: dict) -> str | None:
               if isinstance(shards, dict) and old in shards]
     if not isinstance(shards, dict) or not all(t in shards for t in SUMS_TABLES):
         found.append("no partial sums")
+    elif _older(data):
+        found.append(f"partial sums of schema {data['schema_version']}")
     if not found:
         return None
     return f"written by an earlier version ({', '.join(found)})"
+
+
+def _older(data: dict) -> bool:
+    """Whether ``data`` records a schema older than ``SCHEMA_VERSION`` (or none)."""
+    version = data.get("schema_version", 1)
+    return not isinstance(version, int) or version < SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
@@ -146,8 +157,8 @@ def summed(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[st
     have today's names) into its partitions; returns ``data`` listing them, and what
     changed."""
     shards = data.get("shards")
-    if not isinstance(shards, dict) or all(t in shards for t in SUMS_TABLES) \
-            or not all(t in shards for t in TABLES):
+    if not isinstance(shards, dict) or not all(t in shards for t in TABLES) \
+            or (all(t in shards for t in SUMS_TABLES) and not _older(data)):
         return data, []
     files = {table: [str(warehouse.shard_path(table, run_id, s["file"])) for s in shards[table]]
              for table in TABLES}
@@ -161,8 +172,19 @@ def summed(warehouse: Warehouse, run_id: str, data: dict) -> tuple[dict, list[st
 
 
 def _generation(data: dict) -> str:
-    """The generation that names the sums files of a migrated run."""
-    return data.get("generation") or "migrated"
+    """What names the sums files of a migrated run (``sums-<it>.parquet``): its generation
+    and the schema they are written in, never the name of the sums it had."""
+    return f"{data.get('generation') or 'migrated'}-v{SCHEMA_VERSION}"
+
+
+def _remove_unlisted_sums(warehouse: Warehouse, run_id: str, data: dict) -> None:
+    """Delete the sums files in ``run_id``'s partitions that ``data`` does not list (those
+    its migration replaced)."""
+    for table in SUMS_TABLES:
+        listed = {s["file"] for s in data["shards"][table]}
+        for path in warehouse.partition(table, run_id).glob("sums-*.parquet"):
+            if path.name not in listed:
+                path.unlink()
 
 
 def migration_problem(warehouse: Warehouse, run_id: str, data: dict) -> str | None:
@@ -238,4 +260,5 @@ def _migrate_run(warehouse: Warehouse, path: Path, run_id: str) -> Migrated:
         data, sums = summed(warehouse, run_id, data)
         if sums:
             write_json_atomically(path, data)
+            _remove_unlisted_sums(warehouse, run_id, data)
     return Migrated(run_id, tuple(changes + renamed + sums))

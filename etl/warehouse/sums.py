@@ -39,15 +39,18 @@ if TYPE_CHECKING:
     from etl.warehouse.catalog import Shard
 
 MEASURES = ("entropy_diff", "entropy_marginal", "loss_marginal", "kl_marginal",
-            "entropy_marginal_context", "kl_context_kept")
+            "entropy_marginal_context", "kl_context_kept", "entropy_marginal_suppression",
+            "kl_suppression_kept")
 """The component measures summed (float32 nats)."""
 
 FINE_MEASURES = ("entropy_marginal", "entropy_marginal_context", "kl_marginal",
-                 "kl_context_kept")
+                 "kl_context_kept", "entropy_marginal_suppression", "kl_suppression_kept")
 """Those whose variances and covariances copy_suppression takes (``stable_cov``)."""
 
 PAIRS = {"entropy_pair": ("entropy_marginal_context", "entropy_marginal"),
-         "kl_pair": ("kl_context_kept", "kl_marginal")}
+         "kl_pair": ("kl_context_kept", "kl_marginal"),
+         "entropy_suppression_pair": ("entropy_marginal_suppression", "entropy_marginal"),
+         "kl_suppression_pair": ("kl_suppression_kept", "kl_marginal")}
 """Pair name → (x, y) of the covariances copy_suppression takes."""
 
 FIXED_POINT = ("create or replace macro fixed_point(x) as "

@@ -34,6 +34,7 @@ COMPONENT_SCHEMA = pa.schema([
     ("entropy_diff", pa.float32()), ("entropy_marginal", pa.float32()),
     ("loss_marginal", pa.float32()), ("kl_marginal", pa.float32()),
     ("entropy_marginal_context", pa.float32()), ("kl_context_kept", pa.float32()),
+    ("entropy_marginal_suppression", pa.float32()), ("kl_suppression_kept", pa.float32()),
     ("suppressed_token_id", pa.int32()), ("suppressed_logit", pa.float32()),
     ("ablated_top1_prob", pa.float32()), ("ablated_top2_prob", pa.float32()),
     ("ablated_top3_prob", pa.float32()), ("ablated_target_rank", pa.int8()),
@@ -44,6 +45,8 @@ measured (``etl.lens.effects.MEASURES``; the run's manifest lists them)."""
 EFFECT_COLUMNS = {
     "loss_marginal": "loss", "kl_marginal": "kl",
     "entropy_marginal_context": "entropy_context", "kl_context_kept": "kl_context_kept",
+    "entropy_marginal_suppression": "entropy_suppression",
+    "kl_suppression_kept": "kl_suppression_kept",
     "suppressed_token_id": "suppressed_token", "suppressed_logit": "suppressed_logit",
 }
 """Component columns → the ``BatchMeasures`` field each holds (``[T, L, H+1]``)."""

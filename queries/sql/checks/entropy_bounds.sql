@@ -1,8 +1,9 @@
 -- entropy_bounds: rows whose entropy lies outside [0, ln(d_vocab)] nats (residual points), or
--- whose diff, marginal or in-context part of the marginal (entropy_marginal_context) lies
+-- whose diff, marginal or in-context part of the marginal (entropy_marginal_context,
+-- entropy_marginal_suppression) lies
 -- outside [−ln(d_vocab), ln(d_vocab)] (a difference of two such entropies); 1e-4 nats of
 -- float32 rounding allowed. Also the other effects' bounds: a KL divergence (kl_marginal,
--- kl_context_kept) below −1e-4 (stored unclamped: float32 rounding of an exact KL of 0
+-- kl_context_kept, kl_suppression_kept) below −1e-4 (stored unclamped: float32 rounding of an exact KL of 0
 -- gives either sign); a top-3 probability (ablated_top*_prob in
 -- component_effects, top*_prob in tokens) outside [0, 1] or out of order (top1 ≥ top2 ≥
 -- top3), 1e-6 allowed; a rank (ablated_target_rank, target_rank) outside 1..3; a
@@ -40,6 +41,12 @@ bad_component as (
     from component_effects as c
     join limits as l using (run_id)
     where abs(c.entropy_marginal_context) > l.upper
+    union all
+    select 'component_effects', c.run_id, c.seq, c.position, c.layer, c.head,
+           'entropy_marginal_suppression', c.entropy_marginal_suppression
+    from component_effects as c
+    join limits as l using (run_id)
+    where abs(c.entropy_marginal_suppression) > l.upper
 ),
 
 bad_effects as (
@@ -52,6 +59,11 @@ bad_effects as (
            'kl_context_kept', kl_context_kept
     from component_effects
     where kl_context_kept < -1e-4
+    union all
+    select 'component_effects', run_id, seq, position, layer, head,
+           'kl_suppression_kept', kl_suppression_kept
+    from component_effects
+    where kl_suppression_kept < -1e-4
     union all
     select 'component_effects', run_id, seq, position, layer, head,
            'ablated_top' || k.k || '_prob',

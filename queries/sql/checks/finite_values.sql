@@ -22,6 +22,7 @@ flags as (
         coalesce(list_contains(measures, 'loss'), false) as has_loss,
         coalesce(list_contains(measures, 'kl'), false) as has_kl,
         coalesce(list_contains(measures, 'context'), false) as has_context,
+        coalesce(list_contains(measures, 'suppression'), false) as has_suppression,
         coalesce(list_contains(measures, 'calibration'), false) as has_calibration
     from runs
 ),
@@ -69,6 +70,10 @@ effects as (
             {what: 'entropy_marginal_context', value: c.entropy_marginal_context,
              wanted: f.has_context},
             {what: 'kl_context_kept', value: c.kl_context_kept, wanted: f.has_context},
+            {what: 'entropy_marginal_suppression', value: c.entropy_marginal_suppression,
+             wanted: f.has_suppression},
+            {what: 'kl_suppression_kept', value: c.kl_suppression_kept,
+             wanted: f.has_suppression},
             {what: 'suppressed_token_id', value: c.suppressed_token_id,
              wanted: f.has_context and t.has_context},
             {what: 'suppressed_logit', value: c.suppressed_logit,
