@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import altair as alt
 import polars as pl
 
-from analysis import charts, effect_charts, explorer, heatmaps
+from analysis import charts, effect_charts, explorer, heatmaps, suppression_scatter
 from analysis.caption import Caption
 
 
@@ -80,9 +80,9 @@ EFFECT_CHARTS: dict[str, ChartSpec] = {spec.name: spec for spec in [
               "paper, Fig. 13)", "head_summary", effect_charts.calibration_heatmaps, _run,
               extra=("calibration",), needs=("calibration",)),
     ChartSpec("suppression_scatter", "each head's entropy marginal vs the share of its effect "
-              "due to in-context tokens (entropy and KL), the top 5 heads labelled",
-              "copy_suppression", effect_charts.suppression_scatter, _run,
-              needs=("kl", "context")),
+              "that lowering in-context tokens accounts for (entropy and KL), the top 5 heads "
+              "named", "copy_suppression", suppression_scatter.suppression_scatter, _run,
+              needs=("kl", "suppression")),
     ChartSpec("calibration_curve", "accuracy vs predicted probability of the model and with "
               "the top entropy-raising head ablated", "calibration_curve",
               effect_charts.calibration_curve, _run, needs=("calibration",)),

@@ -13,9 +13,11 @@ from pathlib import Path
 from etl.errors import UserError
 from etl.lens.modes import (
     ABLATION_MODES,
+    CSPA_K,
     DEFAULT_MEASURES,
     LENS_MODES,
     canonical_lens,
+    parse_cspa_k,
     parse_measures,
 )
 from etl.model.memory import CUDA_FORWARD_TOKENS, GPT2_SMALL, ModelSizes, forward_tokens
@@ -104,6 +106,11 @@ class ExtractConfig:
         "layer (a kernel per layer and a separate lens product) or folded (the next "
         "residual's lens folded into the layer kernel, tiles through tensor descriptors, a "
         "warp-specialised head loop); results agree within 1e-4 nats", choices=KERNELS))
+    cspa_k: str = field(default=CSPA_K, metadata=option(
+        "for --measures cspa: at each destination, keep the sources whose token is among the "
+        "K most predicted there by the lens of the residual entering the head's layer; a "
+        "fraction of the destination's position (ceil(K·(position+1)); 0.05, the Copy "
+        "Suppression paper's headline setting) or a whole number of tokens", metavar="K"))
     forward_tokens: int = field(default=0, metadata=option(
         "tokens per forward pass, in whole sequences; results do not depend on it (0 = "
         f"auto: --batch-size sequences on CPU, {CUDA_FORWARD_TOKENS} tokens on CUDA, fewer "
@@ -113,8 +120,11 @@ class ExtractConfig:
         self.lens = canonical_lens(self.lens)
         try:
             self.measures = ",".join(parse_measures(self.measures))
+            parse_cspa_k(self.cspa_k)
         except ValueError as error:
-            raise UserError(f"--measures: {error}") from None
+            message = str(error)
+            raise UserError(message if message.startswith("--") else f"--measures: {message}"
+                            ) from None
         checks = [
             (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}"),
             (self.lens in LENS_MODES, f"--lens must be one of {', '.join(LENS_MODES)}"),
@@ -142,6 +152,12 @@ class ExtractConfig:
             if not ok:
                 raise UserError(message)
 
+    @property
+    def needs_means(self) -> bool:
+        """Whether the run needs the per-position means of a mean pass: mean ablation, or
+        the CSPA measures (which mean-ablate whatever the ablation)."""
+        return self.ablation == "mean" or "cspa" in self.measures.split(",")
+
     def resolved_chunk_tokens(self, device: str, d_vocab: int | None = None) -> int:
         """``chunk_tokens``, with 0 (auto) resolved for ``device`` and a vocabulary of
         ``d_vocab`` entries (``default_chunk_tokens``)."""
@@ -156,7 +172,9 @@ class ExtractConfig:
         many as ``etl.memory.forward_tokens`` allows (on the CPU at most ``--batch-size``)."""
         if self.forward_tokens:
             return max(1, self.forward_tokens // seq_len)
-        budget = forward_tokens(sizes or GPT2_SMALL, cuda=device.startswith("cuda"))
+        attention = seq_len if "cspa" in self.measures.split(",") else 0  # CSPA's patterns
+        budget = forward_tokens(sizes or GPT2_SMALL, cuda=device.startswith("cuda"),
+                                attention_len=attention)
         if device.startswith("cuda"):
             return max(1, budget // seq_len)
         return max(1, min(self.batch_size, budget // seq_len))
@@ -167,6 +185,8 @@ class ExtractConfig:
         values.pop("chunk_tokens")  # results do not depend on these
         values.pop("kernel")
         values.pop("forward_tokens")
+        if "cspa" not in self.measures.split(","):
+            values.pop("cspa_k")  # no measure reads it
         blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

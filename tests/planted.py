@@ -16,6 +16,12 @@ projected out of ``E``. LayerNorm weights are 1 and biases 0. Then:
 - the **mixed** model's head 1.0 is the copy-suppression head on the first half of
   ``WORDS`` and a copying head (``+α``) on the other half: it lowers some in-context logits
   and raises others, so its suppression share lies between 0 and 1;
+- the **antipodal** model: the words come in pairs ``(2j, 2j+1)`` whose embeddings and
+  unembeddings are ``±γ·e_j`` (five directions), and head 1.0 is the copy-suppression head
+  (``−α``); over text whose sequences come in mirrored pairs (each word swapped for its
+  partner, ``mirrored``), its mean output is 0 at every position, so CSPA keeping every
+  source keeps the whole of its output: its CSPA share is 1 (the copying head 0.0, whose
+  outputs raise in-context logits, keeps nothing but the mean: 0);
 - the **flattening** model: layer 0 adds ``+β·f`` to every residual (``f`` orthogonal to
   ``E``) and the tokens ``ABSENT`` (never in the text) have unembeddings along ``f``; head
   1.0 reads the ``f`` component and writes ``−α·f`` times it: it lowers the logits the model
@@ -49,6 +55,12 @@ def text(n_words: int = 600, seed: int = 0) -> str:
     return "".join(WORDS[i] for i in picks)
 
 
+def mirrored(ids: list[int], words: list[int]) -> list[int]:
+    """``ids`` with each word of ``words`` swapped for its partner (``2j`` ↔ ``2j+1``)."""
+    partner = {w: words[i ^ 1] for i, w in enumerate(words)}
+    return [partner.get(i, i) for i in ids]
+
+
 def _basis(d: int, k: int, seed: int = 1) -> torch.Tensor:
     """``[d, k]`` orthonormal columns, orthogonal to the all-ones vector."""
     gen = torch.Generator().manual_seed(seed)
@@ -63,7 +75,7 @@ def planted_checkpoint(source: Path, out: Path, kind: str, alpha: float = 6.0,
                        beta: float = 8.0, gamma: float = 12.0,
                        copy: float | None = None) -> Path:
     """A copy of the checkpoint ``source`` with the planted heads of ``kind``
-    (``copy-suppression``, ``mixed`` or ``flattening``), saved to ``out``."""
+    (``copy-suppression``, ``mixed``, ``antipodal`` or ``flattening``), saved to ``out``."""
     model = GPT2LMHeadModel.from_pretrained(source, torch_dtype=torch.float64)
     tokenizer = AutoTokenizer.from_pretrained(source)
     cfg = model.config
@@ -72,6 +84,9 @@ def planted_checkpoint(source: Path, out: Path, kind: str, alpha: float = 6.0,
     words, absent = token_ids(tokenizer, WORDS), token_ids(tokenizer, ABSENT)
     basis = _basis(d, len(words) + 1)
     e, f = basis[:, :len(words)], basis[:, len(words)]
+    if kind == "antipodal":  # word 2j along +e_j, word 2j+1 along −e_j
+        signs = torch.tensor([1.0, -1.0] * (len(words) // 2), dtype=torch.float64)
+        e = basis[:, torch.arange(len(words)) // 2] * signs
     keep = torch.eye(d, dtype=torch.float64) - basis @ basis.T  # projects out E and f
     tr = model.transformer
     wte = tr.wte.weight
@@ -90,7 +105,7 @@ def planted_checkpoint(source: Path, out: Path, kind: str, alpha: float = 6.0,
         block.mlp.c_proj.weight.copy_(block.mlp.c_proj.weight.double() @ keep)
         block.mlp.c_proj.bias.copy_(block.mlp.c_proj.bias.double() @ keep)
     _plant_head(tr.h[0].attn, 0, dh, e, +beta if copy is None else copy)
-    if kind == "copy-suppression":
+    if kind in ("copy-suppression", "antipodal"):
         _plant_head(tr.h[1].attn, 0, dh, e, -alpha)
     elif kind == "mixed":
         half = len(words) // 2

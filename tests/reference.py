@@ -196,3 +196,63 @@ def batch_and_means(bridge, tokens, ablation="zero"):
     acc = MeanAccumulator()
     acc.add(bridge, tokens, torch.ones_like(tokens, dtype=torch.bool))
     return acts, acc.means(torch.float32)
+
+
+@torch.inference_mode()
+def reference_cspa(bridge, tokens, mask, k, function_ids):
+    """The study's CSPA of every head, straight from its definition (``etl.lens.cspa``) in
+    float64 with explicit loops and full distributions: ``(kl_cspa, kl_mean_ablated)``, each
+    ``[B, P, L, H]``; ``k``: a fraction of the position or a count; ``function_ids``: the
+    token ids never kept; the means are over the real tokens of ``tokens``."""
+    _, cache = bridge.run_with_cache(tokens)
+    W_U, W_O = bridge.W_U.double(), bridge.W_O.double()
+    s = cache["ln_final.hook_scale"].double()
+    final = cache[f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"].double()
+    B, P = tokens.shape
+    L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
+    logits = final / s @ W_U + bridge.b_U.double()
+    logp = torch.log_softmax(logits, -1)
+    unit = W_U / W_U.norm(dim=0, keepdim=True)                  # [d, V]
+    w = mask.double()[..., None]
+    out = torch.zeros(2, B, P, L, H, dtype=torch.float64)
+
+    def kl(x):
+        return (logp.exp() * (logp - torch.log_softmax(x, -1))).sum(-1)
+
+    for layer in range(L):
+        z = cache[f"blocks.{layer}.attn.hook_z"].double()
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].double()
+        v = cache[f"blocks.{layer}.attn.hook_v"].double()
+        v = v.repeat_interleave(H // v.shape[2], dim=2)
+        lens = (cache[f"blocks.{layer}.hook_resid_pre"].double() / s) @ W_U   # [B, P, V]
+        for h in range(H):
+            o = z[:, :, h] @ W_O[layer, h]                       # [B, P, d]
+            mu = (o * w).sum(0) / w.sum(0).clamp(min=1)          # [P, d]
+            kept_out = torch.zeros(B, P, o.shape[-1], dtype=torch.float64)
+            for b in range(B):
+                for q in range(P):
+                    for src in _kept(tokens[b], mask[b], lens[b, q], q, k, function_ids):
+                        u = unit[:, int(tokens[b, src])]
+                        c = float(pattern[b, h, q, src]) * float(
+                            (v[b, src, h] @ W_O[layer, h]) @ u - mu[q] @ u)
+                        kept_out[b, q] += min(c, 0.0) * u
+            removed = (o - mu) / s
+            out[1, :, :, layer, h] = kl(logits - removed @ W_U)
+            out[0, :, :, layer, h] = kl(logits - (removed - kept_out / s) @ W_U)
+    return out[0], out[1]
+
+
+def _kept(ids, mask, lens, q, k, function_ids):
+    """The sources position ``q`` of one sequence keeps: candidates (real, not a function
+    token, at or before ``q``) whose token is among the K distinct candidate tokens with the
+    largest lens logit ``lens [V]``, ties within 1e-6 kept."""
+    import math
+
+    candidates = [j for j in range(q + 1)
+                  if bool(mask[j]) and int(ids[j]) not in set(function_ids)]
+    distinct = sorted({int(ids[j]) for j in candidates}, key=lambda t: -float(lens[t]))
+    if not distinct:
+        return []
+    count = k if isinstance(k, int) else math.ceil(k * (q + 1))
+    threshold = float(lens[distinct[min(count, len(distinct)) - 1]])
+    return [j for j in candidates if float(lens[int(ids[j])]) + 1e-6 >= threshold]

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import vl_convert as vlc
 
-from analysis import effect_charts
+from analysis import effect_charts, suppression_scatter
 from analysis.__main__ import main as analysis_main
 from analysis.api import Warehouse as NotebookWarehouse
 from analysis.catalog import ALL_CHARTS, CHARTS, EFFECT_CHARTS, ChartSpec, missing_measures
@@ -144,55 +144,83 @@ def test_calibration_heatmaps_pair_panels_each_on_its_own_symmetric_scale():
         d["title"]["subtitle"])
 
 
-def test_suppression_scatter_labels_the_top_heads_in_both_panels():
+def _panels(d):
+    """The two panels of the scatter's spec, left then right."""
+    return d["hconcat"]
+
+
+def test_suppression_scatter_draws_the_sign_aware_shares_with_names_beside_the_points():
     frame = _copy_suppression()
-    d = effect_charts.suppression_scatter(frame).to_dict()
+    d = suppression_scatter.suppression_scatter(frame).to_dict()
     assert _clean(_values(d)) == _clean(frame.to_dicts())
-    assert d["facet"]["column"]["field"] == "panel"
-    assert d["facet"]["column"]["sort"] == list(effect_charts.SHARES.values())
-    assert {"filter": "datum.kind == 'head'"} in d["transform"]
-    assert [t["fold"] for t in d["transform"] if "fold" in t] == [["entropy_suppression_share",
-                                                                  "suppression_share"]]
-    layers = d["spec"]["layer"]
-    [points] = _layers(d["spec"], "circle")
-    assert points["encoding"]["x"]["field"] == "entropy_marginal"
-    assert points["encoding"]["x"]["title"] == "mean entropy marginal (nats)"
-    assert points["encoding"]["y"]["field"] == "share"
-    assert "fraction" in points["encoding"]["y"]["title"]
-    bars = [layer for layer in _layers(d["spec"], "rule") if "y2" in layer["encoding"]]
-    assert bars[0]["encoding"]["y"]["field"] == "low" and bars[0]["encoding"]["y2"]["field"] \
-        == "high"
-    [labels] = _layers(d["spec"], "text")
-    assert labels["encoding"]["text"]["field"] == "component"
-    assert labels["transform"][0] == {"filter": "datum.rank <= 5"}
-    # labels sit in one column right of the panel, one slot each, joined by leaders
-    assert labels["encoding"]["x"]["field"] == "label_x"
-    assert labels["encoding"]["y"]["field"] == "label_y"
-    leaders = [layer for layer in _layers(d["spec"], "rule")
-               if layer["encoding"].get("x2", {}).get("field") == "label_x"]
-    assert len(leaders) == 1 and leaders[0]["encoding"]["x"]["field"] == "entropy_marginal"
-    references = [layer["encoding"] for layer in layers if layer["mark"]["type"] == "rule"
-                  and "y2" not in layer["encoding"]]
-    assert references == [{"y": {"datum": 0}}, {"y": {"datum": 1}}, {"x": {"datum": 0}}]
-    chart = effect_charts.suppression_scatter(frame)
+    assert d["resolve"]["scale"]["y"] == "independent"  # the KL panel has its own axis
+    left, right = _panels(d)
+    assert [p["title"] for p in (left, right)] == [
+        title for title, _ in suppression_scatter.PANELS.values()]
+    for panel, field in zip((left, right), suppression_scatter.PANELS, strict=True):
+        layers = panel["layer"]
+        [points] = [layer for layer in layers if layer["mark"]["type"] == "point"]
+        assert points["encoding"]["x"]["field"] == "entropy_marginal"
+        assert points["encoding"]["y"]["field"] == "shown"
+        assert points["encoding"]["shape"] == {"field": "marker", "scale": None,
+                                               "type": "nominal"}
+        calc = {k: v for t in points["transform"] if "calculate" in t
+                for k, v in [(t["as"], t["calculate"])]}
+        assert calc["share"] == f"datum.{field}"
+        assert {"filter": "datum.kind == 'head'"} in points["transform"]
+        [bars] = [layer for layer in layers if "y2" in layer["encoding"]]
+        assert bars["encoding"]["y"]["field"] == f"{field}_ci95_low"
+        assert {"filter": f"datum.{field}_ci95_low != null"} in bars["transform"]
+        [labels] = [layer for layer in layers if layer["mark"]["type"] == "text"]
+        assert labels["encoding"]["x"]["field"] == "entropy_marginal"  # beside the point
+        assert labels["encoding"]["y"]["field"] == "shown"
+        assert {"filter": "datum.rank <= 5"} in labels["transform"]
+    assert right["layer"][3]["encoding"]["y"]["scale"]["domain"] == [-0.05, 1.05]
+    chart = suppression_scatter.suppression_scatter(frame)
     heads = frame.filter(pl.col("kind") == "head").sort("entropy_marginal", descending=True)
     top = heads["component"].to_list()[:5]
     assert top == ["7.2", "8.1", "7.0", "8.3", "7.3"]  # the MLPs (0.3) are not heads
     assert sorted(_svg_labels(chart)) == sorted(top * 2)  # the top 5 heads, in each panel
-    assert set(effect_charts.SHARES.values()) <= set(_svg_texts(chart))  # both panels
+    texts = _svg_texts(chart)
+    assert all(title in texts for title, _ in suppression_scatter.PANELS.values())
 
 
-def test_suppression_scatter_share_axis_spans_0_to_1_and_clamps_wild_shares():
-    domain, clamped = effect_charts.share_domain(_copy_suppression())
-    assert domain == [-0.05, 1.05] and not clamped
+def test_suppression_scatter_marks_shares_beyond_the_axis():
+    assert suppression_scatter.entropy_domain(_copy_suppression()) == [-0.05, 1.05]
     wild = _copy_suppression([0.5, 40.0, -3.0, 0.5, 99.0, 0.5, 0.5, 0.5, 0.5, 0.5])
-    domain, clamped = effect_charts.share_domain(wild)  # 99.0 is an MLP's: not counted
-    assert domain == [-1.15, 2.15] and clamped
-    d = effect_charts.suppression_scatter(wild).to_dict()
-    [points] = _layers(d["spec"], "circle")
+    # 99.0 is an MLP's: not counted; 40 and −3 are beyond the limits
+    assert suppression_scatter.entropy_domain(wild) == [-1.15, 2.15]
+    d = suppression_scatter.suppression_scatter(wild).to_dict()
+    [points] = [layer for layer in _panels(d)[0]["layer"] if layer["mark"]["type"] == "point"]
+    calc = {t["as"]: t["calculate"] for t in points["transform"] if "calculate" in t}
+    assert calc["marker"] == ("datum.entropy_suppression_share > 2.15 ? 'triangle-up' : "
+                              "datum.entropy_suppression_share < -1.15 ? 'triangle-down' : "
+                              "'circle'")
     assert points["encoding"]["y"]["scale"] == {"domain": [-1.15, 2.15], "nice": False,
                                                 "clamp": True}
+    svg = vlc.vegalite_to_svg(d)
+    panels = re.findall(r'<g class="mark-symbol role-mark[^"]*"[^>]*>(.*?)</g>', svg, re.S)
+    shapes = [re.findall(r'd="([^"]*)"', panel) for panel in panels]
+    assert [sum("A" not in path for path in paths) for paths in shapes] == [2, 0]  # triangles
+    assert len(shapes[0]) == len(shapes[1]) == 8  # every head drawn in both panels
     assert "drawn on the edge" in json.dumps(d["title"]["subtitle"])
+
+
+def test_suppression_scatter_shows_an_unbounded_interval_as_no_bar():
+    frame = _copy_suppression().with_columns(
+        suppression_share_ci95_low=pl.when(pl.col("component") == "7.2").then(None)
+        .otherwise(pl.col("suppression_share_ci95_low")),
+        suppression_share_ci95_high=pl.when(pl.col("component") == "7.2").then(None)
+        .otherwise(pl.col("suppression_share_ci95_high")),
+        suppression_share_ci_unbounded=pl.col("component") == "7.2")
+    chart = suppression_scatter.suppression_scatter(frame)
+    spec = chart.to_dict()
+    [bars] = [layer for layer in _panels(spec)[1]["layer"] if "y2" in layer["encoding"]]
+    assert {"filter": "datum.suppression_share_ci95_low != null"} in bars["transform"]
+    [points] = [layer for layer in _panels(spec)[1]["layer"] if layer["mark"]["type"] == "point"]
+    calc = {t["as"]: t["calculate"] for t in points["transform"] if "calculate" in t}
+    assert calc["interval"].startswith("datum.suppression_share_ci_unbounded ? 'unbounded'")
+    assert vlc.vegalite_to_svg(spec)  # it draws
 
 
 def test_calibration_curve_has_the_diagonal_and_both_curves():

@@ -15,6 +15,7 @@ from etl.lens.effects import (
     parse_measures,
 )
 from etl.lens.measures import measure_batch
+from etl.lens.modes import DEFAULT_MEASURES
 from etl.lens.types import BatchTokens, MeasureOptions
 from etl.model.activations import MeanAccumulator, run_batch
 from tests.reference import context_sets, reference_effects
@@ -48,11 +49,11 @@ def batch(tiny_model):
     return tokens, mask
 
 
-def measure(model, tokens, mask, lens, ablation, chunk_tokens=11, measures=MEASURES,
+def measure(model, tokens, mask, lens, ablation, chunk_tokens=11, measures=DEFAULT_MEASURES,
             fused=False, dtype=torch.float32):
     acts = run_batch(model.bridge, tokens)
     if dtype != torch.float32:
-        acts = type(acts)(**{k: (v.to(dtype) if v.is_floating_point() else v)
+        acts = type(acts)(**{k: (v.to(dtype) if v is not None and v.is_floating_point() else v)
                              for k, v in vars(acts).items()})
     means = None
     if ablation == "mean":

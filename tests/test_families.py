@@ -137,7 +137,7 @@ def test_calibration_effects_equal_the_float64_reference(warehouse, models, fami
     model = models[family]
     acc = MeanAccumulator()
     acc.add(model.bridge, ids, mask)
-    options = MeasureOptions(lens="recomputed-ln", ablation="mean", measures=("all",))
+    options = MeasureOptions(lens="recomputed-ln", ablation="mean", measures=("default",))
     got = measure_batch(run_batch(model.bridge, ids), model.unembed_weights(), options,
                         acc.means(torch.float32), tokens=BatchTokens(ids, ~mask))
     ref = reference_effects(model.bridge, ids, "recomputed-ln", "mean", mask)

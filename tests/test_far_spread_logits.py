@@ -75,7 +75,7 @@ def test_every_effect_of_a_steep_model_equals_the_float64_reference(steep_model,
     tokens = bridge.to_tokens("The cat sat on the mat. The cat sat on the mat. The cat")
     acts = run_batch(bridge, tokens)
     got = measure_batch(acts, steep_model.unembed_weights(),
-                        MeasureOptions(lens=lens, measures=("all",)),
+                        MeasureOptions(lens=lens, measures=("default",)),
                         tokens=BatchTokens(tokens, torch.zeros_like(tokens, dtype=torch.bool)))
     ref = reference_effects(bridge, tokens, lens)
     scale = float(acts.logits.abs().max())

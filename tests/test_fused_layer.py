@@ -230,7 +230,7 @@ def test_the_fused_path_recomputes_an_rmsnorm(ablation, monkeypatch):
     fused = measure_batch(acts, weights, options["fused"], means)
     assert len(chunks) == 3  # 20 tokens in chunks of 8, each through the kernel
     plain = measure_batch(acts, weights, options["plain"], means)
-    acts64 = type(acts)(**{k: v.double() if v.is_floating_point() else v
+    acts64 = type(acts)(**{k: v.double() if v is not None and v.is_floating_point() else v
                            for k, v in vars(acts).items()})
     weights64 = type(weights)(**{k: v.double() if isinstance(v, torch.Tensor) else v
                                  for k, v in vars(weights).items()})

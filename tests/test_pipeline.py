@@ -16,7 +16,8 @@ from etl.sources.corpus import TokenSet, ioi_token_set
 from etl.warehouse import RunWriter, Warehouse
 from etl.warehouse import staging as staging_module
 from etl.warehouse import storage as storage_module
-from etl.warehouse.tables import TokenRows, component_table
+from etl.warehouse.tables import component_table
+from etl.warehouse.token_rows import TokenRows
 from queries.db import connect
 
 TEXT = "The warehouse keeps every number it is given, and the numbers keep coming. " * 40

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from etl.lens.cspa import cspa_settings
 from etl.lens.measures import measure_batch
 from etl.lens.rows import row_dots, row_sums
 from etl.lens.types import BatchTokens, MeasureOptions
@@ -31,15 +32,13 @@ def _measured(model, ids, lens, ablation, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        acts = run_batch(model.bridge, ids)
-        means = None
-        if ablation == "mean":
-            acc = MeanAccumulator()
-            acc.add(model.bridge, ids, torch.ones_like(ids, dtype=torch.bool))
-            means = acc.means(torch.float32)
-        options = MeasureOptions(lens=lens, ablation=ablation, measures=("all",), fused=False)
+        acts = run_batch(model.bridge, ids, attention=True)
+        acc = MeanAccumulator()  # mean ablation and CSPA read the means
+        acc.add(model.bridge, ids, torch.ones_like(ids, dtype=torch.bool))
+        options = MeasureOptions(lens=lens, ablation=ablation, measures=("all",), fused=False,
+                                 cspa=cspa_settings(model.tokenizer))
         with torch.inference_mode():
-            out = measure_batch(acts, model.unembed_weights(), options, means,
+            out = measure_batch(acts, model.unembed_weights(), options, acc.means(torch.float32),
                                 tokens=BatchTokens(ids, torch.zeros_like(ids, dtype=torch.bool)))
     finally:
         torch.set_num_threads(before)
@@ -56,7 +55,7 @@ def test_every_measure_has_the_same_bits_on_one_thread_and_on_two(tiny_model, id
     batch[:, 0] = ids[0]
     one = _measured(tiny_model, batch, lens, ablation, 1)
     two = _measured(tiny_model, batch, lens, ablation, 2)
-    assert one.keys() == two.keys() and len(one) >= 12  # every group measured
+    assert one.keys() == two.keys() and len(one) >= 16  # every group measured
     differ = {k: int((one[k] != two[k]).sum()) for k in one if not torch.equal(one[k], two[k])}
     assert differ == {}
 

@@ -18,9 +18,11 @@ import torch
 
 from etl.lens.baseline import study_measures
 from etl.lens.cache import HeadUnembedCache
+from etl.lens.cspa import cspa_settings
 from etl.lens.measures import measure_batch
 from etl.lens.modes import MEASURES
 from etl.lens.types import (
+    AblationMeans,
     BatchActivations,
     BatchTokens,
     MeasureOptions,
@@ -65,8 +67,21 @@ def _timed(device, fn):
 
 
 def _slice_acts(acts: BatchActivations, n: int, dtype: torch.dtype) -> BatchActivations:
-    return BatchActivations(**{k: (v[:n].to(dtype) if v.is_floating_point() else v[:n])
+    """The first ``n`` tokens of ``acts`` (the patterns of their sequences) in ``dtype``."""
+    def cut(name: str, v: torch.Tensor) -> torch.Tensor:
+        rows = -(-n // v.shape[-1]) if name == "pattern" else n
+        return v[:rows].to(dtype) if v.is_floating_point() else v[:rows]
+
+    return BatchActivations(**{k: None if v is None else cut(k, v)
                                for k, v in vars(acts).items()})
+
+
+def _batch_means(acts: BatchActivations, n_seqs: int) -> AblationMeans:
+    """Per-position means of the batch's own head inputs and MLP outputs (what the mean pass
+    of a run of these sequences gives)."""
+    z = acts.z.reshape(n_seqs, -1, *acts.z.shape[1:]).double().mean(0)
+    mlp = acts.mlp_out.reshape(n_seqs, -1, *acts.mlp_out.shape[1:]).double().mean(0)
+    return AblationMeans(z=z.to(acts.z.dtype), mlp_out=mlp.to(acts.z.dtype))
 
 
 def _max_err(got, ref) -> float:
@@ -125,33 +140,38 @@ def _sample_errors(acts: BatchActivations, weights: UnembedWeights, options: Mea
     return _max_err(sample_fast, ref), _max_err(base, ref)
 
 
-def _effect_costs(device, acts, weights, options, cache, tokens, entropy_s: float,
-                  sample: int, log) -> dict:
+def _effect_costs(device, model, options, cache, tokens, entropy_s: float, sample: int,
+                  log) -> dict:
     """Seconds of the measure stage for entropy only (again, after the first timing
-    ``entropy_s``), with each group beyond entropy alone, and with all of them, on the same
-    activations; each group's cost relative to the entropy-only stage (the faster of its two
-    timings);
-    and the all-measures path's max abs error (nats; probabilities for the top-3) against
-    the same path in float64 on the first ``sample`` tokens."""
+    ``entropy_s``), with each group beyond entropy alone, with the default groups and with
+    all of them, on the same activations (with the attention patterns CSPA reads, and the
+    batch's own means); each group's cost relative to the entropy-only stage (the faster of
+    its two timings); and the all-measures path's max abs error (nats; probabilities for the
+    top-3) against the same path in float64 on the first ``sample`` tokens."""
+    log("forward pass with the attention patterns (CSPA reads them; not timed)")
+    acts = run_batch(model.bridge, tokens, attention=True)
+    weights = model.unembed_weights()
     batch = BatchTokens(tokens, torch.zeros_like(tokens, dtype=torch.bool))
+    means = _batch_means(acts, tokens.shape[0])
     seconds = {}
-    for group in (*MEASURES, "all"):
+    for group in (*MEASURES, "default", "all"):
         chosen = MeasureOptions(lens=options.lens, chunk_tokens=options.chunk_tokens,
-                                measures=(group,))
+                                measures=(group,), cspa=options.cspa)
         log("measures: entropy only, again" if group == "entropy"
             else f"measures: entropy + {group}")
         _, seconds[group], _ = _timed(device, lambda o=chosen: measure_batch(
-            acts, weights, o, cache=cache, tokens=batch))
+            acts, weights, o, means, cache=cache, tokens=batch))
     every = MeasureOptions(lens=options.lens, chunk_tokens=options.chunk_tokens,
-                           measures=("all",))
+                           measures=("all",), cspa=options.cspa)
     rows = max(1, sample // tokens.shape[1]) * tokens.shape[1]
     first = BatchTokens(tokens[: rows // tokens.shape[1]], batch.is_pad[: rows // tokens.shape[1]])
-    got = measure_batch(_slice_acts(acts, rows, acts.z.dtype), weights, every, cache=cache,
-                        tokens=first)
+    got = measure_batch(_slice_acts(acts, rows, acts.z.dtype), weights, every, means,
+                        cache=cache, tokens=first)
     ref = measure_batch(_slice_acts(acts, rows, torch.float64), weights.as_dtype(torch.float64),
-                        every, tokens=first)
+                        every, AblationMeans(means.z.double(), means.mlp_out.double()),
+                        tokens=first)
     fields = ("loss", "kl", "entropy_context", "kl_context_kept", "entropy_suppression",
-              "kl_suppression_kept", "top_probs")
+              "kl_suppression_kept", "kl_cspa", "kl_mean_ablated", "top_probs")
     err = max(float((getattr(got, f).double() - getattr(ref, f)).abs().max()) for f in fields)
     base = min(entropy_s, seconds["entropy"])
     return {"measures_s": {k: round(v, 4) for k, v in seconds.items()},
@@ -188,8 +208,9 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
     tokens = _random_tokens(model, n_tokens, seq_len, device)
     weights = model.unembed_weights()
     cache = HeadUnembedCache()
-    options = MeasureOptions(lens=lens, chunk_tokens=chunk_tokens or default_chunk_tokens(device))
-    n = tokens.numel()
+    options = MeasureOptions(lens=lens, chunk_tokens=chunk_tokens or default_chunk_tokens(device),
+                             cspa=cspa_settings(model.tokenizer))
+    n = tokens.numel()  # (the effects' costs: _effect_costs)
     log(f"forward pass ({n:,} tokens)")
     acts, forward_s, forward_peak = _timed(device, lambda: run_batch(model.bridge, tokens))
     # warm-up on a small slice (kernels, caches of W_O·W_U), not timed
@@ -199,11 +220,10 @@ def run_bench(model_path: str, device: str, n_tokens: int, seq_len: int, sample:
     log("entropy, project path")
     fast, fast_s, fast_peak = _timed(device, lambda: measure_batch(acts, weights, options,
                                                                    cache=cache))
-    log("entropy, study baseline" + (" (the slowest phase on CPU)"
-                                         if device == "cpu" else ""))
+    log("entropy, study baseline" + (" (the slowest phase on CPU)" if device == "cpu" else ""))
     base, base_s, base_peak = _timed(
         device, lambda: study_measures(acts, weights, options, chunk_tokens=baseline_chunk))
-    effects = _effect_costs(device, acts, weights, options, cache, tokens, fast_s, sample, log)
+    effects = _effect_costs(device, model, options, cache, tokens, fast_s, sample, log)
     writer = _writer_figures(fast, seq_len)
     k = min(sample, n)
     log(f"errors against float64 on {k} tokens")

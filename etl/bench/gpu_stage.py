@@ -25,8 +25,8 @@ MODES = [("final-scale", "zero"), ("recomputed-ln", "zero"), ("final-scale", "me
 def _concat(parts):
     from etl.lens.types import BatchActivations
 
-    return BatchActivations(**{k: torch.cat([getattr(p, k) for p in parts])
-                               for k in vars(parts[0])})
+    return BatchActivations(**{k: None if v is None else torch.cat([getattr(p, k) for p in parts])
+                               for k, v in vars(parts[0]).items()})
 
 
 def _slice(batch, n, dtype):
@@ -152,11 +152,11 @@ def measure_stage(model_dir: str, n_tokens: int, seq_len: int, baseline_tokens: 
         for chunk in (chunks if (lens, ablation) == ("final-scale", "zero") else chunks[:1]):
             rows.append(_time_mode(stage, lens, ablation, chunk, chosen))
             print(json.dumps(rows[-1]), flush=True)
-        for measures in (("all",), ("entropy", "loss", "kl", "context")):
+        for measures in (("default",), ("entropy", "loss", "kl", "context")):
             rows.append(_time_mode(stage, lens, ablation, chunks[0], chosen, measures))
             print(json.dumps(rows[-1]), flush=True)
     for kernel in compare:
-        for measures in (("entropy",), ("all",)):
+        for measures in (("entropy",), ("default",)):
             rows.append(_time_mode(stage, "final-scale", "zero", chunks[0], chosen, measures,
                                    kernel))
             print(json.dumps(rows[-1]), flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from etl.lens.cache import HeadUnembedCache
+from etl.lens.cspa import cspa_chunk, cspa_inputs
 from etl.lens.effects import Wanted, context_columns, final_effects, final_stats
 from etl.lens.entropy import entropy_from_logits
 from etl.lens.fused_entropy import triton_available
@@ -72,21 +73,19 @@ def measure_batch(
         acts: the batch's activations (``T`` tokens).
         weights: unembedding and output weights.
         options: lens and ablation modes and the chunk size.
-        means: per-position means; required when ``options.ablation == "mean"``.
+        means: per-position means; required when ``options.ablation == "mean"`` or the
+            ``cspa`` group is measured (whatever the ablation).
         cache: derived weights of this model kept between calls (one per model); None
             keeps them for this call only.
         tokens: the batch's token ids and padding; required when ``options.measures``
-            goes beyond entropy (``etl.lens.effects``).
+            goes beyond entropy (``etl.lens.effects``). The ``cspa`` group also needs the
+            attention patterns and values (``run_batch(attention=True)``).
 
     Returns:
         float32 measures in nats (see ``BatchMeasures`` for shapes; the effects' fields
         are None unless their group was measured).
     """
-    if options.ablation == "mean" and means is None:
-        raise ValueError("mean ablation needs per-position means")
-    wanted = Wanted(options.measures)
-    if wanted.any and tokens is None:
-        raise ValueError(f"measures {options.measures} need the batch's token ids")
+    _check_inputs(acts, options, means, tokens)
     cache = cache if cache is not None else HeadUnembedCache()
     cache.check_weights(weights)
     n_tokens = acts.z.shape[0]
@@ -97,8 +96,34 @@ def measure_batch(
     for start in range(0, n_tokens, options.chunk_tokens):
         sl = slice(start, min(start + options.chunk_tokens, n_tokens))
         _fill(out, _measure_chunk(acts, weights, options, chunk_means, cache, tokens, sl,
-                                  fused, workspace), sl)
+                                  fused, workspace).arrays(), sl)
+    if "cspa" in options.measures:
+        _fill_cspa(out, acts, weights, options, means, tokens)
     return out
+
+
+def _check_inputs(acts: BatchActivations, options: MeasureOptions,
+                  means: AblationMeans | None, tokens: BatchTokens | None) -> None:
+    """Raise ``ValueError`` when the measures asked for lack an input (``measure_batch``)."""
+    if options.ablation == "mean" and means is None:
+        raise ValueError("mean ablation needs per-position means")
+    if Wanted(options.measures).any and tokens is None:
+        raise ValueError(f"measures {options.measures} need the batch's token ids")
+    if "cspa" in options.measures and (means is None or acts.pattern is None):
+        raise ValueError("the cspa measures need per-position means and the attention "
+                         "patterns and values (run_batch(attention=True))")
+
+
+def _fill_cspa(out: BatchMeasures, acts: BatchActivations, weights: UnembedWeights,
+               options: MeasureOptions, means: AblationMeans, tokens: BatchTokens) -> None:
+    """Measure ``kl_cspa`` and ``kl_mean_ablated`` of every head (``etl.lens.cspa``) chunk
+    by chunk into ``out``."""
+    inputs = cspa_inputs(acts, weights, means, tokens, options.cspa)
+    n_tokens = acts.z.shape[0]
+    for start in range(0, n_tokens, options.chunk_tokens):
+        sl = slice(start, min(start + options.chunk_tokens, n_tokens))
+        kl_cspa, kl_mean_ablated = cspa_chunk(acts, weights, inputs, options.cspa, sl)
+        _fill(out, {"kl_cspa": kl_cspa, "kl_mean_ablated": kl_mean_ablated}, sl)
 
 
 def _measure_chunk(acts, weights, options, means, cache, tokens, sl, fused,
@@ -138,11 +163,12 @@ def _chunk_effects(acts: BatchActivations, tokens: BatchTokens | None, wanted: W
     return ChunkEffects(wanted, context, final, probs)
 
 
-def _fill(out: BatchMeasures, chunk: BatchMeasures, sl: slice) -> None:
-    """Copy the chunk's measures into rows ``sl`` of ``out``, making each field of ``out``
-    (of the chunk's dtype, rows of ``out.diff``) on its first chunk."""
+def _fill(out: BatchMeasures, chunk: dict[str, torch.Tensor], sl: slice) -> None:
+    """Copy a chunk's measures (``BatchMeasures`` field → values) into rows ``sl`` of
+    ``out``, making each field of ``out`` (of the chunk's dtype, rows of ``out.diff``) on its
+    first chunk."""
     n_tokens = out.diff.shape[0]
-    for name, values in chunk.arrays().items():
+    for name, values in chunk.items():
         target = getattr(out, name)
         if target is None:
             target = torch.empty((n_tokens, *values.shape[1:]), device=values.device,
@@ -191,6 +217,7 @@ def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
                ("kl_context_kept", measures.kl_context_kept),
                ("entropy_marginal_suppression", measures.entropy_suppression),
                ("kl_suppression_kept", measures.kl_suppression_kept),
+               ("kl_cspa", measures.kl_cspa), ("kl_mean_ablated", measures.kl_mean_ablated),
                ("suppressed_logit", measures.suppressed_logit),
                ("the top-3 probabilities", measures.top_probs),
                ("resid entropy", measures.resid))
@@ -217,7 +244,8 @@ def first_beyond(measures: BatchMeasures, limit: float,
                ("entropy_marginal_context", measures.entropy_context),
                ("kl_context_kept", measures.kl_context_kept),
                ("entropy_marginal_suppression", measures.entropy_suppression),
-               ("kl_suppression_kept", measures.kl_suppression_kept))
+               ("kl_suppression_kept", measures.kl_suppression_kept),
+               ("kl_cspa", measures.kl_cspa), ("kl_mean_ablated", measures.kl_mean_ablated))
     for name, values in tensors:
         if values is None:
             continue

@@ -24,17 +24,22 @@ def canonical_lens(name: str) -> str:
     return LENS_ALIASES.get(name, name)
 
 
-MEASURES = ("entropy", "loss", "kl", "context", "suppression", "calibration")
+MEASURES = ("entropy", "loss", "kl", "context", "suppression", "calibration", "cspa")
 """Measure groups a run can hold: ``entropy`` (diff, marginal, residual entropies: always),
 ``loss`` (``loss_marginal``), ``kl`` (``kl_marginal``), ``context`` (the in-context part of
 the entropy marginal and of the KL, and the in-context token the component lowered most),
 ``suppression`` (the same two parts over the in-context tokens whose logit the component
 lowers: what copy suppression accounts for), ``calibration`` (top-3 probabilities and the
-rank of the next token, with and without each component)."""
-DEFAULT_MEASURES = MEASURES
+rank of the next token, with and without each component), ``cspa`` (the study's
+copy-suppression-preserving ablation of every head, ``etl.lens.cspa``)."""
+DEFAULT_MEASURES = MEASURES[:-1]
 """What a run measures unless told: every group whose cost on the CPU benchmark
-(``python -m etl.bench``, BENCHMARKS.md) is at most 25 % of the entropy stage; on GPT-2 small
-each group cost 20 % or less, and all of them together 14–22 %."""
+(``python -m etl.bench``, BENCHMARKS.md) is at most 25 % of the entropy stage, which is every
+group but ``cspa`` (two more passes over the vocabulary per head)."""
+CSPA_K = "0.05"
+"""CSPA's default K (``--cspa-k``): at each destination it keeps the sources whose token is
+among the ``ceil(0.05·(position+1))`` tokens the lens predicts most, the paper's headline
+setting."""
 TOP_K = 3
 """How many of the largest probabilities the calibration measures keep."""
 
@@ -57,3 +62,21 @@ def parse_measures(text: str) -> tuple[str, ...]:
         raise ValueError(f"unknown measure {unknown[0]!r}: choose from {', '.join(MEASURES)}, "
                          "'all' or 'default'")
     return tuple(m for m in MEASURES if m in names or m == "entropy")
+
+
+def parse_cspa_k(text: str) -> float | int:
+    """``--cspa-k`` text → a fraction of the destination's position (``0 < k ≤ 1``, written
+    with a point: ``0.05``) or a number of tokens (a whole number ≥ 1: ``5``); ``ValueError``
+    says what else it takes."""
+    text = str(text).strip()
+    try:
+        value = float(text) if "." in text else int(text)
+    except ValueError:
+        value = None
+    if isinstance(value, float) and 0 < value <= 1:
+        return value
+    if isinstance(value, int) and value >= 1:
+        return value
+    raise ValueError(f"--cspa-k takes a fraction of the position in (0, 1], written with a "
+                     f"point (0.05), or a whole number of tokens of at least 1 (5), not "
+                     f"{text!r}")

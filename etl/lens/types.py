@@ -4,11 +4,12 @@ activations and measures of a batch. Shapes use ``T`` tokens, ``L`` layers, ``H`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 
+from etl.lens.cspa import CspaSettings
 from etl.lens.modes import ABLATION_MODES, LENS_MODES, canonical_lens, parse_measures
 
 if TYPE_CHECKING:
@@ -64,6 +65,12 @@ class BatchActivations:
     """``[T, V]`` the model's final logits (``b_U`` included)."""
     positions: torch.Tensor
     """``[T]`` position of each token in its sequence (int64)."""
+    pattern: torch.Tensor | None = None
+    """``[B, L, H, P, P]`` attention patterns (destination, then source), for CSPA; None
+    unless asked for (``run_batch(attention=True)``)."""
+    v: torch.Tensor | None = None
+    """``[T, L, H, dh]`` attention values, one per query head, for CSPA; None unless asked
+    for."""
 
 
 @dataclass
@@ -115,6 +122,12 @@ class BatchMeasures:
     """``[T]`` int8 rank (1–3) of the next token among them, 0 if not."""
     has_target: torch.Tensor | None = None
     """``[T]`` bool: the token has a next token (not the last position, not padding)."""
+    kl_cspa: torch.Tensor | None = None
+    """``[T, L, H]`` KL(p ‖ softmax(z_cspa)): the study's copy-suppression-preserving
+    ablation of each head (``etl.lens.cspa``)."""
+    kl_mean_ablated: torch.Tensor | None = None
+    """``[T, L, H]`` KL(p ‖ softmax(z_ma)): each head's direct effect mean-ablated, final
+    scale frozen (CSPA's baseline)."""
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """The fields that hold tensors, by name."""
@@ -165,6 +178,9 @@ class MeasureOptions:
     kernel: KernelConfig | None = None
     """The fused kernel's tiles and variant (``etl.lens.kernel_config.KernelConfig``); None = the
     measured default for where it runs (``default_config()``)."""
+    cspa: CspaSettings = field(default_factory=CspaSettings)
+    """What the ``cspa`` group keeps (``etl.lens.cspa``): its K and the model's function
+    tokens (``cspa_settings`` makes them from a tokenizer)."""
 
     def __post_init__(self) -> None:
         self.lens = canonical_lens(self.lens)

@@ -8,15 +8,18 @@ from etl.lens.types import AblationMeans, BatchActivations
 from etl.model.loading import has_parallel_blocks
 
 
-def hook_names(n_layers: int, parallel: bool = False) -> list[str]:
+def hook_names(n_layers: int, parallel: bool = False, attention: bool = False) -> list[str]:
     """Hook points cached for the measures, in the bridge's canonical names; ``parallel``
-    blocks (attention and MLP both read ``resid_pre``) have no ``hook_resid_mid``."""
+    blocks (attention and MLP both read ``resid_pre``) have no ``hook_resid_mid``;
+    ``attention`` adds each layer's attention pattern and values (CSPA reads them)."""
     names = ["ln_final.hook_scale", f"blocks.{n_layers - 1}.hook_resid_post"]
     for layer in range(n_layers):
         names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z",
                   f"blocks.{layer}.hook_mlp_out"]
         if not parallel:
             names.append(f"blocks.{layer}.hook_resid_mid")
+        if attention:
+            names += [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
     return names
 
 
@@ -26,8 +29,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_batch(bridge, tokens: torch.Tensor) -> BatchActivations:
-    """Forward ``tokens`` ``[batch, pos]`` and gather activations flattened to tokens.
+def run_batch(bridge, tokens: torch.Tensor, attention: bool = False) -> BatchActivations:
+    """Forward ``tokens`` ``[batch, pos]`` and gather activations flattened to tokens
+    (``attention``: the attention patterns and values too, for CSPA: ``batch·L·H·pos²``
+    more numbers).
 
     Returns:
         ``BatchActivations`` with ``T = batch·pos`` tokens in row-major order (sequence,
@@ -35,7 +40,8 @@ def run_batch(bridge, tokens: torch.Tensor) -> BatchActivations:
     """
     n_layers = bridge.cfg.n_layers
     parallel = has_parallel_blocks(bridge.cfg)
-    logits, cache = bridge.run_with_cache(tokens, names_filter=hook_names(n_layers, parallel))
+    logits, cache = bridge.run_with_cache(
+        tokens, names_filter=hook_names(n_layers, parallel, attention))
     z = torch.stack([cache[f"blocks.{i}.attn.hook_z"] for i in range(n_layers)], dim=2)
     if z.dim() != 5:
         raise RuntimeError(f"expected hook_z as [batch, pos, heads, d_head], got {z.shape[2:]}")
@@ -54,7 +60,20 @@ def run_batch(bridge, tokens: torch.Tensor) -> BatchActivations:
         final_scale=_flat(cache["ln_final.hook_scale"]),
         logits=_flat(logits),
         positions=positions,
+        **(_attention(cache, n_layers, z.shape[3]) if attention else {}),
     )
+
+
+def _attention(cache, n_layers: int, n_heads: int) -> dict[str, torch.Tensor]:
+    """``pattern [B, L, H, P, P]`` and ``v [T, L, H, dh]`` (grouped key/value heads repeated
+    for their query heads) of a cache."""
+    pattern = torch.stack([cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)],
+                          dim=1)
+    values = []
+    for i in range(n_layers):
+        v = cache[f"blocks.{i}.attn.hook_v"]
+        values.append(v.repeat_interleave(n_heads // v.shape[2], dim=2))
+    return {"pattern": pattern, "v": _flat(torch.stack(values, dim=2))}
 
 
 class MeanAccumulator:

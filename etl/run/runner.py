@@ -162,7 +162,7 @@ class ExtractRunner:
     def _measure(self, executor, model: LoadedModel, batches: Batches, staging: StagingArea,
                  resumed: int) -> Measured:
         """Measure the batches still to do (``resumed`` tokens were staged by an earlier
-        attempt): the mean pass first under mean ablation, then every batch."""
+        attempt): the mean pass first under mean ablation or for CSPA, then every batch."""
         tokens, run = batches.tokens, self.run_options
         n_tokens = tokens.n_seqs * tokens.seq_len
         # left on screen when closed: a bar that vanished would leave its last refresh (not
@@ -172,7 +172,7 @@ class ExtractRunner:
         rows.update(self._rows_per_token(model) * resumed)
         started = time.perf_counter()
         means, mean_pass_s = None, 0.0
-        if self.config.ablation == "mean" and batches.todo:
+        if self.config.needs_means and batches.todo:
             with self._bar(n_tokens, "mean pass", unit="tok") as bar:
                 sums = executor.mean_sums(model, batches, batches.spans, bar.update)
             means = sums.means(getattr(torch, self.config.dtype))

@@ -12,6 +12,7 @@ import torch
 from etl.config import ExtractConfig
 from etl.errors import UserError
 from etl.lens.cache import HeadUnembedCache
+from etl.lens.cspa import cspa_settings
 from etl.lens.kernel_config import named_config
 from etl.lens.measures import first_beyond, first_non_finite, measure_batch
 from etl.lens.types import AblationMeans, BatchMeasures, BatchTokens, MeasureOptions
@@ -36,11 +37,13 @@ def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens:
                              chunk_tokens=config.resolved_chunk_tokens(
                                  device, int(model.cfg.d_vocab)),
                              measures=tuple(config.measures.split(",")),
-                             kernel=named_config(config.kernel))
+                             kernel=named_config(config.kernel),
+                             cspa=cspa_settings(model.tokenizer, config.cspa_k))
+    attention = "cspa" in options.measures
 
     def compute(start: int, stop: int, mark) -> BatchMeasures:
         ids = torch.from_numpy(tokens.token_ids[start:stop]).to(device)
-        acts = run_batch(model.bridge, ids)
+        acts = run_batch(model.bridge, ids, attention=attention)
         mark()
         batch = BatchTokens(ids.long(), torch.from_numpy(tokens.is_pad[start:stop]).to(device))
         with torch.inference_mode():

@@ -31,10 +31,10 @@ from etl.warehouse.tables import (
     STORED_TABLES,
     SUMS_TABLES,
     TABLES,
-    TokenRows,
     component_table,
     resid_table,
 )
+from etl.warehouse.token_rows import TokenRows
 from etl.warehouse.writer import RunWriter
 
 __all__ = [

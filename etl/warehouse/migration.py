@@ -17,7 +17,8 @@ What changed since those versions:
 - runs are published with their partial sums (``etl.warehouse.sums``; manifest schema 3),
   which the saved summaries read. Migrated, a run gets them from its rows, exactly as a
   publish sums them.
-- the partial sums have columns for the ``suppression`` measures (manifest schema 4): a
+- the partial sums have columns for the ``suppression`` and ``cspa`` measures (manifest
+  schema 4): a
   run's sums are written again from its rows (the measures it did not take sum to NULL),
   under a new name, and the earlier file is deleted once the manifest lists the new one.
 

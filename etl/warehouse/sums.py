@@ -40,17 +40,19 @@ if TYPE_CHECKING:
 
 MEASURES = ("entropy_diff", "entropy_marginal", "loss_marginal", "kl_marginal",
             "entropy_marginal_context", "kl_context_kept", "entropy_marginal_suppression",
-            "kl_suppression_kept")
+            "kl_suppression_kept", "kl_cspa", "kl_mean_ablated")
 """The component measures summed (float32 nats)."""
 
 FINE_MEASURES = ("entropy_marginal", "entropy_marginal_context", "kl_marginal",
-                 "kl_context_kept", "entropy_marginal_suppression", "kl_suppression_kept")
+                 "kl_context_kept", "entropy_marginal_suppression", "kl_suppression_kept",
+                 "kl_cspa", "kl_mean_ablated")
 """Those whose variances and covariances copy_suppression takes (``stable_cov``)."""
 
 PAIRS = {"entropy_pair": ("entropy_marginal_context", "entropy_marginal"),
          "kl_pair": ("kl_context_kept", "kl_marginal"),
          "entropy_suppression_pair": ("entropy_marginal_suppression", "entropy_marginal"),
-         "kl_suppression_pair": ("kl_suppression_kept", "kl_marginal")}
+         "kl_suppression_pair": ("kl_suppression_kept", "kl_marginal"),
+         "cspa_pair": ("kl_cspa", "kl_mean_ablated")}
 """Pair name → (x, y) of the covariances copy_suppression takes."""
 
 FIXED_POINT = ("create or replace macro fixed_point(x) as "

@@ -26,8 +26,8 @@
 --                                           rank among them (NULL: not among them)
 --   component_effects(run_id, seq, position, layer, head, kind, entropy_diff,
 --        entropy_marginal, loss_marginal, kl_marginal, entropy_marginal_context,
---        kl_context_kept, entropy_marginal_suppression, kl_suppression_kept,
---        suppressed_token_id, suppressed_logit, ablated_top1_prob,
+--        kl_context_kept, entropy_marginal_suppression, kl_suppression_kept, kl_cspa,
+--        kl_mean_ablated, suppressed_token_id, suppressed_logit, ablated_top1_prob,
 --        ablated_top2_prob, ablated_top3_prob, ablated_target_rank)
 --                                           kind 'head' or 'mlp'; head is NULL for the MLP;
 --                                           the columns after entropy_marginal are NULL
@@ -144,6 +144,7 @@ create or replace macro no_component_rows() as table
            null::float as loss_marginal, null::float as kl_marginal,
            null::float as entropy_marginal_context, null::float as kl_context_kept,
            null::float as entropy_marginal_suppression, null::float as kl_suppression_kept,
+           null::float as kl_cspa, null::float as kl_mean_ablated,
            null::integer as suppressed_token_id, null::float as suppressed_logit,
            null::float as ablated_top1_prob, null::float as ablated_top2_prob,
            null::float as ablated_top3_prob, null::tinyint as ablated_target_rank
@@ -212,7 +213,8 @@ from query(case when len(getvariable('tokens_files')) > 0
 create or replace view component_effects as
 select run_id, seq, position, layer, head, kind, entropy_diff, entropy_marginal,
        loss_marginal, kl_marginal, entropy_marginal_context, kl_context_kept,
-       entropy_marginal_suppression, kl_suppression_kept, suppressed_token_id, suppressed_logit, ablated_top1_prob, ablated_top2_prob,
+       entropy_marginal_suppression, kl_suppression_kept, kl_cspa, kl_mean_ablated,
+       suppressed_token_id, suppressed_logit, ablated_top1_prob, ablated_top2_prob,
        ablated_top3_prob, ablated_target_rank
 from query(case when len(getvariable('component_effects_files')) > 0
                 then 'from shard_rows(getvariable(''component_effects_files''))

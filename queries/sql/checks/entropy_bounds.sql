@@ -3,7 +3,7 @@
 -- entropy_marginal_suppression) lies
 -- outside [−ln(d_vocab), ln(d_vocab)] (a difference of two such entropies); 1e-4 nats of
 -- float32 rounding allowed. Also the other effects' bounds: a KL divergence (kl_marginal,
--- kl_context_kept, kl_suppression_kept) below −1e-4 (stored unclamped: float32 rounding of an exact KL of 0
+-- kl_context_kept, kl_suppression_kept, kl_cspa, kl_mean_ablated) below −1e-4 (stored unclamped: float32 rounding of an exact KL of 0
 -- gives either sign); a top-3 probability (ablated_top*_prob in
 -- component_effects, top*_prob in tokens) outside [0, 1] or out of order (top1 ≥ top2 ≥
 -- top3), 1e-6 allowed; a rank (ablated_target_rank, target_rank) outside 1..3; a
@@ -64,6 +64,15 @@ bad_effects as (
            'kl_suppression_kept', kl_suppression_kept
     from component_effects
     where kl_suppression_kept < -1e-4
+    union all
+    select 'component_effects', run_id, seq, position, layer, head, 'kl_cspa', kl_cspa
+    from component_effects
+    where kl_cspa < -1e-4
+    union all
+    select 'component_effects', run_id, seq, position, layer, head,
+           'kl_mean_ablated', kl_mean_ablated
+    from component_effects
+    where kl_mean_ablated < -1e-4
     union all
     select 'component_effects', run_id, seq, position, layer, head,
            'ablated_top' || k.k || '_prob',

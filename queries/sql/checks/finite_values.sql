@@ -3,7 +3,8 @@
 -- other effects follow the run's measures (runs.measures): a measured group's columns are
 -- never NULL, except loss_marginal, which is NULL exactly where tokens.next_token_id is
 -- (no next token), suppressed_token_id and suppressed_logit, NULL together exactly where
--- the context C(t) is empty (no token at positions 1..t, padding excluded), and the ranks,
+-- the context C(t) is empty (no token at positions 1..t, padding excluded), kl_cspa and
+-- kl_mean_ablated, NULL for the MLPs (CSPA ablates heads), and the ranks,
 -- NULL where the next token is not among the top 3 (always where there is none); the
 -- columns of a group the run did not measure are NULL. next_token_id is the token at the
 -- next position (NULL at the last position, on padding and before padding), unless the run's
@@ -23,6 +24,7 @@ flags as (
         coalesce(list_contains(measures, 'kl'), false) as has_kl,
         coalesce(list_contains(measures, 'context'), false) as has_context,
         coalesce(list_contains(measures, 'suppression'), false) as has_suppression,
+        coalesce(list_contains(measures, 'cspa'), false) as has_cspa,
         coalesce(list_contains(measures, 'calibration'), false) as has_calibration
     from runs
 ),
@@ -74,6 +76,9 @@ effects as (
              wanted: f.has_suppression},
             {what: 'kl_suppression_kept', value: c.kl_suppression_kept,
              wanted: f.has_suppression},
+            {what: 'kl_cspa', value: c.kl_cspa, wanted: f.has_cspa and c.kind = 'head'},
+            {what: 'kl_mean_ablated', value: c.kl_mean_ablated,
+             wanted: f.has_cspa and c.kind = 'head'},
             {what: 'suppressed_token_id', value: c.suppressed_token_id,
              wanted: f.has_context and t.has_context},
             {what: 'suppressed_logit', value: c.suppressed_logit,
