@@ -26,6 +26,8 @@ FACTS = [  # (label, column, format)
      "suppression_share", ".2f"),
     ("share of the KL from in-context tokens, either way (context_share)", "context_share",
      ".2f"),
+    ("the study's CSPA, share of the mean-ablation KL recovered (cspa_share)", "cspa_share",
+     ".2f"),
     ("mean KL of removing it (nats)", "kl_marginal", ".5f"),
     ("mean loss marginal (nats; < 0: lowers the loss)", "loss_marginal", "+.5f"),
 ]
@@ -45,7 +47,7 @@ def facts(stacked: pl.DataFrame) -> pl.DataFrame:
         component=pl.format("{}.{}", "layer", pl.col("head").cast(pl.Utf8).fill_null("mlp")))
     for query, columns in (("copy_suppression", ["entropy_suppression_share",
                                                  "suppression_share", "context_share",
-                                                 "kl_marginal"]),
+                                                 "cspa_share", "kl_marginal"]),
                            ("loss_effects", ["loss_marginal"])):
         part = _part(stacked, query)
         present = [c for c in columns if c in part.columns]

@@ -282,9 +282,10 @@ def test_measures_a_chart_needs():
     assert all(spec.needs for spec in EFFECT_CHARTS.values())
     assert list(ALL_CHARTS) == [*CHARTS, *EFFECT_CHARTS, "explorer"]
     spec = EFFECT_CHARTS["suppression_scatter"]
-    assert missing_measures(spec, ["entropy"]) == ["kl", "context"]
-    assert missing_measures(spec, None) == ["kl", "context"]
-    assert missing_measures(spec, ["entropy", "loss", "kl", "context"]) == []
+    assert missing_measures(spec, ["entropy"]) == ["kl", "suppression"]
+    assert missing_measures(spec, None) == ["kl", "suppression"]
+    assert missing_measures(spec, ["entropy", "loss", "kl", "context"]) == ["suppression"]
+    assert missing_measures(spec, ["entropy", "kl", "suppression"]) == []
     measures = {"a": ["entropy", "loss", "kl", "context"], "b": ["entropy"]}
     assert skip_note(EFFECT_CHARTS["loss_heatmap"], ["a"], measures) is None
     note = skip_note(EFFECT_CHARTS["calibration_curve"], ["a"], measures)
@@ -356,7 +357,7 @@ def test_list_names_the_effect_charts_and_their_measures(capsys):
     assert analysis_main(["--list"]) == 0
     listed = capsys.readouterr().out
     assert "calibration_heatmaps" in listed and "head_summary + calibration" in listed
-    assert "needs measures kl, context" in listed
+    assert "needs measures kl, suppression" in listed
 
 
 def test_notebook_api_draws_effect_charts_and_refuses_missing_measures(warehouse):

@@ -55,6 +55,21 @@ def test_sequences_per_forward_follow_the_model():
     assert ExtractConfig().resolved_chunk_tokens("cpu", 256000) == 50
 
 
+
+def test_cspa_keeps_the_attention_patterns_in_the_budget():
+    """CSPA keeps each head's attention row and values: GPT-2 small at 500 tokens then takes
+    2.31 times the numbers per token, so fewer sequences share a forward pass."""
+    ratio = GPT2_SMALL.numbers_per_token(500) / GPT2_SMALL.numbers_per_token()
+    assert 2.30 < ratio < 2.32
+    assert forward_tokens(GPT2_SMALL, cuda=True, attention_len=500) == \
+        CUDA_FORWARD_TOKENS * GPT2_SMALL.numbers_per_token() // GPT2_SMALL.numbers_per_token(500)
+    cspa, plain = ExtractConfig(measures="all"), ExtractConfig()
+    assert (cspa.sequences_per_forward("cpu", 500), plain.sequences_per_forward("cpu", 500)) \
+        == (3, 8)
+    assert (cspa.sequences_per_forward("cuda", 500), plain.sequences_per_forward("cuda", 500)) \
+        == (14, 32)
+    assert cspa.sequences_per_forward("cpu", 10) == 8  # short sequences: the batch still fits
+
 def test_the_memory_benchmark_reports_both_chunks(capsys):
     assert bench_main(["--vocab", "3000", "--tokens", "24", "--json"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -44,7 +44,8 @@ def planted(models, tmp_path_factory):
         assert extract_main(["--model", str(model), "--warehouse", str(wh), "--no-progress",
                              "--device", "cpu", "--dataset", "text", "--data-files",
                              str(root / "words.txt"), "--n-batches", "2", "--batch-size",
-                             "2", "--seq-len", "40", "--run-id", kind]) == 0
+                             "2", "--seq-len", "40", "--measures", "all",
+                             "--run-id", kind]) == 0
     return connect(Warehouse(wh))
 
 
@@ -129,6 +130,30 @@ def test_a_head_flattening_through_absent_tokens_has_no_in_context_share(planted
     assert next(iter(shares)) == (1, 0)
     row = saved_row(planted, "flattening", 1, 0)
     assert row["rank"] == 1 and all(abs(row[name]) <= 0.1 for name in SHARES)
+
+
+PLANTED = [("copy-suppression", 1, 0, "copy suppression"), ("copy-suppression", 0, 0, "copying"),
+           ("mixed", 1, 0, "mixed"), ("flattening", 1, 0, "absent tokens")]
+"""(run, layer, head, what was planted) of the table below."""
+
+
+def test_the_planted_head_table(planted, capsys):
+    """The table of the planted heads, as ``copy_suppression`` reports them (printed with
+    ``pytest tests/test_planted_heads.py -k table -s``), and the bounds the design sets."""
+    columns = ("entropy_marginal", *SHARES, "cspa_share")
+    rows = {what: saved_row(planted, run, layer, head)
+            for run, layer, head, what in PLANTED}
+    with capsys.disabled():
+        print("\n| planted head | " + " | ".join(columns) + " |")
+        print("|---" * (len(columns) + 1) + "|")
+        for what, row in rows.items():
+            print(f"| {what} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+    assert rows["copy suppression"]["suppression_share"] >= 0.9
+    assert abs(rows["copying"]["suppression_share"]) <= 0.1
+    assert abs(rows["absent tokens"]["suppression_share"]) <= 0.1
+    assert 0.1 < rows["mixed"]["suppression_share"] < 0.9
+    assert rows["copy suppression"]["entropy_marginal"] > 0 > rows["copying"]["entropy_marginal"]
+    assert abs(rows["copying"]["cspa_share"]) <= 0.1  # CSPA keeps no copying
 
 
 def test_the_planted_runs_stay_in_their_vocabulary(planted):

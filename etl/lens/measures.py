@@ -201,6 +201,18 @@ def _use_fused(options: MeasureOptions, acts: BatchActivations,
     return triton_available(acts.z.device)
 
 
+def _component_tensors(measures: BatchMeasures) -> tuple:
+    """``(column name, [T, L, H+1] tensor or None)`` of every per-component measure in nats,
+    in the order the checks look at them."""
+    return (("entropy_diff", measures.diff), ("entropy_marginal", measures.marginal),
+            ("loss_marginal", measures.loss), ("kl_marginal", measures.kl),
+            ("entropy_marginal_context", measures.entropy_context),
+            ("kl_context_kept", measures.kl_context_kept),
+            ("entropy_marginal_suppression", measures.entropy_suppression),
+            ("kl_suppression_kept", measures.kl_suppression_kept),
+            ("kl_cspa", measures.kl_cspa), ("kl_mean_ablated", measures.kl_mean_ablated))
+
+
 def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
     """A short description of the first NaN or inf in ``measures``, or None if all finite.
 
@@ -211,13 +223,7 @@ def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
     MLP 0 at token 5"``, ``"resid entropy at resid_mid 1, token 4"``, ``"resid entropy at
     final, token 0"``.
     """
-    tensors = (("entropy_diff", measures.diff), ("entropy_marginal", measures.marginal),
-               ("loss_marginal", measures.loss), ("kl_marginal", measures.kl),
-               ("entropy_marginal_context", measures.entropy_context),
-               ("kl_context_kept", measures.kl_context_kept),
-               ("entropy_marginal_suppression", measures.entropy_suppression),
-               ("kl_suppression_kept", measures.kl_suppression_kept),
-               ("kl_cspa", measures.kl_cspa), ("kl_mean_ablated", measures.kl_mean_ablated),
+    tensors = (*_component_tensors(measures),
                ("suppressed_logit", measures.suppressed_logit),
                ("the top-3 probabilities", measures.top_probs),
                ("resid entropy", measures.resid))
@@ -239,13 +245,7 @@ def first_beyond(measures: BatchMeasures, limit: float,
     are finite), described as ``first_non_finite`` describes it, with its value; None when
     every one is within. Looks at the diff, the marginal, then the loss, KL and in-context
     effects measured (the residual entropies are at most log V)."""
-    tensors = (("entropy_diff", measures.diff), ("entropy_marginal", measures.marginal),
-               ("loss_marginal", measures.loss), ("kl_marginal", measures.kl),
-               ("entropy_marginal_context", measures.entropy_context),
-               ("kl_context_kept", measures.kl_context_kept),
-               ("entropy_marginal_suppression", measures.entropy_suppression),
-               ("kl_suppression_kept", measures.kl_suppression_kept),
-               ("kl_cspa", measures.kl_cspa), ("kl_mean_ablated", measures.kl_mean_ablated))
+    tensors = _component_tensors(measures)
     for name, values in tensors:
         if values is None:
             continue

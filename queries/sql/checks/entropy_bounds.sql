@@ -1,9 +1,9 @@
 -- entropy_bounds: rows whose entropy lies outside [0, ln(d_vocab)] nats (residual points), or
 -- whose diff, marginal or in-context part of the marginal (entropy_marginal_context,
--- entropy_marginal_suppression) lies
--- outside [−ln(d_vocab), ln(d_vocab)] (a difference of two such entropies); 1e-4 nats of
--- float32 rounding allowed. Also the other effects' bounds: a KL divergence (kl_marginal,
--- kl_context_kept, kl_suppression_kept, kl_cspa, kl_mean_ablated) below −1e-4 (stored unclamped: float32 rounding of an exact KL of 0
+-- entropy_marginal_suppression) lies outside [−ln(d_vocab), ln(d_vocab)] (a difference of
+-- two such entropies); 1e-4 nats of float32 rounding allowed. Also the other effects'
+-- bounds: a KL divergence (kl_marginal, kl_context_kept, kl_suppression_kept, kl_cspa,
+-- kl_mean_ablated) below −1e-4 (stored unclamped: float32 rounding of an exact KL of 0
 -- gives either sign); a top-3 probability (ablated_top*_prob in
 -- component_effects, top*_prob in tokens) outside [0, 1] or out of order (top1 ≥ top2 ≥
 -- top3), 1e-6 allowed; a rank (ablated_target_rank, target_rank) outside 1..3; a
@@ -24,55 +24,30 @@ bad_resid as (
 ),
 
 bad_component as (
-    select 'component_effects' as view_name, c.run_id, c.seq, c.position, c.layer, c.head,
-           'entropy_diff' as what, c.entropy_diff as value
-    from component_effects as c
+    select 'component_effects' as view_name, u.run_id, u.seq, u.position, u.layer, u.head,
+           u.what, u.value
+    from (
+        unpivot (select run_id, seq, position, layer, head, entropy_diff, entropy_marginal,
+                        entropy_marginal_context, entropy_marginal_suppression
+                 from component_effects)
+        on entropy_diff, entropy_marginal, entropy_marginal_context,
+           entropy_marginal_suppression
+        into name what value value
+    ) as u
     join limits as l using (run_id)
-    where abs(c.entropy_diff) > l.upper
-    union all
-    select 'component_effects', c.run_id, c.seq, c.position, c.layer, c.head,
-           'entropy_marginal', c.entropy_marginal
-    from component_effects as c
-    join limits as l using (run_id)
-    where abs(c.entropy_marginal) > l.upper
-    union all
-    select 'component_effects', c.run_id, c.seq, c.position, c.layer, c.head,
-           'entropy_marginal_context', c.entropy_marginal_context
-    from component_effects as c
-    join limits as l using (run_id)
-    where abs(c.entropy_marginal_context) > l.upper
-    union all
-    select 'component_effects', c.run_id, c.seq, c.position, c.layer, c.head,
-           'entropy_marginal_suppression', c.entropy_marginal_suppression
-    from component_effects as c
-    join limits as l using (run_id)
-    where abs(c.entropy_marginal_suppression) > l.upper
+    where abs(u.value) > l.upper
 ),
 
 bad_effects as (
-    select 'component_effects' as view_name, run_id, seq, position, layer, head,
-           'kl_marginal' as what, kl_marginal as value
-    from component_effects
-    where kl_marginal < -1e-4
-    union all
-    select 'component_effects', run_id, seq, position, layer, head,
-           'kl_context_kept', kl_context_kept
-    from component_effects
-    where kl_context_kept < -1e-4
-    union all
-    select 'component_effects', run_id, seq, position, layer, head,
-           'kl_suppression_kept', kl_suppression_kept
-    from component_effects
-    where kl_suppression_kept < -1e-4
-    union all
-    select 'component_effects', run_id, seq, position, layer, head, 'kl_cspa', kl_cspa
-    from component_effects
-    where kl_cspa < -1e-4
-    union all
-    select 'component_effects', run_id, seq, position, layer, head,
-           'kl_mean_ablated', kl_mean_ablated
-    from component_effects
-    where kl_mean_ablated < -1e-4
+    select 'component_effects' as view_name, run_id, seq, position, layer, head, what, value
+    from (
+        unpivot (select run_id, seq, position, layer, head, kl_marginal, kl_context_kept,
+                        kl_suppression_kept, kl_cspa, kl_mean_ablated
+                 from component_effects)
+        on kl_marginal, kl_context_kept, kl_suppression_kept, kl_cspa, kl_mean_ablated
+        into name what value value
+    )
+    where value < -1e-4
     union all
     select 'component_effects', run_id, seq, position, layer, head,
            'ablated_top' || k.k || '_prob',
