@@ -291,16 +291,17 @@ set variable study_reference_found = (
                                    'calibration_fig13.csv')
 );
 
--- study_csv(name, types): one of the reference's CSV files, its columns of the given types.
-create or replace macro study_csv(name, types) as table
-    from read_csv(getvariable('study_reference_dir') || '/' || name, header = true,
-                  columns = types);
+-- study_csv(dir, name, types): the CSV file name of the folder dir, its columns of the given
+-- types; study_reference_rows(dir) and study_resid_rows(dir): the tables' rows from the
+-- reference's files in dir.
+create or replace macro study_csv(dir, name, types) as table
+    from read_csv(dir || '/' || name, header = true, columns = types);
 
-create or replace macro study_reference_rows() as table
+create or replace macro study_reference_rows(dir) as table
     select 'seed' as study_table, dataset, measure, layer::smallint as layer,
            try_cast(nullif(head, 'MLP') as smallint) as head,
            case when head = 'MLP' then 'mlp' else 'head' end as kind, value_nats as value
-    from study_csv('seed_head_entropy.csv',
+    from study_csv(dir, 'seed_head_entropy.csv',
                    {'dataset': 'VARCHAR', 'measure': 'VARCHAR', 'layer': 'INTEGER',
                     'head': 'VARCHAR', 'value_nats': 'DOUBLE'})
     union all
@@ -311,27 +312,29 @@ create or replace macro study_reference_rows() as table
                    then 'neg_relative_change'
                else error('calibration_fig13.csv: unknown measure ' || measure) end,
            layer::smallint, head::smallint, 'head', value
-    from study_csv('calibration_fig13.csv',
+    from study_csv(dir, 'calibration_fig13.csv',
                    {'measure': 'VARCHAR', 'layer': 'INTEGER', 'head': 'INTEGER',
                     'value': 'DOUBLE'});
 
-create or replace macro study_resid_rows() as table
+create or replace macro study_resid_rows(dir) as table
     select case when dataset like 'webtext%' then 'webtext' else dataset end as dataset,
            case when component = 'Attention' then 'attention' else 'mlp' end as step,
            layer::smallint as layer, entropy_diff_nats as value
-    from study_csv('seed_resid_line.csv',
+    from study_csv(dir, 'seed_resid_line.csv',
                    {'dataset': 'VARCHAR', 'component': 'VARCHAR', 'layer': 'INTEGER',
                     'entropy_diff_nats': 'DOUBLE'});
 
 create or replace table study_reference as
-from query(case when getvariable('study_reference_found') then 'from study_reference_rows()'
+from query(case when getvariable('study_reference_found')
+                then 'from study_reference_rows(getvariable(''study_reference_dir''))'
                 else 'select null::varchar as study_table, null::varchar as dataset,
                              null::varchar as measure, null::smallint as layer,
                              null::smallint as head, null::varchar as kind,
                              null::double as value where false' end);
 
 create or replace table study_resid_reference as
-from query(case when getvariable('study_reference_found') then 'from study_resid_rows()'
+from query(case when getvariable('study_reference_found')
+                then 'from study_resid_rows(getvariable(''study_reference_dir''))'
                 else 'select null::varchar as dataset, null::varchar as step,
                              null::smallint as layer, null::double as value where false' end);
 
