@@ -90,7 +90,9 @@ def study_heatmaps(frame: pl.DataFrame, caption: Caption = NO_CAPTION) -> alt.VC
     mismatches = [m for m in dict.fromkeys(frame["mismatch"].to_list()) if m]
     subtitle = [caption.runs or _run_title(frame),
                 f"the study's table {table}; the run's means over every position, each batch "
-                "weighted equally (as the study averaged); > 0: increases entropy"]
+                "weighted equally (as the study averaged)",
+                "entropy diffs and marginals in nats (> 0: increases entropy); the "
+                "overconfidence change a fraction"]
     subtitle += [f"NOT COMPARABLE: {m}" for m in mismatches]
     return alt.vconcat(*rows, data=_records(frame), spacing=30).properties(
         title=alt.TitleParams(caption.heading("A run beside the study's GPT-2 small values"),

@@ -152,8 +152,8 @@ def test_the_run_side_follows_the_study_conventions(warehouse):
 
 # 2. Against the shipped table: every head and measure joined, none dropped ----------------
 
-@pytest.mark.parametrize(("study_table", "dataset", "expected"),
-                         [("seed", "ioi", 312), ("seed", "webtext", 312), ("fig13", "webtext", 288)])
+@pytest.mark.parametrize(("study_table", "dataset", "expected"), [
+    ("seed", "ioi", 312), ("seed", "webtext", 312), ("fig13", "webtext", 288)])
 def test_every_value_of_the_shipped_table_is_joined(gpt2_shaped, study_table, dataset, expected):
     frame = compare(Views(Warehouse(gpt2_shaped)), run_id="synthetic",
                     study_table=study_table, dataset=dataset, mismatch="mark")
