@@ -9,7 +9,14 @@ from dataclasses import dataclass
 import altair as alt
 import polars as pl
 
-from analysis import charts, effect_charts, explorer, heatmaps, suppression_scatter
+from analysis import (
+    charts,
+    effect_charts,
+    explorer,
+    heatmaps,
+    study_chart,
+    suppression_scatter,
+)
 from analysis.caption import Caption
 
 
@@ -70,6 +77,10 @@ CHARTS: dict[str, ChartSpec] = {spec.name: spec for spec in [
               "the largest |B − A| labelled",
               "compare_runs", charts.run_comparison,
               lambda r: {"run_a": r[0], "run_b": r[1]}, runs=2),
+    ChartSpec("study_comparison", "layer × head heatmaps of the run, of the study's published "
+              "GPT-2 small values and of their difference, per measure of the study's table "
+              "(a run under other conventions is drawn and marked)", "study_comparison",
+              study_chart.study_heatmaps, lambda r: {"run_id": r[0], "mismatch": "mark"}),
 ]}
 """The entropy charts by name, in the order ``python -m analysis`` draws them: every run
 holds what they need."""

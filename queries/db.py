@@ -39,6 +39,10 @@ def views_sql() -> str:
     return resources.files("queries").joinpath(VIEWS_SQL).read_text(encoding="utf-8")
 
 
+STUDY_REFERENCE = "reference/study_gpt2_small"
+"""The study's published values (CSV, cited in its README.md), relative to ``queries``."""
+
+
 REREAD_ATTEMPTS = 5
 """How many times a read that meets a file replaced by a concurrent publish (an
 ``--overwrite``) reads the manifests again before it gives up."""
@@ -103,9 +107,11 @@ def table_files(runs: list[Run], table: str) -> list[str]:
 
 def view_variables(warehouse: Warehouse, runs: list[Run]) -> dict[str, object]:
     """The DuckDB variables ``views.sql`` reads: the warehouse root, the manifests of
-    ``runs`` and, per table, the shard files they list (``table_files``)."""
+    ``runs``, per table, the shard files they list (``table_files``), and the folder of the
+    study's values (``STUDY_REFERENCE``)."""
     values: dict[str, object] = {
         "warehouse": str(warehouse.absolute_root),
+        "study_reference_dir": str(resources.files("queries").joinpath(STUDY_REFERENCE)),
         "manifest_files": [str(run.manifest) for run in runs],
     }
     for table in STORED_TABLES:

@@ -35,6 +35,8 @@ CASES = [
     ("token_drilldown", {}), ("token_drilldown", {"run_id": "ioi-all", "measure": "loss"}),
     ("calibration_curve", {"run_id": "text-all"}),
     ("head_distribution", {}), ("head_distribution", {"measure": "marginal", "k": "3"}),
+    ("study_comparison", {"run_id": "text-all"}), ("study_comparison", {"run_id": "ioi-entropy"}),
+    ("study_comparison", {"run_id": "ioi-all", "mismatch": "mark"}),
 ]
 
 

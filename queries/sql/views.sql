@@ -264,6 +264,84 @@ from query(case when len(getvariable('resid_sums_files')) > 0
                              null::varchar as role, null::varchar as variant,
                              null::bigint as n where false' end);
 
+-- The study's published values for GPT-2 small (queries/reference/study_gpt2_small/, whose
+-- README.md cites their sources), read when this script runs from the folder in the variable
+-- study_reference_dir (default 'queries/reference/study_gpt2_small', relative to the current
+-- folder; `python -m queries` sets it to the installed package's copy) into tables, since a
+-- locked session reads nothing outside the warehouse. Without the files the tables are empty.
+--   study_reference(study_table, dataset, measure, layer, head, kind, value)
+--       'seed': the seed notebook's per-component means (zero ablation; dataset 'ioi' or
+--       'webtext'; measure 'diff' or 'marginal'; heads and MLPs, head NULL for the MLP);
+--       'fig13': the Copy Suppression paper's Fig. 13 (mean ablation; dataset 'webtext';
+--       measure 'marginal' or 'neg_relative_change', −(overconfidence ablated / the
+--       model's − 1); heads)
+--   study_resid_reference(dataset, step, layer, value)
+--       the seed notebook's per-layer entropy change of the attention step (mid − pre) and
+--       the MLP step (next pre − mid), step 'attention' or 'mlp'
+--   study_conventions(study_table, lens, ablation)
+--       the lens and ablation each table's values were measured under
+
+set variable study_reference_dir = coalesce(getvariable('study_reference_dir'),
+                                            'queries/reference/study_gpt2_small');
+
+set variable study_reference_found = (
+    select count(*) = 3
+    from glob(getvariable('study_reference_dir') || '/*.csv')
+    where parse_filename(file) in ('seed_head_entropy.csv', 'seed_resid_line.csv',
+                                   'calibration_fig13.csv')
+);
+
+-- study_csv(dir, name, types): the CSV file name of the folder dir, its columns of the given
+-- types; study_reference_rows(dir) and study_resid_rows(dir): the tables' rows from the
+-- reference's files in dir.
+create or replace macro study_csv(dir, name, types) as table
+    from read_csv(dir || '/' || name, header = true, columns = types);
+
+create or replace macro study_reference_rows(dir) as table
+    select 'seed' as study_table, dataset, measure, layer::smallint as layer,
+           try_cast(nullif(head, 'MLP') as smallint) as head,
+           case when head = 'MLP' then 'mlp' else 'head' end as kind, value_nats as value
+    from study_csv(dir, 'seed_head_entropy.csv',
+                   {'dataset': 'VARCHAR', 'measure': 'VARCHAR', 'layer': 'INTEGER',
+                    'head': 'VARCHAR', 'value_nats': 'DOUBLE'})
+    union all
+    select 'fig13', 'webtext',
+           case measure
+               when 'marginal_entropy_mean_ablation_nats' then 'marginal'
+               when 'neg_relative_change_overconfidence_on_direct_effect_mean_ablation'
+                   then 'neg_relative_change'
+               else error('calibration_fig13.csv: unknown measure ' || measure) end,
+           layer::smallint, head::smallint, 'head', value
+    from study_csv(dir, 'calibration_fig13.csv',
+                   {'measure': 'VARCHAR', 'layer': 'INTEGER', 'head': 'INTEGER',
+                    'value': 'DOUBLE'});
+
+create or replace macro study_resid_rows(dir) as table
+    select case when dataset like 'webtext%' then 'webtext' else dataset end as dataset,
+           case when component = 'Attention' then 'attention' else 'mlp' end as step,
+           layer::smallint as layer, entropy_diff_nats as value
+    from study_csv(dir, 'seed_resid_line.csv',
+                   {'dataset': 'VARCHAR', 'component': 'VARCHAR', 'layer': 'INTEGER',
+                    'entropy_diff_nats': 'DOUBLE'});
+
+create or replace table study_reference as
+from query(case when getvariable('study_reference_found')
+                then 'from study_reference_rows(getvariable(''study_reference_dir''))'
+                else 'select null::varchar as study_table, null::varchar as dataset,
+                             null::varchar as measure, null::smallint as layer,
+                             null::smallint as head, null::varchar as kind,
+                             null::double as value where false' end);
+
+create or replace table study_resid_reference as
+from query(case when getvariable('study_reference_found')
+                then 'from study_resid_rows(getvariable(''study_reference_dir''))'
+                else 'select null::varchar as dataset, null::varchar as step,
+                             null::smallint as layer, null::double as value where false' end);
+
+create or replace table study_conventions as
+select * from (values ('seed', 'final-scale', 'zero'), ('fig13', 'final-scale', 'mean'))
+    as t(study_table, lens, ablation);
+
 -- Macros shared by the saved queries.
 
 -- positions_param(p): p when it is 'real' (the tokens of the text: BOS and padding
@@ -282,6 +360,34 @@ create or replace macro weighting_param(w) as
 create or replace macro measure_param(m) as
     case when m in ('diff', 'marginal') then m
          else error('measure must be ''diff'' or ''marginal''') end;
+
+-- study_table_param(t): t when it is 'seed', 'fig13' or NULL (the study's tables, see
+-- study_reference); study_dataset_param(d, t): d when it is 'ioi' or 'webtext' and table t
+-- holds it; mismatch_param(m): m when it is 'refuse' or 'mark'; an error otherwise.
+create or replace macro study_table_param(t) as
+    case when t is null or t in ('seed', 'fig13') then t
+         else error('study_table must be ''seed'' or ''fig13'', not ''' || t || '''') end;
+
+create or replace macro study_dataset_param(d, t) as
+    case when d not in ('ioi', 'webtext')
+         then error('dataset must be ''ioi'' or ''webtext'', not ''' || d || '''')
+         when t = 'fig13' and d <> 'webtext'
+         then error('the study''s fig13 table holds webtext only; pass dataset=webtext')
+         else d end;
+
+create or replace macro mismatch_param(m) as
+    case when m in ('refuse', 'mark') then m
+         else error('mismatch must be ''refuse'' or ''mark''') end;
+
+-- study_mismatch(mode, run, study_table, mismatch, ablation): true when run may be put
+-- beside the study's table: nothing differs (mismatch NULL) or mode is 'mark'; otherwise
+-- an error naming what differs.
+create or replace macro study_mismatch(mode, run, study_table, mismatch, ablation) as
+    case when mismatch is null or mode = 'mark' then true
+         else error('run ''' || run || ''' is not comparable with the study''s ' || study_table
+                    || ' table: ' || mismatch || '; compare a run extracted with --lens '
+                    || 'final-scale --ablation ' || ablation || ' on the study''s dataset, or '
+                    || 'pass --param mismatch=mark to see it anyway') end;
 
 -- excluded_positions(p): the (run_id, seq, position) keys that the positions convention p
 -- leaves out: none for 'all'; BOS and padding tokens for 'real'.
@@ -440,6 +546,122 @@ create or replace macro predicted_positions(run, positions) as table
     from tokens as t
     where t.run_id = run and t.next_token_id is not null
       and (positions_param(positions) = 'all' or not t.is_bos);
+
+-- component_calibration(run, positions, n_bins, top_k): per head and MLP of run, the study's
+-- overconfidence with the component's direct effect removed, the model's own and
+-- relative_change (the calibration query's columns but run_id; see its header), over the
+-- predictions at the positions the convention positions keeps, with the top_k largest
+-- probabilities of each in n_bins equal bins. Reads the run's rows.
+create or replace macro component_calibration(run, positions, n_bins, top_k) as table
+    with
+
+    settings as (
+        select n_bins_param(n_bins::integer) as n_bins, top_k_param(top_k::integer) as top_k
+    ),
+
+    ranks as (
+        select k.k from settings as s, range(1, 4) as k(k) where k.k <= s.top_k
+    ),
+
+    predicted as (
+        select * from predicted_positions(run, positions)
+    ),
+
+    components as (
+        select c.layer, c.head, c.kind,
+               count(c.ablated_top1_prob) as n_predictions
+        from component_effects as c
+        semi join predicted as p using (run_id, seq, position)
+        group by c.layer, c.head, c.kind
+    ),
+
+    model_entries as (
+        select
+            kth_prob(r.k, p.top1_prob, p.top2_prob, p.top3_prob) as prob,
+            p.target_rank is not distinct from r.k as hit
+        from predicted as p, ranks as r
+        where p.top1_prob is not null
+    ),
+
+    ablated_entries as (
+        select
+            c.layer, c.head, c.kind,
+            kth_prob(r.k, c.ablated_top1_prob, c.ablated_top2_prob, c.ablated_top3_prob) as prob,
+            c.ablated_target_rank is not distinct from r.k as hit
+        from component_effects as c
+        semi join predicted as p using (run_id, seq, position)
+        cross join ranks as r
+        where c.ablated_top1_prob is not null
+    ),
+
+    model_binned as (
+        select e.hit, probability_bin(e.prob, s.n_bins) as bin
+        from model_entries as e, settings as s
+    ),
+
+    ablated_binned as (
+        select e.layer, e.head, e.kind, e.hit, probability_bin(e.prob, s.n_bins) as bin
+        from ablated_entries as e, settings as s
+    ),
+
+    model_bins as (
+        select b.bin, count(*) as n, count(*) filter (where b.hit) as hits
+        from model_binned as b, settings as s
+        where b.bin >= 0 and b.bin < s.n_bins
+        group by b.bin
+    ),
+
+    ablated_bins as (
+        select b.layer, b.head, b.kind, b.bin, count(*) as n,
+               count(*) filter (where b.hit) as hits
+        from ablated_binned as b, settings as s
+        where b.bin >= 0 and b.bin < s.n_bins
+        group by b.layer, b.head, b.kind, b.bin
+    ),
+
+    -- f_i·x_i of the ablated model and of the model, and x_i², of each bin that both fill
+    common_terms as (
+        select
+            a.layer, a.head, a.kind, a.bin,
+            overconfidence_fx(a.hits, a.n, a.bin, s.n_bins) as fx,
+            overconfidence_fx(m.hits, m.n, m.bin, s.n_bins) as baseline_fx,
+            overconfidence_xx(a.bin, s.n_bins) as xx
+        from ablated_bins as a
+        join model_bins as m using (bin)
+        cross join settings as s
+    ),
+
+    -- each sum in bin order (the same bits every time)
+    per_component as (
+        select
+            layer, head, kind,
+            count(*) as common_bins,
+            list_sum(list(fx order by bin)) / list_sum(list(xx order by bin)) as overconfidence,
+            list_sum(list(baseline_fx order by bin)) / list_sum(list(xx order by bin))
+                as baseline_overconfidence
+        from common_terms
+        group by layer, head, kind
+    ),
+
+    final as (
+        select
+            c.layer,
+            c.head,
+            c.kind,
+            case when c.kind = 'mlp' then 'MLP ' || c.layer else c.layer || '.' || c.head end
+                as component,
+            c.n_predictions,
+            s.n_bins - coalesce(p.common_bins, 0) as empty_bins,
+            p.overconfidence,
+            p.baseline_overconfidence,
+            p.overconfidence / p.baseline_overconfidence - 1 as relative_change
+        from components as c
+        cross join settings as s
+        left join per_component as p
+            on p.layer = c.layer and p.kind = c.kind and p.head is not distinct from c.head
+    )
+
+    select * from final;
 
 -- stable_mean(x), stable_sd(x): the mean and sample standard deviation of x (aggregates),
 -- the same to the last bit however the rows are split over threads and files. DuckDB's
