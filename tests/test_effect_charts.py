@@ -81,8 +81,9 @@ def _copy_suppression(shares=None):
         "n": 100, "entropy_marginal": marginals[i],
         "entropy_suppression_share": (shares or [0.5] * 10)[i],
         "entropy_suppression_share_ci95_low": 0.1, "entropy_suppression_share_ci95_high": 0.9,
+        "entropy_suppression_share_ci_unbounded": False,
         "kl_marginal": 0.01, "suppression_share": 0.2, "suppression_share_ci95_low": 0.15,
-        "suppression_share_ci95_high": 0.25})
+        "suppression_share_ci95_high": 0.25, "suppression_share_ci_unbounded": False})
     rank = pl.col("entropy_marginal").rank("ordinal", descending=True).over("kind")
     return frame.with_columns(rank=rank.cast(pl.Int64))
 
@@ -206,6 +207,19 @@ def test_suppression_scatter_marks_shares_beyond_the_axis():
     assert "drawn on the edge" in json.dumps(d["title"]["subtitle"])
 
 
+def test_the_scatter_reads_columns_that_copy_suppression_returns(views):
+    from queries.saved import get_query
+
+    query = get_query("copy_suppression")
+    columns = views.sql(query.sql, query.bind({"run_id": "all"})).columns
+    for field in suppression_scatter.PANELS:
+        assert {field, f"{field}_ci95_low", f"{field}_ci95_high",
+                f"{field}_ci_unbounded"} <= set(columns), field
+    spec = json.dumps(suppression_scatter.suppression_scatter(_copy_suppression()).to_dict())
+    for name in re.findall(r"datum\.([a-z_0-9]+)", spec):
+        assert name in columns or name in {"share", "shown", "marker", "clipped"}, name
+
+
 def test_suppression_scatter_shows_an_unbounded_interval_as_no_bar():
     frame = _copy_suppression().with_columns(
         suppression_share_ci95_low=pl.when(pl.col("component") == "7.2").then(None)
@@ -282,9 +296,10 @@ def test_measures_a_chart_needs():
     assert all(spec.needs for spec in EFFECT_CHARTS.values())
     assert list(ALL_CHARTS) == [*CHARTS, *EFFECT_CHARTS, "explorer"]
     spec = EFFECT_CHARTS["suppression_scatter"]
-    assert missing_measures(spec, ["entropy"]) == ["kl", "context"]
-    assert missing_measures(spec, None) == ["kl", "context"]
-    assert missing_measures(spec, ["entropy", "loss", "kl", "context"]) == []
+    assert missing_measures(spec, ["entropy"]) == ["kl", "suppression"]
+    assert missing_measures(spec, None) == ["kl", "suppression"]
+    assert missing_measures(spec, ["entropy", "loss", "kl", "context"]) == ["suppression"]
+    assert missing_measures(spec, ["entropy", "kl", "suppression"]) == []
     measures = {"a": ["entropy", "loss", "kl", "context"], "b": ["entropy"]}
     assert skip_note(EFFECT_CHARTS["loss_heatmap"], ["a"], measures) is None
     note = skip_note(EFFECT_CHARTS["calibration_curve"], ["a"], measures)
@@ -356,7 +371,7 @@ def test_list_names_the_effect_charts_and_their_measures(capsys):
     assert analysis_main(["--list"]) == 0
     listed = capsys.readouterr().out
     assert "calibration_heatmaps" in listed and "head_summary + calibration" in listed
-    assert "needs measures kl, context" in listed
+    assert "needs measures kl, suppression" in listed
 
 
 def test_notebook_api_draws_effect_charts_and_refuses_missing_measures(warehouse):
