@@ -81,8 +81,9 @@ def _copy_suppression(shares=None):
         "n": 100, "entropy_marginal": marginals[i],
         "entropy_suppression_share": (shares or [0.5] * 10)[i],
         "entropy_suppression_share_ci95_low": 0.1, "entropy_suppression_share_ci95_high": 0.9,
+        "entropy_suppression_share_ci_unbounded": False,
         "kl_marginal": 0.01, "suppression_share": 0.2, "suppression_share_ci95_low": 0.15,
-        "suppression_share_ci95_high": 0.25})
+        "suppression_share_ci95_high": 0.25, "suppression_share_ci_unbounded": False})
     rank = pl.col("entropy_marginal").rank("ordinal", descending=True).over("kind")
     return frame.with_columns(rank=rank.cast(pl.Int64))
 
@@ -204,6 +205,19 @@ def test_suppression_scatter_marks_shares_beyond_the_axis():
     assert [sum("A" not in path for path in paths) for paths in shapes] == [2, 0]  # triangles
     assert len(shapes[0]) == len(shapes[1]) == 8  # every head drawn in both panels
     assert "drawn on the edge" in json.dumps(d["title"]["subtitle"])
+
+
+def test_the_scatter_reads_columns_that_copy_suppression_returns(views):
+    from queries.saved import get_query
+
+    query = get_query("copy_suppression")
+    columns = views.sql(query.sql, query.bind({"run_id": "all"})).columns
+    for field in suppression_scatter.PANELS:
+        assert {field, f"{field}_ci95_low", f"{field}_ci95_high",
+                f"{field}_ci_unbounded"} <= set(columns), field
+    spec = json.dumps(suppression_scatter.suppression_scatter(_copy_suppression()).to_dict())
+    for name in re.findall(r"datum\.([a-z_0-9]+)", spec):
+        assert name in columns or name in {"share", "shown", "marker", "clipped"}, name
 
 
 def test_suppression_scatter_shows_an_unbounded_interval_as_no_bar():

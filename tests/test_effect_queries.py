@@ -20,10 +20,16 @@ from queries.cli import main as query_main
 from queries.commands import run_checks
 from queries.db import connect, views_sql
 from queries.saved import saved_queries
+from tests.fieller import fieller
 from tests.test_saved_queries import _rewrite_shard
 
 NEW_QUERIES = ("copy_suppression", "loss_effects", "calibration", "calibration_curve")
 KEY = ["run_id", "layer", "head", "kind"]
+
+
+def interval(share):
+    """A share's interval columns in ``copy_suppression``."""
+    return [share, f"{share}_ci95_low", f"{share}_ci95_high", f"{share}_ci_unbounded"]
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +93,21 @@ def label(layer, head, kind):
     return f"MLP {layer}" if kind == "mlp" else f"{layer}.{head}"
 
 
-def share_ci(x, y):
-    """mean(x)/mean(y) and its 95 % interval by the delta method."""
-    n, mx, my = len(x), x.mean(), y.mean()
-    r = mx / my
-    var = (x.var(ddof=1) - 2 * r * np.cov(x, y, ddof=1)[0, 1] + r * r * y.var(ddof=1)) / n
-    half = 1.96 * math.sqrt(max(var, 0.0)) / abs(my)
-    return r, r - half, r + half
+def assert_interval(row, share, frame, x, y, complement):
+    """The row's interval of ``share`` is Fieller's from the sequences' totals of columns
+    x and y of ``frame`` (a component's rows), or NULL and flagged where that is unbounded."""
+    totals = frame.group_by("seq").agg(pl.col(x).cast(pl.Float64).sum(),
+                                       pl.col(y).cast(pl.Float64).sum())
+    want = fieller(totals[x].to_numpy(), totals[y].to_numpy(), complement)
+    if want is None:
+        assert row[f"{share}_ci_unbounded"] is True
+        assert row[f"{share}_ci95_low"] is None and row[f"{share}_ci95_high"] is None
+    else:
+        assert row[f"{share}_ci_unbounded"] is False
+        assert row[f"{share}_ci95_low"] == pytest.approx(want[0], rel=1e-6, abs=1e-9)
+        assert row[f"{share}_ci95_high"] == pytest.approx(want[1], rel=1e-6, abs=1e-9)
+        assert row[f"{share}_ci95_low"] < row[share] < row[f"{share}_ci95_high"]
+    return want is None
 
 
 # 1. copy_suppression and loss_effects ------------------------------------------------------
@@ -103,17 +117,15 @@ def test_copy_suppression(warehouse, run_id, positions):
     got = run_query(warehouse, "copy_suppression", run_id=run_id, positions=positions)
     assert got.columns == [
         "run_id", "rank", "layer", "head", "kind", "component", "n", "entropy_marginal",
-        "entropy_marginal_context", "entropy_context_share", "entropy_context_share_ci95_low",
-        "entropy_context_share_ci95_high", "entropy_marginal_suppression",
-        "entropy_suppression_share", "entropy_suppression_share_ci95_low",
-        "entropy_suppression_share_ci95_high", "kl_marginal", "kl_context_kept",
-        "context_share", "context_share_ci95_low", "context_share_ci95_high",
-        "kl_suppression_kept", "suppression_share", "suppression_share_ci95_low",
-        "suppression_share_ci95_high"]
+        "entropy_marginal_context", *interval("entropy_context_share"),
+        "entropy_marginal_suppression", *interval("entropy_suppression_share"),
+        "kl_marginal", "kl_context_kept", *interval("context_share"),
+        "kl_suppression_kept", *interval("suppression_share"),
+        "kl_mean_ablated", "kl_cspa", *interval("cspa_share")]
     lookup = {(r["layer"], r["head"], r["kind"]): r for r in got.iter_rows(named=True)}
     parts = groups(rows_of(warehouse, run_id, positions))
     assert len(lookup) == len(parts) == 2 * 5
-    means = {}
+    means, unbounded, bounded_kl = {}, 0, 0
     for (layer, head, kind), frame in parts.items():
         row = lookup[(layer, head, kind)]
         e, kl = f64(frame, "entropy_marginal"), f64(frame, "kl_marginal")
@@ -125,18 +137,19 @@ def test_copy_suppression(warehouse, run_id, positions):
                             ("suppression", "entropy_suppression_share")):
             c = f64(frame, f"entropy_marginal_{part}")
             assert row[f"entropy_marginal_{part}"] == pytest.approx(c.mean(), abs=1e-11)
-            ratio, low, high = share_ci(c, e)
-            assert row[share] == pytest.approx(ratio, rel=1e-7)
-            assert row[f"{share}_ci95_low"] == pytest.approx(low, rel=1e-6, abs=1e-9)
-            assert row[f"{share}_ci95_high"] == pytest.approx(high, rel=1e-6, abs=1e-9)
+            assert row[share] == pytest.approx(c.mean() / e.mean(), rel=1e-7)
+            unbounded += assert_interval(row, share, frame, f"entropy_marginal_{part}",
+                                         "entropy_marginal", False)
         for part, share in (("context", "context_share"), ("suppression", "suppression_share")):
             kept = f64(frame, f"kl_{part}_kept")
             assert row[f"kl_{part}_kept"] == pytest.approx(kept.mean(), abs=1e-11)
-            ratio, r_low, r_high = share_ci(kept, kl)
-            assert row[share] == pytest.approx(1 - ratio, rel=1e-7)
-            assert row[f"{share}_ci95_low"] == pytest.approx(1 - r_high, rel=1e-6, abs=1e-9)
-            assert row[f"{share}_ci95_high"] == pytest.approx(1 - r_low, rel=1e-6, abs=1e-9)
-            assert row[f"{share}_ci95_low"] < row[share] < row[f"{share}_ci95_high"]
+            assert row[share] == pytest.approx(1 - kept.mean() / kl.mean(), rel=1e-7)
+            bounded_kl += not assert_interval(row, share, frame, f"kl_{part}_kept",
+                                              "kl_marginal", True)
+        if kind == "head":
+            assert_interval(row, "cspa_share", frame, "kl_cspa", "kl_mean_ablated", True)
+        else:
+            assert row["cspa_share_ci95_low"] is None and row["cspa_share_ci_unbounded"] is None
         means[(layer, head, kind)] = e.mean()
     for kind in ("head", "mlp"):  # ranked within their kind, largest mean marginal first
         want = sorted((k for k in means if k[2] == kind), key=lambda k: (-means[k], k[0],
@@ -146,6 +159,7 @@ def test_copy_suppression(warehouse, run_id, positions):
         assert list(zip(ranked["layer"], ranked["head"], strict=True)) == \
             [(k[0], k[1]) for k in want]
     assert got["kind"].to_list() == ["head"] * 8 + ["mlp"] * 2
+    assert unbounded > 0 and bounded_kl > 0  # both kinds of interval are checked
 
 
 def test_copy_suppression_defaults_to_the_latest_run(warehouse):

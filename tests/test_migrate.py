@@ -59,8 +59,8 @@ def test_migrate_rewrites_the_old_manifests_and_then_has_nothing_to_do(old_wareh
     assert query_main(["--warehouse", str(old_warehouse), "migrate"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     moved = ("table component_entropy → component_effects (its files moved); partial sums "
-             "written (component_sums 12 rows, component_batch_sums 12 rows, resid_sums 10 "
-             "rows)")
+             "written (component_sums 12 rows, component_batch_sums 12 rows, "
+             "component_seq_sums 24 rows, resid_sums 10 rows)")
     assert out == [f"migrated run seed: lens 'seed' → 'final-scale'; {moved}",
                    f"migrated run v1: schema 1 → {SCHEMA_VERSION} (3 files listed with their rows "
                    f"and sha256); {moved}",
@@ -281,6 +281,31 @@ def test_sums_of_schema_3_are_summed_again_with_the_suppression_columns(tmp_path
     for table in SUMS_TABLES:
         assert [s["file"] for s in data["shards"][table]] == [f"sums-migrated-v{SCHEMA_VERSION}"
                                                              ".parquet"]
+        folder = root / table / "run_id=then"
+        assert [p.name for p in folder.glob("sums-*")] == [data["shards"][table][0]["file"]]
+        assert pq.read_table(folder / data["shards"][table][0]["file"]).equals(now[table])
+    assert query_main(["--warehouse", str(root), "check"]) == 0
+
+
+def test_a_schema_4_run_without_sequence_sums_is_summed_again(tmp_path, capsys):
+    """Schema 4 runs published before the per-sequence sums (component_seq_sums) existed
+    are left out until migrate writes every sums file again, the per-sequence ones too."""
+    root = tmp_path / "wh"
+    write_run(root, "now", seed=0)
+    write_run(root, "then", seed=0)
+    now = {t: pq.read_table(shard(root, t, "now").with_name("sums-g1.parquet"))
+           for t in SUMS_TABLES}
+    data = _manifest(root, "then")
+    (root / "component_seq_sums" / "run_id=then"
+     / data["shards"].pop("component_seq_sums")[0]["file"]).unlink()
+    (root / "runs" / "run_id=then" / "manifest.json").write_text(json.dumps(data))
+    connect(Warehouse(root))
+    assert capsys.readouterr().err.endswith(
+        ": written by an earlier version (no partial sums); run python -m queries migrate\n")
+    assert query_main(["--warehouse", str(root), "migrate"]) == 0
+    assert capsys.readouterr().out.startswith("migrated run then: partial sums written")
+    data = _manifest(root, "then")
+    for table in SUMS_TABLES:
         folder = root / table / "run_id=then"
         assert [p.name for p in folder.glob("sums-*")] == [data["shards"][table][0]["file"]]
         assert pq.read_table(folder / data["shards"][table][0]["file"]).equals(now[table])

@@ -67,8 +67,8 @@ def test_an_s3_warehouse_holds_the_rows_of_a_local_one_and_queries_and_charts_re
     assert outputs[0] == outputs[1] and outputs[0].count("\n") > 5
 
     assert queries_main(["check", "--warehouse", url]) == 0
-    checked = capsys.readouterr().out  # 3 batches of 3 tables, and the run's 3 sums files
-    assert "PASS files: 12 files of 1 runs match their manifests" in checked
+    checked = capsys.readouterr().out  # 3 batches of 3 tables, and the run's 4 sums files
+    assert "PASS files: 13 files of 1 runs match their manifests" in checked
     assert "PASS partial_sums" in checked
 
     out = tmp_path / "charts"

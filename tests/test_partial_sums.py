@@ -31,6 +31,7 @@ CASES = [
     ("loss_effects", {}), ("loss_effects", {"positions": "all"}),
     ("copy_suppression", {}), ("copy_suppression", {"run_id": "text-all"}),
     ("copy_suppression", {"run_id": "ioi-entropy", "positions": "all"}),
+    ("copy_suppression", {"run_id": "ioi-all", "positions": "all"}),
     ("compare_runs", {"run_a": "ioi-entropy", "run_b": "ioi-all"}),
     ("token_drilldown", {}), ("token_drilldown", {"run_id": "ioi-all", "measure": "loss"}),
     ("calibration_curve", {"run_id": "text-all"}),
@@ -78,7 +79,9 @@ def test_the_effect_columns_are_measured_so_the_comparison_means_something(wareh
                           {"run_id": "ioi-all"})
     assert summed["context_share"].is_not_null().all()
     assert summed["suppression_share"].is_not_null().all()
-    assert summed["entropy_context_share_ci95_low"].is_not_null().all()
+    assert summed["context_share_ci95_low"].is_not_null().all()
+    assert summed["entropy_context_share_ci_unbounded"].is_not_null().all()
+    assert summed["cspa_share_ci_unbounded"].is_not_null().sum() == 8  # the heads
     views = Views(Warehouse(warehouse))
     rows = views.sql(
         "select count(*) as n, count(distinct class) as classes, count(role) as roles, "
@@ -88,6 +91,9 @@ def test_the_effect_columns_are_measured_so_the_comparison_means_something(wareh
     batches = views.sql("select count(distinct batch) as n from component_batch_sums "
                         "where run_id = 'ioi-all'")
     assert batches["n"][0] == 3
+    sequences = views.sql("select count(distinct seq) as n from component_seq_sums "
+                          "where run_id = 'ioi-all'")
+    assert sequences["n"][0] == 12
 
 
 def test_head_distribution_reads_the_rows_of_the_top_heads_only_and_keeps_their_means(

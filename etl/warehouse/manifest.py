@@ -17,7 +17,8 @@ from etl.warehouse.tables import STORED_TABLES
 SCHEMA_VERSION = 4
 """The manifest's layout: version 2 lists the run's files under ``shards``; version 3 adds
 the run's partial sums (``SUMS_TABLES``) to them; in version 4 those sums hold the
-``suppression`` and ``cspa`` measures' columns too (``etl.warehouse.sums``). Older
+``suppression`` and ``cspa`` measures' columns too, and the copy-suppression pairs' sums
+per sequence (``component_seq_sums``; ``etl.warehouse.sums``). Older
 manifests are rewritten by ``python -m queries migrate`` (``etl.warehouse.migration``)."""
 MANIFEST = "manifest.json"
 

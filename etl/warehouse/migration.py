@@ -20,7 +20,9 @@ What changed since those versions:
 - the partial sums have columns for the ``suppression`` and ``cspa`` measures (manifest
   schema 4): a
   run's sums are written again from its rows (the measures it did not take sum to NULL),
-  under a new name, and the earlier file is deleted once the manifest lists the new one.
+  under a new name, and the earlier file is deleted once the manifest lists the new one;
+  the same for a schema-4 run without the per-sequence sums (``component_seq_sums``, which
+  the copy-suppression shares' intervals read): all its sums are written again, those too.
 
 Until it is migrated, such a run is left out of the views with a warning that says so.
 """

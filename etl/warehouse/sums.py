@@ -3,7 +3,9 @@ row count and exact fixed-point sums of every measure, written once when the run
 published (``component_sums``, ``resid_sums``: one small Parquet file each) so that the
 saved summaries add a few thousand partial sums instead of scanning every row; and the
 same for the entropy diffs and marginals per batch too (``component_batch_sums``), for the
-batch-weighted means.
+batch-weighted means, and the copy-suppression pairs' sums per sequence
+(``component_seq_sums``), for the shares' intervals, whose variances are those of the
+sequences' totals.
 
 Kinds of position: ``class`` is 'bos', 'pad' or 'real' (the text's own tokens), with the
 token's IOI ``role`` and ``variant`` (NULL outside IOI runs); ``batch`` is ``seq //
@@ -18,7 +20,8 @@ integers a scan of the rows adds and a summary read from them has the same bytes
 - for the copy-suppression measures, ``<m>_fine`` = Σ round(m·2^80) and ``<m>_fine_sq`` =
   Σ round(m²·2^80) (``fine_point``), and per pair of measures x, y (``PAIRS``) the sums
   over the rows where both are present: ``<pair>_n``, ``<pair>_xy`` = Σ round(x·y·2^80),
-  ``<pair>_x``, ``<pair>_y``.
+  ``<pair>_x``, ``<pair>_y``; ``component_seq_sums`` holds ``<pair>_x`` and ``<pair>_y`` alone,
+  per sequence.
 
 Sums are stored as ``decimal(38, 0)`` (128-bit integers): exact while a group's Σ|m|·2^80
 stays below 10^38 (Σ|m| below 8·10^13 nats).
@@ -116,10 +119,12 @@ def _define(con, name: str, files: list[str], table: str) -> None:
 
 KEYS = {"component_sums": ("layer", "head", "kind", "class", "role", "variant"),
         "component_batch_sums": ("batch", "layer", "head", "kind", "class"),
+        "component_seq_sums": ("seq", "layer", "head", "kind", "class"),
         "resid_sums": ("layer", "point", "class", "role", "variant")}
 """Each sums table's grain: one row per distinct key. The batch grain serves the
-batch-weighted means alone (``head_summary``'s ``weighting='batch'``), so the other sums
-stay as small however many batches a run has."""
+batch-weighted means alone (``head_summary``'s ``weighting='batch'``) and the sequence grain
+the copy-suppression shares' intervals alone (``copy_suppression``), so the other sums stay
+as small however many batches and sequences a run has."""
 
 BATCH_MEASURES = ("entropy_diff", "entropy_marginal")
 """The measures ``component_batch_sums`` holds (those the batch-weighted means take)."""
@@ -132,6 +137,9 @@ def _measures(table: str) -> list[str]:
                 + [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)])
     if table == "component_batch_sums":
         return [s for m in BATCH_MEASURES for s in _measure_sums(m) if "_fine" not in s]
+    if table == "component_seq_sums":
+        return [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)
+                if s.endswith(("_x", "_y"))]
     return ["count(entropy) as entropy_n",
             f"sum(fixed_point(entropy))::hugeint{INT128} as entropy_sum",
             f"sum(fixed_point(entropy::double * entropy::double))::hugeint{INT128} "
@@ -149,7 +157,7 @@ def sums_sql(table: str) -> str:
 
 
 SOURCES = {"component_sums": "component_effects", "component_batch_sums": "component_effects",
-           "resid_sums": "resid_entropy"}
+           "component_seq_sums": "component_effects", "resid_sums": "resid_entropy"}
 """Each sums table → the table whose rows it sums."""
 
 

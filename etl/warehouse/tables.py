@@ -11,7 +11,7 @@ import pyarrow as pa
 TABLES = ("component_effects", "resid_entropy", "tokens")
 """The tables written batch by batch, one shard per batch."""
 
-SUMS_TABLES = ("component_sums", "component_batch_sums", "resid_sums")
+SUMS_TABLES = ("component_sums", "component_batch_sums", "component_seq_sums", "resid_sums")
 """The tables written once per run when it is published (``etl.warehouse.sums``)."""
 
 STORED_TABLES = TABLES + SUMS_TABLES

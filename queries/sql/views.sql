@@ -40,6 +40,7 @@
 --                                           rows where runs.parallel_blocks
 --   component_sums(run_id, layer, head, kind, class, role, variant, n, m_n, m_pos, m_sum,
 --        m_sq, ...), component_batch_sums(run_id, batch, layer, head, kind, class, n, ...),
+--        component_seq_sums(run_id, seq, layer, head, kind, class, n, <pair>_x, <pair>_y, ...),
 --        resid_sums(run_id, layer, point, class, role, variant, n, entropy_n, entropy_sum,
 --        entropy_sq)
 --                                           each run's partial sums, written when it was
@@ -58,6 +59,7 @@ set variable manifest_files = coalesce(
      from read_text(getvariable('warehouse') || '/runs/*/manifest.json')
      where json_extract(content, '$.shards.component_sums') is not null
        and json_extract(content, '$.shards.component_batch_sums') is not null
+       and json_extract(content, '$.shards.component_seq_sums') is not null
        and json_extract(content, '$.shards.resid_sums') is not null)
 );
 
@@ -103,6 +105,11 @@ set variable component_batch_sums_files = coalesce(
     getvariable('component_batch_sums_files'),
     (select coalesce(list(file order by file), []::varchar[])
      from manifest_shards('component_batch_sums'))
+);
+set variable component_seq_sums_files = coalesce(
+    getvariable('component_seq_sums_files'),
+    (select coalesce(list(file order by file), []::varchar[])
+     from manifest_shards('component_seq_sums'))
 );
 set variable resid_sums_files = coalesce(
     getvariable('resid_sums_files'),
@@ -235,7 +242,9 @@ from query(case when len(getvariable('resid_entropy_files')) > 0
 -- row per (run_id, layer, head, kind, class, role, variant) of component_effects and per
 -- (run_id, layer, point, class, role, variant) of resid_entropy, where class is 'bos', 'pad'
 -- or 'real'; component_batch_sums has the entropy diffs' and marginals' sums per (run_id,
--- batch, layer, head, kind, class), batch = seq // the run's batch size. Per measure m: m_n
+-- batch, layer, head, kind, class), batch = seq // the run's batch size; component_seq_sums
+-- the copy-suppression pairs' sums per (run_id, seq, layer, head, kind, class), the
+-- sequences' totals that the shares' intervals take (share_interval). Per measure m: m_n
 -- (count), m_pos (count of m > 0), m_sum and m_sq (Σ fixed_point(m), Σ fixed_point(m²)),
 -- and for the copy-suppression measures the finer sums of stable_cov. The summaries add
 -- them up with the summed_* macros below, to the bytes a scan of the rows gives. (Without
@@ -252,6 +261,14 @@ create or replace view component_batch_sums as
 from query(case when len(getvariable('component_batch_sums_files')) > 0
                 then 'from shard_rows(getvariable(''component_batch_sums_files''))'
                 else 'select null::varchar as run_id, null::integer as batch,
+                             null::smallint as layer, null::smallint as head,
+                             null::varchar as kind, null::varchar as class,
+                             null::bigint as n where false' end);
+
+create or replace view component_seq_sums as
+from query(case when len(getvariable('component_seq_sums_files')) > 0
+                then 'from shard_rows(getvariable(''component_seq_sums_files''))'
+                else 'select null::varchar as run_id, null::integer as seq,
                              null::smallint as layer, null::smallint as head,
                              null::varchar as kind, null::varchar as class,
                              null::bigint as n where false' end);
@@ -412,9 +429,10 @@ create or replace macro resid_rows(positions, only_run) as table
     anti join excluded_positions(positions) as x using (run_id, seq, position)
     where only_run is null or r.run_id = only_run;
 
--- component_partials(positions, only_run), component_batch_partials(positions, only_run) and
--- resid_partials(positions, only_run): the rows of component_sums, component_batch_sums and
--- resid_sums of run only_run (every run when NULL) for the kinds of
+-- component_partials(positions, only_run), component_batch_partials(positions, only_run),
+-- component_seq_partials(positions, only_run) and resid_partials(positions, only_run): the
+-- rows of component_sums, component_batch_sums, component_seq_sums and resid_sums of run
+-- only_run (every run when NULL) for the kinds of
 -- position that the convention positions keeps ('real': class 'real'; 'all': every class):
 -- what the summaries add up, as component_rows and resid_rows are what they would scan.
 create or replace macro component_partials(positions, only_run) as table
@@ -426,6 +444,12 @@ create or replace macro component_partials(positions, only_run) as table
 create or replace macro component_batch_partials(positions, only_run) as table
     select p.*
     from component_batch_sums as p
+    where (positions_param(positions) = 'all' or p.class = 'real')
+      and (only_run is null or p.run_id = only_run);
+
+create or replace macro component_seq_partials(positions, only_run) as table
+    select p.*
+    from component_seq_sums as p
     where (positions_param(positions) = 'all' or p.class = 'real')
       and (only_run is null or p.run_id = only_run);
 
@@ -701,7 +725,7 @@ create or replace macro summed_fraction(k, n) as sum(k)::double / sum(n)::bigint
 -- are non-NULL; stable_cov(x, x) is the sample variance. Order-independent like stable_sd,
 -- but finer: its fixed-point integers are x × 2^80 (128 bits, within 2^-81 of x·y, whose
 -- product of two float32 values is exact in double), so the small values and near-equal
--- terms of a delta-method variance keep their digits. For Σ|x·y| and Σ|x|, Σ|y| below 10^14.
+-- terms of a variance keep their digits. For Σ|x·y| and Σ|x|, Σ|y| below 10^14.
 -- NULL for fewer than 2 such rows. fine_cov(sxy, sx, sy, n) gives it from the sums
 -- sxy = Σ fine_point(x·y), sx = Σ fine_point(x), sy = Σ fine_point(y) over the n rows where
 -- both are present; summed_cov(sxy, sx, sy, n) (an aggregate) from partial sums.
@@ -720,12 +744,81 @@ create or replace macro stable_cov(x, y) as
 create or replace macro summed_cov(sxy, sx, sy, n) as
     fine_cov(sum(sxy::hugeint), sum(sx::hugeint), sum(sy::hugeint), sum(n)::bigint);
 
--- ratio_se(mean_x, mean_y, var_x, var_y, cov_xy, n): the standard error of the ratio of
--- means mean_x / mean_y of n paired values by the delta method:
--- sqrt((var_x − 2·R·cov_xy + R²·var_y) / n) / |mean_y| with R = mean_x / mean_y (the
--- sample standard deviation of x − R·y over √n, divided by |mean_y|); NULL when a variance
--- or the covariance is (fewer than 2 values).
-create or replace macro ratio_se(mean_x, mean_y, var_x, var_y, cov_xy, n) as
-    case when var_x is not null and var_y is not null and cov_xy is not null then
-        sqrt(greatest(0, var_x - 2 * (mean_x / mean_y) * cov_xy
-                         + (mean_x / mean_y) ** 2 * var_y) / n) / abs(mean_y) end;
+-- The copy-suppression shares' 95 % intervals (Fieller's, with sequences as clusters).
+-- A share is R = ΣX/ΣY or 1 − R, X and Y two measures summed over the positions kept.
+-- Positions of one sequence are not independent, so the variances are those of the n
+-- sequences' totals X_s, Y_s: with means X̄, Ȳ of the totals and v_xx, v_xy, v_yy the
+-- sample (co)variances of the totals over n (the (co)variances of the means), the interval
+-- is {R : (X̄ − R·Ȳ)² ≤ t²·(v_xx − 2R·v_xy + R²·v_yy)}, t = t975(n − 1). It is an interval
+-- when a = Ȳ² − t²·v_yy > 0 (the denominator differs significantly from 0): its ends are
+-- (b ∓ √D)/a with b = X̄·Ȳ − t²·v_xy and D = b² − a·(X̄² − t²·v_xx), written below without
+-- the cancelling terms. Otherwise the set is unbounded (the whole line, or the line less an
+-- interval): no finite interval is given.
+
+-- t975_expansion(z, e): Student's t quantile from the normal one z, e = 1/df (below).
+create or replace macro t975_expansion(z, e) as
+    z + e * (z ** 3 + z) / 4 + e ** 2 * (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+      + e ** 3 * (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+      + e ** 4 * (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z)
+        / 92160;
+
+-- t975(df): the 0.975 quantile of Student's t with df degrees of freedom: exact (12
+-- digits) for df ≤ 30, the Cornish–Fisher expansion in 1/df to its fourth term beyond
+-- (within 3e-8); NULL for df < 1.
+create or replace macro t975(df) as
+    case when df between 1 and 30 then
+        [12.7062047362::double, 4.30265272975, 3.18244630528, 2.7764451052, 2.57058183564,
+         2.44691185114, 2.36462425159, 2.3060041352, 2.2621571628, 2.22813885199,
+         2.20098516009, 2.17881282967, 2.16036865646, 2.14478668792, 2.13144954556,
+         2.11990529922, 2.10981557783, 2.10092204024, 2.09302405441, 2.08596344727,
+         2.07961384473, 2.0738730679, 2.06865761042, 2.06389856163, 2.05953855275,
+         2.05552943864, 2.05183051648, 2.0484071418, 2.04522964213, 2.0422724563][df]
+         when df > 30 then t975_expansion(1.959963984540054::double, 1.0::double / df) end;
+
+-- fieller_ends(a, b, d): the struct of the interval (b ∓ √d)/a (a > 0).
+create or replace macro fieller_ends(a, b, d) as
+    {'low': ((b - sqrt(greatest(0, d))) / a)::double,
+     'high': ((b + sqrt(greatest(0, d))) / a)::double, 'unbounded': false};
+
+-- fieller_interval(mx, my, vxx, vxy, vyy, t): the set of ratios R above as a struct
+-- {low, high, unbounded}: its ends and false when a > 0; NULL ends and true when a ≤ 0;
+-- NULL when an input is NULL (fewer than 2 sequences).
+create or replace macro fieller_interval(mx, my, vxx, vxy, vyy, t) as
+    case when mx is null or my is null or vxx is null or vxy is null or vyy is null
+              or t is null then null
+         when my * my - t * t * vyy <= 0
+              then {'low': null::double, 'high': null::double, 'unbounded': true}
+         else fieller_ends(my * my - t * t * vyy, mx * my - t * t * vxy,
+                           t * t * (my * my * vxx - 2 * mx * my * vxy + mx * mx * vyy)
+                           - t ** 4 * (vxx * vyy - vxy * vxy)) end;
+
+-- share_ends(r, complement): the interval r of a ratio, or of 1 − ratio (ends swapped).
+create or replace macro share_ends(r, complement) as
+    list_transform([r], lambda i: case
+        when i is null then null
+        when complement then {'low': 1 - i.high, 'high': 1 - i.low, 'unbounded': i.unbounded}
+        else i end)[1];
+
+-- share_moments(sx, sy): an aggregate over one row per sequence, sx and sy its totals
+-- Σ fine_point(x), Σ fine_point(y): {mx, my, vxx, vxy, vyy, t}, the totals' means, the
+-- (co)variances of the means and t975(n − 1), n the sequences with a total.
+create or replace macro share_moments(sx, sy) as
+    {'mx': sum(sx::hugeint) / 2.0 ** 80 / count(sx),
+     'my': sum(sy::hugeint) / 2.0 ** 80 / count(sy),
+     'vxx': stable_cov(sx / 2.0 ** 80, sx / 2.0 ** 80) / count(sx),
+     'vxy': stable_cov(sx / 2.0 ** 80, sy / 2.0 ** 80) / count(sx),
+     'vyy': stable_cov(sy / 2.0 ** 80, sy / 2.0 ** 80) / count(sy),
+     't': t975(count(sx) - 1)};
+
+-- share_interval(sx, sy, complement): an aggregate over one row per sequence, sx and sy
+-- its totals Σ fine_point(x) and Σ fine_point(y) over the positions kept where both are
+-- present (the <pair>_x, <pair>_y columns of component_seq_sums, added over its classes):
+-- the 95 % interval {low, high, unbounded} of the share R = Σx / Σy (complement false) or
+-- 1 − R (complement true: the ends swap), by fieller_interval with share_moments.
+-- Order-independent: the totals are exact integers, their (co)variances stable_cov's. For
+-- Σ_s |X_s·Y_s| below 10^14 (nats², X_s the sequence's total in nats); beyond, DuckDB stops
+-- with an overflow error. (The lambdas bind each argument once: a macro repeats its
+-- argument's expression wherever it names it.)
+create or replace macro share_interval(sx, sy, complement) as
+    share_ends(list_transform([share_moments(sx, sy)], lambda m:
+        fieller_interval(m.mx, m.my, m.vxx, m.vxy, m.vyy, m.t))[1], complement);

@@ -11,10 +11,13 @@
 -- copying head or one acting on absent tokens); for heads, the study's CSPA: the mean
 -- kl_mean_ablated and kl_cspa and cspa_share = 1 − mean kl_cspa / mean kl_mean_ablated (the
 -- Copy Suppression paper's "performance recovered", 76.9 % for GPT-2 small's 10.7; NULL for
--- MLPs and for runs without the cspa group); each share with its 95 % interval (delta
--- method for a ratio of means); rank orders heads among heads and MLPs among MLPs by mean
--- entropy_marginal, largest first. The context and suppression columns are NULL for a run
--- without those measure groups.
+-- MLPs and for runs without the cspa group); each share with its 95 % interval, Fieller's
+-- for a ratio of sums with sequences as clusters (share_interval in views.sql):
+-- <share>_ci95_low/high, both NULL and <share>_ci_unbounded true where the denominator
+-- does not differ significantly from 0 (the set of ratios the data allow is then
+-- unbounded); rank orders heads among heads and MLPs among MLPs by mean entropy_marginal,
+-- largest first. The context and suppression columns are NULL for a run without those
+-- measure groups.
 -- @param run_id NULL one run id, or NULL for the latest run
 -- @param positions 'real' which positions count: 'real' (the tokens of the text: BOS and padding excluded) or 'all' (every position, as the study averaged)
 with
@@ -31,52 +34,53 @@ kept as (
                             coalesce($run_id::varchar, latest_run())) as p
 ),
 
--- variances: summed_cov(Σx², Σx, Σx, n) of the fine sums
 per_component as (
     select
         run_id, layer, head, kind,
         sum(n)::bigint as n,
-        sum(entropy_marginal_context_n)::bigint as n_context,
-        sum(entropy_marginal_suppression_n)::bigint as n_suppression,
         summed_mean(entropy_marginal_sum, entropy_marginal_n) as entropy_marginal,
-        summed_cov(entropy_marginal_fine_sq, entropy_marginal_fine, entropy_marginal_fine,
-                   entropy_marginal_n) as var_marginal,
         summed_mean(entropy_marginal_context_sum, entropy_marginal_context_n)
             as entropy_marginal_context,
-        summed_cov(entropy_marginal_context_fine_sq, entropy_marginal_context_fine,
-                   entropy_marginal_context_fine, entropy_marginal_context_n) as var_context,
-        summed_cov(entropy_pair_xy, entropy_pair_x, entropy_pair_y, entropy_pair_n)
-            as cov_entropy,
         summed_mean(entropy_marginal_suppression_sum, entropy_marginal_suppression_n)
             as entropy_marginal_suppression,
-        summed_cov(entropy_marginal_suppression_fine_sq, entropy_marginal_suppression_fine,
-                   entropy_marginal_suppression_fine, entropy_marginal_suppression_n)
-            as var_suppression,
-        summed_cov(entropy_suppression_pair_xy, entropy_suppression_pair_x,
-                   entropy_suppression_pair_y, entropy_suppression_pair_n)
-            as cov_entropy_suppression,
         summed_mean(kl_marginal_sum, kl_marginal_n) as kl_marginal,
-        summed_cov(kl_marginal_fine_sq, kl_marginal_fine, kl_marginal_fine, kl_marginal_n)
-            as var_kl,
         summed_mean(kl_context_kept_sum, kl_context_kept_n) as kl_context_kept,
-        summed_cov(kl_context_kept_fine_sq, kl_context_kept_fine, kl_context_kept_fine,
-                   kl_context_kept_n) as var_kept,
-        summed_cov(kl_pair_xy, kl_pair_x, kl_pair_y, kl_pair_n) as cov_kl,
-        sum(kl_pair_n)::bigint as n_kl,
         summed_mean(kl_suppression_kept_sum, kl_suppression_kept_n) as kl_suppression_kept,
-        summed_cov(kl_suppression_kept_fine_sq, kl_suppression_kept_fine,
-                   kl_suppression_kept_fine, kl_suppression_kept_n) as var_suppression_kept,
-        summed_cov(kl_suppression_pair_xy, kl_suppression_pair_x, kl_suppression_pair_y,
-                   kl_suppression_pair_n) as cov_kl_suppression,
-        sum(kl_suppression_pair_n)::bigint as n_kl_suppression,
         summed_mean(kl_mean_ablated_sum, kl_mean_ablated_n) as kl_mean_ablated,
-        summed_cov(kl_mean_ablated_fine_sq, kl_mean_ablated_fine, kl_mean_ablated_fine,
-                   kl_mean_ablated_n) as var_mean_ablated,
-        summed_mean(kl_cspa_sum, kl_cspa_n) as kl_cspa,
-        summed_cov(kl_cspa_fine_sq, kl_cspa_fine, kl_cspa_fine, kl_cspa_n) as var_cspa,
-        summed_cov(cspa_pair_xy, cspa_pair_x, cspa_pair_y, cspa_pair_n) as cov_cspa,
-        sum(cspa_pair_n)::bigint as n_cspa
+        summed_mean(kl_cspa_sum, kl_cspa_n) as kl_cspa
     from kept
+    group by run_id, layer, head, kind
+),
+
+-- each sequence's totals (Σ fine_point, over the positions kept where both measures of a
+-- share are present): the clusters of the shares' intervals
+per_sequence as (
+    select
+        run_id, layer, head, kind, seq,
+        sum(entropy_pair_x)::hugeint as context_x,
+        sum(entropy_pair_y)::hugeint as context_y,
+        sum(entropy_suppression_pair_x)::hugeint as suppression_x,
+        sum(entropy_suppression_pair_y)::hugeint as suppression_y,
+        sum(kl_pair_x)::hugeint as kept_x,
+        sum(kl_pair_y)::hugeint as kept_y,
+        sum(kl_suppression_pair_x)::hugeint as suppression_kept_x,
+        sum(kl_suppression_pair_y)::hugeint as suppression_kept_y,
+        sum(cspa_pair_x)::hugeint as cspa_x,
+        sum(cspa_pair_y)::hugeint as cspa_y
+    from component_seq_partials($positions::varchar,
+                                coalesce($run_id::varchar, latest_run()))
+    group by run_id, layer, head, kind, seq
+),
+
+intervals as (
+    select
+        run_id, layer, head, kind,
+        share_interval(context_x, context_y, false) as entropy_context_ci,
+        share_interval(suppression_x, suppression_y, false) as entropy_suppression_ci,
+        share_interval(kept_x, kept_y, true) as context_ci,
+        share_interval(suppression_kept_x, suppression_kept_y, true) as suppression_ci,
+        share_interval(cspa_x, cspa_y, true) as cspa_ci
+    from per_sequence
     group by run_id, layer, head, kind
 ),
 
@@ -84,22 +88,16 @@ shares as (
     select
         p.*,
         p.entropy_marginal_context / p.entropy_marginal as entropy_context_share,
-        ratio_se(p.entropy_marginal_context, p.entropy_marginal, p.var_context, p.var_marginal,
-                 p.cov_entropy, p.n_context) as entropy_context_share_se,
         p.entropy_marginal_suppression / p.entropy_marginal as entropy_suppression_share,
-        ratio_se(p.entropy_marginal_suppression, p.entropy_marginal, p.var_suppression,
-                 p.var_marginal, p.cov_entropy_suppression, p.n_suppression)
-            as entropy_suppression_share_se,
         1 - p.kl_context_kept / p.kl_marginal as context_share,
-        ratio_se(p.kl_context_kept, p.kl_marginal, p.var_kept, p.var_kl, p.cov_kl, p.n_kl)
-            as context_share_se,
         1 - p.kl_suppression_kept / p.kl_marginal as suppression_share,
-        ratio_se(p.kl_suppression_kept, p.kl_marginal, p.var_suppression_kept, p.var_kl,
-                 p.cov_kl_suppression, p.n_kl_suppression) as suppression_share_se,
         1 - p.kl_cspa / p.kl_mean_ablated as cspa_share,
-        ratio_se(p.kl_cspa, p.kl_mean_ablated, p.var_cspa, p.var_mean_ablated, p.cov_cspa,
-                 p.n_cspa) as cspa_share_se
+        i.entropy_context_ci, i.entropy_suppression_ci, i.context_ci, i.suppression_ci,
+        i.cspa_ci
     from per_component as p
+    left join intervals as i
+        on i.run_id = p.run_id and i.layer = p.layer and i.kind = p.kind
+       and i.head is not distinct from p.head  -- NULL for the MLP
 ),
 
 ranked as (
@@ -123,30 +121,31 @@ final as (
         r.entropy_marginal,
         r.entropy_marginal_context,
         r.entropy_context_share,
-        r.entropy_context_share - 1.96 * r.entropy_context_share_se
-            as entropy_context_share_ci95_low,
-        r.entropy_context_share + 1.96 * r.entropy_context_share_se
-            as entropy_context_share_ci95_high,
+        r.entropy_context_ci.low as entropy_context_share_ci95_low,
+        r.entropy_context_ci.high as entropy_context_share_ci95_high,
+        r.entropy_context_ci.unbounded as entropy_context_share_ci_unbounded,
         r.entropy_marginal_suppression,
         r.entropy_suppression_share,
-        r.entropy_suppression_share - 1.96 * r.entropy_suppression_share_se
-            as entropy_suppression_share_ci95_low,
-        r.entropy_suppression_share + 1.96 * r.entropy_suppression_share_se
-            as entropy_suppression_share_ci95_high,
+        r.entropy_suppression_ci.low as entropy_suppression_share_ci95_low,
+        r.entropy_suppression_ci.high as entropy_suppression_share_ci95_high,
+        r.entropy_suppression_ci.unbounded as entropy_suppression_share_ci_unbounded,
         r.kl_marginal,
         r.kl_context_kept,
         r.context_share,
-        r.context_share - 1.96 * r.context_share_se as context_share_ci95_low,
-        r.context_share + 1.96 * r.context_share_se as context_share_ci95_high,
+        r.context_ci.low as context_share_ci95_low,
+        r.context_ci.high as context_share_ci95_high,
+        r.context_ci.unbounded as context_share_ci_unbounded,
         r.kl_suppression_kept,
         r.suppression_share,
-        r.suppression_share - 1.96 * r.suppression_share_se as suppression_share_ci95_low,
-        r.suppression_share + 1.96 * r.suppression_share_se as suppression_share_ci95_high,
+        r.suppression_ci.low as suppression_share_ci95_low,
+        r.suppression_ci.high as suppression_share_ci95_high,
+        r.suppression_ci.unbounded as suppression_share_ci_unbounded,
         r.kl_mean_ablated,
         r.kl_cspa,
         r.cspa_share,
-        r.cspa_share - 1.96 * r.cspa_share_se as cspa_share_ci95_low,
-        r.cspa_share + 1.96 * r.cspa_share_se as cspa_share_ci95_high
+        r.cspa_ci.low as cspa_share_ci95_low,
+        r.cspa_ci.high as cspa_share_ci95_high,
+        r.cspa_ci.unbounded as cspa_share_ci_unbounded
     from ranked as r
     cross join settings as s
     where r.run_id = s.run_id
