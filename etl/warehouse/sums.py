@@ -17,11 +17,9 @@ integers a scan of the rows adds and a summary read from them has the same bytes
 
 - ``<m>_n`` = count(m), ``<m>_pos`` = count(m > 0) (the increase fractions);
 - ``<m>_sum`` = Σ round(m·2^40), ``<m>_sq`` = Σ round(m²·2^40) (``fixed_point``);
-- for the copy-suppression measures, ``<m>_fine`` = Σ round(m·2^80) and ``<m>_fine_sq`` =
-  Σ round(m²·2^80) (``fine_point``), and per pair of measures x, y (``PAIRS``) the sums
-  over the rows where both are present: ``<pair>_n``, ``<pair>_xy`` = Σ round(x·y·2^80),
-  ``<pair>_x``, ``<pair>_y``; ``component_seq_sums`` holds ``<pair>_x`` and ``<pair>_y`` alone,
-  per sequence.
+- ``component_seq_sums``, per sequence and pair of measures x, y (``PAIRS``), the sums over
+  the rows where both are present: ``<pair>_x`` = Σ round(x·2^80) and ``<pair>_y`` = Σ
+  round(y·2^80) (``fine_point``).
 
 Sums are stored as ``decimal(38, 0)`` (128-bit integers): exact while a group's Σ|m|·2^80
 stays below 10^38 (Σ|m| below 8·10^13 nats).
@@ -46,17 +44,13 @@ MEASURES = ("entropy_diff", "entropy_marginal", "loss_marginal", "kl_marginal",
             "kl_suppression_kept", "kl_cspa", "kl_mean_ablated")
 """The component measures summed (float32 nats)."""
 
-FINE_MEASURES = ("entropy_marginal", "entropy_marginal_context", "kl_marginal",
-                 "kl_context_kept", "entropy_marginal_suppression", "kl_suppression_kept",
-                 "kl_cspa", "kl_mean_ablated")
-"""Those whose variances and covariances copy_suppression takes (``stable_cov``)."""
-
 PAIRS = {"entropy_pair": ("entropy_marginal_context", "entropy_marginal"),
          "kl_pair": ("kl_context_kept", "kl_marginal"),
          "entropy_suppression_pair": ("entropy_marginal_suppression", "entropy_marginal"),
          "kl_suppression_pair": ("kl_suppression_kept", "kl_marginal"),
          "cspa_pair": ("kl_cspa", "kl_mean_ablated")}
-"""Pair name → (x, y) of the covariances copy_suppression takes."""
+"""Pair name → (x, y): the numerator and denominator measures of a copy_suppression share,
+whose per-sequence totals its interval takes."""
 
 FIXED_POINT = ("create or replace macro fixed_point(x) as "
                "(x::double * 1099511627776)::bigint;\n"
@@ -78,16 +72,11 @@ def _measure_sums(m: str) -> list[str]:
     sums = [f"count({m}) as {m}_n", f"count_if({m} > 0)::bigint as {m}_pos",
             f"sum(fixed_point({m}))::hugeint{INT128} as {m}_sum",
             f"sum(fixed_point({m}::double * {m}::double))::hugeint{INT128} as {m}_sq"]
-    if m in FINE_MEASURES:
-        sums += [f"sum(fine_point({m})){INT128} as {m}_fine",
-                 f"sum(fine_point({m}::double * {m}::double)){INT128} as {m}_fine_sq"]
     return sums
 
 
 def _pair_sums(name: str, x: str, y: str) -> list[str]:
-    return [f"count({x}::double * {y}::double) as {name}_n",
-            f"sum(fine_point({x}::double * {y}::double)){INT128} as {name}_xy",
-            f"sum(fine_point(case when {y} is not null then {x} end)){INT128} as {name}_x",
+    return [f"sum(fine_point(case when {y} is not null then {x} end)){INT128} as {name}_x",
             f"sum(fine_point(case when {x} is not null then {y} end)){INT128} as {name}_y"]
 
 
@@ -133,13 +122,11 @@ BATCH_MEASURES = ("entropy_diff", "entropy_marginal")
 def _measures(table: str) -> list[str]:
     """The sums columns of ``table`` (see the module's docstring)."""
     if table == "component_sums":
-        return ([s for m in MEASURES for s in _measure_sums(m)]
-                + [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)])
+        return [s for m in MEASURES for s in _measure_sums(m)]
     if table == "component_batch_sums":
-        return [s for m in BATCH_MEASURES for s in _measure_sums(m) if "_fine" not in s]
+        return [s for m in BATCH_MEASURES for s in _measure_sums(m)]
     if table == "component_seq_sums":
-        return [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)
-                if s.endswith(("_x", "_y"))]
+        return [s for name, (x, y) in PAIRS.items() for s in _pair_sums(name, x, y)]
     return ["count(entropy) as entropy_n",
             f"sum(fixed_point(entropy))::hugeint{INT128} as entropy_sum",
             f"sum(fixed_point(entropy::double * entropy::double))::hugeint{INT128} "

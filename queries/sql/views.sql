@@ -246,7 +246,7 @@ from query(case when len(getvariable('resid_entropy_files')) > 0
 -- the copy-suppression pairs' sums per (run_id, seq, layer, head, kind, class), the
 -- sequences' totals that the shares' intervals take (share_interval). Per measure m: m_n
 -- (count), m_pos (count of m > 0), m_sum and m_sq (Σ fixed_point(m), Σ fixed_point(m²)),
--- and for the copy-suppression measures the finer sums of stable_cov. The summaries add
+-- and, per sequence, the finer totals of the copy-suppression pairs. The summaries add
 -- them up with the summed_* macros below, to the bytes a scan of the rows gives. (Without
 -- any run, the views have the key columns only.)
 create or replace view component_sums as
@@ -728,7 +728,7 @@ create or replace macro summed_fraction(k, n) as sum(k)::double / sum(n)::bigint
 -- terms of a variance keep their digits. For Σ|x·y| and Σ|x|, Σ|y| below 10^14.
 -- NULL for fewer than 2 such rows. fine_cov(sxy, sx, sy, n) gives it from the sums
 -- sxy = Σ fine_point(x·y), sx = Σ fine_point(x), sy = Σ fine_point(y) over the n rows where
--- both are present; summed_cov(sxy, sx, sy, n) (an aggregate) from partial sums.
+-- both are present.
 create or replace macro fine_point(x) as (x::double * 2.0 ** 80)::hugeint;
 
 create or replace macro fine_cov(sxy, sx, sy, n) as
@@ -740,9 +740,6 @@ create or replace macro stable_cov(x, y) as
              sum(fine_point(case when y is not null then x end)),
              sum(fine_point(case when x is not null then y end)),
              count(x::double * y::double));
-
-create or replace macro summed_cov(sxy, sx, sy, n) as
-    fine_cov(sum(sxy::hugeint), sum(sx::hugeint), sum(sy::hugeint), sum(n)::bigint);
 
 -- The copy-suppression shares' 95 % intervals (Fieller's, with sequences as clusters).
 -- A share is R = ΣX/ΣY or 1 − R, X and Y two measures summed over the positions kept.
