@@ -91,9 +91,10 @@ class ExtractConfig:
         "the run)", choices=ABLATION_MODES))
     measures: str = field(default=",".join(DEFAULT_MEASURES), metadata=option(
         "measure groups, comma-separated: entropy (always), loss, kl, context (the in-context "
-        "part of each effect), calibration (top-3 probabilities), or all; the default is "
-        "every group that costs at most 25 %% of the entropy stage on the CPU, which is "
-        "all of them (BENCHMARKS.md); --measures entropy for the entropies alone",
+        "part of each effect), suppression, calibration (top-3 probabilities), bos (each "
+        "head's attention to BOS), cspa, default or all; the default is every group that "
+        "costs at most 25 %% of the entropy stage on the CPU, which is all but cspa "
+        "(BENCHMARKS.md); --measures entropy for the entropies alone",
         metavar="GROUPS"))
     dtype: str = field(default="float32", metadata=option(
         "model and compute dtype; half precision is refused (entropy diffs are tiny)",

@@ -54,6 +54,7 @@ def _tokens_table(start: int, stop: int, rng: np.random.Generator) -> pa.Table:
         "next_token_id": pa.array(np.roll(ids, -1), mask=last),
         **{f"top{k}_prob": pa.nulls(n, pa.float32()) for k in (1, 2, 3)},
         "target_rank": pa.nulls(n, pa.int8()),
+        "final_scale": pa.nulls(n, pa.float32()), "resid_norm": pa.nulls(n, pa.float32()),
     }, schema=SCHEMAS["tokens"])
 
 

@@ -492,18 +492,23 @@ def test_checks_pass_then_catch_each_planted_value(warehouse, tmp_path, capsys):
         table = _set(table, "loss_marginal", 6, None)  # a position with a next token
         table = _set(table, "loss_marginal", last, 0.1)  # one without
         table = _set(table, "suppressed_token_id", 7, 31337)  # not in the prompt
+        table = _set(table, "bos_attention", 9, 1.5)  # head 0.0: a probability above 1
+        table = _set(table, "bos_attention", table.num_rows - 1, 0.5)  # an MLP's row
         return _set(table, "entropy_marginal_context", 8, 99.0)
 
     def tokens(table):
         table = _set(table, "top2_prob", 1, -0.2)
         table = _set(table, "next_token_id", 2, 7)
+        table = _set(table, "final_scale", 4, None)
+        table = _set(table, "resid_norm", 5, -1.0)
         return _set(table, "top1_prob", 3, None)
 
     _rewrite_shard(bad, "component_effects", "ioi-all", component)
     _rewrite_shard(bad, "tokens", "ioi-all", tokens)
     # shards written before the effect columns (a migrated run) have none: not a failure
     _rewrite_shard(bad, "tokens", "ioi-entropy", lambda table: table.drop_columns(
-        ["next_token_id", "top1_prob", "top2_prob", "top3_prob", "target_rank"]))
+        ["next_token_id", "top1_prob", "top2_prob", "top3_prob", "target_rank",
+         "final_scale", "resid_norm"]))
     _rewrite_shard(bad, "component_effects", "ioi-entropy", lambda table: table.select(
         ["seq", "position", "layer", "head", "kind", "entropy_diff", "entropy_marginal"]))
     assert query_main(["--warehouse", str(bad), "check"]) == 1
@@ -515,9 +520,11 @@ def test_checks_pass_then_catch_each_planted_value(warehouse, tmp_path, capsys):
     assert bounds == {"kl_marginal", "ablated_top1_prob below the next",
                       "ablated_top2_prob below the next", "ablated_top1_prob",
                       "ablated_target_rank", "suppressed_token_id not in context",
-                      "entropy_marginal_context", "top2_prob", "top2_prob below the next"}
+                      "entropy_marginal_context", "top2_prob", "top2_prob below the next",
+                      "bos_attention", "resid_norm"}
     finite = set(results["finite_values"]["what"])
     assert finite == {"kl_context_kept not finite", "loss_marginal NULL",
-                      "loss_marginal not NULL", "next_token_id", "top1_prob NULL"}
+                      "loss_marginal not NULL", "next_token_id", "top1_prob NULL",
+                      "bos_attention not NULL", "final_scale NULL"}
     assert set(results["entropy_bounds"]["run_id"]) == {"ioi-all"}
     assert set(results["finite_values"]["run_id"]) == {"ioi-all"}

@@ -27,7 +27,7 @@ def test_no_group_named_is_one_line_and_exit_2(text, tmp_path, monkeypatch, caps
     assert out == ""
     assert err.splitlines() == [
         f"error: --measures: no measure group named in {text!r}: name one or more of "
-        "entropy, loss, kl, context, suppression, calibration, cspa, 'all' or 'default' "
+        "entropy, loss, kl, context, suppression, calibration, bos, cspa, 'all' or 'default' "
         "(entropy for the entropies alone)"]
     assert not (tmp_path / "wh").exists()
 
@@ -46,8 +46,10 @@ def test_no_group_named_is_refused_from_python(text):
 
 @pytest.mark.parametrize("text,groups", [
     ("entropy", ("entropy",)), ("kl", ("entropy", "kl")), ("kl,", ("entropy", "kl")),
-    (" all ", ("entropy", "loss", "kl", "context", "suppression", "calibration", "cspa")),
-    ("default", ("entropy", "loss", "kl", "context", "suppression", "calibration"))])
+    (" all ", ("entropy", "loss", "kl", "context", "suppression", "calibration", "bos",
+               "cspa")),
+    ("default", ("entropy", "loss", "kl", "context", "suppression", "calibration", "bos")),
+    ("bos", ("entropy", "bos")), ("cspa,bos", ("entropy", "bos", "cspa"))])
 def test_named_groups_still_parse(text, groups):
     assert parse_measures(text) == groups
     assert ExtractConfig(model="gpt2", measures=text).measures == ",".join(groups)

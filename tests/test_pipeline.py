@@ -278,6 +278,7 @@ def _tokens_reference(token_set, tokenizer, start, stop):
                 "example": None if token_set.example is None else token_set.example[s],
                 "next_token_id": int(token_set.token_ids[s, p + 1]) if has_next else None,
                 "top1_prob": None, "top2_prob": None, "top3_prob": None, "target_rank": None,
+                "final_scale": None, "resid_norm": None,
             })
     return rows
 

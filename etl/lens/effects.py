@@ -44,8 +44,9 @@ class Wanted:
 
     @property
     def any(self) -> bool:
-        """Any group beyond entropy."""
-        return len(self.measures) > 1
+        """Any group beyond entropy that reads the distributions (``bos`` reads the forward
+        pass alone)."""
+        return any(m not in ("entropy", "bos") for m in self.measures)
 
     @property
     def p_dot(self) -> bool:

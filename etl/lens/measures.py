@@ -99,6 +99,7 @@ def measure_batch(
                                   fused, workspace).arrays(), sl)
     if "cspa" in options.measures:
         _fill_cspa(out, acts, weights, options, means, tokens)
+    _fill_forward(out, acts, options)
     return out
 
 
@@ -112,6 +113,19 @@ def _check_inputs(acts: BatchActivations, options: MeasureOptions,
     if "cspa" in options.measures and (means is None or acts.pattern is None):
         raise ValueError("the cspa measures need per-position means and the attention "
                          "patterns and values (run_batch(attention=True))")
+    if "bos" in options.measures and acts.bos_attention is None:
+        raise ValueError("the bos measures need the attention to BOS "
+                         "(run_batch(bos=True))")
+
+
+def _fill_forward(out: BatchMeasures, acts: BatchActivations, options: MeasureOptions) -> None:
+    """The measures read from the forward pass itself into ``out`` (float32): every token's
+    final scale and final residual norm (taken in float64), and under ``bos`` each head's
+    attention to BOS."""
+    out.final_scale = acts.final_scale.reshape(-1).to(torch.float32)
+    out.resid_norm = torch.linalg.vector_norm(acts.resid_final.double(), dim=-1).float()
+    if "bos" in options.measures:
+        out.bos_attention = acts.bos_attention.to(torch.float32)
 
 
 def _fill_cspa(out: BatchMeasures, acts: BatchActivations, weights: UnembedWeights,
@@ -210,7 +224,12 @@ def _component_tensors(measures: BatchMeasures) -> tuple:
             ("kl_context_kept", measures.kl_context_kept),
             ("entropy_marginal_suppression", measures.entropy_suppression),
             ("kl_suppression_kept", measures.kl_suppression_kept),
-            ("kl_cspa", measures.kl_cspa), ("kl_mean_ablated", measures.kl_mean_ablated))
+            ("kl_cspa", measures.kl_cspa), ("kl_mean_ablated", measures.kl_mean_ablated),
+            ("bos_attention", measures.bos_attention))
+
+
+HEADS_ONLY = ("kl_cspa", "kl_mean_ablated", "bos_attention")
+"""The component measures of heads alone (``[T, L, H]``: no MLP column)."""
 
 
 def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
@@ -221,12 +240,13 @@ def first_non_finite(measures: BatchMeasures, layer_names=None) -> str | None:
     ``layer_names``: labels of the ``L`` layers in the description (default: their
     indices). Examples: ``"entropy_diff of head 3.2 at token 17"``, ``"entropy_marginal of
     MLP 0 at token 5"``, ``"resid entropy at resid_mid 1, token 4"``, ``"resid entropy at
-    final, token 0"``.
+    final, token 0"``, ``"final_scale at token 3"``.
     """
     tensors = (*_component_tensors(measures),
                ("suppressed_logit", measures.suppressed_logit),
                ("the top-3 probabilities", measures.top_probs),
-               ("resid entropy", measures.resid))
+               ("resid entropy", measures.resid),
+               ("final_scale", measures.final_scale), ("resid_norm", measures.resid_norm))
     for name, values in tensors:
         if values is None:
             continue
@@ -258,15 +278,18 @@ def first_beyond(measures: BatchMeasures, limit: float,
 
 
 def _where(name: str, shape, index: list[int], layer_names) -> str:
-    """``name`` at ``index`` of a ``[T, L, H+1]`` component or ``[T, 2L+1]`` residual
-    array of ``shape``, in words (``first_non_finite``'s examples)."""
+    """``name`` at ``index`` of a ``[T, L, H+1]`` component (``[T, L, H]``: ``HEADS_ONLY``),
+    ``[T, 2L+1]`` residual or ``[T]`` token array of ``shape``, in words
+    (``first_non_finite``'s examples)."""
     token, *where = index
+    if not where:
+        return f"{name} at token {token}"
     n_layers = shape[1] if len(shape) == 3 else (shape[1] - 1) // 2
     names = [str(i) for i in range(n_layers)] if layer_names is None else \
         [str(n) for n in layer_names]
     if len(shape) == 3:
         layer, comp = where
-        n_heads = shape[2] - 1
+        n_heads = shape[2] - (name not in HEADS_ONLY)
         part = f"MLP {names[layer]}" if comp == n_heads else f"head {names[layer]}.{comp}"
         return f"{name} of {part} at token {token}"
     (point,) = where

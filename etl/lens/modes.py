@@ -24,18 +24,20 @@ def canonical_lens(name: str) -> str:
     return LENS_ALIASES.get(name, name)
 
 
-MEASURES = ("entropy", "loss", "kl", "context", "suppression", "calibration", "cspa")
+MEASURES = ("entropy", "loss", "kl", "context", "suppression", "calibration", "bos", "cspa")
 """Measure groups a run can hold: ``entropy`` (diff, marginal, residual entropies: always),
 ``loss`` (``loss_marginal``), ``kl`` (``kl_marginal``), ``context`` (the in-context part of
 the entropy marginal and of the KL, and the in-context token the component lowered most),
 ``suppression`` (the same two parts over the in-context tokens whose logit the component
 lowers: what copy suppression accounts for), ``calibration`` (top-3 probabilities and the
-rank of the next token, with and without each component), ``cspa`` (the study's
-copy-suppression-preserving ablation of every head, ``etl.lens.cspa``)."""
+rank of the next token, with and without each component), ``bos`` (each head's attention
+from every position to position 0, BOS, read from the forward pass), ``cspa`` (the study's
+copy-suppression-preserving ablation of every head, ``etl.lens.cspa``; always last)."""
 DEFAULT_MEASURES = MEASURES[:-1]
 """What a run measures unless told: every group whose cost on the CPU benchmark
 (``python -m etl.bench``, BENCHMARKS.md) is at most 25 % of the entropy stage, which is every
-group but ``cspa`` (two more passes over the vocabulary per head)."""
+group but ``cspa`` (two more passes over the vocabulary per head); ``bos`` reads one column
+of each attention pattern in the forward pass."""
 CSPA_K = "0.05"
 """CSPA's default K (``--cspa-k``): at each destination it keeps the sources whose token is
 among the ``ceil(0.05·(position+1))`` tokens the lens predicts most, the paper's headline

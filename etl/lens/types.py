@@ -71,6 +71,10 @@ class BatchActivations:
     v: torch.Tensor | None = None
     """``[T, L, H, dh]`` attention values, one per query head, for CSPA; None unless asked
     for."""
+    bos_attention: torch.Tensor | None = None
+    """``[T, L, H]`` each head's attention probability from the token to position 0 (BOS),
+    one per query head; None unless asked for (``run_batch(bos=True)`` or
+    ``attention=True``)."""
 
 
 @dataclass
@@ -128,6 +132,15 @@ class BatchMeasures:
     kl_mean_ablated: torch.Tensor | None = None
     """``[T, L, H]`` KL(p ‖ softmax(z_ma)): each head's direct effect mean-ablated, final
     scale frozen (CSPA's baseline)."""
+    bos_attention: torch.Tensor | None = None
+    """``[T, L, H]`` each head's attention probability to position 0, BOS (the ``bos``
+    group)."""
+    final_scale: torch.Tensor | None = None
+    """``[T]`` the final normalisation's scale ``s_final`` the lens divides by (always
+    measured)."""
+    resid_norm: torch.Tensor | None = None
+    """``[T]`` the L2 norm of the final residual, before the final normalisation (always
+    measured)."""
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """The fields that hold tensors, by name."""

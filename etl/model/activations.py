@@ -29,10 +29,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_batch(bridge, tokens: torch.Tensor, attention: bool = False) -> BatchActivations:
+def run_batch(bridge, tokens: torch.Tensor, attention: bool = False,
+              bos: bool = False) -> BatchActivations:
     """Forward ``tokens`` ``[batch, pos]`` and gather activations flattened to tokens
     (``attention``: the attention patterns and values too, for CSPA: ``batch·L·H·pos²``
-    more numbers).
+    more numbers; ``attention`` or ``bos``: each head's attention to position 0, BOS,
+    ``batch·L·H·pos`` more numbers, sliced from the pattern as the forward pass makes it).
 
     Returns:
         ``BatchActivations`` with ``T = batch·pos`` tokens in row-major order (sequence,
@@ -40,8 +42,11 @@ def run_batch(bridge, tokens: torch.Tensor, attention: bool = False) -> BatchAct
     """
     n_layers = bridge.cfg.n_layers
     parallel = has_parallel_blocks(bridge.cfg)
-    logits, cache = bridge.run_with_cache(
-        tokens, names_filter=hook_names(n_layers, parallel, attention))
+    to_bos: dict[int, torch.Tensor] = {}
+    hooks = _bos_hooks(n_layers, to_bos) if bos and not attention else []
+    with bridge.hooks(fwd_hooks=hooks):
+        logits, cache = bridge.run_with_cache(
+            tokens, names_filter=hook_names(n_layers, parallel, attention))
     z = torch.stack([cache[f"blocks.{i}.attn.hook_z"] for i in range(n_layers)], dim=2)
     if z.dim() != 5:
         raise RuntimeError(f"expected hook_z as [batch, pos, heads, d_head], got {z.shape[2:]}")
@@ -51,6 +56,9 @@ def run_batch(bridge, tokens: torch.Tensor, attention: bool = False) -> BatchAct
         return _flat(torch.stack([cache[f"blocks.{i}.{hook}"] for i in range(n_layers)], dim=2))
 
     resid_pre = stacked("hook_resid_pre")
+    extra = _attention(cache, n_layers, z.shape[3]) if attention else {}
+    if attention:
+        to_bos = {i: cache[f"blocks.{i}.attn.hook_pattern"][..., 0] for i in range(n_layers)}
     return BatchActivations(
         resid_pre=resid_pre,
         resid_mid=resid_pre if parallel else stacked("hook_resid_mid"),
@@ -60,8 +68,31 @@ def run_batch(bridge, tokens: torch.Tensor, attention: bool = False) -> BatchAct
         final_scale=_flat(cache["ln_final.hook_scale"]),
         logits=_flat(logits),
         positions=positions,
-        **(_attention(cache, n_layers, z.shape[3]) if attention else {}),
+        bos_attention=_to_bos(to_bos, n_layers, z.shape[3]) if to_bos else None,
+        **extra,
     )
+
+
+def _bos_hooks(n_layers: int, store: dict[int, torch.Tensor]) -> list:
+    """Forward hooks that keep column 0 of each layer's attention pattern ``[B, H, P, P]``
+    (destination, then source; one head per query head under grouped-query attention) in
+    ``store[layer]`` as ``[B, H, P]``, leaving the pattern itself to be freed."""
+    def keep(layer: int):
+        def hook(pattern: torch.Tensor, hook) -> torch.Tensor:
+            store[layer] = pattern[..., 0].clone()
+            return pattern
+        return hook
+
+    return [(f"blocks.{i}.attn.hook_pattern", keep(i)) for i in range(n_layers)]
+
+
+def _to_bos(store: dict[int, torch.Tensor], n_layers: int, n_heads: int) -> torch.Tensor:
+    """``[T, L, H]`` attention to position 0 from the layers' ``[B, H, P]`` columns."""
+    columns = [store[i] for i in range(n_layers)]
+    if any(c.dim() != 3 or c.shape[1] != n_heads for c in columns):
+        raise RuntimeError(f"expected hook_pattern as [batch, {n_heads} heads, pos, pos], got "
+                           f"{[tuple(c.shape) for c in columns]}")
+    return _flat(torch.stack(columns, dim=2).transpose(1, 3))  # [B, H, L, P] → [B, P, L, H]
 
 
 def _attention(cache, n_layers: int, n_heads: int) -> dict[str, torch.Tensor]:

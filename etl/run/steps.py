@@ -40,10 +40,11 @@ def compute_step(config: ExtractConfig, device: str, model: LoadedModel, tokens:
                              kernel=named_config(config.kernel),
                              cspa=cspa_settings(model.tokenizer, config.cspa_k))
     attention = "cspa" in options.measures
+    bos = "bos" in options.measures
 
     def compute(start: int, stop: int, mark) -> BatchMeasures:
         ids = torch.from_numpy(tokens.token_ids[start:stop]).to(device)
-        acts = run_batch(model.bridge, ids, attention=attention)
+        acts = run_batch(model.bridge, ids, attention=attention, bos=bos)
         mark()
         batch = BatchTokens(ids.long(), torch.from_numpy(tokens.is_pad[start:stop]).to(device))
         with torch.inference_mode():

@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
 MEASURES = ("entropy_diff", "entropy_marginal", "loss_marginal", "kl_marginal",
             "entropy_marginal_context", "kl_context_kept", "entropy_marginal_suppression",
-            "kl_suppression_kept", "kl_cspa", "kl_mean_ablated")
-"""The component measures summed (float32 nats)."""
+            "kl_suppression_kept", "kl_cspa", "kl_mean_ablated", "bos_attention")
+"""The component measures summed (float32 nats; ``bos_attention`` a probability)."""
 
 PAIRS = {"entropy_pair": ("entropy_marginal_context", "entropy_marginal"),
          "kl_pair": ("kl_context_kept", "kl_marginal"),

@@ -29,6 +29,7 @@ COMPONENT_SCHEMA = pa.schema([
     ("suppressed_token_id", pa.int32()), ("suppressed_logit", pa.float32()),
     ("ablated_top1_prob", pa.float32()), ("ablated_top2_prob", pa.float32()),
     ("ablated_top3_prob", pa.float32()), ("ablated_target_rank", pa.int8()),
+    ("bos_attention", pa.float32()),
 ])
 """The columns after ``entropy_marginal`` are NULL unless their measure group was
 measured (``etl.lens.effects.MEASURES``; the run's manifest lists them)."""
@@ -42,9 +43,11 @@ EFFECT_COLUMNS = {
 }
 """Component columns → the ``BatchMeasures`` field each holds (``[T, L, H+1]``)."""
 
-HEAD_COLUMNS = {"kl_cspa": "kl_cspa", "kl_mean_ablated": "kl_mean_ablated"}
+HEAD_COLUMNS = {"kl_cspa": "kl_cspa", "kl_mean_ablated": "kl_mean_ablated",
+                "bos_attention": "bos_attention"}
 """Component columns of heads alone → the ``BatchMeasures`` field each holds (``[T, L, H]``;
-NULL for the MLP)."""
+NULL for the MLP): the CSPA KLs and ``bos_attention``, the head's attention probability
+from the token to position 0 (BOS)."""
 
 
 RESID_SCHEMA = pa.schema([
@@ -59,11 +62,14 @@ TOKENS_SCHEMA = pa.schema([
     ("role", pa.string()), ("variant", pa.string()), ("example", pa.int32()),
     ("next_token_id", pa.int32()), ("top1_prob", pa.float32()), ("top2_prob", pa.float32()),
     ("top3_prob", pa.float32()), ("target_rank", pa.int8()),
+    ("final_scale", pa.float32()), ("resid_norm", pa.float32()),
 ])
 """``next_token_id``: the token at the next position (NULL at the last position, on padding
 and before padding); ``top*_prob``, ``target_rank``: the model's three largest next-token
 probabilities and the rank (1–3) of the next token among them, NULL when it is not among
-them or the ``calibration`` measures were not taken."""
+them or the ``calibration`` measures were not taken; ``final_scale``: the final
+normalisation's scale ``s_final`` that the lens divides by, ``resid_norm``: the L2 norm of
+the final residual (both always measured; NULL in shards written before them)."""
 
 
 _KINDS = pa.array(["head", "mlp"])

@@ -71,8 +71,8 @@ class TokenRows:
 
     def table(self, start: int, stop: int, predictions: dict | None = None) -> pa.Table:
         """Rows for sequences ``start:stop``, ordered by (seq, position); ``predictions``:
-        the batch's ``final_top_probs [T, 3]`` and ``final_target_rank [T]`` (numpy), or
-        None (their columns NULL)."""
+        the batch's ``final_top_probs [T, 3]``, ``final_target_rank [T]``, ``final_scale
+        [T]`` and ``resid_norm [T]`` (numpy; any absent: its columns NULL), or None."""
         ts = self.token_set
         ids = ts.token_ids[start:stop]
         n, length = ids.shape
@@ -104,7 +104,7 @@ class TokenRows:
 def _prediction_columns(ids: np.ndarray, is_pad: np.ndarray,
                         predictions: dict | None) -> dict[str, pa.Array]:
     """``next_token_id`` of ``ids [n, P]`` (padding ``is_pad``), and the model's top-3
-    columns from ``predictions`` (NULL without)."""
+    columns, final scale and final residual norm from ``predictions`` (NULL without)."""
     rows = ids.size
     nxt = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
     no_next = np.concatenate([is_pad[:, 1:], np.ones_like(is_pad[:, :1])], axis=1) | is_pad
@@ -120,4 +120,8 @@ def _prediction_columns(ids: np.ndarray, is_pad: np.ndarray,
         for k in range(3):
             cols[f"top{k + 1}_prob"] = pa.nulls(rows, pa.float32())
         cols["target_rank"] = pa.nulls(rows, pa.int8())
+    for name in ("final_scale", "resid_norm"):
+        cols[name] = (pa.array(np.ascontiguousarray(predictions[name], dtype=np.float32))
+                      if predictions is not None and name in predictions
+                      else pa.nulls(rows, pa.float32()))
     return cols

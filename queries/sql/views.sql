@@ -19,16 +19,19 @@
 --        normalization, parallel_blocks, n_kv_heads, n_seqs, seq_len, n_tokens, ...)
 --                                           one row per complete run (its manifest)
 --   tokens(run_id, seq, position, token_id, token, is_bos, is_pad, role, variant, example,
---        next_token_id, top1_prob, top2_prob, top3_prob, target_rank)
+--        next_token_id, top1_prob, top2_prob, top3_prob, target_rank, final_scale,
+--        resid_norm)
 --                                           next_token_id NULL at the last position and
 --                                           on or before padding; the model's top-3
 --                                           next-token probabilities and the next token's
---                                           rank among them (NULL: not among them)
+--                                           rank among them (NULL: not among them); the
+--                                           final normalisation's scale and the final
+--                                           residual's L2 norm
 --   component_effects(run_id, seq, position, layer, head, kind, entropy_diff,
 --        entropy_marginal, loss_marginal, kl_marginal, entropy_marginal_context,
 --        kl_context_kept, entropy_marginal_suppression, kl_suppression_kept, kl_cspa,
 --        kl_mean_ablated, suppressed_token_id, suppressed_logit, ablated_top1_prob,
---        ablated_top2_prob, ablated_top3_prob, ablated_target_rank)
+--        ablated_top2_prob, ablated_top3_prob, ablated_target_rank, bos_attention)
 --                                           kind 'head' or 'mlp'; head is NULL for the MLP;
 --                                           the columns after entropy_marginal are NULL
 --                                           for measures the run did not take
@@ -141,7 +144,8 @@ create or replace macro no_tokens() as table
            null::integer as token_id, null::varchar as token, null::boolean as is_bos,
            null::boolean as is_pad, null::varchar as role, null::varchar as variant,
            null::integer as example, null::integer as next_token_id, null::float as top1_prob,
-           null::float as top2_prob, null::float as top3_prob, null::tinyint as target_rank
+           null::float as top2_prob, null::float as top3_prob, null::tinyint as target_rank,
+           null::float as final_scale, null::float as resid_norm
     where false;
 
 create or replace macro no_component_rows() as table
@@ -154,7 +158,8 @@ create or replace macro no_component_rows() as table
            null::float as kl_cspa, null::float as kl_mean_ablated,
            null::integer as suppressed_token_id, null::float as suppressed_logit,
            null::float as ablated_top1_prob, null::float as ablated_top2_prob,
-           null::float as ablated_top3_prob, null::tinyint as ablated_target_rank
+           null::float as ablated_top3_prob, null::tinyint as ablated_target_rank,
+           null::float as bos_attention
     where false;
 
 create or replace macro no_resid_rows() as table
@@ -211,7 +216,7 @@ from query(case when len(getvariable('manifest_files')) > 0
 -- name with its empty table (no_tokens(), no_component_rows()), which has every column.
 create or replace view tokens as
 select run_id, seq, position, token_id, token, is_bos, is_pad, role, variant, example,
-       next_token_id, top1_prob, top2_prob, top3_prob, target_rank
+       next_token_id, top1_prob, top2_prob, top3_prob, target_rank, final_scale, resid_norm
 from query(case when len(getvariable('tokens_files')) > 0
                 then 'from shard_rows(getvariable(''tokens_files''))
                       union all by name from no_tokens()'
@@ -222,7 +227,7 @@ select run_id, seq, position, layer, head, kind, entropy_diff, entropy_marginal,
        loss_marginal, kl_marginal, entropy_marginal_context, kl_context_kept,
        entropy_marginal_suppression, kl_suppression_kept, kl_cspa, kl_mean_ablated,
        suppressed_token_id, suppressed_logit, ablated_top1_prob, ablated_top2_prob,
-       ablated_top3_prob, ablated_target_rank
+       ablated_top3_prob, ablated_target_rank, bos_attention
 from query(case when len(getvariable('component_effects_files')) > 0
                 then 'from shard_rows(getvariable(''component_effects_files''))
                       union all by name from no_component_rows()'

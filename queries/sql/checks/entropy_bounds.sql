@@ -6,7 +6,9 @@
 -- kl_mean_ablated) below −1e-4 (stored unclamped: float32 rounding of an exact KL of 0
 -- gives either sign); a top-3 probability (ablated_top*_prob in
 -- component_effects, top*_prob in tokens) outside [0, 1] or out of order (top1 ≥ top2 ≥
--- top3), 1e-6 allowed; a rank (ablated_target_rank, target_rank) outside 1..3; a
+-- top3), 1e-6 allowed; a head's attention to BOS (bos_attention) outside [0, 1], 1e-6
+-- allowed; a final scale (final_scale) not above 0 or a final residual norm (resid_norm)
+-- below 0; a rank (ablated_target_rank, target_rank) outside 1..3; a
 -- suppressed_token_id that is not in context (no token of the sequence at positions 1..t,
 -- padding excluded). Empty = pass.
 with
@@ -67,6 +69,11 @@ bad_effects as (
            'ablated_target_rank', ablated_target_rank
     from component_effects
     where not ablated_target_rank between 1 and 3
+    union all
+    select 'component_effects', run_id, seq, position, layer, head,
+           'bos_attention', bos_attention
+    from component_effects
+    where not bos_attention between -1e-6 and 1 + 1e-6
 ),
 
 bad_tokens as (
@@ -84,6 +91,14 @@ bad_tokens as (
     select 'tokens', run_id, seq, position, null, null, 'target_rank', target_rank
     from tokens
     where not target_rank between 1 and 3
+    union all
+    select 'tokens', run_id, seq, position, null, null, 'final_scale', final_scale
+    from tokens
+    where final_scale <= 0
+    union all
+    select 'tokens', run_id, seq, position, null, null, 'resid_norm', resid_norm
+    from tokens
+    where resid_norm < 0
 ),
 
 -- the first position ≥ 1 (padding excluded) at which each token id occurs in a sequence

@@ -4,15 +4,20 @@
 -- never NULL, except loss_marginal, which is NULL exactly where tokens.next_token_id is
 -- (no next token), suppressed_token_id and suppressed_logit, NULL together exactly where
 -- the context C(t) is empty (no token at positions 1..t, padding excluded), kl_cspa and
--- kl_mean_ablated, NULL for the MLPs (CSPA ablates heads), and the ranks,
+-- kl_mean_ablated, NULL for the MLPs (CSPA ablates heads), bos_attention, NULL for the
+-- MLPs (a head's attention), and the ranks,
 -- NULL where the next token is not among the top 3 (always where there is none); the
 -- columns of a group the run did not measure are NULL. next_token_id is the token at the
 -- next position (NULL at the last position, on padding and before padding), unless the run's
--- shards predate the column (a migrated run: NULL at every position). Empty = pass.
+-- shards predate the column (a migrated run: NULL at every position); final_scale and
+-- resid_norm are never NULL, unless the run's shards predate them (NULL at every
+-- position). Empty = pass.
 with
 
 next_ids as (
-    select run_id, count(next_token_id) > 0 as has_next_ids from tokens group by run_id
+    select run_id, count(next_token_id) > 0 as has_next_ids,
+           count(final_scale) > 0 or count(resid_norm) > 0 as has_scales
+    from tokens group by run_id
 ),
 
 flags as (
@@ -20,11 +25,14 @@ flags as (
         run_id,
         coalesce((select has_next_ids from next_ids as x where x.run_id = runs.run_id), false)
             as has_next_ids,
+        coalesce((select has_scales from next_ids as x where x.run_id = runs.run_id), false)
+            as has_scales,
         coalesce(list_contains(measures, 'loss'), false) as has_loss,
         coalesce(list_contains(measures, 'kl'), false) as has_kl,
         coalesce(list_contains(measures, 'context'), false) as has_context,
         coalesce(list_contains(measures, 'suppression'), false) as has_suppression,
         coalesce(list_contains(measures, 'cspa'), false) as has_cspa,
+        coalesce(list_contains(measures, 'bos'), false) as has_bos,
         coalesce(list_contains(measures, 'calibration'), false) as has_calibration
     from runs
 ),
@@ -54,7 +62,7 @@ token_facts as (
         lead(t.token_id) over w as following_id,
         lead(t.is_pad) over w as following_pad,
         t.is_pad,
-        t.top1_prob, t.top2_prob, t.top3_prob, t.target_rank,
+        t.top1_prob, t.top2_prob, t.top3_prob, t.target_rank, t.final_scale, t.resid_norm,
         coalesce(bool_or(t.position >= 1 and not t.is_pad) over (
             w rows between unbounded preceding and current row), false) as has_context
     from tokens as t
@@ -79,6 +87,8 @@ effects as (
             {what: 'kl_cspa', value: c.kl_cspa, wanted: f.has_cspa and c.kind = 'head'},
             {what: 'kl_mean_ablated', value: c.kl_mean_ablated,
              wanted: f.has_cspa and c.kind = 'head'},
+            {what: 'bos_attention', value: c.bos_attention,
+             wanted: f.has_bos and c.kind = 'head'},
             {what: 'suppressed_token_id', value: c.suppressed_token_id,
              wanted: f.has_context and t.has_context},
             {what: 'suppressed_logit', value: c.suppressed_logit,
@@ -107,7 +117,8 @@ bad_effects as (
        or (not e.wanted and e.value is not null)
 ),
 
--- the tokens' own columns: next_token_id and, for calibration runs, the model's top 3
+-- the tokens' own columns: next_token_id, the final scale and residual norm and, for
+-- calibration runs, the model's top 3
 token_values as (
     select
         t.run_id, t.seq, t.position,
@@ -117,7 +128,9 @@ token_values as (
             {what: 'top3_prob', value: t.top3_prob, wanted: f.has_calibration},
             {what: 'target_rank', value: t.target_rank,
              wanted: case when f.has_calibration and t.next_token_id is not null then null
-                          else false end}
+                          else false end},
+            {what: 'final_scale', value: t.final_scale, wanted: f.has_scales},
+            {what: 'resid_norm', value: t.resid_norm, wanted: f.has_scales}
         ]) as e
     from token_facts as t
     join flags as f using (run_id)
