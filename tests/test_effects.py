@@ -51,7 +51,7 @@ def batch(tiny_model):
 
 def measure(model, tokens, mask, lens, ablation, chunk_tokens=11, measures=DEFAULT_MEASURES,
             fused=False, dtype=torch.float32):
-    acts = run_batch(model.bridge, tokens)
+    acts = run_batch(model.bridge, tokens, bos=True)
     if dtype != torch.float32:
         acts = type(acts)(**{k: (v.to(dtype) if v is not None and v.is_floating_point() else v)
                              for k, v in vars(acts).items()})

@@ -138,8 +138,8 @@ def test_calibration_effects_equal_the_float64_reference(warehouse, models, fami
     acc = MeanAccumulator()
     acc.add(model.bridge, ids, mask)
     options = MeasureOptions(lens="recomputed-ln", ablation="mean", measures=("default",))
-    got = measure_batch(run_batch(model.bridge, ids), model.unembed_weights(), options,
-                        acc.means(torch.float32), tokens=BatchTokens(ids, ~mask))
+    got = measure_batch(run_batch(model.bridge, ids, bos=True), model.unembed_weights(),
+                        options, acc.means(torch.float32), tokens=BatchTokens(ids, ~mask))
     ref = reference_effects(model.bridge, ids, "recomputed-ln", "mean", mask)
     B, P, L, C = ref["kl"].shape
     has = ref["has_target"]

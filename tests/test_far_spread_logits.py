@@ -73,7 +73,7 @@ def steep_model(tiny_checkpoint, tmp_path_factory):
 def test_every_effect_of_a_steep_model_equals_the_float64_reference(steep_model, lens):
     bridge = steep_model.bridge
     tokens = bridge.to_tokens("The cat sat on the mat. The cat sat on the mat. The cat")
-    acts = run_batch(bridge, tokens)
+    acts = run_batch(bridge, tokens, bos=True)
     got = measure_batch(acts, steep_model.unembed_weights(),
                         MeasureOptions(lens=lens, measures=("default",)),
                         tokens=BatchTokens(tokens, torch.zeros_like(tokens, dtype=torch.bool)))

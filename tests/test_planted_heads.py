@@ -183,7 +183,7 @@ def test_planted_in_context_parts_match_float64(models, fused, lens):
     ids = gpt2_tokenizer().encode(text())[:78]
     tokens = torch.cat([torch.full((2, 1), 50256), torch.tensor(ids).view(2, 39)], dim=1)
     mask = torch.ones_like(tokens, dtype=torch.bool)
-    got = measure_batch(run_batch(model.bridge, tokens), model.unembed_weights(),
+    got = measure_batch(run_batch(model.bridge, tokens, bos=True), model.unembed_weights(),
                         MeasureOptions(lens=lens, measures=("default",), fused=fused,
                                        chunk_tokens=32),
                         tokens=BatchTokens(tokens, ~mask))

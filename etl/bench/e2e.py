@@ -60,8 +60,9 @@ def _sync(device: str) -> None:
 
 
 def forward_floor(model, tokens: torch.Tensor, device: str, reps: int = 5) -> dict:
-    """Median seconds of the plain forward and of ``run_batch`` (the hooks the measures
-    read) on ``tokens`` ``[batch, pos]``, and their ratio."""
+    """Median seconds of the plain forward and of ``run_batch`` (the hooks the default
+    measures read, the attention to BOS included) on ``tokens`` ``[batch, pos]``, and their
+    ratio."""
     def timed(fn) -> float:
         fn()
         times = []
@@ -75,7 +76,7 @@ def forward_floor(model, tokens: torch.Tensor, device: str, reps: int = 5) -> di
 
     with torch.inference_mode():
         plain = timed(lambda: model.bridge(tokens))
-        hooked = timed(lambda: run_batch(model.bridge, tokens))
+        hooked = timed(lambda: run_batch(model.bridge, tokens, bos=True))
     n = tokens.numel()
     return {"tokens": n, "plain_s": round(plain, 4), "hooked_s": round(hooked, 4),
             "plain_tokens_per_s": round(n / plain), "hooked_tokens_per_s": round(n / hooked),

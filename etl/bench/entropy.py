@@ -174,10 +174,25 @@ def _effect_costs(device, model, options, cache, tokens, entropy_s: float, sampl
               "kl_suppression_kept", "kl_cspa", "kl_mean_ablated", "top_probs")
     err = max(float((getattr(got, f).double() - getattr(ref, f)).abs().max()) for f in fields)
     base = min(entropy_s, seconds["entropy"])
+    plain_s, bos_s = _bos_forward(device, model, tokens, log)
     return {"measures_s": {k: round(v, 4) for k, v in seconds.items()},
             "measure_cost": {k: round((v - base) / base, 3) for k, v in seconds.items()
                              if k != "entropy"},
+            "forward_plain_s": round(plain_s, 4), "forward_bos_s": round(bos_s, 4),
+            "bos_forward_cost": round((bos_s - plain_s) / base, 3),
             "effects_max_abs_err": err, "effects_sample_tokens": rows}
+
+
+def _bos_forward(device, model, tokens, log, reps: int = 2) -> tuple[float, float]:
+    """Seconds of the forward pass without and with the hook that keeps each head's
+    attention to BOS (``bos``'s whole cost besides a copy: the fastest of ``reps`` each,
+    alternated)."""
+    log("forward pass, without and with the attention to BOS")
+    plain, bos = [], []
+    for _ in range(reps):
+        plain.append(_timed(device, lambda: run_batch(model.bridge, tokens))[1])
+        bos.append(_timed(device, lambda: run_batch(model.bridge, tokens, bos=True))[1])
+    return min(plain), min(bos)
 
 
 def _clock():
@@ -267,6 +282,9 @@ def report(r: dict) -> str:
         *[f"  entropy + {g:<12}  {r['measures_s'][g]:9.3f} s   "
           f"({100 * r['measure_cost'][g]:+.0f} % of the entropy-only stage)"
           for g in r["measure_cost"]],
+        f"  forward + bos hook      {r['forward_bos_s']:9.3f} s   (plain "
+        f"{r['forward_plain_s']:.3f} s: {100 * r['bos_forward_cost']:+.0f} % of the "
+        "entropy-only stage)",
         f"  study baseline / all measures: {r['all_measures_ratio']:.2f} × (entropy stage); "
         f"effects max abs error vs float64 on {r['effects_sample_tokens']} tokens "
         f"{r['effects_max_abs_err']:.2e}",

@@ -82,7 +82,7 @@ def _real_batch(model, n_tokens: int, seq_len: int):
     tokens = tokens.cuda()
     batch = 8
     start = time.perf_counter()
-    acts = _concat([run_batch(model.bridge, tokens[i:i + batch])
+    acts = _concat([run_batch(model.bridge, tokens[i:i + batch], bos=True)
                     for i in range(0, n_seqs, batch)])
     torch.cuda.synchronize()
     forward_s = time.perf_counter() - start
