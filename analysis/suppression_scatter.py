@@ -27,10 +27,9 @@ KL_DOMAIN = (0.0, 1.0)
 a share beyond it sits on the edge."""
 PANELS = {
     "entropy_suppression_share": ("entropy: suppression part / marginal",
-                                  "share of the entropy marginal from lowering in-context "
-                                  "tokens (fraction)"),
+                                  "entropy share, lowered in-context tokens"),
     "suppression_share": ("KL: 1 − suppression kept / KL",
-                          "share of the KL from lowering in-context tokens (fraction)"),
+                          "KL share, lowered in-context tokens"),
 }
 """Share column → (panel title, y-axis title)."""
 
